@@ -1,0 +1,1 @@
+"""The adapter repository: versions, stages, remotes, and the `adapters` command line."""

@@ -1,0 +1,31 @@
+"""The `adapters` command line: a click group per noun; project errors become one line and an exit code here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from registry.errors import AdaptersError
+from train.cli import models, train
+
+
+class _Cli(click.Group):
+    """Runs a subcommand and turns any AdaptersError into 'Error: ...' on stderr and its exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except AdaptersError as exc:
+            click.secho(f"Error: {exc}", err=True, fg="red")
+            ctx.exit(exc.exit_code)
+
+
+@click.group(cls=_Cli)
+@click.version_option(package_name="adapterctl")
+def main() -> None:
+    """Train, version and serve LoRA adapters for large language models."""
+
+
+main.add_command(train)
+main.add_command(models)

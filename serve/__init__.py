@@ -1,0 +1,1 @@
+"""The adapter server: one base model, many adapters per request."""

@@ -1,0 +1,1 @@
+"""Turning a dataset into a LoRA / QLoRA adapter."""

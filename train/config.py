@@ -1,0 +1,91 @@
+"""The settings of one training run."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from registry.errors import TrainingError
+
+# Adapter names become folder names and (later) git tag prefixes: keep them plain.
+_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?$")
+
+
+@dataclass
+class TrainArgs:
+    """Every knob of `adapters train`; defaults suit a small model on a laptop CPU."""
+
+    name: str
+    """Adapter name: lowercase letters, digits, '.', '_' and '-', at most 64 characters."""
+    data: Path
+    """JSONL dataset in chat, prompt/completion or Alpaca format."""
+    output: Path | None = None
+    """Folder for the finished adapter; defaults to ./runs/NAME."""
+    base: str | None = None
+    """Base model: None for the embedded SmolLM2-135M-Instruct, a local HF folder, or a Hub id."""
+    qlora: bool = False
+    """Load the base in 4-bit NF4 (double quantization) through bitsandbytes; train the adapter in higher precision."""
+    rank: int = 8
+    """LoRA rank r."""
+    alpha: int = 16
+    """LoRA alpha; the update is scaled by alpha / rank."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Modules that get LoRA; "all-linear" means every linear layer except the output head."""
+    epochs: float = 3.0
+    """Passes over the training split (ignored when max_steps is set)."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps."""
+    lr: float = 2e-4
+    """Peak learning rate (linear decay after a short warm-up)."""
+    batch_size: int = 4
+    """Examples per forward pass."""
+    grad_accum: int = 1
+    """Forward passes per optimizer step."""
+    seq_len: int = 512
+    """Tokens per example; longer examples are truncated."""
+    seed: int = 42
+    """Seed for the split, LoRA initialisation and data order."""
+    eval_fraction: float = 0.1
+    """Share of the examples held out to measure eval loss before and after training."""
+    save_steps: int = 25
+    """Write a resumable checkpoint every this many steps."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, slower steps."""
+    overwrite: bool = False
+    """Replace an existing finished adapter in the output folder."""
+
+    def __post_init__(self) -> None:
+        if not _NAME.match(self.name):
+            raise TrainingError(
+                f"Adapter name {self.name!r} is not allowed; use 1-64 lowercase letters, digits, '.', '_' "
+                f"or '-', starting and ending with a letter or digit."
+            )
+        self.data = Path(self.data)
+        self.output = Path(self.output) if self.output else Path("runs") / self.name
+        checks = {
+            "rank": self.rank >= 1,
+            "alpha": self.alpha >= 1,
+            "dropout": 0 <= self.dropout < 1,
+            "epochs": self.epochs > 0,
+            "max-steps": self.max_steps is None or self.max_steps >= 1,
+            "lr": self.lr > 0,
+            "batch-size": self.batch_size >= 1,
+            "grad-accum": self.grad_accum >= 1,
+            "seq-len": self.seq_len >= 8,
+            "eval-fraction": 0 <= self.eval_fraction < 1,
+            "save-steps": self.save_steps >= 1,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise TrainingError(f"Invalid value for --{bad[0]}: {getattr(self, bad[0].replace('-', '_'))!r}.")
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """The settings that shape the weights (no paths), as recorded in lineage and checked on resume."""
+        values = asdict(self)
+        for key in ("name", "data", "output", "overwrite"):
+            values.pop(key)
+        return values
