@@ -1,0 +1,180 @@
+"""What an adapter says about itself: the lineage record, the Hugging Face model card and the loss curve."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from train.base import BaseModel
+from train.config import TrainArgs
+from train.data import Examples
+
+LINEAGE_FILE = "lineage.json"
+LOSS_PLOT = "loss.png"
+_METHODS = {"lora": "LoRA", "qlora": "QLoRA"}
+_LIBRARIES = ("adapterctl", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "safetensors")
+
+
+def _versions() -> dict[str, str | None]:
+    """Versions of Python and of every library that shapes the weights."""
+    found: dict[str, str | None] = {"python": platform.python_version()}
+    for name in _LIBRARIES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def _git_state() -> dict[str, Any] | None:
+    """The commit of the git repository around the working directory, if any, and whether it is dirty."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout
+        status = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return {"commit": commit.strip(), "dirty": bool(status.strip())}
+
+
+def lineage(
+    args: TrainArgs,
+    base: BaseModel,
+    base_fingerprint: str,
+    examples: Examples,
+    metrics: dict[str, Any],
+    counts: dict[str, int],
+    resumed_from_step: int | None,
+) -> dict[str, Any]:
+    """The record that lets anyone tell exactly what went into an adapter."""
+    return {
+        "adapter": args.name,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "method": "qlora" if args.qlora else "lora",
+        "base_model": {"name": base.name, "hub_id": base.hub_id, "fingerprint": base_fingerprint},
+        "dataset": {
+            "file": examples.path.name,
+            "sha256": examples.sha256,
+            "format": examples.format,
+            "examples": len(examples.conversations),
+            "train_examples": counts["train"],
+            "eval_examples": counts["eval"],
+        },
+        "hyperparameters": args.hyperparameters(),
+        "seed": args.seed,
+        "metrics": metrics,
+        "parameters": {"trainable": counts["trainable"], "total": counts["total"]},
+        "resumed_from_step": resumed_from_step,
+        "versions": _versions(),
+        "git": _git_state(),
+    }
+
+
+def _model_card(record: dict[str, Any]) -> ModelCard:
+    """A model card whose YAML header carries the Hub metadata (base_model, library_name: peft, metrics)."""
+    base, dataset, metrics = record["base_model"], record["dataset"], record["metrics"]
+    dataset_name = Path(dataset["file"]).stem
+    results = []
+    if metrics["eval_loss_after"] is not None:
+        results.append(
+            EvalResult(
+                task_type="text-generation",
+                dataset_type=dataset_name,
+                dataset_name=dataset_name,
+                metric_type="loss",
+                metric_name="eval loss",
+                metric_value=round(metrics["eval_loss_after"], 4),
+            )
+        )
+    meta = ModelCardData(
+        base_model=base["hub_id"] or base["name"],
+        library_name="peft",
+        pipeline_tag="text-generation",
+        tags=[record["method"], "lora", "peft", "adapters"],
+        datasets=[dataset_name],
+        metrics=["loss"],
+        model_name=record["adapter"],
+        eval_results=results or None,
+    )
+    hyper = record["hyperparameters"]
+    loss = lambda v: "n/a" if v is None else f"{v:.4f}"
+    body = f"""
+# {record["adapter"]}
+
+A {_METHODS[record["method"]]} adapter for `{base["hub_id"] or base["name"]}`, trained on `{dataset["file"]}`
+({dataset["format"]} format, {dataset["train_examples"]} train / {dataset["eval_examples"]} eval examples).
+
+| | |
+|---|---|
+| eval loss before | {loss(metrics["eval_loss_before"])} |
+| eval loss after | {loss(metrics["eval_loss_after"])} |
+| final train loss | {loss(metrics["train_loss"])} |
+| steps | {metrics["steps"]} |
+| rank / alpha / dropout | {hyper["rank"]} / {hyper["alpha"]} / {hyper["dropout"]} |
+| target modules | {", ".join(hyper["target_modules"])} |
+| learning rate | {hyper["lr"]} |
+| seed | {record["seed"]} |
+| trainable parameters | {record["parameters"]["trainable"]:,} of {record["parameters"]["total"]:,} |
+
+![training loss]({LOSS_PLOT})
+
+## Use it
+
+```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+base = AutoModelForCausalLM.from_pretrained("{base["hub_id"] or base["name"]}")
+model = PeftModel.from_pretrained(base, "path/to/this/folder")
+```
+
+## Lineage
+
+- base model fingerprint: `{base["fingerprint"]}`
+- dataset sha256: `{dataset["sha256"]}`
+- git commit: `{(record["git"] or {}).get("commit", "n/a")}`
+- libraries: {", ".join(f"{k} {v}" for k, v in record["versions"].items() if v)}
+
+The full record is in `{LINEAGE_FILE}`.
+"""
+    return ModelCard(f"---\n{meta.to_yaml()}\n---\n{body}")
+
+
+def _plot_loss(log_history: list[dict[str, Any]], metrics: dict[str, Any], path: Path) -> None:
+    """Training loss per step, with the eval loss before and after as markers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e]
+    evals = [
+        (step, value)
+        for step, value in ((0, metrics["eval_loss_before"]), (metrics["steps"], metrics["eval_loss_after"]))
+        if value is not None
+    ]
+    figure, axes = pyplot.subplots(figsize=(6, 3.5), dpi=100)
+    if train:
+        axes.plot(*zip(*train), label="train loss", linewidth=1)
+    if evals:
+        axes.plot(*zip(*evals), "o", label="eval loss")
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    pyplot.close(figure)
+
+
+def write(folder: Path, record: dict[str, Any], log_history: list[dict[str, Any]]) -> None:
+    """Write lineage.json, README.md and loss.png next to the adapter weights."""
+    (folder / LINEAGE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    _model_card(record).save(folder / "README.md")
+    _plot_loss(log_history, record["metrics"], folder / LOSS_PLOT)

@@ -1,0 +1,299 @@
+"""LoRA / QLoRA supervised fine-tuning with resumable checkpoints and an atomic output folder."""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from tqdm import tqdm
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    DataCollatorForSeq2Seq,
+    PreTrainedModel,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from registry.errors import DataError, TrainingError, TrainingInterrupted
+from train import card, data
+from train.base import BaseModel, fingerprint, resolve_base
+from train.config import TrainArgs
+
+RUN_FILE = "run.json"  # inside the partial folder: the settings a resume must match
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced and measured."""
+
+    output: Path
+    steps: int
+    resumed_from_step: int | None
+    trainable_params: int
+    total_params: int
+    eval_loss_before: float | None
+    eval_loss_after: float | None
+    train_loss: float
+    adapter_bytes: int
+    peak_memory_bytes: int
+    seconds: float
+
+
+def device() -> str:
+    """The device training runs on: the first GPU when there is one, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_base_model(base: BaseModel, qlora: bool, gradient_checkpointing: bool = False) -> PreTrainedModel:
+    """Load the base model in full precision for LoRA, or in 4-bit NF4 with double quantization for QLoRA."""
+    # bf16 pays off on GPUs; on CPUs fp32 matmuls are faster and numerically safer.
+    dtype = torch.bfloat16 if device() == "cuda" else torch.float32
+    if not qlora:
+        model = AutoModelForCausalLM.from_pretrained(base.path, dtype=dtype, use_safetensors=True)
+        return model.to(device())
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        base.path, quantization_config=quantization, dtype=dtype, device_map={"": device()}, use_safetensors=True
+    )
+    # bitsandbytes repacks NF4 weights for a CPU inference kernel the first time a layer runs in eval mode
+    # (our eval-loss pass); that kernel has no autograd, so later training steps would lose the gradient
+    # through the base weights. Keep the trainable layout.
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+
+
+def build_trainer(
+    model: PreTrainedModel, tokenizer: Any, train_set: list, eval_set: list, args: TrainArgs, checkpoints: Path
+) -> Trainer:
+    """A transformers Trainer set up for our runs: checkpoints every save_steps, our progress bar, no reporting."""
+    settings = TrainingArguments(
+        output_dir=str(checkpoints),
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        learning_rate=args.lr,
+        num_train_epochs=args.epochs,
+        max_steps=args.max_steps or -1,
+        warmup_steps=0.05,
+        lr_scheduler_type="linear",
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=args.save_steps,
+        save_total_limit=2,
+        report_to="none",
+        seed=args.seed,
+        data_seed=args.seed,
+        use_cpu=device() == "cpu",
+        bf16=device() == "cuda",
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        gradient_checkpointing=args.gradient_checkpointing,
+        dataloader_pin_memory=False,
+    )
+    collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=data.IGNORE_INDEX, padding=True)
+    trainer = Trainer(
+        model=model,
+        args=settings,
+        train_dataset=train_set,
+        eval_dataset=eval_set or None,
+        data_collator=collator,
+    )
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(LossBar())
+    return trainer
+
+
+class LossBar(TrainerCallback):
+    """A progress bar over optimizer steps that shows the running (smoothed) training loss."""
+
+    def __init__(self) -> None:
+        self.bar: tqdm | None = None
+        self.running: float | None = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="training", unit="step")
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        if self.bar is not None and logs and "loss" in logs:
+            loss = logs["loss"]
+            self.running = loss if self.running is None else 0.9 * self.running + 0.1 * loss
+            self.bar.set_postfix(loss=f"{self.running:.4f}", lr=f"{logs.get('learning_rate', 0):.2e}")
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class StopOnSignal(TrainerCallback):
+    """On Ctrl-C or SIGTERM, finish the current step, save a checkpoint and stop; a second Ctrl-C aborts."""
+
+    def __init__(self) -> None:
+        self.stopped = False
+        self._previous: dict[int, Any] = {}
+
+    def request_stop(self, signum: int = signal.SIGINT, frame: Any = None) -> None:
+        """Ask training to stop after the current step (the signal handler; tests call it directly)."""
+        self.stopped = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self.request_stop)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.stopped:
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def _resume_point(partial: Path, run: dict[str, Any], overwrite: bool) -> tuple[Path | None, dict[str, Any]]:
+    """The checkpoint an interrupted run with identical settings left behind, and that run's record."""
+    run_file = partial / RUN_FILE
+    if overwrite or not run_file.is_file():
+        shutil.rmtree(partial, ignore_errors=True)
+        return None, run
+    previous = json.loads(run_file.read_text())
+    same = {k: previous.get(k) for k in run} == run
+    if not same:
+        raise TrainingError(
+            f"{partial} holds an interrupted run with different settings, data or base model; "
+            f"re-run it with the same settings to resume, or pass --overwrite to start over."
+        )
+    checkpoints = partial / "checkpoints"
+    last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    return (Path(last) if last else None), previous
+
+
+def train(args: TrainArgs, echo: Callable[[str], None] = print) -> TrainResult:
+    """Train one adapter from args.data on args.base and write it, complete, to args.output."""
+    started = time.monotonic()
+    output: Path = args.output
+    if output.exists() and any(output.iterdir()) and not args.overwrite:
+        raise TrainingError(f"{output} already exists and is not empty; pass --overwrite or another --output.")
+    partial = output.parent / f".{output.name}.partial"
+
+    examples = data.load(args.data)
+    base = resolve_base(args.base)
+    base_fingerprint = fingerprint(base.path)
+    run = {"hyperparameters": args.hyperparameters(), "dataset_sha256": examples.sha256, "base": base_fingerprint}
+    checkpoint, run = _resume_point(partial, run, args.overwrite)
+    resumed_from_step = int(checkpoint.name.rsplit("-", 1)[1]) if checkpoint else None
+
+    tokenizer = AutoTokenizer.from_pretrained(base.path)
+    train_ids, eval_ids = data.split(len(examples.conversations), args.eval_fraction, args.seed)
+    train_set, eval_set = (
+        [t for i in ids if (t := data.tokenize(examples.conversations[i], tokenizer, args.seq_len))]
+        for ids in (train_ids, eval_ids)
+    )
+    if not train_set:
+        raise DataError(f"{args.data}: no training example keeps an answer within --seq-len {args.seq_len}.")
+    echo(f"Data: {examples.path} ({examples.format}), {len(train_set)} train / {len(eval_set)} eval examples")
+
+    torch.manual_seed(args.seed)  # LoRA's A matrices are initialised randomly
+    model = load_base_model(base, args.qlora, args.gradient_checkpointing)
+    lora = LoraConfig(
+        r=args.rank,
+        lora_alpha=args.alpha,
+        lora_dropout=args.dropout,
+        target_modules=args.target_modules[0] if args.target_modules == ["all-linear"] else args.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        model = get_peft_model(model, lora)
+    except ValueError as exc:
+        raise TrainingError(f"Cannot apply LoRA to {base.name}: {exc}") from None
+    trainable, total = model.get_nb_trainable_parameters()
+    method = "QLoRA (NF4 base)" if args.qlora else "LoRA"
+    echo(f"{method} on {base.name}: trainable params {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+
+    trainer = build_trainer(model, tokenizer, train_set, eval_set, args, partial / "checkpoints")
+    stopper = StopOnSignal()
+    trainer.add_callback(stopper)
+    if checkpoint is None:
+        partial.mkdir(parents=True, exist_ok=True)
+        run["eval_loss_before"] = trainer.evaluate()["eval_loss"] if eval_set else None
+        (partial / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n")
+    else:
+        echo(f"Resuming from step {resumed_from_step} ({checkpoint})")
+    if run["eval_loss_before"] is not None:
+        echo(f"eval loss before: {run['eval_loss_before']:.4f}")
+
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if stopper.stopped:
+        raise TrainingInterrupted(
+            f"Interrupted at step {trainer.state.global_step}/{trainer.state.max_steps}; checkpoint saved in "
+            f"{partial}. Run the same command again to resume."
+        )
+    eval_after = trainer.evaluate()["eval_loss"] if eval_set else None
+    if eval_after is not None:
+        echo(f"eval loss after:  {eval_after:.4f}")
+
+    staging = partial / "final"
+    shutil.rmtree(staging, ignore_errors=True)
+    # Cite the base by Hub id when known; no vocabulary lookup on the Hub (embeddings are never trained here).
+    model.peft_config["default"].base_model_name_or_path = base.hub_id or base.name
+    model.save_pretrained(staging, save_embedding_layers=False)
+    metrics = {
+        "train_loss": result.training_loss,
+        "eval_loss_before": run["eval_loss_before"],
+        "eval_loss_after": eval_after,
+        "steps": trainer.state.global_step,
+    }
+    lineage = card.lineage(
+        args, base, base_fingerprint, examples, metrics,
+        counts={"train": len(train_set), "eval": len(eval_set), "trainable": trainable, "total": total},
+        resumed_from_step=resumed_from_step,
+    )
+    card.write(staging, lineage, trainer.state.log_history)
+    if output.exists():
+        shutil.rmtree(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging.rename(output)
+    shutil.rmtree(partial)
+
+    adapter_bytes = sum(f.stat().st_size for f in output.iterdir() if f.name.startswith("adapter_model"))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    if device() == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    return TrainResult(
+        output=output,
+        steps=trainer.state.global_step,
+        resumed_from_step=resumed_from_step,
+        trainable_params=trainable,
+        total_params=total,
+        eval_loss_before=run["eval_loss_before"],
+        eval_loss_after=eval_after,
+        train_loss=result.training_loss,
+        adapter_bytes=adapter_bytes,
+        peak_memory_bytes=peak,
+        seconds=time.monotonic() - started,
+    )
