@@ -29,3 +29,7 @@ def main() -> None:
 
 main.add_command(train)
 main.add_command(models)
+
+
+if __name__ == "__main__":
+    main()

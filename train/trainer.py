@@ -26,7 +26,6 @@ from transformers import (
     TrainingArguments,
 )
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
-from transformers.trainer_utils import get_last_checkpoint
 
 from registry.errors import DataError, TrainingError, TrainingInterrupted
 from train import card, data
@@ -188,9 +187,12 @@ def _resume_point(partial: Path, run: dict[str, Any], overwrite: bool) -> tuple[
             f"{partial} holds an interrupted run with different settings, data or base model; "
             f"re-run it with the same settings to resume, or pass --overwrite to start over."
         )
-    checkpoints = partial / "checkpoints"
-    last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
-    return (Path(last) if last else None), previous
+    # trainer_state.json is written last: a checkpoint without it was cut short by a kill and is dropped.
+    found = sorted((partial / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[1]))
+    complete = [c for c in found if (c / "trainer_state.json").is_file()]
+    for broken in set(found) - set(complete):
+        shutil.rmtree(broken)
+    return (complete[-1] if complete else None), previous
 
 
 def train(args: TrainArgs, echo: Callable[[str], None] = print) -> TrainResult:

@@ -1,0 +1,124 @@
+"""Shared fixtures: a private user directory, a tiny random Llama, small datasets."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from transformers import TrainerCallback
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def adapters_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Point the user cache at a temp folder for the whole session; never touch the real one."""
+    home = tmp_path_factory.mktemp("adapters-home")
+    saved = {key: os.environ.get(key) for key in ("ADAPTERS_HOME", "HF_HUB_OFFLINE")}
+    os.environ["ADAPTERS_HOME"] = str(home)
+    os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach the network
+    yield home
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The embedded model's real tokenizer (with its chat template), read from the GGUF alone."""
+    from transformers import AutoTokenizer
+
+    from train.base import embedded_gguf
+
+    gguf = embedded_gguf()
+    folder = tmp_path_factory.mktemp("tokenizer")
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
+    """A 2-layer random Llama with the SmolLM2 tokenizer, saved as a local HF folder (seconds to build)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def embedded_base(adapters_home: Path) -> Path:
+    """The real embedded SmolLM2-135M-Instruct, converted once per session into the temp user cache."""
+    from train.base import ensure_embedded
+
+    return ensure_embedded()
+
+
+class SignalAt(TrainerCallback):
+    """Sends this process a real signal at a given training step, as Ctrl-C or `kill` would."""
+
+    def __init__(self, step: int, signum: int) -> None:
+        self.step, self.signum = step, signum
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+@pytest.fixture
+def signal_at_step(monkeypatch: pytest.MonkeyPatch) -> Callable[[int, int], None]:
+    """Arrange for the next training run to receive `signum` at `step`."""
+    from train import trainer
+
+    build = trainer.build_trainer
+
+    def arrange(step: int, signum: int) -> None:
+        def build_with_signal(*args: Any, **kwargs: Any) -> Any:
+            monkeypatch.setattr(trainer, "build_trainer", build)  # only the next run is signalled
+            built = build(*args, **kwargs)
+            built.add_callback(SignalAt(step, signum))
+            return built
+
+        monkeypatch.setattr(trainer, "build_trainer", build_with_signal)
+
+    return arrange
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    """Write records one JSON document per line."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture
+def json_data(tmp_path: Path) -> Path:
+    """A small prompt/completion dataset with one rigid answer shape, easy for a tiny model to fit."""
+    names = ["Ann", "Bob", "Cid", "Dee", "Eve", "Fay", "Gus", "Hal", "Ida", "Jon", "Kim", "Lou"]
+    records = [
+        {"prompt": f"Extract: {n} is {20 + i} and lives in Oslo.", "completion": f'{{"name": "{n}", "age": {20 + i}}}'}
+        for i, n in enumerate(names)
+    ]
+    return write_jsonl(tmp_path / "people.jsonl", records)

@@ -1,0 +1,194 @@
+"""Training on a tiny random Llama: loss goes down, the output folder is complete, QLoRA runs, resume works."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from registry.errors import TrainingError, TrainingInterrupted
+from train import trainer as trainer_module
+from train.base import fingerprint
+from train.config import TrainArgs
+from train.trainer import train
+
+FAST = dict(lr=5e-3, batch_size=4, seq_len=64, eval_fraction=0.25, rank=8, alpha=16)
+
+
+def _args(tmp_path: Path, base: Path, data: Path, **overrides) -> TrainArgs:
+    return TrainArgs(**{"name": "people", "data": data, "base": str(base), "output": tmp_path / "out", **FAST, **overrides})
+
+
+def test_lora_lowers_the_loss_and_writes_a_complete_adapter(tmp_path: Path, tiny_base: Path, json_data: Path) -> None:
+    result = train(_args(tmp_path, tiny_base, json_data, max_steps=12), echo=lambda _: None)
+
+    assert result.eval_loss_after < result.eval_loss_before
+    assert result.steps == 12 and result.resumed_from_step is None
+    assert 0 < result.trainable_params < result.total_params
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "lineage.json", "loss.png"
+    ]
+    assert not (tmp_path / ".out.partial").exists()  # checkpoints are gone once the adapter is complete
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert result.adapter_bytes == (out / "adapter_model.safetensors").stat().st_size
+
+    lineage = json.loads((out / "lineage.json").read_text())
+    assert lineage["base_model"]["fingerprint"] == fingerprint(tiny_base)
+    assert lineage["dataset"]["sha256"] == hashlib.sha256(json_data.read_bytes()).hexdigest()
+    assert lineage["dataset"] == {**lineage["dataset"], "format": "prompt_completion", "examples": 12}
+    assert lineage["hyperparameters"]["rank"] == 8 and lineage["hyperparameters"]["max_steps"] == 12
+    assert lineage["seed"] == 42 and lineage["method"] == "lora"
+    assert lineage["metrics"]["eval_loss_after"] == pytest.approx(result.eval_loss_after)
+    assert lineage["versions"]["torch"].startswith("2.13.0") and lineage["versions"]["peft"]
+    assert lineage["git"] is None or len(lineage["git"]["commit"]) == 40
+
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "peft"
+    assert card.data.base_model == str(tiny_base)
+    assert card.data.datasets == ["people"] and "lora" in card.data.tags
+    assert card.data.eval_results[0].metric_value == pytest.approx(result.eval_loss_after, abs=1e-4)
+
+
+def test_adapter_loads_with_plain_peft_and_changes_the_output(tmp_path: Path, tiny_base: Path, json_data: Path) -> None:
+    train(_args(tmp_path, tiny_base, json_data, max_steps=6), echo=lambda _: None)
+    base = AutoModelForCausalLM.from_pretrained(tiny_base)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        before = base(ids).logits
+        model = PeftModel.from_pretrained(base, tmp_path / "out")
+        after = model(ids).logits
+    assert not torch.allclose(before, after)
+    assert any("lora_B" in name for name, _ in model.named_parameters())
+
+
+def test_same_seed_gives_the_same_adapter(tmp_path: Path, tiny_base: Path, json_data: Path) -> None:
+    for run in ("a", "b"):
+        train(_args(tmp_path, tiny_base, json_data, max_steps=3, output=tmp_path / run), echo=lambda _: None)
+    first, second = (load_file(tmp_path / run / "adapter_model.safetensors") for run in ("a", "b"))
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_qlora_trains_on_an_nf4_base_on_cpu(tmp_path: Path, tiny_base: Path, json_data: Path) -> None:
+    result = train(_args(tmp_path, tiny_base, json_data, max_steps=12, qlora=True), echo=lambda _: None)
+    assert result.eval_loss_after < result.eval_loss_before
+    assert json.loads((tmp_path / "out" / "lineage.json").read_text())["method"] == "qlora"
+
+    from transformers import BitsAndBytesConfig
+
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tiny_base, quantization_config=nf4, device_map={"": "cpu"})
+    model = PeftModel.from_pretrained(base, tmp_path / "out")
+    assert type(model.base_model.model.model.layers[0].mlp.up_proj.base_layer).__name__ == "Linear4bit"
+
+
+def test_qlora_gradients_after_an_eval_pass_match_a_dequantized_base(tiny_base: Path) -> None:
+    """An eval pass must not switch the NF4 layers to bitsandbytes' CPU kernel that has no autograd."""
+    from bitsandbytes.functional import dequantize_4bit
+    from peft import LoraConfig, get_peft_model
+
+    from train.base import BaseModel
+
+    torch.manual_seed(0)
+    quantized = trainer_module.load_base_model(BaseModel("tiny", tiny_base, None), qlora=True)
+    quantized = get_peft_model(quantized, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    reference = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
+    for name, module in quantized.named_modules():  # give the reference the very same (dequantized) weights
+        if type(module).__name__ == "Linear4bit":
+            weight = dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+            reference.get_submodule(name.replace("base_model.model.", "").replace(".base_layer", "")).weight.data = weight
+    reference = get_peft_model(reference, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    reference.load_state_dict(
+        {k: v for k, v in quantized.state_dict().items() if "lora_" in k}, strict=False
+    )
+    ids = torch.tensor([[1, 5, 9, 14, 20, 31]])
+    quantized.eval()
+    with torch.no_grad():
+        quantized(ids)  # the eval-loss pass training runs first
+    quantized.train()
+    grads = []
+    for model in (quantized, reference):
+        model.train()
+        model(ids, labels=ids).loss.backward()
+        grads.append(model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.grad)
+    assert torch.allclose(grads[0], grads[1], rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_saves_a_checkpoint_and_resume_continues_from_it(
+    tmp_path: Path, tiny_base: Path, json_data: Path, signal_at_step, signum: int
+) -> None:
+    signal_at_step(5, signum)
+    args = _args(tmp_path, tiny_base, json_data, max_steps=10, save_steps=2)
+    with pytest.raises(TrainingInterrupted, match=r"Interrupted at step 5/10"):
+        train(args, echo=lambda _: None)
+    assert not (tmp_path / "out").exists()  # nothing half-written where the adapter goes
+    assert (tmp_path / ".out.partial" / "checkpoints" / "checkpoint-5" / "trainer_state.json").is_file()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+    lines: list[str] = []
+    result = train(args, echo=lines.append)
+    assert result.resumed_from_step == 5 and result.steps == 10
+    assert "Resuming from step 5" in "\n".join(lines)
+    lineage = json.loads((tmp_path / "out" / "lineage.json").read_text())
+    assert lineage["resumed_from_step"] == 5 and lineage["metrics"]["steps"] == 10
+
+
+def test_resume_after_sigkill_continues_from_the_last_complete_checkpoint(
+    tmp_path: Path, tiny_base: Path, json_data: Path
+) -> None:
+    command = [
+        sys.executable, "-m", "registry.cli", "train", "people", "--data", str(json_data), "--base", str(tiny_base),
+        "--output", str(tmp_path / "out"), "--max-steps", "60", "--save-steps", "4", "--seq-len", "64",
+    ]
+    checkpoints = tmp_path / ".out.partial" / "checkpoints"
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not any(checkpoints.glob("checkpoint-*/trainer_state.json")):
+        assert process.poll() is None and time.monotonic() < deadline, "training ended before a checkpoint"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "out").exists()
+    saved = max(int(p.parent.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*/trainer_state.json"))
+
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert f"Resuming from step {saved}" in done.stdout
+    assert json.loads((tmp_path / "out" / "lineage.json").read_text())["metrics"]["steps"] == 60
+
+
+def test_resume_refuses_different_settings(tmp_path: Path, tiny_base: Path, json_data: Path) -> None:
+    partial = tmp_path / ".out.partial"
+    partial.mkdir()
+    (partial / "run.json").write_text(json.dumps({"hyperparameters": {"rank": 99}, "dataset_sha256": "x", "base": "y"}))
+    with pytest.raises(TrainingError, match="interrupted run with different settings"):
+        train(_args(tmp_path, tiny_base, json_data, max_steps=2), echo=lambda _: None)
+    result = train(_args(tmp_path, tiny_base, json_data, max_steps=2, overwrite=True), echo=lambda _: None)
+    assert result.resumed_from_step is None
+
+
+def test_existing_output_is_kept_unless_overwrite(tmp_path: Path, tiny_base: Path, json_data: Path) -> None:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(TrainingError, match="already exists"):
+        train(_args(tmp_path, tiny_base, json_data, max_steps=2), echo=lambda _: None)
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "/abs", "", " ", "Upper", "caf\u00e9", "x" * 65, "-lead"])
+def test_bad_adapter_names_are_refused(tmp_path: Path, name: str) -> None:
+    with pytest.raises(TrainingError, match="is not allowed"):
+        TrainArgs(name=name, data=tmp_path / "d.jsonl")
