@@ -31,13 +31,12 @@ def measure(method: str, steps: int, batch_size: int, seq_len: int) -> dict[str,
     """Train `steps` optimizer steps with one method in this process and report what it cost."""
     # Imported here, in the child only: the parent stays light and quiet (bitsandbytes warns on import).
     import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer, TrainerCallback
 
     from train import data
     from train.base import resolve_base
     from train.config import TrainArgs
-    from train.trainer import build_trainer, device, load_base_model
+    from train.trainer import add_lora, build_trainer, device, load_base_model, tokenized_splits
 
     class StepClock(TrainerCallback):
         """Timestamps the end of every optimizer step."""
@@ -49,17 +48,17 @@ def measure(method: str, steps: int, batch_size: int, seq_len: int) -> dict[str,
             self.ends.append(time.perf_counter())
 
     args = TrainArgs(
-        name=f"bench-{method}", data=DATA, qlora=method == "qlora", max_steps=steps,
-        batch_size=batch_size, seq_len=seq_len, save_steps=10**9,
+        name=f"bench-{method}",
+        data=DATA,
+        qlora=method == "qlora",
+        max_steps=steps,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        save_steps=10**9,
     )
     base = resolve_base(args.base)
     tokenizer = AutoTokenizer.from_pretrained(base.path)
-    examples = data.load(args.data)
-    train_ids, eval_ids = data.split(len(examples.conversations), args.eval_fraction, args.seed)
-    train_set, eval_set = (
-        [t for i in ids if (t := data.tokenize(examples.conversations[i], tokenizer, args.seq_len))]
-        for ids in (train_ids, eval_ids)
-    )
+    train_set, eval_set = tokenized_splits(data.load(args.data), tokenizer, args)
 
     torch.manual_seed(args.seed)
     model = load_base_model(base, args.qlora)
@@ -67,11 +66,7 @@ def measure(method: str, steps: int, batch_size: int, seq_len: int) -> dict[str,
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
     else:
-        lora = LoraConfig(
-            r=args.rank, lora_alpha=args.alpha, lora_dropout=args.dropout,
-            target_modules=args.target_modules[0], task_type="CAUSAL_LM",
-        )
-        model = get_peft_model(model, lora)
+        model = add_lora(model, args, base)
         trainable, total = model.get_nb_trainable_parameters()
     load_rss = rss_now()
 
@@ -100,8 +95,16 @@ def measure(method: str, steps: int, batch_size: int, seq_len: int) -> dict[str,
 def run_child(method: str, opts: argparse.Namespace) -> dict[str, Any]:
     """Measure one method in a fresh interpreter, so its peak RSS is its own."""
     command = [
-        sys.executable, str(Path(__file__).resolve()), "--method", method, "--steps", str(opts.steps),
-        "--batch-size", str(opts.batch_size), "--seq-len", str(opts.seq_len),
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--method",
+        method,
+        "--steps",
+        str(opts.steps),
+        "--batch-size",
+        str(opts.batch_size),
+        "--seq-len",
+        str(opts.seq_len),
     ]
     child = subprocess.run(command, capture_output=True, text=True)
     if child.returncode != 0:
@@ -113,8 +116,16 @@ def run_child(method: str, opts: argparse.Namespace) -> dict[str, Any]:
 def table(results: list[dict[str, Any]]) -> str:
     """Results as an aligned text table; ratios are full ÷ method (higher = less memory / faster)."""
     full = results[0]
-    header = ["method", "trainable params", "trainable %", "load RSS MB", "peak RSS MB", "RSS ratio vs full",
-              "s/step", "speed ratio vs full"]
+    header = [
+        "method",
+        "trainable params",
+        "trainable %",
+        "load RSS MB",
+        "peak RSS MB",
+        "RSS ratio vs full",
+        "s/step",
+        "speed ratio vs full",
+    ]
     rows = [header] + [
         [
             METHODS[r["method"]],
@@ -129,8 +140,10 @@ def table(results: list[dict[str, Any]]) -> str:
         for r in results
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = [" | ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
-             for row in rows]
+    lines = [
+        " | ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+        for row in rows
+    ]
     lines.insert(1, "-+-".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -153,9 +166,11 @@ def main() -> None:
     for method, label in METHODS.items():
         print(f"measuring {label} ...", flush=True)
         results.append(run_child(method, opts))
-    print(f"\n{results[0]['base']} on {results[0]['device']}: batch {opts.batch_size}, "
-          f"seq-len {opts.seq_len}, {opts.steps} steps each (s/step over steps 2-{opts.steps}); "
-          f"ratios are full / method, higher = less memory / faster\n")
+    print(
+        f"\n{results[0]['base']} on {results[0]['device']}: batch {opts.batch_size}, "
+        f"seq-len {opts.seq_len}, {opts.steps} steps each (s/step over steps 2-{opts.steps}); "
+        f"ratios are full / method, higher = less memory / faster\n"
+    )
     print(table(results))
     print(
         "\nReference headline: on a 7B model LoRA and QLoRA cut fine-tuning memory by ~3.5x and ~14x and train "

@@ -43,8 +43,20 @@ def main() -> None:
 
         _step("2. Train a LoRA adapter on examples/pirate.jsonl (one epoch)")
         _run(
-            "train", "pirate", "--data", "examples/pirate.jsonl", "--epochs", "1", "--lr", "1e-3",
-            "--batch-size", "8", "--seq-len", "256", "--output", str(adapter),
+            "train",
+            "pirate",
+            "--data",
+            "examples/pirate.jsonl",
+            "--epochs",
+            "1",
+            "--lr",
+            "1e-3",
+            "--batch-size",
+            "8",
+            "--seq-len",
+            "256",
+            "--output",
+            str(adapter),
         )
         print(f"\nFiles: {', '.join(sorted(p.name for p in adapter.iterdir()))}")
 
@@ -54,7 +66,7 @@ def main() -> None:
 
         model, tokenizer = compare.load(resolve_base(None), adapter)
         questions = (ROOT / "examples" / "pirate_heldout.txt").read_text().splitlines()[:4]
-        for question, (plain, pirate) in zip(questions, compare.side_by_side(model, tokenizer, questions, 48)):
+        for question, (plain, pirate) in zip(questions, compare.side_by_side(model, tokenizer, questions, 64)):
             print(f"\nQ: {question}")
             print(_columns("base", "pirate adapter"))
             print(_columns("-" * 4, "-" * 14))

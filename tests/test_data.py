@@ -14,7 +14,11 @@ from train import data
 
 @pytest.mark.parametrize(
     ("file", "fmt", "minimum"),
-    [("pirate.jsonl", "chat", 200), ("contacts.jsonl", "prompt_completion", 200), ("alpaca_sample.jsonl", "alpaca", 20)],
+    [
+        ("pirate.jsonl", "chat", 200),
+        ("contacts.jsonl", "prompt_completion", 200),
+        ("alpaca_sample.jsonl", "alpaca", 20),
+    ],
 )
 def test_example_datasets_load_in_their_format(file: str, fmt: str, minimum: int) -> None:
     examples = data.load(EXAMPLES / file)
@@ -33,7 +37,10 @@ def test_alpaca_input_joins_the_instruction(tmp_path: Path) -> None:
         ],
     )
     first, second = data.load(path).conversations
-    assert first == [{"role": "user", "content": "Translate to French\n\ncat"}, {"role": "assistant", "content": "chat"}]
+    assert first == [
+        {"role": "user", "content": "Translate to French\n\ncat"},
+        {"role": "assistant", "content": "chat"},
+    ]
     assert second[0]["content"] == "Say hi"
 
 

@@ -27,7 +27,9 @@ FAST = dict(lr=5e-3, batch_size=4, seq_len=64, eval_fraction=0.25, rank=8, alpha
 
 
 def _args(tmp_path: Path, base: Path, data: Path, **overrides) -> TrainArgs:
-    return TrainArgs(**{"name": "people", "data": data, "base": str(base), "output": tmp_path / "out", **FAST, **overrides})
+    return TrainArgs(
+        **{"name": "people", "data": data, "base": str(base), "output": tmp_path / "out", **FAST, **overrides}
+    )
 
 
 def test_lora_lowers_the_loss_and_writes_a_complete_adapter(tmp_path: Path, tiny_base: Path, json_data: Path) -> None:
@@ -38,7 +40,11 @@ def test_lora_lowers_the_loss_and_writes_a_complete_adapter(tmp_path: Path, tiny
     assert 0 < result.trainable_params < result.total_params
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == [
-        "README.md", "adapter_config.json", "adapter_model.safetensors", "lineage.json", "loss.png"
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "lineage.json",
+        "loss.png",
     ]
     assert not (tmp_path / ".out.partial").exists()  # checkpoints are gone once the adapter is complete
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -108,11 +114,11 @@ def test_qlora_gradients_after_an_eval_pass_match_a_dequantized_base(tiny_base: 
     for name, module in quantized.named_modules():  # give the reference the very same (dequantized) weights
         if type(module).__name__ == "Linear4bit":
             weight = dequantize_4bit(module.weight.data, module.weight.quant_state).float()
-            reference.get_submodule(name.replace("base_model.model.", "").replace(".base_layer", "")).weight.data = weight
+            reference.get_submodule(
+                name.replace("base_model.model.", "").replace(".base_layer", "")
+            ).weight.data = weight
     reference = get_peft_model(reference, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
-    reference.load_state_dict(
-        {k: v for k, v in quantized.state_dict().items() if "lora_" in k}, strict=False
-    )
+    reference.load_state_dict({k: v for k, v in quantized.state_dict().items() if "lora_" in k}, strict=False)
     ids = torch.tensor([[1, 5, 9, 14, 20, 31]])
     quantized.eval()
     with torch.no_grad():
@@ -150,8 +156,23 @@ def test_resume_after_sigkill_continues_from_the_last_complete_checkpoint(
     tmp_path: Path, tiny_base: Path, json_data: Path
 ) -> None:
     command = [
-        sys.executable, "-m", "registry.cli", "train", "people", "--data", str(json_data), "--base", str(tiny_base),
-        "--output", str(tmp_path / "out"), "--max-steps", "60", "--save-steps", "4", "--seq-len", "64",
+        sys.executable,
+        "-m",
+        "registry.cli",
+        "train",
+        "people",
+        "--data",
+        str(json_data),
+        "--base",
+        str(tiny_base),
+        "--output",
+        str(tmp_path / "out"),
+        "--max-steps",
+        "60",
+        "--save-steps",
+        "4",
+        "--seq-len",
+        "64",
     ]
     checkpoints = tmp_path / ".out.partial" / "checkpoints"
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -76,6 +76,10 @@ def lineage(
     }
 
 
+def _loss(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 def _model_card(record: dict[str, Any]) -> ModelCard:
     """A model card whose YAML header carries the Hub metadata (base_model, library_name: peft, metrics)."""
     base, dataset, metrics = record["base_model"], record["dataset"], record["metrics"]
@@ -103,7 +107,6 @@ def _model_card(record: dict[str, Any]) -> ModelCard:
         eval_results=results or None,
     )
     hyper = record["hyperparameters"]
-    loss = lambda v: "n/a" if v is None else f"{v:.4f}"
     body = f"""
 # {record["adapter"]}
 
@@ -112,9 +115,9 @@ A {_METHODS[record["method"]]} adapter for `{base["hub_id"] or base["name"]}`, t
 
 | | |
 |---|---|
-| eval loss before | {loss(metrics["eval_loss_before"])} |
-| eval loss after | {loss(metrics["eval_loss_after"])} |
-| final train loss | {loss(metrics["train_loss"])} |
+| eval loss before | {_loss(metrics["eval_loss_before"])} |
+| eval loss after | {_loss(metrics["eval_loss_after"])} |
+| final train loss | {_loss(metrics["train_loss"])} |
 | steps | {metrics["steps"]} |
 | rank / alpha / dropout | {hyper["rank"]} / {hyper["alpha"]} / {hyper["dropout"]} |
 | target modules | {", ".join(hyper["target_modules"])} |

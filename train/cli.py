@@ -20,7 +20,9 @@ def _mb(count: int) -> str:
 
 @click.command()
 @click.argument("name")
-@click.option("--data", required=True, type=click.Path(path_type=Path), help="JSONL: chat, prompt/completion or Alpaca.")
+@click.option(
+    "--data", required=True, type=click.Path(path_type=Path), help="JSONL: chat, prompt/completion or Alpaca."
+)
 @click.option("--base", help="Local HF model folder or Hub id. Default: the embedded SmolLM2-135M-Instruct.")
 @click.option("--qlora", is_flag=True, help="Load the base in 4-bit NF4 (double quantization) to save memory.")
 @click.option("--rank", type=int, default=_DEFAULTS["rank"], show_default=True, help="LoRA rank r.")
@@ -34,10 +36,16 @@ def _mb(count: int) -> str:
 @click.option("--grad-accum", type=int, default=_DEFAULTS["grad_accum"], show_default=True, help="Batches per step.")
 @click.option("--seq-len", type=int, default=_DEFAULTS["seq_len"], show_default=True, help="Max tokens per example.")
 @click.option("--seed", type=int, default=_DEFAULTS["seed"], show_default=True, help="Seed for split, init, order.")
-@click.option("--eval-fraction", type=float, default=_DEFAULTS["eval_fraction"], show_default=True,
-              help="Share held out for eval loss.")
-@click.option("--save-steps", type=int, default=_DEFAULTS["save_steps"], show_default=True,
-              help="Checkpoint every N steps.")
+@click.option(
+    "--eval-fraction",
+    type=float,
+    default=_DEFAULTS["eval_fraction"],
+    show_default=True,
+    help="Share held out for eval loss.",
+)
+@click.option(
+    "--save-steps", type=int, default=_DEFAULTS["save_steps"], show_default=True, help="Checkpoint every N steps."
+)
 @click.option("--gradient-checkpointing", is_flag=True, help="Trade speed for activation memory.")
 @click.option("--output", "-o", type=click.Path(path_type=Path), help="Output folder. Default: runs/NAME.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder or interrupted run.")

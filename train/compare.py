@@ -26,12 +26,16 @@ def answer(model: PeftModel, tokenizer: Any, prompts: list[str], max_new_tokens:
     batch = tokenizer.apply_chat_template(
         chats, add_generation_prompt=True, padding=True, return_tensors="pt", return_dict=True
     )
-    output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    output = model.generate(
+        **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+    )
     new_tokens = output[:, batch["input_ids"].shape[1] :]
     return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
-def side_by_side(model: PeftModel, tokenizer: Any, prompts: list[str], max_new_tokens: int = 64) -> list[tuple[str, str]]:
+def side_by_side(
+    model: PeftModel, tokenizer: Any, prompts: list[str], max_new_tokens: int = 64
+) -> list[tuple[str, str]]:
     """(base answer, adapter answer) for each prompt, from one loaded model."""
     with model.disable_adapter():
         base_answers = answer(model, tokenizer, prompts, max_new_tokens)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from tqdm import tqdm
 from transformers import (
     AutoModelForCausalLM,
@@ -80,6 +80,33 @@ def load_base_model(base: BaseModel, qlora: bool, gradient_checkpointing: bool =
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+
+
+def tokenized_splits(examples: data.Examples, tokenizer: Any, args: TrainArgs) -> tuple[list, list]:
+    """The train and eval splits, tokenized; examples whose answer falls beyond --seq-len are dropped."""
+    train_ids, eval_ids = data.split(len(examples.conversations), args.eval_fraction, args.seed)
+    train_set, eval_set = (
+        [t for i in ids if (t := data.tokenize(examples.conversations[i], tokenizer, args.seq_len))]
+        for ids in (train_ids, eval_ids)
+    )
+    if not train_set:
+        raise DataError(f"{args.data}: no training example keeps an answer within --seq-len {args.seq_len}.")
+    return train_set, eval_set
+
+
+def add_lora(model: PreTrainedModel, args: TrainArgs, base: BaseModel) -> PeftModel:
+    """Wrap the base model with a fresh LoRA adapter shaped by args."""
+    lora = LoraConfig(
+        r=args.rank,
+        lora_alpha=args.alpha,
+        lora_dropout=args.dropout,
+        target_modules=args.target_modules[0] if args.target_modules == ["all-linear"] else args.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as exc:
+        raise TrainingError(f"Cannot apply LoRA to {base.name}: {exc}") from None
 
 
 def build_trainer(
@@ -211,28 +238,11 @@ def train(args: TrainArgs, echo: Callable[[str], None] = print) -> TrainResult:
     resumed_from_step = int(checkpoint.name.rsplit("-", 1)[1]) if checkpoint else None
 
     tokenizer = AutoTokenizer.from_pretrained(base.path)
-    train_ids, eval_ids = data.split(len(examples.conversations), args.eval_fraction, args.seed)
-    train_set, eval_set = (
-        [t for i in ids if (t := data.tokenize(examples.conversations[i], tokenizer, args.seq_len))]
-        for ids in (train_ids, eval_ids)
-    )
-    if not train_set:
-        raise DataError(f"{args.data}: no training example keeps an answer within --seq-len {args.seq_len}.")
+    train_set, eval_set = tokenized_splits(examples, tokenizer, args)
     echo(f"Data: {examples.path} ({examples.format}), {len(train_set)} train / {len(eval_set)} eval examples")
 
     torch.manual_seed(args.seed)  # LoRA's A matrices are initialised randomly
-    model = load_base_model(base, args.qlora, args.gradient_checkpointing)
-    lora = LoraConfig(
-        r=args.rank,
-        lora_alpha=args.alpha,
-        lora_dropout=args.dropout,
-        target_modules=args.target_modules[0] if args.target_modules == ["all-linear"] else args.target_modules,
-        task_type="CAUSAL_LM",
-    )
-    try:
-        model = get_peft_model(model, lora)
-    except ValueError as exc:
-        raise TrainingError(f"Cannot apply LoRA to {base.name}: {exc}") from None
+    model = add_lora(load_base_model(base, args.qlora, args.gradient_checkpointing), args, base)
     trainable, total = model.get_nb_trainable_parameters()
     method = "QLoRA (NF4 base)" if args.qlora else "LoRA"
     echo(f"{method} on {base.name}: trainable params {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
@@ -271,7 +281,11 @@ def train(args: TrainArgs, echo: Callable[[str], None] = print) -> TrainResult:
         "steps": trainer.state.global_step,
     }
     lineage = card.lineage(
-        args, base, base_fingerprint, examples, metrics,
+        args,
+        base,
+        base_fingerprint,
+        examples,
+        metrics,
         counts={"train": len(train_set), "eval": len(eval_set), "trainable": trainable, "total": total},
         resumed_from_step=resumed_from_step,
     )
