@@ -17,7 +17,13 @@ from pathlib import Path
 from typing import Any
 
 DATA = Path(__file__).resolve().parents[1] / "examples" / "pirate.jsonl"
-METHODS = {"full": "full fine-tune", "lora": "LoRA", "qlora": "QLoRA (NF4)"}
+METHODS = {
+    "full": "full fine-tune",
+    "lora": "LoRA",
+    "qlora": "QLoRA (NF4)",
+    "lora-gc": "LoRA + grad ckpt",
+    "qlora-gc": "QLoRA + grad ckpt",
+}
 MB = 1024 * 1024
 
 
@@ -50,7 +56,8 @@ def measure(method: str, steps: int, batch_size: int, seq_len: int) -> dict[str,
     args = TrainArgs(
         name=f"bench-{method}",
         data=DATA,
-        qlora=method == "qlora",
+        qlora=method.startswith("qlora"),
+        gradient_checkpointing=method.endswith("-gc"),
         max_steps=steps,
         batch_size=batch_size,
         seq_len=seq_len,
@@ -61,7 +68,7 @@ def measure(method: str, steps: int, batch_size: int, seq_len: int) -> dict[str,
     train_set, eval_set = tokenized_splits(data.load(args.data), tokenizer, args)
 
     torch.manual_seed(args.seed)
-    model = load_base_model(base, args.qlora)
+    model = load_base_model(base, args.qlora, args.gradient_checkpointing)
     if method == "full":
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())

@@ -100,6 +100,16 @@ def test_qlora_trains_on_an_nf4_base_on_cpu(tmp_path: Path, tiny_base: Path, jso
     assert type(model.base_model.model.model.layers[0].mlp.up_proj.base_layer).__name__ == "Linear4bit"
 
 
+@pytest.mark.parametrize("qlora", [False, True])
+def test_gradient_checkpointing_still_trains(tmp_path: Path, tiny_base: Path, json_data: Path, qlora: bool) -> None:
+    args = _args(tmp_path, tiny_base, json_data, max_steps=12, qlora=qlora, gradient_checkpointing=True)
+    result = train(args, echo=lambda _: None)
+    assert result.eval_loss_after < result.eval_loss_before
+    weights = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    first_layer_b = [v for k, v in weights.items() if "layers.0." in k and "lora_B" in k]
+    assert first_layer_b and all(v.abs().sum() > 0 for v in first_layer_b)  # gradients reached the first layer
+
+
 def test_qlora_gradients_after_an_eval_pass_match_a_dequantized_base(tiny_base: Path) -> None:
     """An eval pass must not switch the NF4 layers to bitsandbytes' CPU kernel that has no autograd."""
     from bitsandbytes.functional import dequantize_4bit
