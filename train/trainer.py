@@ -27,7 +27,7 @@ from transformers import (
 )
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from registry.errors import DataError, TrainingError, TrainingInterrupted
+from registry.errors import BaseModelError, DataError, TrainingError, TrainingInterrupted
 from train import card, data
 from train.base import BaseModel, fingerprint, resolve_base
 from train.config import TrainArgs
@@ -61,18 +61,20 @@ def load_base_model(base: BaseModel, qlora: bool, gradient_checkpointing: bool =
     """Load the base model in full precision for LoRA, or in 4-bit NF4 with double quantization for QLoRA."""
     # bf16 pays off on GPUs; on CPUs fp32 matmuls are faster and numerically safer.
     dtype = torch.bfloat16 if device() == "cuda" else torch.float32
+    options: dict[str, Any] = {"dtype": dtype, "use_safetensors": True, "device_map": {"": device()}}
+    if qlora:
+        options["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base.path, **options)
+    except (OSError, ValueError, KeyError) as exc:
+        raise BaseModelError(f"Cannot load base model {base.name}: {exc}".splitlines()[0]) from None
     if not qlora:
-        model = AutoModelForCausalLM.from_pretrained(base.path, dtype=dtype, use_safetensors=True)
-        return model.to(device())
-    quantization = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=dtype,
-    )
-    model = AutoModelForCausalLM.from_pretrained(
-        base.path, quantization_config=quantization, dtype=dtype, device_map={"": device()}, use_safetensors=True
-    )
+        return model
     # bitsandbytes repacks NF4 weights for a CPU inference kernel the first time a layer runs in eval mode
     # (our eval-loss pass); that kernel has no autograd, so later training steps would lose the gradient
     # through the base weights. Keep the trainable layout.
