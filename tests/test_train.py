@@ -32,6 +32,12 @@ def _args(tmp_path: Path, base: Path, data: Path, **overrides) -> TrainArgs:
     )
 
 
+def _cli(tmp_path: Path, base: Path, data: Path, *options: str) -> list[str]:
+    """`adapters train people` on the tiny base as a separate process, writing tmp_path/out."""
+    return [sys.executable, "-m", "registry.cli", "train", "people", "--data", str(data), "--base", str(base),
+            "--output", str(tmp_path / "out"), "--seq-len", "64", *options]  # fmt: skip
+
+
 def test_lora_lowers_the_loss_and_writes_a_complete_adapter(tmp_path: Path, tiny_base: Path, json_data: Path) -> None:
     result = train(_args(tmp_path, tiny_base, json_data, max_steps=12), echo=lambda _: None)
 
@@ -165,25 +171,7 @@ def test_interrupt_saves_a_checkpoint_and_resume_continues_from_it(
 def test_resume_after_sigkill_continues_from_the_last_complete_checkpoint(
     tmp_path: Path, tiny_base: Path, json_data: Path
 ) -> None:
-    command = [
-        sys.executable,
-        "-m",
-        "registry.cli",
-        "train",
-        "people",
-        "--data",
-        str(json_data),
-        "--base",
-        str(tiny_base),
-        "--output",
-        str(tmp_path / "out"),
-        "--max-steps",
-        "60",
-        "--save-steps",
-        "4",
-        "--seq-len",
-        "64",
-    ]
+    command = _cli(tmp_path, tiny_base, json_data, "--max-steps", "60", "--save-steps", "4")
     checkpoints = tmp_path / ".out.partial" / "checkpoints"
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
@@ -217,6 +205,21 @@ def test_existing_output_is_kept_unless_overwrite(tmp_path: Path, tiny_base: Pat
     with pytest.raises(TrainingError, match="already exists"):
         train(_args(tmp_path, tiny_base, json_data, max_steps=2), echo=lambda _: None)
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+def test_a_second_run_on_the_same_output_is_refused(tmp_path: Path, tiny_base: Path, json_data: Path) -> None:
+    command = _cli(tmp_path, tiny_base, json_data, "--max-steps", "2000")
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / ".out.partial" / "run.json").exists():  # the first run holds the lock by now
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        with pytest.raises(TrainingError, match="Another training run is writing"):
+            train(_args(tmp_path, tiny_base, json_data, max_steps=2), echo=lambda _: None)
+    finally:
+        first.kill()
+        first.wait()
 
 
 @pytest.mark.parametrize("name", ["../x", "a/b", "/abs", "", " ", "Upper", "caf\u00e9", "x" * 65, "-lead"])

@@ -94,11 +94,11 @@ def embedded_gguf() -> Path:
 
 
 @contextlib.contextmanager
-def _locked(folder: Path, name: str) -> Iterator[None]:
-    """Hold an exclusive lock so two processes never convert or download the same model at once."""
+def locked(folder: Path, name: str, wait: bool = True) -> Iterator[None]:
+    """Hold an exclusive lock named `name` in `folder`; BlockingIOError when taken and not waiting."""
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / f".{name}.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         yield
 
 
@@ -108,7 +108,7 @@ def ensure_embedded() -> Path:
     if (target / MARKER).is_file():
         return target
     gguf = embedded_gguf()
-    with _locked(models_dir(), EMBEDDED_NAME):
+    with locked(models_dir(), EMBEDDED_NAME):
         if (target / MARKER).is_file():  # another process finished while we waited
             return target
         staging = models_dir() / f".{EMBEDDED_NAME}.partial"
@@ -166,7 +166,7 @@ def _download(repo_id: str) -> Path:
     target = models_dir() / "hub" / repo_id.replace("/", "--")
     if (target / MARKER).is_file():
         return target
-    with _locked(target.parent, target.name):
+    with locked(target.parent, target.name):
         try:
             snapshot_download(repo_id, local_dir=target, allow_patterns=_HUB_PATTERNS)
         except RepositoryNotFoundError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import resource
 import shutil
@@ -29,7 +30,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from registry.errors import BaseModelError, DataError, TrainingError, TrainingInterrupted
 from train import card, data
-from train.base import BaseModel, fingerprint, resolve_base
+from train.base import BaseModel, fingerprint, home, locked, resolve_base
 from train.config import TrainArgs
 
 RUN_FILE = "run.json"  # inside the partial folder: the settings a resume must match
@@ -226,12 +227,21 @@ def _resume_point(partial: Path, run: dict[str, Any], overwrite: bool) -> tuple[
 
 def train(args: TrainArgs, echo: Callable[[str], None] = print) -> TrainResult:
     """Train one adapter from args.data on args.base and write it, complete, to args.output."""
-    started = time.monotonic()
     output: Path = args.output
     if output.exists() and any(output.iterdir()) and not args.overwrite:
         raise TrainingError(f"{output} already exists and is not empty; pass --overwrite or another --output.")
-    partial = output.parent / f".{output.name}.partial"
+    # One run per output folder: a second one would share (and wreck) the first one's checkpoints.
+    lock_name = hashlib.sha256(str(output.resolve()).encode()).hexdigest()[:16]
+    try:
+        with locked(home() / "locks", lock_name, wait=False):
+            return _train(args, echo, output, output.parent / f".{output.name}.partial")
+    except BlockingIOError:
+        raise TrainingError(f"Another training run is writing {output}; wait or pick another --output.") from None
 
+
+def _train(args: TrainArgs, echo: Callable[[str], None], output: Path, partial: Path) -> TrainResult:
+    """The run itself, under the output folder's lock."""
+    started = time.monotonic()
     examples = data.load(args.data)
     base = resolve_base(args.base)
     base_fingerprint = fingerprint(base.path)
