@@ -73,6 +73,20 @@ def test_lora_lowers_the_loss_and_writes_a_complete_adapter(tmp_path: Path, tiny
     assert card.data.eval_results[0].metric_value == pytest.approx(result.eval_loss_after, abs=1e-4)
 
 
+def test_lineage_records_the_git_commit_of_the_surrounding_repository(
+    tmp_path: Path, tiny_base: Path, json_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "start"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    monkeypatch.chdir(repo)
+    train(_args(tmp_path, tiny_base, json_data, max_steps=1), echo=lambda _: None)
+    assert json.loads((tmp_path / "out" / "lineage.json").read_text())["git"] == {"commit": head, "dirty": False}
+
+
 def test_adapter_loads_with_plain_peft_and_changes_the_output(tmp_path: Path, tiny_base: Path, json_data: Path) -> None:
     train(_args(tmp_path, tiny_base, json_data, max_steps=6), echo=lambda _: None)
     base = AutoModelForCausalLM.from_pretrained(tiny_base)
