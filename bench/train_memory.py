@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -42,7 +41,14 @@ def measure(method: str, steps: int, batch_size: int, seq_len: int) -> dict[str,
     from train import data
     from train.base import resolve_base
     from train.config import TrainArgs
-    from train.trainer import add_lora, build_trainer, device, load_base_model, tokenized_splits
+    from train.trainer import (
+        add_lora,
+        build_trainer,
+        device,
+        load_base_model,
+        peak_memory_bytes,
+        tokenized_splits,
+    )
 
     class StepClock(TrainerCallback):
         """Timestamps the end of every optimizer step."""
@@ -91,7 +97,7 @@ def measure(method: str, steps: int, batch_size: int, seq_len: int) -> dict[str,
         "total_params": total,
         "trainable_pct": 100 * trainable / total,
         "load_rss_mb": load_rss / MB,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux reports KiB
+        "peak_rss_mb": peak_memory_bytes() / MB,
         "s_per_step": sum(gaps) / len(gaps),
         "step_seconds": gaps,
         "steps": trainer.state.global_step,

@@ -107,10 +107,11 @@ def _model_card(record: dict[str, Any]) -> ModelCard:
         eval_results=results or None,
     )
     hyper = record["hyperparameters"]
+    base_id = meta.base_model
     body = f"""
 # {record["adapter"]}
 
-A {_METHODS[record["method"]]} adapter for `{base["hub_id"] or base["name"]}`, trained on `{dataset["file"]}`
+A {_METHODS[record["method"]]} adapter for `{base_id}`, trained on `{dataset["file"]}`
 ({dataset["format"]} format, {dataset["train_examples"]} train / {dataset["eval_examples"]} eval examples).
 
 | | |
@@ -133,7 +134,7 @@ A {_METHODS[record["method"]]} adapter for `{base["hub_id"] or base["name"]}`, t
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-base = AutoModelForCausalLM.from_pretrained("{base["hub_id"] or base["name"]}")
+base = AutoModelForCausalLM.from_pretrained("{base_id}")
 model = PeftModel.from_pretrained(base, "path/to/this/folder")
 ```
 

@@ -204,6 +204,18 @@ class StopOnSignal(TrainerCallback):
             signal.signal(signum, handler)
 
 
+def _step_of(checkpoint: Path) -> int:
+    """The optimizer step a Trainer checkpoint folder (checkpoint-N) was saved at."""
+    return int(checkpoint.name.rsplit("-", 1)[1])
+
+
+def peak_memory_bytes() -> int:
+    """Peak memory of this process so far: GPU memory allocated on CUDA, else resident set size."""
+    if device() == "cuda":
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
 def _resume_point(partial: Path, run: dict[str, Any], overwrite: bool) -> tuple[Path | None, dict[str, Any]]:
     """The checkpoint an interrupted run with identical settings left behind, and that run's record."""
     run_file = partial / RUN_FILE
@@ -218,7 +230,7 @@ def _resume_point(partial: Path, run: dict[str, Any], overwrite: bool) -> tuple[
             f"re-run it with the same settings to resume, or pass --overwrite to start over."
         )
     # trainer_state.json is written last: a checkpoint without it was cut short by a kill and is dropped.
-    found = sorted((partial / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[1]))
+    found = sorted((partial / "checkpoints").glob("checkpoint-*"), key=_step_of)
     complete = [c for c in found if (c / "trainer_state.json").is_file()]
     for broken in set(found) - set(complete):
         shutil.rmtree(broken)
@@ -247,7 +259,7 @@ def _train(args: TrainArgs, echo: Callable[[str], None], output: Path, partial: 
     base_fingerprint = fingerprint(base.path)
     run = {"hyperparameters": args.hyperparameters(), "dataset_sha256": examples.sha256, "base": base_fingerprint}
     checkpoint, run = _resume_point(partial, run, args.overwrite)
-    resumed_from_step = int(checkpoint.name.rsplit("-", 1)[1]) if checkpoint else None
+    resumed_from_step = _step_of(checkpoint) if checkpoint else None
 
     tokenizer = AutoTokenizer.from_pretrained(base.path)
     train_set, eval_set = tokenized_splits(examples, tokenizer, args)
@@ -309,9 +321,6 @@ def _train(args: TrainArgs, echo: Callable[[str], None], output: Path, partial: 
     shutil.rmtree(partial)
 
     adapter_bytes = sum(f.stat().st_size for f in output.iterdir() if f.name.startswith("adapter_model"))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    if device() == "cuda":
-        peak = torch.cuda.max_memory_allocated()
     return TrainResult(
         output=output,
         steps=trainer.state.global_step,
@@ -322,6 +331,6 @@ def _train(args: TrainArgs, echo: Callable[[str], None], output: Path, partial: 
         eval_loss_after=eval_after,
         train_loss=result.training_loss,
         adapter_bytes=adapter_bytes,
-        peak_memory_bytes=peak,
+        peak_memory_bytes=peak_memory_bytes(),
         seconds=time.monotonic() - started,
     )
