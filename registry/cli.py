@@ -6,6 +6,7 @@ from typing import Any
 
 import click
 
+from registry.commands import COMMANDS
 from registry.errors import AdaptersError
 from train.cli import models, train
 
@@ -29,6 +30,8 @@ def main() -> None:
 
 main.add_command(train)
 main.add_command(models)
+for command in COMMANDS:
+    main.add_command(command)
 
 
 if __name__ == "__main__":

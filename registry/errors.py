@@ -29,3 +29,39 @@ class TrainingInterrupted(AdaptersError):
     """Training stopped on a signal after saving a checkpoint it can resume from."""
 
     exit_code = 130
+
+
+class InvalidName(AdaptersError):
+    """An adapter name, version, stage or reference is malformed."""
+
+    exit_code = 2
+
+
+class RegistryError(AdaptersError):
+    """The adapter repository cannot do what was asked (not a repository, invalid adapter folder, ...)."""
+
+    exit_code = 5
+
+
+class NotFound(RegistryError):
+    """An adapter, version, stage or remote does not exist."""
+
+    exit_code = 6
+
+
+class Conflict(RegistryError):
+    """The request would rewrite history: an existing version, or a remote that moved on."""
+
+    exit_code = 7
+
+
+class IntegrityError(RegistryError):
+    """Stored adapter files are missing or do not match their hashes."""
+
+    exit_code = 8
+
+
+class RemoteError(RegistryError):
+    """A git or DVC remote cannot be reached or refused the transfer."""
+
+    exit_code = 9

@@ -17,7 +17,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from registry.errors import TrainingError, TrainingInterrupted
+from registry.errors import InvalidName, TrainingError, TrainingInterrupted
 from train import trainer as trainer_module
 from train.base import fingerprint
 from train.config import TrainArgs
@@ -236,7 +236,7 @@ def test_a_second_run_on_the_same_output_is_refused(tmp_path: Path, tiny_base: P
         first.wait()
 
 
-@pytest.mark.parametrize("name", ["../x", "a/b", "/abs", "", " ", "Upper", "caf\u00e9", "x" * 65, "-lead"])
+@pytest.mark.parametrize("name", ["../x", "a/b", "/abs", "", " ", "Upper", "caf\u00e9", "x" * 65, "-lead", "a.b"])
 def test_bad_adapter_names_are_refused(tmp_path: Path, name: str) -> None:
-    with pytest.raises(TrainingError, match="is not allowed"):
+    with pytest.raises(InvalidName, match="is not allowed"):
         TrainArgs(name=name, data=tmp_path / "d.jsonl")

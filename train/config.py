@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from registry.errors import TrainingError
-
-# Adapter names become folder names and (later) git tag prefixes: keep them plain.
-_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?$")
+from registry.names import check_name
 
 
 @dataclass
@@ -18,7 +15,7 @@ class TrainArgs:
     """Every knob of `adapters train`; defaults suit a small model on a laptop CPU."""
 
     name: str
-    """Adapter name: lowercase letters, digits, '.', '_' and '-', at most 64 characters."""
+    """Adapter name: lowercase letters, digits, '_' and '-', at most 64 characters."""
     data: Path
     """JSONL dataset in chat, prompt/completion or Alpaca format."""
     output: Path | None = None
@@ -59,11 +56,7 @@ class TrainArgs:
     """Replace an existing finished adapter in the output folder."""
 
     def __post_init__(self) -> None:
-        if not _NAME.match(self.name):
-            raise TrainingError(
-                f"Adapter name {self.name!r} is not allowed; use 1-64 lowercase letters, digits, '.', '_' "
-                f"or '-', starting and ending with a letter or digit."
-            )
+        check_name(self.name)
         self.data = Path(self.data)
         self.output = Path(self.output) if self.output else Path("runs") / self.name
         checks = {

@@ -1,0 +1,228 @@
+"""Registry commands: set up, register, inspect, promote and roll back, push and pull adapter versions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from registry import report, sync
+from registry.names import BUMPS
+from registry.repo import Registry
+
+_json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+
+
+def _print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2))
+
+
+@click.command()
+@click.argument("path", type=click.Path(path_type=Path), default=".")
+def init(path: Path) -> None:
+    """Make PATH (default: here) an adapter repository: git, DVC, adapters/, a default DVC remote."""
+    registry, done = Registry.init(path)
+    click.echo(f"Adapter repository at {registry.root}: {', '.join(done) if done else 'already set up'}.")
+
+
+@click.group()
+def remote() -> None:
+    """Git and DVC remotes, configured together."""
+
+
+@remote.command("add")
+@click.argument("name")
+@click.argument("url")
+@click.option("--dvc", "dvc_url", help="DVC storage URL (s3://bucket/path or a folder). Default: URL/dvc for a folder.")
+@click.option("--endpoint-url", help="S3-compatible endpoint for the DVC storage.")
+def remote_add(name: str, url: str, dvc_url: str | None, endpoint_url: str | None) -> None:
+    """Add remote NAME: git refs go to URL, adapter files to its DVC storage."""
+    options = {"endpointurl": endpoint_url} if endpoint_url else {}
+    stored = sync.set_remote(Registry.find(), name, url, dvc_url, options)
+    click.echo(f"Remote {name}: git {url}, DVC {stored}.")
+
+
+@remote.command("list")
+@_json_option
+def remote_list(as_json: bool) -> None:
+    """List remotes with their git and DVC URLs."""
+    rows = sync.list_remotes(Registry.find())
+    if as_json:
+        return _print_json(rows)
+    for row in rows:
+        click.echo(f"{row['name']}{' (default)' if row['default'] else ''}\tgit {row['git']}\tdvc {row['dvc']}")
+
+
+@click.command()
+@click.argument("url")
+@click.argument("directory", required=False, type=click.Path(path_type=Path))
+def clone(url: str, directory: Path | None) -> None:
+    """Clone the adapter repository at URL and pull every stage head and latest version."""
+    registry, result = sync.clone(url, directory, [])
+    click.echo(f"Cloned into {registry.root}; {len(result.versions)} versions ready ({result.files} files fetched).")
+
+
+@click.command()
+@click.argument("name")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--version", help="Version X.Y.Z. Default: the next after the latest (1.0.0 first).")
+@click.option("--bump", type=click.Choice(BUMPS), help="Which part to increase. Default: minor.")
+@click.option("-m", "--message", help="What changed in this version.")
+def add(name: str, path: Path, version: str | None, bump: str | None, message: str | None) -> None:
+    """Register the adapter folder PATH as a new immutable version of NAME."""
+    registered = Registry.find().add(name, path, version=version, bump=bump, message=message)
+    click.echo(f"Registered {registered.ref} ({registered.commit[:8]}).")
+
+
+@click.command("list")
+@_json_option
+def list_(as_json: bool) -> None:
+    """List adapters with their latest version and stages."""
+    rows = report.listing(Registry.find())
+    if as_json:
+        return _print_json(rows)
+    if not rows:
+        click.echo("No adapters yet; register one with `adapters add NAME PATH` or `adapters train`.")
+    for row in rows:
+        stages = " ".join(f"{stage}={version}" for stage, version in row["stages"].items())
+        click.echo(f"{row['name']:<24} latest {row['latest']:<10} {row['versions']:>3} versions  {stages}")
+
+
+@click.command()
+@click.argument("name")
+@_json_option
+def log(name: str, as_json: bool) -> None:
+    """Versions of NAME, newest first, with metrics, and its stage history."""
+    data = report.log(Registry.find(), name)
+    if as_json:
+        return _print_json(data)
+    for row in data["versions"]:
+        stages = f" [{', '.join(row['stages'])}]" if row["stages"] else ""
+        loss = row["metrics"].get("eval_loss_after")
+        metric = f"  eval_loss {loss:.4f}" if isinstance(loss, float) else ""
+        click.echo(
+            f"{row['ref']}{stages}  {row['date']}  {row['author']}  {row['commit'][:8]}{metric}\n    {row['message']}"
+        )
+    if data["stage_history"]:
+        click.echo("Stage history:")
+    for event in data["stage_history"]:
+        click.echo(
+            f"  {event['date']}  {event['stage']:<10} {event['action']:<9} {event['version']}  {event['author']}"
+        )
+
+
+@click.command()
+@click.argument("ref")
+@_json_option
+def show(ref: str, as_json: bool) -> None:
+    """Show the version REF means (NAME, NAME@vX.Y.Z, NAME#STAGE, NAME@latest)."""
+    data = report.show(Registry.find(), ref)
+    if as_json:
+        return _print_json(data)
+    for key, value in data.items():
+        click.echo(f"{key:<18} {json.dumps(value) if isinstance(value, dict | list) else value}")
+
+
+@click.command()
+@click.argument("left")
+@click.argument("right")
+@_json_option
+def diff(left: str, right: str, as_json: bool) -> None:
+    """Compare two versions: config, hyper-parameters, metrics, lineage, file hashes."""
+    data = report.diff(Registry.find(), left, right)
+    if as_json:
+        return _print_json(data)
+    click.echo(f"--- {data['left']}\n+++ {data['right']}")
+    for section in ("config", "hyperparameters", "metrics", "lineage", "files"):
+        for key, (a, b) in data[section].items():
+            click.echo(f"{section}.{key}: {json.dumps(a)} -> {json.dumps(b)}")
+
+
+@click.command()
+@click.argument("ref")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Folder to write. Default: ./NAME-vX.Y.Z.")
+def checkout(ref: str, output: Path | None) -> None:
+    """Write the exact files of version REF to a folder (fetched from the remote when needed)."""
+    registry = Registry.find()
+    version = registry.state().resolve(ref)
+    target = output or Path(f"{version.name}-{version.version}")
+    registry.checkout(version.ref, target)
+    click.echo(f"{version.ref} written to {target}.")
+
+
+@click.command()
+@click.option("--remote", help="Remote to compare with. Default: the default remote.")
+@_json_option
+def status(remote: str | None, as_json: bool) -> None:
+    """Unpushed versions, and versions whose files are missing here or on the remote."""
+    data = report.status(Registry.find(), remote)
+    if as_json:
+        return _print_json(data)
+    labels = {
+        "unpushed_tags": "not pushed",
+        "missing_locally": "files not here (adapters pull)",
+        "missing_on_remote": "files missing on the remote",
+        "remote_only_tags": "only on the remote (adapters pull)",
+    }
+    clean = True
+    for key, label in labels.items():
+        for item in data[key]:
+            clean = False
+            click.echo(f"{label}: {item}")
+    if clean:
+        click.echo(f"In sync with {data['remote']}.")
+
+
+@click.command()
+@click.argument("ref")
+@click.option("--stage", required=True, help="Stage to assign, e.g. prod or staging.")
+@click.option("-m", "--message", help="Why.")
+def promote(ref: str, stage: str, message: str | None) -> None:
+    """Assign STAGE to the version REF means."""
+    version, previous = Registry.find().promote(ref, stage, message)
+    was = f" (was {previous.version})" if previous else ""
+    click.echo(f"{version.name}#{stage} -> {version.version}{was}.")
+
+
+@click.command()
+@click.argument("name")
+@click.option("--stage", required=True, help="Stage to roll back.")
+@click.option("--to", "to", help="Version to return to. Default: the one that held the stage before.")
+def rollback(name: str, stage: str, to: str | None) -> None:
+    """Give STAGE of NAME back to the version that held it before; history is kept."""
+    now, was = Registry.find().rollback(name, stage, to)
+    click.echo(f"{name}#{stage} -> {now.version} (rolled back from {was.version}).")
+
+
+@click.command()
+@click.argument("names", nargs=-1)
+@click.option("--remote", help="Remote to push to. Default: the default remote.")
+def push(names: tuple[str, ...], remote: str | None) -> None:
+    """Upload adapter files, then the branch and version/stage tags (all adapters, or NAMES)."""
+    result = sync.push(Registry.find(), list(names), remote)
+    if not result.tags and not result.branch_updated and not result.files:
+        click.echo(f"Everything is already on {result.remote}.")
+        return
+    click.echo(f"Pushed to {result.remote}: {result.files} files, {len(result.tags)} tags.")
+    for tag in result.tags:
+        click.echo(f"  {tag}")
+
+
+@click.command()
+@click.argument("refs", nargs=-1)
+@click.option("--remote", help="Remote to pull from. Default: the default remote.")
+def pull(refs: tuple[str, ...], remote: str | None) -> None:
+    """Fetch refs, then the files of REFS (default: every stage head and latest version), hashes checked."""
+    result = sync.pull(Registry.find(), list(refs), remote)
+    for old, new in result.renumbered.items():
+        click.echo(f"{old} was also registered on {result.remote}; yours is now {new}.")
+    click.echo(
+        f"Pulled from {result.remote}: {len(result.new_tags)} new tags, {result.files} files, branch {result.merged}."
+    )
+    for ref in result.versions:
+        click.echo(f"  {ref}")
+
+
+COMMANDS = [init, remote, clone, add, list_, log, show, diff, checkout, status, promote, rollback, push, pull]

@@ -1,0 +1,146 @@
+"""A thin wrapper over the `git` command: one call per question, errors turned into one line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from registry.errors import RegistryError, RemoteError
+
+# for-each-ref fields, separated by a byte that never occurs in names, dates or messages.
+_SEP = "\x1f"
+_TAG_FORMAT = (
+    _SEP.join(
+        [
+            "%(refname)",
+            "%(objecttype)",
+            "%(*objectname)",
+            "%(objectname)",
+            "%(taggerdate:unix)",
+            "%(taggername)",
+            "%(taggeremail:trim)",
+            "%(contents)",
+        ]
+    )
+    + "\x1e"
+)
+
+
+@dataclass(frozen=True)
+class Tag:
+    """An annotated tag: its name, the commit it points at, who made it, when, and its message."""
+
+    name: str
+    commit: str
+    date: int
+    author: str
+    email: str
+    message: str
+
+
+class Git:
+    """Runs git in one work tree."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def run(self, *args: str, env: dict[str, str] | None = None, remote: bool = False) -> str:
+        """Run `git ARGS` and return stdout; a failure raises with git's own last words."""
+        proc = subprocess.run(
+            ["git", *args],
+            cwd=self.root,
+            capture_output=True,
+            env={**os.environ, **(env or {})},
+        )
+        if proc.returncode != 0:
+            error = RemoteError if remote else RegistryError
+            raise error(f"git {args[0]} failed: {_last_words(proc.stderr.decode(errors='replace'))}")
+        return proc.stdout.decode()
+
+    def ok(self, *args: str) -> bool:
+        """True when `git ARGS` exits 0."""
+        return subprocess.run(["git", *args], cwd=self.root, capture_output=True).returncode == 0
+
+    @property
+    def git_dir(self) -> Path:
+        """The repository's .git folder (absolute)."""
+        return Path(self.run("rev-parse", "--absolute-git-dir").strip())
+
+    def branch(self) -> str:
+        """The checked-out branch; a detached HEAD is refused."""
+        name = self.run("symbolic-ref", "--quiet", "--short", "HEAD").strip()
+        if not name:
+            raise RegistryError("HEAD is detached: check out a branch first (git switch main).")
+        return name
+
+    def head(self) -> str | None:
+        """The commit HEAD points at, or None in a repository without commits."""
+        if not self.ok("rev-parse", "--verify", "--quiet", "HEAD"):
+            return None
+        return self.run("rev-parse", "HEAD").strip()
+
+    def tags(self, namespace: str = "refs/tags") -> list[Tag]:
+        """Every annotated tag under NAMESPACE, in one git call."""
+        out = self.run("for-each-ref", f"--format={_TAG_FORMAT}", namespace)
+        tags = []
+        for record in out.split("\x1e"):
+            fields = record.strip("\n").split(_SEP)
+            if len(fields) != 8 or fields[1] != "tag":
+                continue  # lightweight tags carry no author or date: not ours
+            ref, _, commit, _, date, author, email, message = fields
+            tags.append(Tag(ref[len(namespace) + 1 :], commit, int(date or 0), author, email, message.strip()))
+        return tags
+
+    def tag(self, name: str, commit: str, message: str, date: int) -> None:
+        """Create annotated tag NAME at COMMIT, dated DATE (seconds), so tag order is strict."""
+        self.run("tag", "-a", name, commit, "-m", message, env={"GIT_COMMITTER_DATE": f"{date} +0000"})
+
+    def show(self, rev: str, path: str) -> str | None:
+        """The text of PATH at REV, or None when it is not there."""
+        proc = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=self.root, capture_output=True)
+        return proc.stdout.decode() if proc.returncode == 0 else None
+
+    def show_many(self, specs: list[str]) -> list[str | None]:
+        """The text of many REV:PATH objects in one `git cat-file --batch` call."""
+        if not specs:
+            return []
+        proc = subprocess.run(
+            ["git", "cat-file", "--batch"], cwd=self.root, input="\n".join(specs).encode() + b"\n", capture_output=True
+        )
+        data, pos, texts = proc.stdout, 0, []
+        for _ in specs:
+            end = data.index(b"\n", pos)
+            header = data[pos:end].split()
+            pos = end + 1
+            if len(header) < 3 or header[-1] == b"missing":
+                texts.append(None)
+                continue
+            size = int(header[2])
+            texts.append(data[pos : pos + size].decode())
+            pos += size + 1
+        return texts
+
+    def remote_refs(self, remote: str) -> dict[str, str]:
+        """Refs on REMOTE (branches and tags) mapped to the commits they point at, tags peeled."""
+        out = self.run("ls-remote", "--heads", "--tags", remote, remote=True)
+        refs: dict[str, str] = {}
+        for line in out.splitlines():
+            sha, ref = line.split("\t")
+            if ref.endswith("^{}"):
+                refs[ref[:-3]] = sha  # peeled: the commit an annotated tag points at
+            else:
+                refs.setdefault(ref, sha)
+        return refs
+
+
+def toplevel(path: Path) -> Path | None:
+    """The work tree that contains PATH, or None outside git."""
+    proc = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=path, capture_output=True)
+    return Path(proc.stdout.decode().strip()) if proc.returncode == 0 else None
+
+
+def _last_words(stderr: str) -> str:
+    lines = [line.strip() for line in stderr.splitlines() if line.strip() and not line.startswith("hint:")]
+    return "; ".join(lines[-2:]) if lines else "no message"

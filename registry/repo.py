@@ -1,0 +1,303 @@
+"""The adapter repository: register versions, assign stages, read back exact files."""
+
+from __future__ import annotations
+
+import fcntl
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from registry import folder, store
+from registry.errors import Conflict, IntegrityError, NotFound, RegistryError
+from registry.git import Git, toplevel
+from registry.names import BUMPS, FIRST_VERSION, Ref, Version, check_name, check_stage
+from registry.refs import ROLLBACK_PREFIX, AdapterVersion, State
+
+ADAPTERS_DIR = "adapters"
+PROJECT_FILE = "dvc.yaml"
+_README = """# Adapters
+
+Each folder here is a LoRA adapter tracked by DVC (`NAME.dvc` holds its hashes; the files live in the DVC
+cache and remote). Versions are git tags `NAME@vX.Y.Z`, stages are tags `NAME#STAGE#N` (GTO's grammar),
+and every adapter is declared under `artifacts:` in `dvc.yaml`.
+
+    adapters list                 # names, latest versions, stages
+    adapters log NAME             # every version with metrics and stage history
+    adapters checkout NAME#prod   # that version's exact files
+"""
+
+
+class Registry:
+    """An adapter repository: a git work tree with DVC, an `adapters/` folder and tags in GTO's grammar."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.git = Git(root)
+
+    @classmethod
+    def find(cls, path: Path | None = None) -> Registry:
+        """The registry around PATH (default: the current folder)."""
+        path = (path or Path.cwd()).resolve()
+        root = toplevel(path) if path.is_dir() else None
+        if root is None or not (root / ".dvc").is_dir() or not (root / ADAPTERS_DIR).is_dir():
+            raise RegistryError(
+                f"{path} is not inside an adapter repository; run `adapters init` or `adapters clone URL`."
+            )
+        return cls(root)
+
+    @classmethod
+    def init(cls, path: Path) -> tuple[Registry, list[str]]:
+        """Make PATH (or the git repository around it) an adapter repository; returns what was done."""
+        path.mkdir(parents=True, exist_ok=True)
+        done = []
+        root = toplevel(path)
+        if root is None:
+            Git(path).run("init", "--quiet", "--initial-branch=main")
+            root, _ = path.resolve(), done.append("initialised git")
+        registry = cls(root)
+        with registry.lock():
+            if not (root / ".dvc").is_dir():
+                store.init(root)
+                done.append("initialised DVC")
+            readme = root / ADAPTERS_DIR / "README.md"
+            if not readme.exists():
+                readme.parent.mkdir(exist_ok=True)
+                readme.write_text(_README)
+                done.append(f"created {ADAPTERS_DIR}/")
+            from registry.sync import default_dvc_url, set_remote
+
+            remotes, default = store.remotes(root)
+            origin = registry.git.run("remote").split()
+            if not default and "origin" in origin:
+                url = registry.git.run("remote", "get-url", "origin").strip()
+                dvc_url = default_dvc_url(url)
+                if dvc_url:
+                    set_remote(registry, "origin", url, dvc_url, {}, git_too=False)
+                    done.append(f"DVC remote 'origin' -> {dvc_url}")
+            registry.git.run("add", ".dvc/config", ".dvc/.gitignore", ".dvcignore", f"{ADAPTERS_DIR}/README.md")
+            if not registry.git.ok("diff", "--cached", "--quiet"):
+                registry.git.run("commit", "--quiet", "-m", "Initialise the adapter registry")
+                done.append("committed")
+        return registry, done
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Serialise commands that change this repository; a second one waits instead of failing."""
+        path = self.git.git_dir / "adapters.lock"
+        with open(path, "w") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print("Waiting for another adapters command in this repository...", file=sys.stderr, flush=True)
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
+
+    def state(self) -> State:
+        """Every version and stage, read from the tags."""
+        return State(self.git.tags())
+
+    def dvcfile(self, version: AdapterVersion) -> str:
+        """The pointer file of VERSION as committed."""
+        text = self.git.show(version.commit, f"{ADAPTERS_DIR}/{version.name}.dvc")
+        if text is None:
+            raise RegistryError(f"{version.ref} points at a commit without {ADAPTERS_DIR}/{version.name}.dvc.")
+        return text
+
+    def meta(self, version: AdapterVersion) -> dict[str, Any]:
+        """The summary recorded with VERSION (base, rank, metrics, dataset)."""
+        return (yaml.safe_load(self.dvcfile(version)) or {}).get("meta") or {}
+
+    def metas(self, versions: list[AdapterVersion]) -> list[dict[str, Any]]:
+        """Summaries of many versions in one git call."""
+        texts = self.git.show_many([f"{v.commit}:{ADAPTERS_DIR}/{v.name}.dvc" for v in versions])
+        return [(yaml.safe_load(t) or {}).get("meta") or {} if t else {} for t in texts]
+
+    def add(
+        self, name: str, source: Path, version: str | None = None, bump: str | None = None, message: str | None = None
+    ) -> AdapterVersion:
+        """Register the adapter folder SOURCE as a new immutable version of NAME."""
+        check_name(name)
+        summary = folder.check(source)
+        workspace = self.root / ADAPTERS_DIR / name
+        if source.resolve() == workspace.resolve():
+            raise RegistryError(f"{source} is the registry's own copy; register the folder training wrote instead.")
+        with self.lock():
+            adapter = self.state().adapters.get(name)
+            number = self._next_version(name, adapter, version, bump)
+            with self._restoring(name):
+                _replace_folder(source, workspace)
+                store.track(self.root, f"{ADAPTERS_DIR}/{name}")
+                pointer = workspace.with_suffix(".dvc")
+                data = yaml.safe_load(pointer.read_text())
+                data["meta"] = {"adapter": name, "version": str(number)[1:], **summary}
+                pointer.write_text(yaml.safe_dump(data, sort_keys=False))
+                self._declare(name, summary)
+                paths = [str(p.relative_to(self.root)) for p in (pointer, workspace.parent / ".gitignore")]
+                self.git.run("add", *paths, PROJECT_FILE)
+                subject = f"Register {name}@{number}" + (f": {message}" if message else "")
+                self.git.run("commit", "--quiet", "-m", subject, "--", *paths, PROJECT_FILE)
+            commit = self.git.run("rev-parse", "HEAD").strip()
+            tag = f"{name}@{number}"
+            self.git.tag(tag, commit, message or f"Register {tag}", _next_date(adapter))
+            return self.state().resolve(tag)
+
+    def _next_version(self, name: str, adapter: Any, version: str | None, bump: str | None) -> Version:
+        if version and bump:
+            raise RegistryError("Give --version or --bump, not both.")
+        if bump and bump not in BUMPS:
+            raise RegistryError(f"--bump must be one of {', '.join(BUMPS)}.")
+        if version:
+            number = Version.parse(version)
+        elif adapter:
+            number = adapter.latest.version.bump(bump or "minor")
+        else:
+            number = FIRST_VERSION
+        if adapter and adapter.version(number):
+            raise Conflict(
+                f"{name}@{number} already exists and versions are immutable; register with --bump or another --version."
+            )
+        return number
+
+    @contextmanager
+    def _restoring(self, name: str) -> Iterator[None]:
+        """Put the workspace and index back as they were if registering fails part-way."""
+        workspace = self.root / ADAPTERS_DIR / name
+        backup = workspace.parent / f".{name}.previous"
+        shutil.rmtree(backup, ignore_errors=True)
+        if workspace.exists():
+            workspace.rename(backup)
+        head = self.git.head()
+        try:
+            yield
+        except BaseException:
+            shutil.rmtree(workspace, ignore_errors=True)
+            if backup.exists():
+                backup.rename(workspace)
+            if head and self.git.head() == head:
+                tracked = [f"{ADAPTERS_DIR}/{name}.dvc", f"{ADAPTERS_DIR}/.gitignore", PROJECT_FILE]
+                for path in tracked:
+                    if self.git.ok("cat-file", "-e", f"HEAD:{path}"):
+                        self.git.run("checkout", "HEAD", "--", path)
+                    else:
+                        self.git.ok("rm", "--cached", "--quiet", "--", path)
+                        (self.root / path).unlink(missing_ok=True)
+            raise
+        shutil.rmtree(backup, ignore_errors=True)
+
+    def _declare(self, name: str, summary: dict[str, Any]) -> None:
+        """Declare NAME under `artifacts:` in dvc.yaml so `dvc artifacts get` and GTO know it."""
+        path = self.root / PROJECT_FILE
+        data = (yaml.safe_load(path.read_text()) if path.exists() else None) or {}
+        data.setdefault("artifacts", {})[name] = {
+            "path": f"{ADAPTERS_DIR}/{name}",
+            "type": "model",
+            "desc": f"LoRA adapter for {summary['base_model']}",
+            "labels": ["lora", "peft"],
+            "meta": {"base_model": summary["base_model"], "base_fingerprint": summary["base_fingerprint"]},
+        }
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+    def promote(self, ref: str, stage: str, message: str | None = None) -> tuple[AdapterVersion, AdapterVersion | None]:
+        """Assign STAGE to the version REF means; returns it and the version that held the stage before."""
+        check_stage(stage)
+        with self.lock():
+            state = self.state()
+            version = state.resolve(Ref.parse(ref))
+            return version, self._assign(state, version, stage, message or f"Promote {version.ref} to {stage}")
+
+    def rollback(self, name: str, stage: str, to: str | None = None) -> tuple[AdapterVersion, AdapterVersion]:
+        """Give STAGE back to the version that held it before (or TO); returns (now, was)."""
+        check_name(name)
+        check_stage(stage)
+        with self.lock():
+            state = self.state()
+            adapter = state.adapter(name)
+            current = adapter.stages().get(stage)
+            if current is None:
+                raise NotFound(f"No version of {name} holds stage {stage!r}; nothing to roll back.")
+            if to:
+                target = state.resolve(Ref.parse(to))
+                if target.name != name:
+                    raise RegistryError(f"--to {to} is not a version of {name}.")
+            else:
+                history = adapter.history(stage)
+                if len(history) < 2:
+                    raise NotFound(f"{current.ref} is the first version to hold {stage}; nothing earlier to return to.")
+                target = adapter.version(history[-2])
+            if target.version == current.version:
+                raise Conflict(f"{target.ref} already holds {stage}.")
+            message = f"{ROLLBACK_PREFIX}{name}#{stage} from {current.version} to {target.version}"
+            self._assign(state, target, stage, message)
+            return target, current
+
+    def _assign(self, state: State, version: AdapterVersion, stage: str, message: str) -> AdapterVersion | None:
+        """Tag VERSION with STAGE, first unassigning the version that held it, so exactly one holds a stage."""
+        adapter = state.adapter(version.name)
+        previous = adapter.stages().get(stage)
+        if previous and previous.version == version.version:
+            return previous
+        date, counter = _next_date(adapter), adapter.last_counter
+        if previous:
+            counter += 1
+            self.git.tag(f"{version.name}#{stage}!#{counter}", previous.commit, f"Unassign {stage} ({message})", date)
+            date += 1
+        self.git.tag(f"{version.name}#{stage}#{counter + 1}", version.commit, message, date)
+        return previous
+
+    def checkout(self, ref: str, output: Path, remote: str | None = None) -> AdapterVersion:
+        """Write the exact files of REF to OUTPUT, fetching them from the DVC remote when missing locally."""
+        version = self.state().resolve(Ref.parse(ref))
+        if output.exists() and any(output.iterdir()):
+            raise Conflict(f"{output} already exists and is not empty; choose another -o folder.")
+        output.parent.mkdir(parents=True, exist_ok=True)
+        if output.exists():
+            output.rmdir()
+        md5 = store.dir_md5(self.dvcfile(version))
+        with store.opened(self.root) as repo:
+            self.ensure_objects(repo, [(version, md5)], remote)
+            store.materialize(repo, md5, output)
+        return version
+
+    def ensure_objects(self, repo: Any, wanted: list[tuple[AdapterVersion, str]], remote: str | None) -> int:
+        """Fetch the objects of WANTED versions that the local cache lacks, then verify all; returns files fetched."""
+        fetched = 0
+        for version, md5 in wanted:
+            try:
+                if store.missing_locally(repo, md5):
+                    fetched += store.fetch(repo, [md5], remote)
+                if store.missing_locally(repo, md5):
+                    raise IntegrityError("its files are on neither this machine nor the DVC remote")
+                store.verify(repo, md5)
+            except IntegrityError as exc:
+                raise IntegrityError(f"{version.ref}: {exc}; nothing was changed.") from None
+        return fetched
+
+    def files(self, version: AdapterVersion, remote: str | None = None) -> tuple[list[dict[str, str]], dict[str, Any]]:
+        """VERSION's file hashes and its parsed adapter_config.json and lineage.json."""
+        md5 = store.dir_md5(self.dvcfile(version))
+        with store.opened(self.root) as repo:
+            self.ensure_objects(repo, [(version, md5)], remote)
+            entries = store.listing(repo, md5)
+            docs = {}
+            for name in ("adapter_config.json", "lineage.json"):
+                raw = store.read(repo, md5, name)
+                docs[name] = yaml.safe_load(raw) if raw else {}
+        return entries, docs
+
+
+def _replace_folder(source: Path, dest: Path) -> None:
+    """Copy SOURCE's files to DEST (which must not exist)."""
+    dest.mkdir(parents=True)
+    for path in sorted(source.iterdir()):
+        shutil.copyfile(path, dest / path.name)
+
+
+def _next_date(adapter: Any) -> int:
+    """Now, or one second after the adapter's newest tag, so tag order by date is strict (GTO sorts by date)."""
+    return max(int(time.time()), (adapter.last_date + 1) if adapter else 0)

@@ -1,0 +1,132 @@
+"""What `adapters list / log / show / diff / status` report, as plain dicts (the --json output)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from registry import store
+from registry.names import Ref, check_name
+from registry.refs import AdapterVersion, State
+from registry.repo import Registry
+from registry.sync import _pointers, resolve_remote
+
+
+def when(seconds: int) -> str:
+    """A tag date as UTC ISO 8601."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+def _version(version: AdapterVersion, state: State) -> dict[str, Any]:
+    return {
+        "ref": version.ref,
+        "name": version.name,
+        "version": str(version.version),
+        "commit": version.commit,
+        "date": when(version.date),
+        "author": version.author,
+        "message": version.message,
+        "stages": state.adapters[version.name].stages_of(version.version),
+    }
+
+
+def listing(registry: Registry) -> list[dict[str, Any]]:
+    """One row per adapter: latest version, version count, stage heads."""
+    state = registry.state()
+    return [
+        {
+            "name": name,
+            "latest": str(adapter.latest.version),
+            "versions": len(adapter.versions),
+            "stages": {stage: str(v.version) for stage, v in adapter.stages().items()},
+            "updated": when(adapter.last_date),
+        }
+        for name, adapter in state.adapters.items()
+    ]
+
+
+def log(registry: Registry, name: str) -> dict[str, Any]:
+    """Every version of NAME (newest first) with its metrics, and the stage history."""
+    state = registry.state()
+    adapter = state.adapter(check_name(name))
+    versions = list(reversed(adapter.versions))
+    rows = []
+    for version, meta in zip(versions, registry.metas(versions), strict=True):
+        rows.append(
+            {**_version(version, state), "metrics": meta.get("metrics", {}), "base_model": meta.get("base_model")}
+        )
+    events = [
+        {
+            "stage": e.stage,
+            "action": ("rollback" if e.rollback else "promote") if e.assign else "unassign",
+            "version": str(e.version),
+            "date": when(e.date),
+            "author": e.author,
+            "tag": e.tag,
+            "message": e.message,
+        }
+        for e in reversed(adapter.events)
+    ]
+    return {"name": name, "versions": rows, "stage_history": events}
+
+
+def show(registry: Registry, ref: str) -> dict[str, Any]:
+    """One version: who registered it and when, the stages it holds, and the summary recorded with it."""
+    state = registry.state()
+    version = state.resolve(Ref.parse(ref))
+    return {**_version(version, state), "requested": ref, **registry.meta(version)}
+
+
+def diff(registry: Registry, left: str, right: str) -> dict[str, Any]:
+    """What differs between two versions: config, hyper-parameters, metrics, lineage, file hashes."""
+    state = registry.state()
+    sides = [state.resolve(Ref.parse(r)) for r in (left, right)]
+    data = [registry.files(v) for v in sides]
+    (files_a, docs_a), (files_b, docs_b) = data
+    lineage_a, lineage_b = docs_a["lineage.json"], docs_b["lineage.json"]
+    sections = {
+        "config": _changes(docs_a["adapter_config.json"], docs_b["adapter_config.json"]),
+        "hyperparameters": _changes(lineage_a.get("hyperparameters", {}), lineage_b.get("hyperparameters", {})),
+        "metrics": _changes(lineage_a.get("metrics", {}), lineage_b.get("metrics", {})),
+        "lineage": _changes(
+            {k: v for k, v in lineage_a.items() if k not in ("hyperparameters", "metrics")},
+            {k: v for k, v in lineage_b.items() if k not in ("hyperparameters", "metrics")},
+        ),
+        "files": _changes({f["relpath"]: f["md5"] for f in files_a}, {f["relpath"]: f["md5"] for f in files_b}),
+    }
+    return {"left": sides[0].ref, "right": sides[1].ref, **sections}
+
+
+def _changes(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> dict[str, list[Any]]:
+    """Keys whose values differ, flattened with dots: {key: [left, right]}."""
+    out: dict[str, list[Any]] = {}
+    for key in sorted(set(a) | set(b)):
+        left, right = a.get(key), b.get(key)
+        if isinstance(left, dict) and isinstance(right, dict):
+            out.update(_changes(left, right, f"{prefix}{key}."))
+        elif left != right:
+            out[f"{prefix}{key}"] = [left, right]
+    return out
+
+
+def status(registry: Registry, remote: str | None) -> dict[str, Any]:
+    """Versions not yet pushed, and versions whose files are missing locally or on the remote."""
+    state = registry.state()
+    versions = [v for adapter in state.adapters.values() for v in adapter.versions]
+    remote = resolve_remote(registry, remote)
+    remote_refs = registry.git.remote_refs(remote)
+    tags = [t.name for t in registry.git.tags() if "@" in t.name or "#" in t.name]
+    pointers = _pointers(registry, versions)
+    with store.opened(registry.root) as repo:
+        local_missing = [v.ref for v, md5 in pointers if store.missing_locally(repo, md5)]
+        published = [(v, md5) for v, md5 in pointers if f"refs/tags/{v.tag}" in remote_refs]
+        gone = store.remote_missing(repo, [md5 for _, md5 in published], remote) if published else set()
+    return {
+        "remote": remote,
+        "unpushed_tags": sorted(t for t in tags if f"refs/tags/{t}" not in remote_refs),
+        "missing_locally": local_missing,
+        "missing_on_remote": [v.ref for v, md5 in published if md5 in gone],
+        "remote_only_tags": sorted(
+            r.removeprefix("refs/tags/") for r in remote_refs if r.startswith("refs/tags/") and r[10:] not in tags
+        ),
+    }

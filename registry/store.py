@@ -1,0 +1,204 @@
+"""The DVC side of the registry: content-addressed adapter files in the local cache and on remotes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from registry.errors import IntegrityError, RegistryError, RemoteError
+
+if TYPE_CHECKING:
+    from dvc.repo import Repo
+
+
+def dir_md5(dvcfile: str) -> str:
+    """The .dir hash a NAME.dvc pointer file records for its folder."""
+    data = yaml.safe_load(dvcfile) or {}
+    outs = data.get("outs") or [{}]
+    md5 = outs[0].get("md5", "")
+    if not md5.endswith(".dir"):
+        raise RegistryError("A .dvc pointer file does not describe a folder; was it edited by hand?")
+    return md5
+
+
+def file_md5(path: Path) -> str:
+    """MD5 of a file, as DVC addresses its objects."""
+    digest = hashlib.md5()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _dvc_repo_class() -> type[Repo]:
+    """DVC's Repo, imported on first use; importing dvc sets its logger to INFO, which we quieten."""
+    from dvc.repo import Repo
+
+    # DVC's own messages would repeat what our commands print, or say it in DVC's terms.
+    logging.getLogger("dvc").setLevel(logging.ERROR)
+    return Repo
+
+
+@contextmanager
+def opened(root: Path) -> Iterator[Repo]:
+    """The DVC repository at ROOT, closed afterwards."""
+    repo = _dvc_repo_class()(str(root))
+    try:
+        yield repo
+    finally:
+        repo.close()
+
+
+def init(root: Path) -> None:
+    """Initialise DVC in a git work tree (no-op when .dvc exists)."""
+    if (root / ".dvc").is_dir():
+        return
+    _dvc_repo_class().init(str(root)).close()
+
+
+def track(root: Path, relpath: str) -> None:
+    """`dvc add` a folder: its files go into the cache, a pointer file and a .gitignore entry beside it."""
+    with opened(root) as repo:
+        repo.add(relpath)
+
+
+def configure_remote(root: Path, name: str, url: str, options: dict[str, str], default: bool) -> None:
+    """Add or replace a DVC remote in the committed config; DEFAULT makes it the one push and pull use."""
+    with opened(root) as repo, repo.config.edit("repo") as conf:
+        conf["remote"][name] = {"url": url, **options}
+        if default:
+            conf["core"]["remote"] = name
+
+
+def remotes(root: Path) -> tuple[dict[str, dict[str, Any]], str | None]:
+    """The DVC remotes and the default one."""
+    with opened(root) as repo:
+        conf = repo.config
+        return {name: dict(value) for name, value in conf["remote"].items()}, conf["core"].get("remote")
+
+
+def _hash_infos(md5s: Iterable[str]) -> list[Any]:
+    from dvc_data.hashfile.hash_info import HashInfo
+
+    return [HashInfo("md5", md5) for md5 in sorted(set(md5s))]
+
+
+def listing(repo: Repo, md5: str) -> list[dict[str, str]]:
+    """The files of a .dir object in the local cache: [{'relpath', 'md5'}]; IntegrityError if absent or broken."""
+    path = Path(repo.cache.local.oid_to_path(md5))
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise IntegrityError(f"object {md5} is not in the local cache") from exc
+    if file_md5(path) != md5.removesuffix(".dir"):
+        path.unlink()
+        raise IntegrityError(f"object {md5} in the local cache is corrupt and was removed")
+    return [{"relpath": e["relpath"], "md5": e["md5"]} for e in entries]
+
+
+def missing_locally(repo: Repo, md5: str) -> list[str]:
+    """Files of a folder object that the local cache lacks (the folder object itself included)."""
+    cache = repo.cache.local
+    if not cache.exists(md5):
+        return [md5]
+    return [e["md5"] for e in listing(repo, md5) if not cache.exists(e["md5"])]
+
+
+def verify(repo: Repo, md5: str) -> list[dict[str, str]]:
+    """Check every file of a folder object against its hash; a bad one is removed from the cache and reported."""
+    entries = listing(repo, md5)
+    cache = repo.cache.local
+    for entry in entries:
+        path = Path(cache.oid_to_path(entry["md5"]))
+        if not path.exists():
+            raise IntegrityError(f"{entry['relpath']} ({entry['md5']}) is missing")
+        if file_md5(path) != entry["md5"]:
+            # Drop both so the next pull fetches them again instead of trusting the folder object.
+            path.unlink()
+            Path(cache.oid_to_path(md5)).unlink(missing_ok=True)
+            raise IntegrityError(f"{entry['relpath']} does not match its hash {entry['md5']} (corrupt copy removed)")
+    return entries
+
+
+def _transfer(repo: Repo, direction: str, md5s: Iterable[str], remote: str | None) -> int:
+    """Move objects to or from REMOTE, skipping those already there; returns how many moved."""
+    wanted = _hash_infos(md5s)
+    if not wanted:
+        return 0
+    try:
+        result = getattr(repo.cloud, direction)(wanted, remote=remote)
+    except Exception as exc:  # DVC raises many unrelated types for one cause: the remote said no
+        raise RemoteError(f"{direction} of adapter files failed: {_first_line(exc)}") from exc
+    if result.failed:
+        raise RemoteError(f"{len(result.failed)} adapter files could not be moved; run the command again.")
+    return len(result.transferred)
+
+
+def push(repo: Repo, md5s: Iterable[str], remote: str | None) -> int:
+    """Upload folder objects with their files that REMOTE lacks; returns files moved.
+
+    Files go first and each folder object last, so a remote that has a folder object has all its files.
+    """
+    md5s = sorted(set(md5s))
+    files = {entry["md5"] for md5 in md5s for entry in listing(repo, md5)}
+    return _transfer(repo, "push", files, remote) + _transfer(repo, "push", md5s, remote)
+
+
+def fetch(repo: Repo, md5s: Iterable[str], remote: str | None) -> int:
+    """Download folder objects and their files into the local cache; returns files moved."""
+    md5s = sorted(set(md5s))
+    moved = _transfer(repo, "pull", [m for m in md5s if not repo.cache.local.exists(m)], remote)
+    files = {entry["md5"] for md5 in md5s if repo.cache.local.exists(md5) for entry in listing(repo, md5)}
+    return moved + _transfer(repo, "pull", [f for f in files if not repo.cache.local.exists(f)], remote)
+
+
+def remote_missing(repo: Repo, md5s: Iterable[str], remote: str | None) -> set[str]:
+    """Which of these folder objects REMOTE lacks, whole or in part (files known from the local cache)."""
+    md5s = sorted(set(md5s))
+    members = {md5: [e["md5"] for e in listing(repo, md5)] if repo.cache.local.exists(md5) else [] for md5 in md5s}
+    try:
+        status = repo.cloud.status(
+            _hash_infos([*md5s, *(f for files in members.values() for f in files)]), remote=remote
+        )
+    except Exception as exc:  # as in _transfer
+        raise RemoteError(f"checking the DVC remote failed: {_first_line(exc)}") from exc
+    absent = {h.value for h in status.new | status.missing}
+    return {md5 for md5, files in members.items() if md5 in absent or absent.intersection(files)}
+
+
+def materialize(repo: Repo, md5: str, dest: Path) -> None:
+    """Write a verified copy of a folder object to DEST; DEST appears only when complete."""
+    entries = verify(repo, md5)
+    staging = dest.parent / f".{dest.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        for entry in entries:
+            target = staging / entry["relpath"]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(repo.cache.local.oid_to_path(entry["md5"]), target)
+        os.replace(staging, dest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def read(repo: Repo, md5: str, relpath: str) -> bytes | None:
+    """One file of a folder object from the local cache, or None when the folder has no such file."""
+    for entry in listing(repo, md5):
+        if entry["relpath"] == relpath:
+            return Path(repo.cache.local.oid_to_path(entry["md5"])).read_bytes()
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

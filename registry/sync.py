@@ -1,0 +1,326 @@
+"""Remotes, push, pull and clone: DVC objects travel first, git refs last, hashes checked on arrival."""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import yaml
+
+from registry import store
+from registry.errors import Conflict, RegistryError, RemoteError
+from registry.git import Git, Tag
+from registry.names import Ref, check_name
+from registry.refs import _ASSIGN, _REGISTER, AdapterVersion, State
+from registry.repo import ADAPTERS_DIR, PROJECT_FILE, Registry
+
+# Remote tags are fetched here first, so a clash with a local tag is seen before anything changes.
+_REMOTE_TAGS = "refs/adapters/remote-tags"
+FETCH_FIRST = "{remote} has versions or commits this registry lacks; run `adapters pull`, then push again."
+
+
+def _local_path(url: str) -> Path | None:
+    parsed = urlparse(url)
+    if parsed.scheme == "file":
+        return Path(parsed.path)
+    if not parsed.scheme and ":" not in url.split("/")[0]:
+        return Path(url)
+    return None
+
+
+def default_dvc_url(git_url: str) -> str | None:
+    """For a git remote in a local folder, its DVC store lives beside git's files in that folder."""
+    path = _local_path(git_url)
+    return str(path.resolve() / "dvc") if path else None
+
+
+def set_remote(
+    registry: Registry, name: str, url: str, dvc_url: str | None, options: dict[str, str], git_too: bool = True
+) -> str:
+    """Add (or re-point) git remote NAME and its DVC remote; the first one becomes DVC's default."""
+    dvc_url = dvc_url or default_dvc_url(url)
+    if not dvc_url:
+        raise RegistryError(
+            f"{url} is not a local folder; give its DVC storage with --dvc (for example s3://bucket/path)."
+        )
+    path = _local_path(url)
+    if path and not path.exists():
+        branch = registry.git.branch()
+        subprocess.run(["git", "init", "--quiet", "--bare", f"--initial-branch={branch}", str(path)], check=True)
+    if git_too:
+        if name in registry.git.run("remote").split():
+            registry.git.run("remote", "set-url", name, url)
+        else:
+            registry.git.run("remote", "add", name, url)
+    _, default = store.remotes(registry.root)
+    store.configure_remote(registry.root, name, dvc_url, options, default=default in (None, name))
+    registry.git.run("add", ".dvc/config")
+    if not registry.git.ok("diff", "--cached", "--quiet", "--", ".dvc/config"):
+        registry.git.run("commit", "--quiet", "-m", f"Add remote {name}", "--", ".dvc/config")
+    return dvc_url
+
+
+def list_remotes(registry: Registry) -> list[dict[str, object]]:
+    """Each remote: git URL, DVC URL, and whether it is the default."""
+    dvc, default = store.remotes(registry.root)
+    names = registry.git.run("remote").split()
+    rows = []
+    for name in sorted(set(names) | set(dvc)):
+        git_url = registry.git.run("remote", "get-url", name).strip() if name in names else None
+        rows.append({"name": name, "git": git_url, "dvc": (dvc.get(name) or {}).get("url"), "default": name == default})
+    return rows
+
+
+def resolve_remote(registry: Registry, remote: str | None) -> str:
+    """The remote to use: the one named, else DVC's default, else 'origin'."""
+    if remote is None:
+        _, remote = store.remotes(registry.root)
+    remote = remote or "origin"
+    if remote not in registry.git.run("remote").split():
+        raise RegistryError(f"No remote named {remote!r}; add one with `adapters remote add {remote} URL`.")
+    return remote
+
+
+def _pointers(registry: Registry, versions: list[AdapterVersion]) -> list[tuple[AdapterVersion, str]]:
+    texts = registry.git.show_many([f"{v.commit}:{ADAPTERS_DIR}/{v.name}.dvc" for v in versions])
+    return [(v, store.dir_md5(t)) for v, t in zip(versions, texts, strict=True) if t]
+
+
+@dataclass
+class PushResult:
+    """What a push moved."""
+
+    remote: str
+    versions: list[str] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)
+    files: int = 0
+    branch_updated: bool = False
+
+
+def push(registry: Registry, names: list[str], remote: str | None = None) -> PushResult:
+    """Upload the objects of every version the remote lacks, then push the branch and tags in one atomic git push."""
+    for name in names:
+        check_name(name)
+    with registry.lock():
+        remote = resolve_remote(registry, remote)
+        state = registry.state()
+        for name in names:
+            state.adapter(name)
+        branch = registry.git.branch()
+        remote_refs = registry.git.remote_refs(remote)
+        local = {t.name: t for t in registry.git.tags() if _REGISTER.fullmatch(t.name) or _ASSIGN.fullmatch(t.name)}
+        for tag in local.values():
+            theirs = remote_refs.get(f"refs/tags/{tag.name}")
+            if theirs and theirs != tag.commit:
+                raise Conflict(
+                    f"{tag.name} on {remote} points at another commit; versions are immutable. "
+                    "Run `adapters pull` to renumber the local one."
+                )
+        unpushed = [t for t in local.values() if f"refs/tags/{t.name}" not in remote_refs]
+        selected = [t for t in unpushed if not names or _tag_name(t) in names]
+        # Objects of every version not yet on the remote: the branch's commits point at them too.
+        new_versions = [
+            v for a in state.adapters.values() for v in a.versions if f"refs/tags/{v.tag}" not in remote_refs
+        ]
+        result = PushResult(remote, versions=[v.ref for v in new_versions if not names or v.name in names])
+        pointers = _pointers(registry, new_versions)
+        head_pointers = _head_pointers(registry)
+        if pointers or head_pointers:
+            with store.opened(registry.root) as repo:
+                registry.ensure_objects(repo, pointers, None)
+                result.files = store.push(repo, [md5 for _, md5 in pointers] + head_pointers, remote)
+        head = registry.git.head()
+        refspecs = [f"refs/tags/{t.name}:refs/tags/{t.name}" for t in selected]
+        if head and remote_refs.get(f"refs/heads/{branch}") != head:
+            refspecs.insert(0, f"refs/heads/{branch}:refs/heads/{branch}")
+            result.branch_updated = True
+        if refspecs:
+            proc = subprocess.run(
+                ["git", "push", "--atomic", "--porcelain", remote, *refspecs],
+                cwd=registry.root,
+                capture_output=True,
+                text=True,
+            )
+            if proc.returncode != 0:
+                if "[rejected]" in proc.stdout or "fetch first" in proc.stderr or "non-fast-forward" in proc.stdout:
+                    raise Conflict(FETCH_FIRST.format(remote=remote))
+                raise RemoteError(f"git push to {remote} failed: {proc.stderr.strip().splitlines()[-1:]}")
+        result.tags = [t.name for t in selected]
+        return result
+
+
+def _tag_name(tag: Tag) -> str:
+    match = _REGISTER.fullmatch(tag.name) or _ASSIGN.fullmatch(tag.name)
+    return match["name"]
+
+
+def _head_pointers(registry: Registry) -> list[str]:
+    """Folder objects the branch tip's pointer files name (registered versions, normally)."""
+    md5s = []
+    for pointer in sorted((registry.root / ADAPTERS_DIR).glob("*.dvc")):
+        text = registry.git.show("HEAD", f"{ADAPTERS_DIR}/{pointer.name}")
+        if text:
+            md5s.append(store.dir_md5(text))
+    return md5s
+
+
+@dataclass
+class PullResult:
+    """What a pull brought."""
+
+    remote: str
+    new_tags: list[str] = field(default_factory=list)
+    renumbered: dict[str, str] = field(default_factory=dict)
+    versions: list[str] = field(default_factory=list)
+    files: int = 0
+    merged: str = "up to date"
+
+
+def pull(registry: Registry, refs: list[str], remote: str | None = None) -> PullResult:
+    """Fetch refs, then the objects of the requested versions; hashes are verified before the workspace changes."""
+    parsed = [Ref.parse(r) for r in refs]
+    with registry.lock():
+        remote = resolve_remote(registry, remote)
+        git = registry.git
+        branch = git.branch()
+        git.run(
+            "fetch", "--quiet", "--no-tags", remote,
+            f"+refs/heads/{branch}:refs/remotes/{remote}/{branch}",
+            f"+refs/tags/*:{_REMOTE_TAGS}/{remote}/*",
+            remote=True,
+        )  # fmt: skip
+        theirs = {t.name: t for t in git.tags(f"{_REMOTE_TAGS}/{remote}")}
+        ours = {t.name: t for t in git.tags()}
+        result = PullResult(remote)
+        # The state after the pull: remote tags win a clash; clashing local tags get new numbers below.
+        merged = State([*theirs.values(), *(t for n, t in ours.items() if n not in theirs)])
+        wanted = [merged.resolve(r) for r in parsed] or _defaults(merged)
+        remote_branch = f"refs/remotes/{remote}/{branch}"
+        has_remote_branch = git.ok("rev-parse", "--verify", "--quiet", remote_branch)
+        tip_versions = _tip_versions(git, merged, remote_branch if has_remote_branch else "HEAD")
+        wanted_all = {v.ref: v for v in [*wanted, *tip_versions]}
+        pointers = _pointers(registry, list(wanted_all.values()))
+        with store.opened(registry.root) as repo:
+            result.files = registry.ensure_objects(repo, pointers, remote)
+        # Everything needed is here and verified: now change refs and the workspace.
+        for name, tag in theirs.items():
+            mine = ours.get(name)
+            if mine and mine.commit != tag.commit:
+                result.renumbered[name] = _renumber(git, mine, merged)
+            if not mine or mine.commit != tag.commit:
+                git.run("update-ref", f"refs/tags/{name}", f"{_REMOTE_TAGS}/{remote}/{name}")
+                result.new_tags.append(name)
+        if has_remote_branch:
+            result.merged = _merge(registry, remote_branch, State(git.tags()))
+        with store.opened(registry.root) as repo:
+            repo.checkout(targets=[str(registry.root / ADAPTERS_DIR / f"{v.name}.dvc") for v in tip_versions],
+                          force=True, allow_missing=True)  # fmt: skip
+        result.versions = sorted(v.ref for v in wanted)
+        return result
+
+
+def _defaults(state: State) -> list[AdapterVersion]:
+    """Every stage head and every latest version."""
+    wanted = {}
+    for adapter in state.adapters.values():
+        for version in [adapter.latest, *adapter.stages().values()]:
+            wanted[version.ref] = version
+    return list(wanted.values())
+
+
+def _tip_versions(git: Git, state: State, rev: str) -> list[AdapterVersion]:
+    """The versions whose pointer files sit at REV (what the workspace will hold)."""
+    found = []
+    for name, adapter in state.adapters.items():
+        text = git.show(rev, f"{ADAPTERS_DIR}/{name}.dvc")
+        if not text:
+            continue
+        version = (yaml.safe_load(text) or {}).get("meta", {}).get("version")
+        match = next((v for v in adapter.versions if str(v.version) == f"v{version}"), None)
+        if match:
+            found.append(match)
+    return found
+
+
+def _renumber(git: Git, tag: Tag, state: State) -> str:
+    """Give a local, unpushed tag that clashes with the remote's a free name, so no version is lost."""
+    adapter = state.adapter(_tag_name(tag))
+    register = _REGISTER.fullmatch(tag.name)
+    if register:
+        new = f"{adapter.name}@{adapter.latest.version.bump('patch')}"
+        message = f"{tag.message} (renumbered from {register['version']}: the remote registered it first)"
+    else:
+        match = _ASSIGN.fullmatch(tag.name)
+        cancel = "!" if match["cancel"] else ""
+        new = f"{adapter.name}#{match['stage']}{cancel}#{adapter.last_counter + 1}"
+        message = tag.message
+    git.tag(new, tag.commit, message, max(tag.date, adapter.last_date + 1))
+    git.run("tag", "-d", tag.name)
+    return new
+
+
+def _merge(registry: Registry, remote_branch: str, state: State) -> str:
+    """Bring the remote branch in: fast-forward, or merge with registry files resolved from the tags."""
+    git = registry.git
+    head = git.head()
+    target = git.run("rev-parse", remote_branch).strip()
+    if head is None:
+        git.run("reset", "--quiet", "--hard", target)
+        return "checked out"
+    if git.ok("merge-base", "--is-ancestor", target, head):
+        return "up to date"
+    if git.ok("merge-base", "--is-ancestor", head, target):
+        git.run("merge", "--quiet", "--ff-only", target)
+        return "fast-forwarded"
+    proc = subprocess.run(
+        ["git", "merge", "--no-ff", "--no-commit", target], cwd=registry.root, capture_output=True, text=True
+    )
+    conflicted = git.run("diff", "--name-only", "--diff-filter=U").split()
+    for path in conflicted:
+        if path == PROJECT_FILE:
+            _merge_project_file(registry)
+        elif path.startswith(f"{ADAPTERS_DIR}/") and path.endswith(".dvc"):
+            name = Path(path).stem
+            latest = state.adapter(name).latest
+            (registry.root / path).write_text(registry.dvcfile(latest))
+        else:
+            git.ok("merge", "--abort")
+            raise Conflict(f"{path} changed both here and on the remote; merge {remote_branch} with git yourself.")
+        git.run("add", path)
+    if proc.returncode != 0 and not conflicted:
+        git.ok("merge", "--abort")
+        raise RegistryError(f"merging {remote_branch} failed: {proc.stderr.strip()}")
+    git.run("commit", "--quiet", "--no-edit", "-m", f"Merge {remote_branch}")
+    return "merged"
+
+
+def _merge_project_file(registry: Registry) -> None:
+    """dvc.yaml from both sides: the union of declared artifacts; any other difference is a real conflict."""
+    ours = yaml.safe_load(registry.git.run("show", f":2:{PROJECT_FILE}")) or {}
+    theirs = yaml.safe_load(registry.git.run("show", f":3:{PROJECT_FILE}")) or {}
+    rest = {k: v for k, v in ours.items() if k != "artifacts"}
+    if rest != {k: v for k, v in theirs.items() if k != "artifacts"}:
+        registry.git.ok("merge", "--abort")
+        raise Conflict(f"{PROJECT_FILE} changed both here and on the remote outside `artifacts:`; merge it with git.")
+    merged = {**rest, "artifacts": {**theirs.get("artifacts", {}), **ours.get("artifacts", {})}}
+    (registry.root / PROJECT_FILE).write_text(yaml.safe_dump(merged, sort_keys=False))
+
+
+def clone(url: str, directory: Path | None, refs: list[str]) -> tuple[Registry, PullResult]:
+    """Clone an adapter repository and pull its stage heads and latest versions (or REFS)."""
+    directory = directory or Path(Path(urlparse(url).path).name.removesuffix(".git") or "registry")
+    if directory.exists() and any(directory.iterdir()):
+        raise Conflict(f"{directory} already exists and is not empty.")
+    proc = subprocess.run(["git", "clone", "--quiet", url, str(directory)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RemoteError(f"git clone {url} failed: {proc.stderr.strip().splitlines()[-1:]}")
+    git = Git(directory)
+    if git.head() is None:  # the remote's HEAD names a branch it lacks: take the one it has
+        branches = git.run("branch", "-r", "--format=%(refname:lstrip=3)").split()
+        if branches:
+            branch = "main" if "main" in branches else branches[0]
+            git.run("checkout", "--quiet", "-B", branch, f"origin/{branch}")
+    registry = Registry.find(directory)
+    return registry, pull(registry, refs)
