@@ -12,7 +12,7 @@ from registry.errors import RegistryError
 
 # Formats that unpickle (and so can run code) when loaded; a registry never accepts them.
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz"}
-_SHA256 = re.compile(r"[0-9a-f]{64}")
+_SHA256 = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 class InvalidAdapter(RegistryError):
@@ -37,7 +37,9 @@ def check(folder: Path) -> dict[str, Any]:
     lineage = _json(folder / "lineage.json")
     base = lineage.get("base_model") or {}
     if not _SHA256.fullmatch(str(base.get("fingerprint", ""))):
-        raise InvalidAdapter(f"{folder / 'lineage.json'} has no base_model.fingerprint (sha256 of the base weights).")
+        raise InvalidAdapter(
+            f"{folder / 'lineage.json'} has no base_model.fingerprint (sha256:... of the base weights)."
+        )
     return {
         "base_model": base.get("hub_id") or base.get("name") or config["base_model_name_or_path"],
         "base_fingerprint": base["fingerprint"],

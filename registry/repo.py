@@ -52,6 +52,14 @@ class Registry:
         return cls(root)
 
     @classmethod
+    def around(cls, path: Path) -> Registry | None:
+        """The registry around PATH, or None when PATH is not inside one."""
+        try:
+            return cls.find(path)
+        except RegistryError:
+            return None
+
+    @classmethod
     def init(cls, path: Path) -> tuple[Registry, list[str]]:
         """Make PATH (or the git repository around it) an adapter repository; returns what was done."""
         path.mkdir(parents=True, exist_ok=True)
@@ -70,15 +78,13 @@ class Registry:
                 readme.parent.mkdir(exist_ok=True)
                 readme.write_text(_README)
                 done.append(f"created {ADAPTERS_DIR}/")
-            from registry.sync import default_dvc_url, set_remote
+            from registry.sync import default_dvc_url
 
-            remotes, default = store.remotes(root)
-            origin = registry.git.run("remote").split()
-            if not default and "origin" in origin:
-                url = registry.git.run("remote", "get-url", "origin").strip()
-                dvc_url = default_dvc_url(url)
+            _, default = store.remotes(root)
+            if not default and "origin" in registry.git.run("remote").split():
+                dvc_url = default_dvc_url(registry.git.run("remote", "get-url", "origin").strip())
                 if dvc_url:
-                    set_remote(registry, "origin", url, dvc_url, {}, git_too=False)
+                    store.configure_remote(root, "origin", dvc_url, {}, default=True)
                     done.append(f"DVC remote 'origin' -> {dvc_url}")
             registry.git.run("add", ".dvc/config", ".dvc/.gitignore", ".dvcignore", f"{ADAPTERS_DIR}/README.md")
             if not registry.git.ok("diff", "--cached", "--quiet"):
@@ -260,29 +266,44 @@ class Registry:
             output.rmdir()
         md5 = store.dir_md5(self.dvcfile(version))
         with store.opened(self.root) as repo:
-            self.ensure_objects(repo, [(version, md5)], remote)
+            self.ensure_objects(repo, [(version.ref, md5)], remote)
             store.materialize(repo, md5, output)
         return version
 
-    def ensure_objects(self, repo: Any, wanted: list[tuple[AdapterVersion, str]], remote: str | None) -> int:
-        """Fetch the objects of WANTED versions that the local cache lacks, then verify all; returns files fetched."""
+    def pointers(self, versions: list[AdapterVersion]) -> list[tuple[str, str]]:
+        """(NAME@vX.Y.Z, folder object) for each version, read in one git call."""
+        texts = self.git.show_many([f"{v.commit}:{ADAPTERS_DIR}/{v.name}.dvc" for v in versions])
+        return [(v.ref, store.dir_md5(t)) for v, t in zip(versions, texts, strict=True) if t]
+
+    def tree_pointers(self, rev: str) -> list[tuple[str, str]]:
+        """(NAME, folder object) for every adapter the pointer files at REV name: what a checkout of REV holds."""
+        names = self.git.run("ls-tree", "--name-only", rev, f"{ADAPTERS_DIR}/").split()
+        paths = [p for p in names if p.endswith(".dvc")]
+        texts = self.git.show_many([f"{rev}:{p}" for p in paths])
+        return [(Path(p).stem, store.dir_md5(t)) for p, t in zip(paths, texts, strict=True) if t]
+
+    def ensure_objects(self, repo: Any, wanted: list[tuple[str, str]], remote: str | None) -> int:
+        """Fetch the (label, folder object) pairs the local cache lacks, then verify all; returns files fetched."""
         fetched = 0
-        for version, md5 in wanted:
+        for label, md5 in wanted:
             try:
                 if store.missing_locally(repo, md5):
                     fetched += store.fetch(repo, [md5], remote)
                 if store.missing_locally(repo, md5):
-                    raise IntegrityError("its files are on neither this machine nor the DVC remote")
+                    # DVC drops a download whose hash is wrong, so absent and corrupt look alike here.
+                    raise IntegrityError(
+                        "its files are missing or corrupt on the DVC remote; push them again from a clone that has them"
+                    )
                 store.verify(repo, md5)
             except IntegrityError as exc:
-                raise IntegrityError(f"{version.ref}: {exc}; nothing was changed.") from None
+                raise IntegrityError(f"{label}: {exc}; nothing was changed.") from None
         return fetched
 
     def files(self, version: AdapterVersion, remote: str | None = None) -> tuple[list[dict[str, str]], dict[str, Any]]:
         """VERSION's file hashes and its parsed adapter_config.json and lineage.json."""
         md5 = store.dir_md5(self.dvcfile(version))
         with store.opened(self.root) as repo:
-            self.ensure_objects(repo, [(version, md5)], remote)
+            self.ensure_objects(repo, [(version.ref, md5)], remote)
             entries = store.listing(repo, md5)
             docs = {}
             for name in ("adapter_config.json", "lineage.json"):

@@ -9,7 +9,7 @@ from registry import store
 from registry.names import Ref, check_name
 from registry.refs import AdapterVersion, State
 from registry.repo import Registry
-from registry.sync import _pointers, resolve_remote
+from registry.sync import resolve_remote
 
 
 def when(seconds: int) -> str:
@@ -116,10 +116,10 @@ def status(registry: Registry, remote: str | None) -> dict[str, Any]:
     remote = resolve_remote(registry, remote)
     remote_refs = registry.git.remote_refs(remote)
     tags = [t.name for t in registry.git.tags() if "@" in t.name or "#" in t.name]
-    pointers = _pointers(registry, versions)
+    pointers = dict(zip(versions, (md5 for _, md5 in registry.pointers(versions)), strict=True))
     with store.opened(registry.root) as repo:
-        local_missing = [v.ref for v, md5 in pointers if store.missing_locally(repo, md5)]
-        published = [(v, md5) for v, md5 in pointers if f"refs/tags/{v.tag}" in remote_refs]
+        local_missing = [v.ref for v, md5 in pointers.items() if store.missing_locally(repo, md5)]
+        published = [(v, md5) for v, md5 in pointers.items() if f"refs/tags/{v.tag}" in remote_refs]
         gone = store.remote_missing(repo, [md5 for _, md5 in published], remote) if published else set()
     return {
         "remote": remote,

@@ -44,7 +44,8 @@ def _dvc_repo_class() -> type[Repo]:
     from dvc.repo import Repo
 
     # DVC's own messages would repeat what our commands print, or say it in DVC's terms.
-    logging.getLogger("dvc").setLevel(logging.ERROR)
+    for name in ("dvc", "dvc_data", "dvc_objects"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     return Repo
 
 
@@ -68,7 +69,7 @@ def init(root: Path) -> None:
 def track(root: Path, relpath: str) -> None:
     """`dvc add` a folder: its files go into the cache, a pointer file and a .gitignore entry beside it."""
     with opened(root) as repo:
-        repo.add(relpath)
+        repo.add(str(root / relpath))  # absolute: DVC resolves relative targets against the process's cwd
 
 
 def configure_remote(root: Path, name: str, url: str, options: dict[str, str], default: bool) -> None:
@@ -130,17 +131,25 @@ def verify(repo: Repo, md5: str) -> list[dict[str, str]]:
 
 
 def _transfer(repo: Repo, direction: str, md5s: Iterable[str], remote: str | None) -> int:
-    """Move objects to or from REMOTE, skipping those already there; returns how many moved."""
+    """Copy objects to ("push") or from ("pull") REMOTE, skipping those already there; returns how many moved.
+
+    No remote index: DVC's cached list of remote contents would hide objects the remote has lost since.
+    """
+    from dvc_data.hashfile.transfer import transfer
+
     wanted = _hash_infos(md5s)
     if not wanted:
         return 0
     try:
-        result = getattr(repo.cloud, direction)(wanted, remote=remote)
+        odb = repo.cloud.get_remote_odb(remote, direction)
+        cache = repo.cache.local
+        source, dest = (cache, odb) if direction == "push" else (odb, cache)
+        result = transfer(source, dest, wanted, jobs=odb.fs.jobs, cache_odb=cache)
     except Exception as exc:  # DVC raises many unrelated types for one cause: the remote said no
         raise RemoteError(f"{direction} of adapter files failed: {_first_line(exc)}") from exc
-    if result.failed:
-        raise RemoteError(f"{len(result.failed)} adapter files could not be moved; run the command again.")
-    return len(result.transferred)
+    if result.failed and direction == "push":
+        raise RemoteError(f"{len(result.failed)} adapter files could not be uploaded; run the push again.")
+    return len(result.transferred)  # a failed download shows up as a missing file when verified
 
 
 def push(repo: Repo, md5s: Iterable[str], remote: str | None) -> int:
@@ -148,7 +157,7 @@ def push(repo: Repo, md5s: Iterable[str], remote: str | None) -> int:
 
     Files go first and each folder object last, so a remote that has a folder object has all its files.
     """
-    md5s = sorted(set(md5s))
+    md5s = sorted(m for m in set(md5s) if repo.cache.local.exists(m))
     files = {entry["md5"] for md5 in md5s for entry in listing(repo, md5)}
     return _transfer(repo, "push", files, remote) + _transfer(repo, "push", md5s, remote)
 
@@ -163,11 +172,14 @@ def fetch(repo: Repo, md5s: Iterable[str], remote: str | None) -> int:
 
 def remote_missing(repo: Repo, md5s: Iterable[str], remote: str | None) -> set[str]:
     """Which of these folder objects REMOTE lacks, whole or in part (files known from the local cache)."""
+    from dvc_data.hashfile.status import compare_status
+
     md5s = sorted(set(md5s))
     members = {md5: [e["md5"] for e in listing(repo, md5)] if repo.cache.local.exists(md5) else [] for md5 in md5s}
+    every = _hash_infos([*md5s, *(f for files in members.values() for f in files)])
     try:
-        status = repo.cloud.status(
-            _hash_infos([*md5s, *(f for files in members.values() for f in files)]), remote=remote
+        status = compare_status(
+            repo.cache.local, repo.cloud.get_remote_odb(remote, "status"), every, check_deleted=False
         )
     except Exception as exc:  # as in _transfer
         raise RemoteError(f"checking the DVC remote failed: {_first_line(exc)}") from exc

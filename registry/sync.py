@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,9 @@ from registry.repo import ADAPTERS_DIR, PROJECT_FILE, Registry
 
 # Remote tags are fetched here first, so a clash with a local tag is seen before anything changes.
 _REMOTE_TAGS = "refs/adapters/remote-tags"
+_LOST_RACE = re.compile(
+    r"fetch first|non-fast-forward|cannot lock ref|failed to update ref|incorrect old value|stale info"
+)
 FETCH_FIRST = "{remote} has versions or commits this registry lacks; run `adapters pull`, then push again."
 
 
@@ -49,11 +53,10 @@ def set_remote(
     if path and not path.exists():
         branch = registry.git.branch()
         subprocess.run(["git", "init", "--quiet", "--bare", f"--initial-branch={branch}", str(path)], check=True)
-    if git_too:
-        if name in registry.git.run("remote").split():
-            registry.git.run("remote", "set-url", name, url)
-        else:
-            registry.git.run("remote", "add", name, url)
+    if name in registry.git.run("remote").split():
+        registry.git.run("remote", "set-url", name, url)
+    else:
+        registry.git.run("remote", "add", name, url)
     _, default = store.remotes(registry.root)
     store.configure_remote(registry.root, name, dvc_url, options, default=default in (None, name))
     registry.git.run("add", ".dvc/config")
@@ -81,11 +84,6 @@ def resolve_remote(registry: Registry, remote: str | None) -> str:
     if remote not in registry.git.run("remote").split():
         raise RegistryError(f"No remote named {remote!r}; add one with `adapters remote add {remote} URL`.")
     return remote
-
-
-def _pointers(registry: Registry, versions: list[AdapterVersion]) -> list[tuple[AdapterVersion, str]]:
-    texts = registry.git.show_many([f"{v.commit}:{ADAPTERS_DIR}/{v.name}.dvc" for v in versions])
-    return [(v, store.dir_md5(t)) for v, t in zip(versions, texts, strict=True) if t]
 
 
 @dataclass
@@ -125,13 +123,14 @@ def push(registry: Registry, names: list[str], remote: str | None = None) -> Pus
             v for a in state.adapters.values() for v in a.versions if f"refs/tags/{v.tag}" not in remote_refs
         ]
         result = PushResult(remote, versions=[v.ref for v in new_versions if not names or v.name in names])
-        pointers = _pointers(registry, new_versions)
-        head_pointers = _head_pointers(registry)
-        if pointers or head_pointers:
+        pointers = registry.pointers(new_versions)
+        head = registry.git.head()
+        if head:
             with store.opened(registry.root) as repo:
                 registry.ensure_objects(repo, pointers, None)
-                result.files = store.push(repo, [md5 for _, md5 in pointers] + head_pointers, remote)
-        head = registry.git.head()
+                # The branch tip's files too: cheap when present, and it repairs a remote that lost some.
+                tip = [md5 for _, md5 in registry.tree_pointers(head)]
+                result.files = store.push(repo, [md5 for _, md5 in pointers] + tip, remote)
         refspecs = [f"refs/tags/{t.name}:refs/tags/{t.name}" for t in selected]
         if head and remote_refs.get(f"refs/heads/{branch}") != head:
             refspecs.insert(0, f"refs/heads/{branch}:refs/heads/{branch}")
@@ -144,9 +143,13 @@ def push(registry: Registry, names: list[str], remote: str | None = None) -> Pus
                 text=True,
             )
             if proc.returncode != 0:
-                if "[rejected]" in proc.stdout or "fetch first" in proc.stderr or "non-fast-forward" in proc.stdout:
+                # A concurrent push shows up as a non-fast-forward, or as a ref that moved while this push
+                # held it ("cannot lock ref ... is at X but expected Y"): either way, pull first.
+                refused = [line for line in proc.stdout.splitlines() if line.startswith("!")]
+                if _LOST_RACE.search(proc.stdout + proc.stderr):
                     raise Conflict(FETCH_FIRST.format(remote=remote))
-                raise RemoteError(f"git push to {remote} failed: {proc.stderr.strip().splitlines()[-1:]}")
+                reason = (refused or proc.stderr.strip().splitlines() or ["no message"])[-1]
+                raise RemoteError(f"git push to {remote} failed: {reason}")
         result.tags = [t.name for t in selected]
         return result
 
@@ -154,16 +157,6 @@ def push(registry: Registry, names: list[str], remote: str | None = None) -> Pus
 def _tag_name(tag: Tag) -> str:
     match = _REGISTER.fullmatch(tag.name) or _ASSIGN.fullmatch(tag.name)
     return match["name"]
-
-
-def _head_pointers(registry: Registry) -> list[str]:
-    """Folder objects the branch tip's pointer files name (registered versions, normally)."""
-    md5s = []
-    for pointer in sorted((registry.root / ADAPTERS_DIR).glob("*.dvc")):
-        text = registry.git.show("HEAD", f"{ADAPTERS_DIR}/{pointer.name}")
-        if text:
-            md5s.append(store.dir_md5(text))
-    return md5s
 
 
 @dataclass
@@ -199,11 +192,13 @@ def pull(registry: Registry, refs: list[str], remote: str | None = None) -> Pull
         wanted = [merged.resolve(r) for r in parsed] or _defaults(merged)
         remote_branch = f"refs/remotes/{remote}/{branch}"
         has_remote_branch = git.ok("rev-parse", "--verify", "--quiet", remote_branch)
-        tip_versions = _tip_versions(git, merged, remote_branch if has_remote_branch else "HEAD")
-        wanted_all = {v.ref: v for v in [*wanted, *tip_versions]}
-        pointers = _pointers(registry, list(wanted_all.values()))
+        tip = (
+            registry.tree_pointers(remote_branch if has_remote_branch else "HEAD")
+            if git.head() or has_remote_branch
+            else []
+        )
         with store.opened(registry.root) as repo:
-            result.files = registry.ensure_objects(repo, pointers, remote)
+            result.files = registry.ensure_objects(repo, registry.pointers(wanted) + tip, remote)
         # Everything needed is here and verified: now change refs and the workspace.
         for name, tag in theirs.items():
             mine = ours.get(name)
@@ -214,9 +209,10 @@ def pull(registry: Registry, refs: list[str], remote: str | None = None) -> Pull
                 result.new_tags.append(name)
         if has_remote_branch:
             result.merged = _merge(registry, remote_branch, State(git.tags()))
-        with store.opened(registry.root) as repo:
-            repo.checkout(targets=[str(registry.root / ADAPTERS_DIR / f"{v.name}.dvc") for v in tip_versions],
-                          force=True, allow_missing=True)  # fmt: skip
+        targets = [str(registry.root / ADAPTERS_DIR / f"{name}.dvc") for name, _ in registry.tree_pointers("HEAD")]
+        if targets:
+            with store.opened(registry.root) as repo:
+                repo.checkout(targets=targets, force=True)
         result.versions = sorted(v.ref for v in wanted)
         return result
 
@@ -228,20 +224,6 @@ def _defaults(state: State) -> list[AdapterVersion]:
         for version in [adapter.latest, *adapter.stages().values()]:
             wanted[version.ref] = version
     return list(wanted.values())
-
-
-def _tip_versions(git: Git, state: State, rev: str) -> list[AdapterVersion]:
-    """The versions whose pointer files sit at REV (what the workspace will hold)."""
-    found = []
-    for name, adapter in state.adapters.items():
-        text = git.show(rev, f"{ADAPTERS_DIR}/{name}.dvc")
-        if not text:
-            continue
-        version = (yaml.safe_load(text) or {}).get("meta", {}).get("version")
-        match = next((v for v in adapter.versions if str(v.version) == f"v{version}"), None)
-        if match:
-            found.append(match)
-    return found
 
 
 def _renumber(git: Git, tag: Tag, state: State) -> str:
@@ -281,6 +263,9 @@ def _merge(registry: Registry, remote_branch: str, state: State) -> str:
     for path in conflicted:
         if path == PROJECT_FILE:
             _merge_project_file(registry)
+        elif path == f"{ADAPTERS_DIR}/.gitignore":  # DVC's list of tracked folders: keep both sides' lines
+            lines = git.run("show", f":2:{path}").splitlines() + git.run("show", f":3:{path}").splitlines()
+            (registry.root / path).write_text("".join(f"{line}\n" for line in dict.fromkeys(lines)))
         elif path.startswith(f"{ADAPTERS_DIR}/") and path.endswith(".dvc"):
             name = Path(path).stem
             latest = state.adapter(name).latest

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -11,7 +13,8 @@ from typing import Any
 import pytest
 from transformers import TrainerCallback
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -122,3 +125,93 @@ def json_data(tmp_path: Path) -> Path:
         for i, n in enumerate(names)
     ]
     return write_jsonl(tmp_path / "people.jsonl", records)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def git_identity() -> Iterator[None]:
+    """Commits and tags need an author; a fresh CI machine has no git identity configured."""
+    values = {
+        "GIT_AUTHOR_NAME": "Ada Tester",
+        "GIT_AUTHOR_EMAIL": "ada@example.com",
+        "GIT_COMMITTER_NAME": "Ada Tester",
+        "GIT_COMMITTER_EMAIL": "ada@example.com",
+    }
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def make_adapter(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> Callable[[int], Path]:
+    """Real PEFT LoRA adapters on the tiny base, one per seed (different bytes), as `adapters train` lays them out."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from train.base import fingerprint
+
+    made: dict[int, Path] = {}
+    base_fingerprint = fingerprint(tiny_base)
+
+    def make(seed: int) -> Path:
+        if seed not in made:
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_pretrained(tiny_base)
+            config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+            folder = tmp_path_factory.mktemp(f"adapter-{seed}")
+            get_peft_model(model, config).save_pretrained(folder)
+            lineage = {
+                "adapter": "test",
+                "base_model": {"name": str(tiny_base), "hub_id": None, "fingerprint": base_fingerprint},
+                "dataset": {"file": "people.jsonl", "sha256": f"{seed:064x}", "format": "prompt_completion"},
+                "hyperparameters": {"rank": 4, "alpha": 8, "seed": seed},
+                "metrics": {"train_loss": 1.0 + seed, "eval_loss_before": 3.0, "eval_loss_after": 1.0 / (seed + 1)},
+            }
+            (folder / "lineage.json").write_text(json.dumps(lineage, indent=2))
+            (folder / "README.md").write_text(f"---\nlibrary_name: peft\n---\nAdapter made with seed {seed}.\n")
+            made[seed] = folder
+        return made[seed]
+
+    return make
+
+
+def adapters_cli(*args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run the real `adapters` command in a child process, as a user's shell would."""
+    return subprocess.run(
+        [sys.executable, "-m", "registry.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+@pytest.fixture
+def cli(monkeypatch: pytest.MonkeyPatch) -> Callable[..., Any]:
+    """Run `adapters ARGS` in this process (click's runner) from folder CWD."""
+    from click.testing import CliRunner
+
+    from registry.cli import main
+
+    def run(*args: str, cwd: Path) -> Any:
+        monkeypatch.chdir(cwd)
+        return CliRunner().invoke(main, list(args))
+
+    return run
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Any:
+    """A fresh adapter repository with a bare git remote 'origin' whose DVC storage sits inside it."""
+    from registry.repo import Registry
+    from registry.sync import set_remote
+
+    reg, _ = Registry.init(tmp_path / "registry")
+    set_remote(reg, "origin", str(tmp_path / "origin.git"), None, {})
+    return reg

@@ -49,9 +49,17 @@ def _mb(count: int) -> str:
 @click.option("--gradient-checkpointing", is_flag=True, help="Trade speed for activation memory.")
 @click.option("--output", "-o", type=click.Path(path_type=Path), help="Output folder. Default: runs/NAME.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder or interrupted run.")
-def train(name: str, target_modules: str, **options: Any) -> None:
-    """Train a LoRA adapter NAME on a JSONL dataset; re-run after an interruption to resume."""
+@click.option("--no-register", is_flag=True, help="Inside an adapter repository, do not register the result.")
+@click.option("-m", "--message", help="Message for the registered version.")
+def train(name: str, target_modules: str, no_register: bool, message: str | None, **options: Any) -> None:
+    """Train a LoRA adapter NAME on a JSONL dataset; re-run after an interruption to resume.
+
+    Inside an adapter repository the result is registered as the next version of NAME.
+    """
     args = TrainArgs(name=name, target_modules=[m.strip() for m in target_modules.split(",") if m.strip()], **options)
+    from registry.repo import Registry
+
+    registry = None if no_register else Registry.around(Path.cwd())
     from train.trainer import train as run_training
 
     result = run_training(args, echo=click.echo)
@@ -59,6 +67,9 @@ def train(name: str, target_modules: str, **options: Any) -> None:
         f"Adapter {name!r} written to {result.output} in {result.steps} steps ({result.seconds:.0f} s): "
         f"adapter size {_mb(result.adapter_bytes)}, peak memory {_mb(result.peak_memory_bytes)}."
     )
+    if registry:
+        version = registry.add(name, result.output, message=message)
+        click.echo(f"Registered {version.ref} in {registry.root}.")
 
 
 @click.group()

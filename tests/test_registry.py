@@ -1,0 +1,341 @@
+"""The local registry on real git and DVC: init, add, list/log/show/diff, checkout, promote and rollback."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT, adapters_cli
+
+from registry.errors import Conflict, NotFound
+from registry.folder import InvalidAdapter
+from registry.repo import Registry
+
+
+def _sha(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def _git(root: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout
+
+
+def _gto_show(root: Path) -> dict:
+    """What GTO itself reads from the same tags: {name: {latest, stages}}."""
+    from gto.api import show
+
+    return {
+        row["name"]: {"latest": row["latest"], "stages": {k[1:]: v for k, v in row.items() if k.startswith("#") and v}}
+        for row in show(str(root), table=True)[0]
+    }
+
+
+def test_init_sets_up_git_dvc_and_adapters_folder_and_is_idempotent(tmp_path: Path, cli) -> None:
+    result = cli("init", "reg", cwd=tmp_path)
+    assert result.exit_code == 0, result.output
+    root = tmp_path / "reg"
+    assert (root / ".dvc" / "config").is_file() and (root / "adapters" / "README.md").is_file()
+    assert "Initialise the adapter registry" in _git(root, "log", "--oneline")
+    head = _git(root, "rev-parse", "HEAD")
+    again = cli("init", cwd=root)
+    assert again.exit_code == 0 and "already set up" in again.output
+    assert _git(root, "rev-parse", "HEAD") == head
+    assert _git(root, "status", "--porcelain") == ""
+
+
+def test_init_inside_an_existing_git_repository_keeps_its_history_and_uses_its_origin(tmp_path: Path, cli) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    _git(project, "init", "-q", "-b", "main")
+    (project / "train.py").write_text("print('hi')\n")
+    _git(project, "add", "train.py")
+    _git(project, "commit", "-qm", "code")
+    _git(tmp_path, "init", "-q", "--bare", "-b", "main", "origin.git")
+    _git(project, "remote", "add", "origin", str(tmp_path / "origin.git"))
+    result = cli("init", cwd=project)
+    assert result.exit_code == 0, result.output
+    assert f"DVC remote 'origin' -> {tmp_path / 'origin.git' / 'dvc'}" in result.output
+    assert _git(project, "log", "--format=%s").split("\n")[:2] == ["Initialise the adapter registry", "code"]
+    listed = cli("remote", "list", "--json", cwd=project)
+    assert json.loads(listed.output) == [
+        {
+            "name": "origin",
+            "git": str(tmp_path / "origin.git"),
+            "dvc": str(tmp_path / "origin.git" / "dvc"),
+            "default": True,
+        }
+    ]
+
+
+def test_remote_add_configures_git_and_dvc_together(registry: Registry, tmp_path: Path, cli) -> None:
+    result = cli(
+        "remote", "add", "backup", str(tmp_path / "backup.git"), "--dvc", str(tmp_path / "store"), cwd=registry.root
+    )
+    assert result.exit_code == 0, result.output
+    rows = {r["name"]: r for r in json.loads(cli("remote", "list", "--json", cwd=registry.root).output)}
+    assert rows["backup"] == {
+        "name": "backup",
+        "git": str(tmp_path / "backup.git"),
+        "dvc": str(tmp_path / "store"),
+        "default": False,
+    }
+    assert rows["origin"]["default"] is True
+    assert (tmp_path / "backup.git" / "HEAD").is_file()  # a local remote is created as a bare repository
+    not_local = cli("remote", "add", "gh", "https://example.com/org/reg.git", cwd=registry.root)
+    assert not_local.exit_code == 5 and "give its DVC storage with --dvc" in not_local.stderr
+
+
+def test_add_registers_an_immutable_version_that_dvc_and_gto_understand(registry: Registry, make_adapter, cli) -> None:
+    source = make_adapter(1)
+    result = cli("add", "support", str(source), "-m", "first cut", cwd=registry.root)
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("Registered support@v1.0.0 (")
+    root = registry.root
+    assert _sha(root / "adapters" / "support") == _sha(source)
+    project = yaml.safe_load((root / "dvc.yaml").read_text())
+    assert project["artifacts"]["support"]["path"] == "adapters/support"
+    assert project["artifacts"]["support"]["type"] == "model"
+    pointer = yaml.safe_load((root / "adapters" / "support.dvc").read_text())
+    assert pointer["outs"][0]["md5"].endswith(".dir") and pointer["meta"]["version"] == "1.0.0"
+    assert _git(root, "cat-file", "-t", "support@v1.0.0").strip() == "tag"  # annotated, as GTO expects
+    assert _git(root, "status", "--porcelain") == ""
+    assert "/support" in (root / "adapters" / ".gitignore").read_text()  # files live in DVC, not git
+    assert cli("add", "support", str(make_adapter(2)), cwd=root).output.startswith("Registered support@v1.1.0")
+    assert cli("add", "support", str(make_adapter(3)), "--bump", "major", cwd=root).output.startswith(
+        "Registered support@v2.0.0"
+    )
+    assert cli("add", "support", str(make_adapter(4)), "--version", "1.1.1", cwd=root).exit_code == 0
+    clash = cli("add", "support", str(make_adapter(5)), "--version", "1.1.0", cwd=root)
+    assert clash.exit_code == 7
+    assert clash.stderr.strip() == (
+        "Error: support@v1.1.0 already exists and versions are immutable; register with --bump or another --version."
+    )
+    assert _gto_show(root) == {"support": {"latest": "v2.0.0", "stages": {}}}
+
+
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        (lambda d: (d / "adapter_model.safetensors").unlink(), "has no adapter_model.safetensors"),
+        (lambda d: (d / "adapter_model.bin").write_bytes(b"pickle"), "pickle-based weights are refused"),
+        (lambda d: (d / "adapter_config.json").write_text("{oops"), "adapter_config.json is not valid JSON"),
+        (lambda d: (d / "lineage.json").write_text("{}"), "has no base_model.fingerprint"),
+        (
+            lambda d: (d / "adapter_model.safetensors").write_bytes(
+                (d / "adapter_model.safetensors").read_bytes()[:-9]
+            ),
+            "is truncated",
+        ),
+        (lambda d: (d / "sub").mkdir(), "is not a plain file"),
+    ],
+)
+def test_add_refuses_an_invalid_folder_and_changes_nothing(
+    registry: Registry, make_adapter, tmp_path: Path, cli, breakage, message: str
+) -> None:
+    cli("add", "support", str(make_adapter(1)), cwd=registry.root)
+    head = _git(registry.root, "rev-parse", "HEAD")
+    broken = tmp_path / "broken"
+    shutil.copytree(make_adapter(2), broken)
+    breakage(broken)
+    result = cli("add", "support", str(broken), cwd=registry.root)
+    assert result.exit_code == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert _git(registry.root, "rev-parse", "HEAD") == head
+    assert _git(registry.root, "tag", "--list", "support@*").split() == ["support@v1.0.0"]
+    assert _sha(registry.root / "adapters" / "support") == _sha(make_adapter(1))
+
+
+def test_a_failure_while_registering_restores_the_workspace(
+    registry: Registry, make_adapter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry.add("support", make_adapter(1))
+    head = _git(registry.root, "rev-parse", "HEAD")
+
+    def broken_dvc(*_: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr("registry.store.track", broken_dvc)
+    with pytest.raises(OSError, match="disk full"):
+        registry.add("support", make_adapter(2))
+    assert _git(registry.root, "rev-parse", "HEAD") == head
+    assert _git(registry.root, "status", "--porcelain") == ""
+    assert _sha(registry.root / "adapters" / "support") == _sha(make_adapter(1))
+    assert [v.ref for v in registry.state().adapter("support").versions] == ["support@v1.0.0"]
+
+
+BAD_NAMES = ["../x", "a/b", "/etc/passwd", "", " ", "pir ate", "p\u0430rate", "x" * 65, "-x", "A", "a.b", "a@b"]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_names_that_try_tricks_are_refused_with_one_clear_line(
+    registry: Registry, make_adapter, cli, name: str
+) -> None:
+    result = cli("add", "--", name, str(make_adapter(1)), cwd=registry.root)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"Error: Adapter name {name!r} is not allowed;")
+    assert not any(p.name not in ("README.md",) for p in (registry.root / "adapters").iterdir())
+    assert cli("promote", "--stage", "prod", "--", f"{name}@v1.0.0", cwd=registry.root).exit_code == 2
+
+
+@pytest.mark.parametrize("ref", ["support@1.0", "support@v1.0.0.0", "support#Prod", "support#", "support#../x"])
+def test_malformed_references_are_refused(registry: Registry, cli, ref: str) -> None:
+    result = cli("show", ref, cwd=registry.root)
+    assert result.exit_code == 2 and "is not allowed" in result.stderr
+
+
+def test_list_log_show_and_their_json(registry: Registry, make_adapter, cli) -> None:
+    root = registry.root
+    registry.add("support", make_adapter(1), message="first cut")
+    registry.add("support", make_adapter(2), message="more data")
+    registry.add("contacts", make_adapter(3))
+    registry.promote("support@v1.0.0", "prod")
+    listed = json.loads(cli("list", "--json", cwd=root).output)
+    assert [(r["name"], r["latest"], r["versions"], r["stages"]) for r in listed] == [
+        ("contacts", "v1.0.0", 1, {}),
+        ("support", "v1.1.0", 2, {"prod": "v1.0.0"}),
+    ]
+    text = cli("list", cwd=root).output
+    assert "support" in text and "prod=v1.0.0" in text
+    log = json.loads(cli("log", "support", "--json", cwd=root).output)
+    assert [v["ref"] for v in log["versions"]] == ["support@v1.1.0", "support@v1.0.0"]
+    first = log["versions"][1]
+    assert first["message"] == "first cut" and first["author"] == "Ada Tester" and first["stages"] == ["prod"]
+    assert first["metrics"]["eval_loss_after"] == pytest.approx(0.5)
+    assert [(e["stage"], e["action"], e["version"]) for e in log["stage_history"]] == [("prod", "promote", "v1.0.0")]
+    shown = json.loads(cli("show", "support", "--json", cwd=root).output)  # a bare name means prod
+    assert shown["ref"] == "support@v1.0.0" and shown["rank"] == 4 and shown["stages"] == ["prod"]
+    assert json.loads(cli("show", "support@latest", "--json", cwd=root).output)["ref"] == "support@v1.1.0"
+    assert json.loads(cli("show", "contacts", "--json", cwd=root).output)["ref"] == "contacts@v1.0.0"
+    missing = cli("show", "support@v9.0.0", cwd=root)
+    assert missing.exit_code == 6 and "support@v9.0.0 is not registered; support has v1.0.0, v1.1.0." in missing.stderr
+    unknown = cli("log", "nope", cwd=root)
+    assert unknown.exit_code == 6 and "No adapter named 'nope'" in unknown.stderr
+
+
+def test_diff_reports_config_hyperparameters_metrics_lineage_and_files(registry: Registry, make_adapter, cli) -> None:
+    registry.add("support", make_adapter(1))
+    registry.add("support", make_adapter(2))
+    data = json.loads(cli("diff", "support@v1.0.0", "support@v1.1.0", "--json", cwd=registry.root).output)
+    assert data["left"] == "support@v1.0.0" and data["right"] == "support@v1.1.0"
+    assert data["hyperparameters"] == {"seed": [1, 2]}
+    assert data["metrics"]["train_loss"] == [2.0, 3.0]
+    assert data["lineage"]["dataset.sha256"] == [f"{1:064x}", f"{2:064x}"]
+    assert set(data["files"]) == {"adapter_model.safetensors", "lineage.json", "README.md"}
+    assert data["config"] == {}
+    text = cli("diff", "support@v1.0.0", "support@v1.1.0", cwd=registry.root).output
+    assert "hyperparameters.seed: 1 -> 2" in text
+
+
+def test_checkout_writes_the_exact_files_of_a_version(registry: Registry, make_adapter, tmp_path: Path, cli) -> None:
+    registry.add("support", make_adapter(1))
+    registry.add("support", make_adapter(2))
+    result = cli("checkout", "support@v1.0.0", "-o", str(tmp_path / "out"), cwd=registry.root)
+    assert result.exit_code == 0, result.output
+    assert _sha(tmp_path / "out") == _sha(make_adapter(1))
+    default = cli("checkout", "support@latest", cwd=tmp_path / "registry")
+    assert default.exit_code == 0 and _sha(registry.root / "support-v1.1.0") == _sha(make_adapter(2))
+    again = cli("checkout", "support@v1.0.0", "-o", str(tmp_path / "out"), cwd=registry.root)
+    assert again.exit_code == 7 and "is not empty" in again.stderr
+
+
+def test_promote_and_rollback_keep_history_and_agree_with_gto(registry: Registry, make_adapter, cli) -> None:
+    root = registry.root
+    for seed in (1, 2, 3):
+        registry.add("support", make_adapter(seed))
+    assert cli("promote", "support@v1.0.0", "--stage", "prod", cwd=root).output == "support#prod -> v1.0.0.\n"
+    assert (
+        cli("promote", "support@v1.1.0", "--stage", "prod", cwd=root).output == "support#prod -> v1.1.0 (was v1.0.0).\n"
+    )
+    assert cli("promote", "support@v1.2.0", "--stage", "prod", cwd=root).exit_code == 0
+    assert cli("promote", "support@latest", "--stage", "staging", cwd=root).exit_code == 0
+    assert _gto_show(root)["support"]["stages"] == {"prod": "v1.2.0", "staging": "v1.2.0"}
+    back = cli("rollback", "support", "--stage", "prod", cwd=root)
+    assert back.output == "support#prod -> v1.1.0 (rolled back from v1.2.0).\n"
+    assert _gto_show(root)["support"]["stages"] == {"prod": "v1.1.0", "staging": "v1.2.0"}
+    assert registry.state().resolve("support").ref == "support@v1.1.0"
+    assert cli("rollback", "support", "--stage", "prod", cwd=root).exit_code == 0
+    assert registry.state().resolve("support#prod").ref == "support@v1.0.0"
+    nothing = cli("rollback", "support", "--stage", "prod", cwd=root)
+    assert nothing.exit_code == 6 and "nothing earlier to return to" in nothing.stderr
+    assert cli("rollback", "support", "--stage", "prod", "--to", "support@v1.2.0", cwd=root).exit_code == 0
+    assert _gto_show(root)["support"]["stages"]["prod"] == "v1.2.0"
+    events = json.loads(cli("log", "support", "--json", cwd=root).output)["stage_history"]
+    prod = [(e["action"], e["version"]) for e in reversed(events) if e["stage"] == "prod" and e["action"] != "unassign"]
+    assert prod == [
+        ("promote", "v1.0.0"),
+        ("promote", "v1.1.0"),
+        ("promote", "v1.2.0"),
+        ("rollback", "v1.1.0"),
+        ("rollback", "v1.0.0"),
+        ("rollback", "v1.2.0"),
+    ]
+    assert cli("rollback", "support", "--stage", "canary", cwd=root).exit_code == 6
+    assert json.loads(cli("list", "--json", cwd=root).output)[0]["stages"] == {"prod": "v1.2.0", "staging": "v1.2.0"}
+
+
+def test_commands_outside_a_registry_say_what_to_run(tmp_path: Path, cli) -> None:
+    result = cli("list", cwd=tmp_path)
+    assert result.exit_code == 5
+    assert result.stderr.strip() == (
+        f"Error: {tmp_path.resolve()} is not inside an adapter repository; run `adapters init` or `adapters clone URL`."
+    )
+
+
+def test_registry_commands_never_import_torch(registry: Registry, make_adapter) -> None:
+    registry.add("support", make_adapter(1))
+    probe = (
+        "import sys; from registry.cli import main\n"
+        "for args in (['list'], ['log', 'support'], ['show', 'support'], ['status'], ['list', '--json']):\n"
+        "    try: main(args)\n"
+        "    except SystemExit as exit: assert exit.code == 0, (args, exit.code)\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "print('torch-free')"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=registry.root, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith("torch-free")
+
+
+def test_a_second_command_waits_for_the_lock_instead_of_failing(registry: Registry, make_adapter) -> None:
+    import fcntl
+
+    registry.add("support", make_adapter(1))
+    with open(registry.git.git_dir / "adapters.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        waiting = subprocess.Popen(
+            [sys.executable, "-m", "registry.cli", "promote", "support", "--stage", "prod"],
+            cwd=registry.root,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        first_line = waiting.stderr.readline()
+        assert "Waiting for another adapters command" in first_line
+        assert waiting.poll() is None
+    out, _ = waiting.communicate(timeout=60)
+    assert waiting.returncode == 0 and out == "support#prod -> v1.0.0.\n"
+
+
+def test_subprocess_cli_exit_codes_and_single_error_line(registry: Registry) -> None:
+    proc = adapters_cli("rollback", "ghost", "--stage", "prod", cwd=registry.root)
+    assert proc.returncode == 6
+    assert proc.stderr.strip().splitlines() == ["Error: No adapter named 'ghost' in this registry (known: none yet)."]
+
+
+def test_version_and_stage_errors_are_typed(registry: Registry, make_adapter) -> None:
+    registry.add("support", make_adapter(1))
+    with pytest.raises(Conflict):
+        registry.add("support", make_adapter(2), version="1.0.0")
+    with pytest.raises(InvalidAdapter):
+        registry.add("support", make_adapter(2).parent)
+    with pytest.raises(NotFound):
+        registry.state().resolve("support#prod")

@@ -1,0 +1,269 @@
+"""Push, pull and clone against a real bare git remote with its DVC storage: exact bytes, races, corruption."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import threading
+from pathlib import Path
+
+from conftest import adapters_cli
+
+from registry.repo import Registry
+
+
+def _sha(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def _git(root: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout
+
+
+def _tree_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def _remote_tags(origin: Path) -> list[str]:
+    return sorted(_git(origin, "tag", "--list").split())
+
+
+def test_push_then_clone_gives_byte_exact_versions(registry: Registry, make_adapter, tmp_path: Path, cli) -> None:
+    registry.add("support", make_adapter(1))
+    registry.add("support", make_adapter(2))
+    registry.promote("support@v1.0.0", "prod")
+    pushed = cli("push", cwd=registry.root)
+    assert pushed.exit_code == 0, pushed.output
+    assert "support@v1.0.0" in pushed.output and "support#prod#1" in pushed.output
+    origin = tmp_path / "origin.git"
+    assert _remote_tags(origin) == ["support#prod#1", "support@v1.0.0", "support@v1.1.0"]
+    cloned = cli("clone", str(origin), str(tmp_path / "teammate"), cwd=tmp_path)
+    assert cloned.exit_code == 0, cloned.output
+    mate = tmp_path / "teammate"
+    assert json.loads(cli("list", "--json", cwd=mate).output)[0]["stages"] == {"prod": "v1.0.0"}
+    assert _sha(mate / "adapters" / "support") == _sha(make_adapter(2))  # the workspace holds the branch's version
+    assert cli("checkout", "support#prod", "-o", str(tmp_path / "prod"), cwd=mate).exit_code == 0
+    assert _sha(tmp_path / "prod") == _sha(make_adapter(1))
+    assert cli("status", "--json", cwd=mate).exit_code == 0
+    assert json.loads(cli("status", "--json", cwd=mate).output) == {
+        "remote": "origin",
+        "unpushed_tags": [],
+        "missing_locally": [],
+        "missing_on_remote": [],
+        "remote_only_tags": [],
+    }
+
+
+def test_pushing_an_unchanged_registry_moves_no_bytes(registry: Registry, make_adapter, tmp_path: Path, cli) -> None:
+    registry.add("support", make_adapter(1))
+    assert cli("push", cwd=registry.root).exit_code == 0
+    origin = tmp_path / "origin.git"
+    before = _tree_bytes(origin)
+    again = cli("push", cwd=registry.root)
+    assert again.exit_code == 0 and again.output == "Everything is already on origin.\n"
+    assert _tree_bytes(origin) == before
+    registry.add("support", make_adapter(2))
+    status = json.loads(cli("status", "--json", cwd=registry.root).output)
+    assert status["unpushed_tags"] == ["support@v1.1.0"]
+    before = _tree_bytes(origin / "dvc")
+    assert cli("push", cwd=registry.root).exit_code == 0
+    first = {hashlib.md5(p.read_bytes()).hexdigest() for p in make_adapter(1).iterdir()}
+    new_bytes = sum(
+        p.stat().st_size for p in make_adapter(2).iterdir() if hashlib.md5(p.read_bytes()).hexdigest() not in first
+    )
+    grown = _tree_bytes(origin / "dvc") - before
+    assert new_bytes <= grown <= new_bytes + 1024  # only the new version's new files, plus its small file list
+
+
+def test_push_of_selected_names_still_uploads_everything_the_branch_points_at(
+    registry: Registry, make_adapter, tmp_path: Path, cli
+) -> None:
+    registry.add("support", make_adapter(1))
+    registry.add("contacts", make_adapter(2))
+    assert cli("push", "contacts", cwd=registry.root).exit_code == 0
+    assert _remote_tags(tmp_path / "origin.git") == ["contacts@v1.0.0"]
+    # The branch went too, and it names support's files: they must be on the remote already.
+    cloned = cli("clone", str(tmp_path / "origin.git"), str(tmp_path / "mate"), cwd=tmp_path)
+    assert cloned.exit_code == 0, cloned.output
+    assert _sha(tmp_path / "mate" / "adapters" / "support") == _sha(make_adapter(1))
+
+
+def test_a_published_version_cannot_be_changed(registry: Registry, make_adapter, tmp_path: Path, cli) -> None:
+    registry.add("support", make_adapter(1))
+    assert cli("push", cwd=registry.root).exit_code == 0
+    # Rewrite history locally: the same version name now points at other files.
+    _git(registry.root, "tag", "-d", "support@v1.0.0")
+    _git(registry.root, "commit", "--allow-empty", "-qm", "other")
+    _git(registry.root, "tag", "-a", "support@v1.0.0", "-m", "forged")
+    result = cli("push", cwd=registry.root)
+    assert result.exit_code == 7
+    assert "support@v1.0.0 on origin points at another commit; versions are immutable" in result.stderr
+
+
+def test_rollback_on_one_clone_reaches_another_with_the_old_bytes(
+    registry: Registry, make_adapter, tmp_path: Path, cli
+) -> None:
+    registry.add("support", make_adapter(1))
+    registry.promote("support@v1.0.0", "prod")
+    registry.add("support", make_adapter(2))
+    registry.promote("support@v1.1.0", "prod")
+    assert cli("push", cwd=registry.root).exit_code == 0
+    origin = str(tmp_path / "origin.git")
+    assert cli("clone", origin, str(tmp_path / "server"), cwd=tmp_path).exit_code == 0
+    server = tmp_path / "server"
+    assert cli("checkout", "support#prod", "-o", str(tmp_path / "before"), cwd=server).exit_code == 0
+    assert _sha(tmp_path / "before") == _sha(make_adapter(2))
+
+    assert cli("rollback", "support", "--stage", "prod", cwd=registry.root).exit_code == 0
+    assert cli("push", cwd=registry.root).exit_code == 0
+
+    pulled = cli("pull", "support#prod", cwd=server)
+    assert pulled.exit_code == 0, pulled.output
+    assert "support@v1.0.0" in pulled.output
+    assert cli("checkout", "support#prod", "-o", str(tmp_path / "after"), cwd=server).exit_code == 0
+    assert _sha(tmp_path / "after") == _sha(make_adapter(1))
+
+
+def test_pull_on_a_fresh_clone_fetches_only_what_was_asked(
+    registry: Registry, make_adapter, tmp_path: Path, cli
+) -> None:
+    for seed in (1, 2, 3):
+        registry.add("support", make_adapter(seed))
+    registry.promote("support@v1.0.0", "prod")
+    assert cli("push", cwd=registry.root).exit_code == 0
+    mate = tmp_path / "mate"
+    _git(tmp_path, "clone", "-q", str(tmp_path / "origin.git"), str(mate))
+    result = cli("pull", "support#prod", cwd=mate)
+    assert result.exit_code == 0, result.output
+    missing = json.loads(cli("status", "--json", cwd=mate).output)["missing_locally"]
+    assert missing == ["support@v1.1.0"]  # prod (asked) and v1.2.0 (the branch's workspace copy) are here
+
+
+def test_a_corrupt_object_on_the_remote_fails_pull_and_changes_nothing(
+    registry: Registry, make_adapter, tmp_path: Path, cli
+) -> None:
+    registry.add("support", make_adapter(1))
+    assert cli("push", cwd=registry.root).exit_code == 0
+    mate = tmp_path / "mate"
+    assert cli("clone", str(tmp_path / "origin.git"), str(mate), cwd=tmp_path).exit_code == 0
+    registry.add("support", make_adapter(2))
+    assert cli("push", cwd=registry.root).exit_code == 0
+    weights = hashlib.md5((make_adapter(2) / "adapter_model.safetensors").read_bytes()).hexdigest()
+    stored = tmp_path / "origin.git" / "dvc" / "files" / "md5" / weights[:2] / weights[2:]
+    stored.chmod(0o644)
+    stored.write_bytes(b"\0" + stored.read_bytes()[1:])  # one flipped byte, same size
+
+    head = _git(mate, "rev-parse", "HEAD")
+    result = cli("pull", cwd=mate)
+    assert result.exit_code == 8
+    assert result.stderr.strip() == (
+        "Error: support@v1.1.0: its files are missing or corrupt on the DVC remote; "
+        "push them again from a clone that has them; nothing was changed."
+    )
+    assert _git(mate, "rev-parse", "HEAD") == head
+    assert _sha(mate / "adapters" / "support") == _sha(make_adapter(1))
+    assert not any(p.name == weights[2:] for p in (mate / ".dvc" / "cache").rglob("*"))  # the bad copy was not kept
+    # A push from a clone that has the good copy repairs the remote.
+    assert cli("push", cwd=registry.root).exit_code == 0  # re-uploads what the branch's versions lack
+    assert cli("pull", cwd=mate).exit_code == 0
+    assert _sha(mate / "adapters" / "support") == _sha(make_adapter(2))
+
+
+def test_objects_missing_on_the_remote_fail_pull_with_a_clear_error(
+    registry: Registry, make_adapter, tmp_path: Path, cli
+) -> None:
+    registry.add("support", make_adapter(1))
+    assert cli("push", cwd=registry.root).exit_code == 0
+    for path in (tmp_path / "origin.git" / "dvc").rglob("*"):
+        if path.is_file():
+            path.unlink()
+    result = cli("clone", str(tmp_path / "origin.git"), str(tmp_path / "mate"), cwd=tmp_path)
+    assert result.exit_code == 8
+    assert "support@v1.0.0: its files are missing or corrupt on the DVC remote" in result.stderr
+    status = json.loads(cli("status", "--json", cwd=registry.root).output)
+    assert status["missing_on_remote"] == ["support@v1.0.0"]
+
+
+def test_two_concurrent_pushers_one_wins_the_other_pulls_and_no_version_is_lost(
+    registry: Registry, make_adapter, tmp_path: Path, cli
+) -> None:
+    registry.add("support", make_adapter(1))
+    assert cli("push", cwd=registry.root).exit_code == 0
+    origin = str(tmp_path / "origin.git")
+    alice, bob = tmp_path / "alice", tmp_path / "bob"
+    for who in (alice, bob):
+        assert cli("clone", origin, str(who), cwd=tmp_path).exit_code == 0
+    assert cli("add", "support", str(make_adapter(2)), cwd=alice).exit_code == 0  # support@v1.1.0
+    assert cli("add", "contacts", str(make_adapter(3)), cwd=bob).exit_code == 0
+    assert cli("add", "support", str(make_adapter(4)), "--version", "2.0.0", cwd=bob).exit_code == 0
+
+    results: dict[str, subprocess.CompletedProcess] = {}
+    start = threading.Barrier(2)
+
+    def push(who: Path) -> None:
+        start.wait()
+        results[who.name] = adapters_cli("push", cwd=who)
+
+    threads = [threading.Thread(target=push, args=(who,)) for who in (alice, bob)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    codes = sorted(r.returncode for r in results.values())
+    assert codes == [0, 7], {k: (r.returncode, r.stderr) for k, r in results.items()}
+    loser = next(who for who in (alice, bob) if results[who.name].returncode == 7)
+    assert results[loser.name].stderr.strip() == (
+        "Error: origin has versions or commits this registry lacks; run `adapters pull`, then push again."
+    )
+    assert cli("pull", cwd=loser).exit_code == 0
+    assert cli("push", cwd=loser).exit_code == 0
+    assert _remote_tags(tmp_path / "origin.git") == [
+        "contacts@v1.0.0", "support@v1.0.0", "support@v1.1.0", "support@v2.0.0",
+    ]  # fmt: skip
+    fresh = tmp_path / "fresh"
+    assert cli("clone", origin, str(fresh), cwd=tmp_path).exit_code == 0
+    for ref, seed in (("support@v1.1.0", 2), ("contacts@v1.0.0", 3), ("support@v2.0.0", 4)):
+        out = tmp_path / f"check-{seed}"
+        assert cli("checkout", ref, "-o", str(out), cwd=fresh).exit_code == 0
+        assert _sha(out) == _sha(make_adapter(seed))
+    assert _sha(fresh / "adapters" / "support") == _sha(make_adapter(4))
+    assert _sha(fresh / "adapters" / "contacts") == _sha(make_adapter(3))
+
+
+def test_the_same_version_registered_in_two_clones_is_renumbered_not_lost(
+    registry: Registry, make_adapter, tmp_path: Path, cli
+) -> None:
+    registry.add("support", make_adapter(1))
+    assert cli("push", cwd=registry.root).exit_code == 0
+    origin = str(tmp_path / "origin.git")
+    mate = tmp_path / "mate"
+    assert cli("clone", origin, str(mate), cwd=tmp_path).exit_code == 0
+    registry.add("support", make_adapter(2))  # support@v1.1.0 here...
+    assert cli("add", "support", str(make_adapter(3)), cwd=mate).exit_code == 0  # ...and there
+    assert cli("push", cwd=registry.root).exit_code == 0
+    assert cli("push", cwd=mate).exit_code == 7
+    pulled = cli("pull", cwd=mate)
+    assert pulled.exit_code == 0, pulled.output
+    assert "support@v1.1.0 was also registered on origin; yours is now support@v1.1.1." in pulled.output
+    assert cli("push", cwd=mate).exit_code == 0
+    out = tmp_path / "mine"
+    assert cli("checkout", "support@v1.1.1", "-o", str(out), cwd=mate).exit_code == 0
+    assert _sha(out) == _sha(make_adapter(3))
+    theirs = tmp_path / "theirs"
+    assert cli("checkout", "support@v1.1.0", "-o", str(theirs), cwd=mate).exit_code == 0
+    assert _sha(theirs) == _sha(make_adapter(2))
+
+
+def test_train_inside_a_registry_registers_the_new_version(
+    registry: Registry, tiny_base: Path, json_data: Path, cli
+) -> None:
+    args = ["--data", str(json_data), "--base", str(tiny_base), "--max-steps", "2", "--seq-len", "64"]
+    result = cli("train", "people", *args, "-m", "first run", cwd=registry.root)
+    assert result.exit_code == 0, result.output
+    assert f"Registered people@v1.0.0 in {registry.root}." in result.output
+    assert cli("train", "people", *args, "--overwrite", cwd=registry.root).exit_code == 0
+    log = json.loads(cli("log", "people", "--json", cwd=registry.root).output)
+    assert [v["ref"] for v in log["versions"]] == ["people@v1.1.0", "people@v1.0.0"]
+    assert log["versions"][1]["message"] == "first run"
+    assert log["versions"][0]["metrics"]["eval_loss_after"] is not None
