@@ -1,0 +1,208 @@
+"""S3-compatible DVC storage: moto's server on 127.0.0.1 behind a small proxy that counts and slows requests."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+from registry.repo import Registry
+from registry.sync import set_remote
+
+BUCKET = "adapters"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _sha(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint() -> Iterator[str]:
+    """moto's S3 server on a free loopback port, with a bucket; credentials are moto's dummies."""
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert time.monotonic() < deadline and server.poll() is None, "moto server did not start"
+            time.sleep(0.2)
+    conn = http.client.HTTPConnection("127.0.0.1", port)
+    conn.request("PUT", f"/{BUCKET}")
+    assert conn.getresponse().status == 200
+    yield f"http://127.0.0.1:{port}"
+    server.terminate()
+    server.wait(timeout=10)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+class Proxy:
+    """Forwards HTTP to moto; counts requests by method and can delay each one (a slow link)."""
+
+    def __init__(self, upstream: str, delay: float = 0.0) -> None:
+        self.upstream = upstream.removeprefix("http://")
+        self.delay = delay
+        self.counts: Counter[str] = Counter()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # so boto's "Expect: 100-continue" uploads get their go-ahead
+
+            def _body(self) -> bytes | None:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    chunks = []
+                    while size := int(self.rfile.readline().split(b";")[0], 16):
+                        chunks.append(self.rfile.read(size))
+                        self.rfile.readline()
+                    self.rfile.readline()
+                    return b"".join(chunks)
+                length = int(self.headers.get("Content-Length") or 0)
+                return self.rfile.read(length) if length else None
+
+            def _forward(self) -> None:
+                body = self._body()
+                time.sleep(proxy.delay)
+                conn = http.client.HTTPConnection(proxy.upstream, timeout=60)
+                dropped = ("host", "expect", "transfer-encoding", "content-length")
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in dropped}
+                conn.request(self.command, self.path, body=body, headers=headers)
+                reply = conn.getresponse()
+                data = reply.read()
+                self.send_response(reply.status)
+                for key, value in reply.getheaders():
+                    if key.lower() not in ("content-length", "connection", "transfer-encoding", "server", "date"):
+                        self.send_header(key, value)
+                # A HEAD reply has no body but must still tell the object's size.
+                length = reply.getheader("Content-Length") if self.command == "HEAD" else None
+                self.send_header("Content-Length", length or str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                proxy.counts[self.command] += 1
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+@pytest.fixture
+def s3_registry(tmp_path: Path, moto_endpoint: str) -> Iterator[tuple[Registry, Proxy]]:
+    """A registry whose git remote is a local bare repository and whose DVC storage is S3 (through the proxy)."""
+    proxy = Proxy(moto_endpoint)
+    reg, _ = Registry.init(tmp_path / "registry")
+    prefix = f"s3://{BUCKET}/{tmp_path.name}"
+    set_remote(reg, "origin", str(tmp_path / "origin.git"), prefix, {"endpointurl": proxy.url})
+    yield reg, proxy
+    proxy.close()
+
+
+def test_s3_round_trip_and_an_unchanged_push_uploads_nothing(s3_registry, make_adapter, tmp_path: Path, cli) -> None:
+    registry, proxy = s3_registry
+    listed = cli("remote", "list", cwd=registry.root).output
+    assert f"dvc s3://{BUCKET}/{tmp_path.name}" in listed
+    registry.add("support", make_adapter(1))
+    registry.add("support", make_adapter(2))
+    registry.promote("support@v1.0.0", "prod")
+    pushed = cli("push", cwd=registry.root)
+    assert pushed.exit_code == 0, pushed.output
+    assert proxy.counts["PUT"] >= 5  # each distinct file and the two file lists
+    proxy.counts.clear()
+    again = cli("push", cwd=registry.root)
+    assert again.exit_code == 0 and again.output == "Everything is already on origin.\n"
+    assert proxy.counts["PUT"] == 0 and proxy.counts["POST"] == 0
+    mate = tmp_path / "mate"
+    cloned = cli("clone", str(tmp_path / "origin.git"), str(mate), cwd=tmp_path)
+    assert cloned.exit_code == 0, cloned.output
+    assert cli("checkout", "support#prod", "-o", str(tmp_path / "prod"), cwd=mate).exit_code == 0
+    assert _sha(tmp_path / "prod") == _sha(make_adapter(1))
+    assert _sha(mate / "adapters" / "support") == _sha(make_adapter(2))
+
+
+def test_a_push_killed_part_way_leaves_no_remote_ref_and_completes_when_re_run(
+    s3_registry, make_adapter, tmp_path: Path, cli
+) -> None:
+    registry, proxy = s3_registry
+    for name, seeds in (("support", (1, 2, 3)), ("contacts", (4, 5))):
+        for seed in seeds:
+            registry.add(name, make_adapter(seed))
+    proxy.delay = 0.25  # a slow link: the upload takes seconds
+    child = subprocess.Popen(
+        [sys.executable, "-m", "registry.cli", "push"],
+        cwd=registry.root,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 120
+    while proxy.counts["PUT"] < 3:
+        assert child.poll() is None, child.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    origin = tmp_path / "origin.git"
+    ls_remote = subprocess.run(["git", "ls-remote", str(origin)], capture_output=True, text=True, check=True)
+    assert ls_remote.stdout == ""  # objects go first: no ref was published
+    proxy.delay = 0.0
+    rerun = cli("push", cwd=registry.root)
+    assert rerun.exit_code == 0, rerun.output
+    assert "support@v1.2.0" in rerun.output and "contacts@v1.1.0" in rerun.output
+    mate = tmp_path / "mate"
+    assert cli("clone", str(origin), str(mate), cwd=tmp_path).exit_code == 0
+    for ref, seed in (("support@v1.0.0", 1), ("support@v1.1.0", 2), ("contacts@v1.0.0", 4)):
+        out = tmp_path / f"out-{seed}"
+        assert cli("checkout", ref, "-o", str(out), cwd=mate).exit_code == 0
+        assert _sha(out) == _sha(make_adapter(seed))
+    assert _sha(mate / "adapters" / "support") == _sha(make_adapter(3))
+
+
+def test_an_unreachable_s3_endpoint_is_one_clear_error(tmp_path: Path, make_adapter, cli, moto_endpoint: str) -> None:
+    registry, _ = Registry.init(tmp_path / "registry")
+    dead = f"http://127.0.0.1:{_free_port()}"
+    set_remote(registry, "origin", str(tmp_path / "origin.git"), f"s3://{BUCKET}/x", {"endpointurl": dead})
+    registry.add("support", make_adapter(1))
+    result = cli("push", cwd=registry.root)
+    assert result.exit_code == 9
+    assert result.stderr.startswith("Error: push of adapter files failed:")
+    assert len(result.stderr.strip().splitlines()) == 1
+    ls_remote = subprocess.run(["git", "ls-remote", str(tmp_path / "origin.git")], capture_output=True, text=True)
+    assert ls_remote.stdout == ""
