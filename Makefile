@@ -25,6 +25,7 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/train_memory.py
+	$(BIN)/python bench/registry.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,7 +1,12 @@
-"""The demo: train a pirate-voice LoRA adapter on the embedded SmolLM2-135M-Instruct, then compare answers."""
+"""The demo: train pirate-voice LoRA adapters on the embedded SmolLM2-135M-Instruct, version them like code.
+
+Train two versions inside a fresh adapter repository, promote, push to a local remote, clone it as a
+server would, pull `pirate#prod`, compare answers, roll back, pull again. Everything happens in a temp folder.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import subprocess
 import sys
@@ -19,9 +24,13 @@ def _step(title: str) -> None:
     print(f"\n=== {title}", flush=True)
 
 
-def _run(*args: str) -> None:
-    print("$ adapters " + " ".join(args), flush=True)
-    subprocess.run([str(ADAPTERS), *args], check=True, cwd=ROOT)
+def _run(*args: str, cwd: Path) -> None:
+    print(f"$ adapters {' '.join(args)}", flush=True)
+    subprocess.run([str(ADAPTERS), *args], check=True, cwd=cwd)
+
+
+def _sha(folder: Path) -> str:
+    return hashlib.sha256((folder / "adapter_model.safetensors").read_bytes()).hexdigest()[:16]
 
 
 def _columns(left: str, right: str) -> str:
@@ -33,44 +42,78 @@ def _columns(left: str, right: str) -> str:
     return "\n".join(f"  {a:<{COLUMN}} | {b}" for a, b in zip(lefts, rights))
 
 
+TRAIN = ["--data", str(ROOT / "examples" / "pirate.jsonl"), "--lr", "1e-3", "--batch-size", "8", "--seq-len", "256"]
+
+
 def main() -> None:
     started = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="adapters-demo-"))
-    adapter = work / "pirate"
+    registry, server, origin = work / "registry", work / "server", work / "origin.git"
     try:
         _step("1. The embedded base model (converted from its GGUF once, then cached)")
-        _run("models", "prepare")
+        _run("models", "prepare", cwd=work)
 
-        _step("2. Train a LoRA adapter on examples/pirate.jsonl (one epoch)")
+        _step("2. An adapter repository (git + DVC) with a local remote")
+        _run("init", str(registry), cwd=work)
+        _run("remote", "add", "origin", str(origin), cwd=registry)
+
+        _step("3. Train twice inside it: each run is registered as a new version")
         _run(
             "train",
             "pirate",
-            "--data",
-            "examples/pirate.jsonl",
+            *TRAIN,
+            "--max-steps",
+            "8",
+            "-o",
+            str(work / "runs" / "v1"),
+            "-m",
+            "quick cut",
+            cwd=registry,
+        )
+        _run("promote", "pirate@v1.0.0", "--stage", "prod", cwd=registry)
+        _run(
+            "train",
+            "pirate",
+            *TRAIN,
             "--epochs",
             "1",
-            "--lr",
-            "1e-3",
-            "--batch-size",
-            "8",
-            "--seq-len",
-            "256",
-            "--output",
-            str(adapter),
+            "-o",
+            str(work / "runs" / "v2"),
+            "-m",
+            "full epoch",
+            cwd=registry,
         )
-        print(f"\nFiles: {', '.join(sorted(p.name for p in adapter.iterdir()))}")
+        _run("promote", "pirate@v1.1.0", "--stage", "prod", cwd=registry)
+        _run("log", "pirate", cwd=registry)
 
-        _step("3. Held-out questions: base model vs base + adapter (greedy)")
+        _step("4. Push (adapter files first, then git refs), clone as a server would, pull pirate#prod")
+        _run("push", cwd=registry)
+        _run("clone", str(origin), str(server), cwd=work)
+        _run("pull", "pirate#prod", cwd=server)
+        _run("checkout", "pirate#prod", "-o", str(work / "prod-before"), cwd=server)
+        print(f"pirate#prod on the server: adapter_model.safetensors sha256 {_sha(work / 'prod-before')}...")
+
+        _step("5. Held-out questions: base model vs base + pirate#prod (greedy)")
         from train import compare
         from train.base import resolve_base
 
-        model, tokenizer = compare.load(resolve_base(None), adapter)
+        model, tokenizer = compare.load(resolve_base(None), work / "prod-before")
         questions = (ROOT / "examples" / "pirate_heldout.txt").read_text().splitlines()[:4]
         for question, (plain, pirate) in zip(questions, compare.side_by_side(model, tokenizer, questions, 64)):
             print(f"\nQ: {question}")
-            print(_columns("base", "pirate adapter"))
-            print(_columns("-" * 4, "-" * 14))
+            print(_columns("base", "pirate#prod adapter"))
+            print(_columns("-" * 4, "-" * 19))
             print(_columns(plain, pirate))
+
+        _step("6. Roll prod back to the previous version, push, and pull again on the server")
+        _run("rollback", "pirate", "--stage", "prod", cwd=registry)
+        _run("push", cwd=registry)
+        _run("pull", "pirate#prod", cwd=server)
+        _run("show", "pirate#prod", cwd=server)
+        _run("checkout", "pirate#prod", "-o", str(work / "prod-after"), cwd=server)
+        if _sha(work / "prod-after") != _sha(work / "runs" / "v1"):
+            raise SystemExit("pirate#prod on the server does not match the v1.0.0 training output")
+        print(f"pirate#prod on the server now: sha256 {_sha(work / 'prod-after')}..., byte-identical to v1.0.0")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"\nDemo finished in {time.monotonic() - started:.0f} s.")

@@ -61,7 +61,10 @@ def remote_list(as_json: bool) -> None:
 def clone(url: str, directory: Path | None) -> None:
     """Clone the adapter repository at URL and pull every stage head and latest version."""
     registry, result = sync.clone(url, directory, [])
-    click.echo(f"Cloned into {registry.root}; {len(result.versions)} versions ready ({result.files} files fetched).")
+    count = len(result.versions)
+    click.echo(
+        f"Cloned into {registry.root}; {count} version{'s' * (count != 1)} ready ({result.files} files fetched)."
+    )
 
 
 @click.command()

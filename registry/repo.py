@@ -86,9 +86,10 @@ class Registry:
                 if dvc_url:
                     store.configure_remote(root, "origin", dvc_url, {}, default=True)
                     done.append(f"DVC remote 'origin' -> {dvc_url}")
-            registry.git.run("add", ".dvc/config", ".dvc/.gitignore", ".dvcignore", f"{ADAPTERS_DIR}/README.md")
-            if not registry.git.ok("diff", "--cached", "--quiet"):
-                registry.git.run("commit", "--quiet", "-m", "Initialise the adapter registry")
+            paths = [".dvc/config", ".dvc/.gitignore", ".dvcignore", f"{ADAPTERS_DIR}/README.md"]
+            registry.git.run("add", *paths)
+            if not registry.git.ok("diff", "--cached", "--quiet", "--", *paths):
+                registry.git.run("commit", "--quiet", "-m", "Initialise the adapter registry", "--", *paths)
                 done.append("committed")
         return registry, done
 

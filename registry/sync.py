@@ -11,7 +11,7 @@ from urllib.parse import urlparse
 import yaml
 
 from registry import store
-from registry.errors import Conflict, RegistryError, RemoteError
+from registry.errors import Conflict, NotFound, RegistryError, RemoteError
 from registry.git import Git, Tag
 from registry.names import Ref, check_name
 from registry.refs import _ASSIGN, _REGISTER, AdapterVersion, State
@@ -82,7 +82,7 @@ def resolve_remote(registry: Registry, remote: str | None) -> str:
         _, remote = store.remotes(registry.root)
     remote = remote or "origin"
     if remote not in registry.git.run("remote").split():
-        raise RegistryError(f"No remote named {remote!r}; add one with `adapters remote add {remote} URL`.")
+        raise NotFound(f"No remote named {remote!r}; add one with `adapters remote add {remote} URL`.")
     return remote
 
 
@@ -202,8 +202,8 @@ def pull(registry: Registry, refs: list[str], remote: str | None = None) -> Pull
         # Everything needed is here and verified: now change refs and the workspace.
         for name, tag in theirs.items():
             mine = ours.get(name)
-            if mine and mine.commit != tag.commit:
-                result.renumbered[name] = _renumber(git, mine, merged)
+            if mine and mine.commit != tag.commit:  # numbered against every tag so far, renumbered ones too
+                result.renumbered[name] = _renumber(git, mine, State([*theirs.values(), *git.tags()]))
             if not mine or mine.commit != tag.commit:
                 git.run("update-ref", f"refs/tags/{name}", f"{_REMOTE_TAGS}/{remote}/{name}")
                 result.new_tags.append(name)

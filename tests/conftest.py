@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,19 +19,34 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 
 
+@contextmanager
+def environment(**values: str) -> Iterator[None]:
+    """Set environment variables for a while, then put back what was there."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 @pytest.fixture(autouse=True, scope="session")
 def adapters_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Point the user cache at a temp folder for the whole session; never touch the real one."""
     home = tmp_path_factory.mktemp("adapters-home")
-    saved = {key: os.environ.get(key) for key in ("ADAPTERS_HOME", "HF_HUB_OFFLINE")}
-    os.environ["ADAPTERS_HOME"] = str(home)
-    os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach the network
-    yield home
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with environment(ADAPTERS_HOME=str(home), HF_HUB_OFFLINE="1"):  # tests never reach the network
+        yield home
+
+
+@pytest.fixture(autouse=True)
+def in_temp_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run each test from its own temp folder: this repository is itself an adapter repository, and
+    `adapters train` registers into the repository around the current folder."""
+    monkeypatch.chdir(tmp_path)
 
 
 @pytest.fixture(scope="session")
@@ -130,20 +147,9 @@ def json_data(tmp_path: Path) -> Path:
 @pytest.fixture(autouse=True, scope="session")
 def git_identity() -> Iterator[None]:
     """Commits and tags need an author; a fresh CI machine has no git identity configured."""
-    values = {
-        "GIT_AUTHOR_NAME": "Ada Tester",
-        "GIT_AUTHOR_EMAIL": "ada@example.com",
-        "GIT_COMMITTER_NAME": "Ada Tester",
-        "GIT_COMMITTER_EMAIL": "ada@example.com",
-    }
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    yield
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    name, email = "Ada Tester", "ada@example.com"
+    with environment(GIT_AUTHOR_NAME=name, GIT_AUTHOR_EMAIL=email, GIT_COMMITTER_NAME=name, GIT_COMMITTER_EMAIL=email):
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -215,3 +221,15 @@ def registry(tmp_path: Path) -> Any:
     reg, _ = Registry.init(tmp_path / "registry")
     set_remote(reg, "origin", str(tmp_path / "origin.git"), None, {})
     return reg
+
+
+def sha_tree(folder: Path) -> dict[str, str]:
+    """sha256 of every file in a folder, by name: equal dicts mean byte-identical adapters."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def assert_checks_out(cli: Callable[..., Any], clone: Path, ref: str, expected: Path, out: Path) -> None:
+    """`adapters checkout REF` in CLONE writes exactly the files of EXPECTED."""
+    result = cli("checkout", ref, "-o", str(out), cwd=clone)
+    assert result.exit_code == 0, result.output
+    assert sha_tree(out) == sha_tree(expected)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -12,15 +11,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, adapters_cli
+from conftest import ROOT, adapters_cli, sha_tree
 
 from registry.errors import Conflict, NotFound
 from registry.folder import InvalidAdapter
 from registry.repo import Registry
-
-
-def _sha(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
 def _git(root: Path, *args: str) -> str:
@@ -98,7 +93,7 @@ def test_add_registers_an_immutable_version_that_dvc_and_gto_understand(registry
     assert result.exit_code == 0, result.output
     assert result.output.startswith("Registered support@v1.0.0 (")
     root = registry.root
-    assert _sha(root / "adapters" / "support") == _sha(source)
+    assert sha_tree(root / "adapters" / "support") == sha_tree(source)
     project = yaml.safe_load((root / "dvc.yaml").read_text())
     assert project["artifacts"]["support"]["path"] == "adapters/support"
     assert project["artifacts"]["support"]["type"] == "model"
@@ -149,7 +144,7 @@ def test_add_refuses_an_invalid_folder_and_changes_nothing(
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert _git(registry.root, "rev-parse", "HEAD") == head
     assert _git(registry.root, "tag", "--list", "support@*").split() == ["support@v1.0.0"]
-    assert _sha(registry.root / "adapters" / "support") == _sha(make_adapter(1))
+    assert sha_tree(registry.root / "adapters" / "support") == sha_tree(make_adapter(1))
 
 
 def test_a_failure_while_registering_restores_the_workspace(
@@ -166,7 +161,7 @@ def test_a_failure_while_registering_restores_the_workspace(
         registry.add("support", make_adapter(2))
     assert _git(registry.root, "rev-parse", "HEAD") == head
     assert _git(registry.root, "status", "--porcelain") == ""
-    assert _sha(registry.root / "adapters" / "support") == _sha(make_adapter(1))
+    assert sha_tree(registry.root / "adapters" / "support") == sha_tree(make_adapter(1))
     assert [v.ref for v in registry.state().adapter("support").versions] == ["support@v1.0.0"]
 
 
@@ -238,9 +233,9 @@ def test_checkout_writes_the_exact_files_of_a_version(registry: Registry, make_a
     registry.add("support", make_adapter(2))
     result = cli("checkout", "support@v1.0.0", "-o", str(tmp_path / "out"), cwd=registry.root)
     assert result.exit_code == 0, result.output
-    assert _sha(tmp_path / "out") == _sha(make_adapter(1))
+    assert sha_tree(tmp_path / "out") == sha_tree(make_adapter(1))
     default = cli("checkout", "support@latest", cwd=tmp_path / "registry")
-    assert default.exit_code == 0 and _sha(registry.root / "support-v1.1.0") == _sha(make_adapter(2))
+    assert default.exit_code == 0 and sha_tree(registry.root / "support-v1.1.0") == sha_tree(make_adapter(2))
     again = cli("checkout", "support@v1.0.0", "-o", str(tmp_path / "out"), cwd=registry.root)
     assert again.exit_code == 7 and "is not empty" in again.stderr
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import os
 import signal
@@ -17,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, assert_checks_out, environment, sha_tree
 
 from registry.repo import Registry
 from registry.sync import set_remote
@@ -31,10 +30,6 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _sha(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
-
-
 @pytest.fixture(scope="module")
 def moto_endpoint() -> Iterator[str]:
     """moto's S3 server on a free loopback port, with a bucket; credentials are moto's dummies."""
@@ -44,8 +39,6 @@ def moto_endpoint() -> Iterator[str]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
     deadline = time.monotonic() + 60
     while True:
         try:
@@ -57,14 +50,10 @@ def moto_endpoint() -> Iterator[str]:
     conn = http.client.HTTPConnection("127.0.0.1", port)
     conn.request("PUT", f"/{BUCKET}")
     assert conn.getresponse().status == 200
-    yield f"http://127.0.0.1:{port}"
+    with environment(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1"):
+        yield f"http://127.0.0.1:{port}"
     server.terminate()
     server.wait(timeout=10)
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
 
 
 class Proxy:
@@ -153,8 +142,8 @@ def test_s3_round_trip_and_an_unchanged_push_uploads_nothing(s3_registry, make_a
     cloned = cli("clone", str(tmp_path / "origin.git"), str(mate), cwd=tmp_path)
     assert cloned.exit_code == 0, cloned.output
     assert cli("checkout", "support#prod", "-o", str(tmp_path / "prod"), cwd=mate).exit_code == 0
-    assert _sha(tmp_path / "prod") == _sha(make_adapter(1))
-    assert _sha(mate / "adapters" / "support") == _sha(make_adapter(2))
+    assert sha_tree(tmp_path / "prod") == sha_tree(make_adapter(1))
+    assert sha_tree(mate / "adapters" / "support") == sha_tree(make_adapter(2))
 
 
 def test_a_push_killed_part_way_leaves_no_remote_ref_and_completes_when_re_run(
@@ -189,10 +178,8 @@ def test_a_push_killed_part_way_leaves_no_remote_ref_and_completes_when_re_run(
     mate = tmp_path / "mate"
     assert cli("clone", str(origin), str(mate), cwd=tmp_path).exit_code == 0
     for ref, seed in (("support@v1.0.0", 1), ("support@v1.1.0", 2), ("contacts@v1.0.0", 4)):
-        out = tmp_path / f"out-{seed}"
-        assert cli("checkout", ref, "-o", str(out), cwd=mate).exit_code == 0
-        assert _sha(out) == _sha(make_adapter(seed))
-    assert _sha(mate / "adapters" / "support") == _sha(make_adapter(3))
+        assert_checks_out(cli, mate, ref, make_adapter(seed), tmp_path / f"out-{seed}")
+    assert sha_tree(mate / "adapters" / "support") == sha_tree(make_adapter(3))
 
 
 def test_an_unreachable_s3_endpoint_is_one_clear_error(tmp_path: Path, make_adapter, cli, moto_endpoint: str) -> None:

@@ -8,13 +8,9 @@ import subprocess
 import threading
 from pathlib import Path
 
-from conftest import adapters_cli
+from conftest import adapters_cli, assert_checks_out, sha_tree
 
 from registry.repo import Registry
-
-
-def _sha(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
 def _git(root: Path, *args: str) -> str:
@@ -42,9 +38,11 @@ def test_push_then_clone_gives_byte_exact_versions(registry: Registry, make_adap
     assert cloned.exit_code == 0, cloned.output
     mate = tmp_path / "teammate"
     assert json.loads(cli("list", "--json", cwd=mate).output)[0]["stages"] == {"prod": "v1.0.0"}
-    assert _sha(mate / "adapters" / "support") == _sha(make_adapter(2))  # the workspace holds the branch's version
+    assert sha_tree(mate / "adapters" / "support") == sha_tree(
+        make_adapter(2)
+    )  # the workspace holds the branch's version
     assert cli("checkout", "support#prod", "-o", str(tmp_path / "prod"), cwd=mate).exit_code == 0
-    assert _sha(tmp_path / "prod") == _sha(make_adapter(1))
+    assert sha_tree(tmp_path / "prod") == sha_tree(make_adapter(1))
     assert cli("status", "--json", cwd=mate).exit_code == 0
     assert json.loads(cli("status", "--json", cwd=mate).output) == {
         "remote": "origin",
@@ -86,7 +84,7 @@ def test_push_of_selected_names_still_uploads_everything_the_branch_points_at(
     # The branch went too, and it names support's files: they must be on the remote already.
     cloned = cli("clone", str(tmp_path / "origin.git"), str(tmp_path / "mate"), cwd=tmp_path)
     assert cloned.exit_code == 0, cloned.output
-    assert _sha(tmp_path / "mate" / "adapters" / "support") == _sha(make_adapter(1))
+    assert sha_tree(tmp_path / "mate" / "adapters" / "support") == sha_tree(make_adapter(1))
 
 
 def test_a_published_version_cannot_be_changed(registry: Registry, make_adapter, tmp_path: Path, cli) -> None:
@@ -113,7 +111,7 @@ def test_rollback_on_one_clone_reaches_another_with_the_old_bytes(
     assert cli("clone", origin, str(tmp_path / "server"), cwd=tmp_path).exit_code == 0
     server = tmp_path / "server"
     assert cli("checkout", "support#prod", "-o", str(tmp_path / "before"), cwd=server).exit_code == 0
-    assert _sha(tmp_path / "before") == _sha(make_adapter(2))
+    assert sha_tree(tmp_path / "before") == sha_tree(make_adapter(2))
 
     assert cli("rollback", "support", "--stage", "prod", cwd=registry.root).exit_code == 0
     assert cli("push", cwd=registry.root).exit_code == 0
@@ -122,7 +120,7 @@ def test_rollback_on_one_clone_reaches_another_with_the_old_bytes(
     assert pulled.exit_code == 0, pulled.output
     assert "support@v1.0.0" in pulled.output
     assert cli("checkout", "support#prod", "-o", str(tmp_path / "after"), cwd=server).exit_code == 0
-    assert _sha(tmp_path / "after") == _sha(make_adapter(1))
+    assert sha_tree(tmp_path / "after") == sha_tree(make_adapter(1))
 
 
 def test_pull_on_a_fresh_clone_fetches_only_what_was_asked(
@@ -162,12 +160,12 @@ def test_a_corrupt_object_on_the_remote_fails_pull_and_changes_nothing(
         "push them again from a clone that has them; nothing was changed."
     )
     assert _git(mate, "rev-parse", "HEAD") == head
-    assert _sha(mate / "adapters" / "support") == _sha(make_adapter(1))
+    assert sha_tree(mate / "adapters" / "support") == sha_tree(make_adapter(1))
     assert not any(p.name == weights[2:] for p in (mate / ".dvc" / "cache").rglob("*"))  # the bad copy was not kept
     # A push from a clone that has the good copy repairs the remote.
     assert cli("push", cwd=registry.root).exit_code == 0  # re-uploads what the branch's versions lack
     assert cli("pull", cwd=mate).exit_code == 0
-    assert _sha(mate / "adapters" / "support") == _sha(make_adapter(2))
+    assert sha_tree(mate / "adapters" / "support") == sha_tree(make_adapter(2))
 
 
 def test_objects_missing_on_the_remote_fail_pull_with_a_clear_error(
@@ -224,11 +222,9 @@ def test_two_concurrent_pushers_one_wins_the_other_pulls_and_no_version_is_lost(
     fresh = tmp_path / "fresh"
     assert cli("clone", origin, str(fresh), cwd=tmp_path).exit_code == 0
     for ref, seed in (("support@v1.1.0", 2), ("contacts@v1.0.0", 3), ("support@v2.0.0", 4)):
-        out = tmp_path / f"check-{seed}"
-        assert cli("checkout", ref, "-o", str(out), cwd=fresh).exit_code == 0
-        assert _sha(out) == _sha(make_adapter(seed))
-    assert _sha(fresh / "adapters" / "support") == _sha(make_adapter(4))
-    assert _sha(fresh / "adapters" / "contacts") == _sha(make_adapter(3))
+        assert_checks_out(cli, fresh, ref, make_adapter(seed), tmp_path / f"check-{seed}")
+    assert sha_tree(fresh / "adapters" / "support") == sha_tree(make_adapter(4))
+    assert sha_tree(fresh / "adapters" / "contacts") == sha_tree(make_adapter(3))
 
 
 def test_the_same_version_registered_in_two_clones_is_renumbered_not_lost(
@@ -247,12 +243,8 @@ def test_the_same_version_registered_in_two_clones_is_renumbered_not_lost(
     assert pulled.exit_code == 0, pulled.output
     assert "support@v1.1.0 was also registered on origin; yours is now support@v1.1.1." in pulled.output
     assert cli("push", cwd=mate).exit_code == 0
-    out = tmp_path / "mine"
-    assert cli("checkout", "support@v1.1.1", "-o", str(out), cwd=mate).exit_code == 0
-    assert _sha(out) == _sha(make_adapter(3))
-    theirs = tmp_path / "theirs"
-    assert cli("checkout", "support@v1.1.0", "-o", str(theirs), cwd=mate).exit_code == 0
-    assert _sha(theirs) == _sha(make_adapter(2))
+    assert_checks_out(cli, mate, "support@v1.1.1", make_adapter(3), tmp_path / "mine")
+    assert_checks_out(cli, mate, "support@v1.1.0", make_adapter(2), tmp_path / "theirs")
 
 
 def test_train_inside_a_registry_registers_the_new_version(

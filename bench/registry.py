@@ -1,0 +1,182 @@
+"""Registry costs, measured side by side in one run: push time and bytes moved, `adapters list`, CLI start-up.
+
+Usage: python bench/registry.py [--adapters 20] [--versions 3] [--mb 2.0] [--list-versions 500] [--json out.json]
+
+Adapters are synthetic but real in form: a safetensors file of LoRA-shaped tensors (about --mb MB each),
+adapter_config.json, lineage.json and a model card, registered with `adapters add` into a repository
+whose remote is a local bare git repository with its DVC storage inside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+MB = 1024 * 1024
+ENV = {
+    **os.environ,
+    "PYTHONPATH": str(ROOT),
+    "GIT_AUTHOR_NAME": os.environ.get("GIT_AUTHOR_NAME", "bench"),
+    "GIT_AUTHOR_EMAIL": os.environ.get("GIT_AUTHOR_EMAIL", "bench@example.com"),
+    "GIT_COMMITTER_NAME": os.environ.get("GIT_COMMITTER_NAME", "bench"),
+    "GIT_COMMITTER_EMAIL": os.environ.get("GIT_COMMITTER_EMAIL", "bench@example.com"),
+}
+
+
+def adapters(*args: str, cwd: Path) -> float:
+    """Run `adapters ARGS` as a user would; return its wall time in seconds."""
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "registry.cli", *args], cwd=cwd, env=ENV, capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"adapters {' '.join(args)} failed: {proc.stderr.strip()}")
+    return time.perf_counter() - start
+
+
+def make_adapter(folder: Path, seed: int, megabytes: float) -> int:
+    """A LoRA-shaped adapter folder of about MEGABYTES; returns its size in bytes."""
+    rng = np.random.default_rng(seed)
+    layers = max(1, round(megabytes * MB / (2 * 2 * 8 * 576 * 4)))
+    tensors = {
+        f"base_model.model.model.layers.{i}.self_attn.{m}.lora_{ab}.weight": rng.standard_normal(
+            (8, 576) if ab == "A" else (576, 8), dtype=np.float32
+        )
+        for i in range(layers)
+        for m in ("q_proj", "v_proj")
+        for ab in ("A", "B")
+    }
+    folder.mkdir(parents=True)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "base_model_name_or_path": "smollm2-135m-instruct"}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    lineage = {"base_model": {"name": "smollm2-135m-instruct", "fingerprint": "sha256:" + "0" * 64}, "seed": seed}
+    (folder / "lineage.json").write_text(json.dumps(lineage))
+    (folder / "README.md").write_text(f"---\nlibrary_name: peft\n---\nSynthetic adapter {seed}.\n")
+    return sum(p.stat().st_size for p in folder.iterdir())
+
+
+def tree_bytes(folder: Path) -> int:
+    """Bytes of all files under FOLDER (what a remote holds)."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def median_time(command: list[str], cwd: Path, runs: int) -> float:
+    """Median wall time of COMMAND over RUNS runs."""
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run(command, cwd=cwd, env=ENV, capture_output=True, check=True)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--adapters", type=int, default=20)
+    parser.add_argument("--versions", type=int, default=3)
+    parser.add_argument("--mb", type=float, default=2.0, help="Approximate size of one adapter version.")
+    parser.add_argument("--list-versions", type=int, default=500)
+    parser.add_argument("--runs", type=int, default=7, help="Runs per start-up measurement.")
+    parser.add_argument("--json", type=Path, help="Also write the figures here.")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="bench-registry-") as tmp:
+        work = Path(tmp)
+        registry, origin = work / "registry", work / "origin.git"
+        adapters("init", str(registry), cwd=work)
+        adapters("remote", "add", "origin", str(origin), cwd=registry)
+        total, seed = 0, 0
+        for _ in range(args.versions):
+            for index in range(args.adapters):
+                seed += 1
+                total += make_adapter(work / "src" / str(seed), seed, args.mb)
+                adapters("add", f"adapter-{index:02d}", str(work / "src" / str(seed)), cwd=registry)
+        count = args.adapters * args.versions
+        print(f"registered {count} versions ({total / MB:,.1f} MB of adapter files)", file=sys.stderr)
+
+        before = tree_bytes(origin)
+        first_push = adapters("push", cwd=registry)
+        first_bytes = tree_bytes(origin) - before
+
+        seed += 1
+        one = make_adapter(work / "src" / str(seed), seed, args.mb)
+        adapters("add", "adapter-00", str(work / "src" / str(seed)), cwd=registry)
+        before = tree_bytes(origin)
+        one_push = adapters("push", cwd=registry)
+        one_bytes = tree_bytes(origin) - before
+
+        before = tree_bytes(origin)
+        noop_push = adapters("push", cwd=registry)
+        noop_bytes = tree_bytes(origin) - before
+
+        # Grow to LIST_VERSIONS versions for `adapters list`: extra version tags on registered commits
+        # (registering hundreds more through DVC would only make the setup slow, not the listing).
+        commits = subprocess.run(
+            ["git", "rev-list", "HEAD", "--", "adapters"], cwd=registry, capture_output=True, text=True, check=True
+        ).stdout.split()
+        existing = count + 1
+        for extra in range(max(0, args.list_versions - existing)):
+            name = f"adapter-{extra % args.adapters:02d}"
+            tag = f"{name}@v9.{extra // args.adapters}.0"
+            commit = commits[extra % len(commits)]
+            subprocess.run(["git", "tag", "-a", tag, commit, "-m", "bench"], cwd=registry, env=ENV, check=True)
+        listed = json.loads(
+            subprocess.run(
+                [sys.executable, "-m", "registry.cli", "list", "--json"], cwd=registry, env=ENV, capture_output=True
+            ).stdout
+        )
+        versions_listed = sum(row["versions"] for row in listed)
+
+        python = median_time([sys.executable, "-c", "pass"], registry, args.runs)
+        listing = median_time([sys.executable, "-m", "registry.cli", "list"], registry, args.runs)
+        help_only = median_time([sys.executable, "-m", "registry.cli", "--help"], registry, args.runs)
+
+    figures: dict[str, Any] = {
+        "versions_first_push": count,
+        "first_push_s": first_push,
+        "first_push_bytes": first_bytes,
+        "adapter_files_bytes": total,
+        "one_version_push_s": one_push,
+        "one_version_push_bytes": one_bytes,
+        "one_version_bytes": one,
+        "unchanged_push_s": noop_push,
+        "unchanged_push_bytes": noop_bytes,
+        "list_versions": versions_listed,
+        "list_s": listing,
+        "help_s": help_only,
+        "python_pass_s": python,
+    }
+    print("| measurement | time | bytes moved | ratio |\n|---|---|---|---|")
+    print(
+        f"| (a) first push, {count} versions | {first_push:.2f} s | {first_bytes / MB:,.1f} MB | "
+        f"{first_bytes / total:.3f}x the adapter files |"
+    )
+    print(
+        f"| (b) one new version after that | {one_push:.2f} s | {one_bytes / MB:,.2f} MB | "
+        f"{one_bytes / one:.3f}x that version's files |"
+    )
+    print(f"| unchanged registry | {noop_push:.2f} s | {noop_bytes} B | - |")
+    print(
+        f"| (c) `adapters list`, {versions_listed} versions | {listing * 1000:.0f} ms | - | "
+        f"{listing / python:.1f}x `python -c pass` ({python * 1000:.0f} ms) |"
+    )
+    print(f"| `adapters --help` (start-up alone) | {help_only * 1000:.0f} ms | - | {help_only / python:.1f}x |")
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    main()
