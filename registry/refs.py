@@ -9,8 +9,8 @@ from registry.errors import NotFound
 from registry.git import Tag
 from registry.names import Ref, Version
 
-_REGISTER = re.compile(r"(?P<name>[a-z0-9][a-z0-9_-]*)@(?P<version>v\d+\.\d+\.\d+)")
-_ASSIGN = re.compile(r"(?P<name>[a-z0-9][a-z0-9_-]*)#(?P<stage>[a-z][a-z0-9_-]*)(?P<cancel>!?)#(?P<counter>\d+)")
+REGISTER_TAG = re.compile(r"(?P<name>[a-z0-9][a-z0-9_-]*)@(?P<version>v\d+\.\d+\.\d+)")
+ASSIGN_TAG = re.compile(r"(?P<name>[a-z0-9][a-z0-9_-]*)#(?P<stage>[a-z][a-z0-9_-]*)(?P<cancel>!?)#(?P<counter>\d+)")
 ROLLBACK_PREFIX = "Roll back "
 
 
@@ -119,7 +119,7 @@ class State:
         self.adapters: dict[str, Adapter] = {}
         by_commit: dict[tuple[str, str], Version] = {}
         for tag in tags:
-            match = _REGISTER.fullmatch(tag.name)
+            match = REGISTER_TAG.fullmatch(tag.name)
             if match:
                 version = Version.parse(match["version"])
                 adapter = self.adapters.setdefault(match["name"], Adapter(match["name"]))
@@ -128,7 +128,7 @@ class State:
                 )
                 by_commit[(match["name"], tag.commit)] = version
         for tag in tags:
-            match = _ASSIGN.fullmatch(tag.name)
+            match = ASSIGN_TAG.fullmatch(tag.name)
             if not match or (match["name"], tag.commit) not in by_commit:
                 continue
             self.adapters[match["name"]].events.append(

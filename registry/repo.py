@@ -67,7 +67,8 @@ class Registry:
         root = toplevel(path)
         if root is None:
             Git(path).run("init", "--quiet", "--initial-branch=main")
-            root, _ = path.resolve(), done.append("initialised git")
+            root = path.resolve()
+            done.append("initialised git")
         registry = cls(root)
         with registry.lock():
             if not (root / ".dvc").is_dir():
@@ -78,11 +79,9 @@ class Registry:
                 readme.parent.mkdir(exist_ok=True)
                 readme.write_text(_README)
                 done.append(f"created {ADAPTERS_DIR}/")
-            from registry.sync import default_dvc_url
-
             _, default = store.remotes(root)
             if not default and "origin" in registry.git.run("remote").split():
-                dvc_url = default_dvc_url(registry.git.run("remote", "get-url", "origin").strip())
+                dvc_url = store.default_dvc_url(registry.git.run("remote", "get-url", "origin").strip())
                 if dvc_url:
                     store.configure_remote(root, "origin", dvc_url, {}, default=True)
                     done.append(f"DVC remote 'origin' -> {dvc_url}")

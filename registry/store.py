@@ -10,6 +10,7 @@ import shutil
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlparse
 from typing import TYPE_CHECKING, Any
 
 import yaml
@@ -85,6 +86,22 @@ def remotes(root: Path) -> tuple[dict[str, dict[str, Any]], str | None]:
     with opened(root) as repo:
         conf = repo.config
         return {name: dict(value) for name, value in conf["remote"].items()}, conf["core"].get("remote")
+
+
+def local_path(url: str) -> Path | None:
+    """The folder a git URL names, or None for a network URL."""
+    parsed = urlparse(url)
+    if parsed.scheme == "file":
+        return Path(parsed.path)
+    if not parsed.scheme and ":" not in url.split("/")[0]:
+        return Path(url)
+    return None
+
+
+def default_dvc_url(git_url: str) -> str | None:
+    """For a git remote in a local folder, its DVC store lives beside git's files in that folder."""
+    path = local_path(git_url)
+    return str(path.resolve() / "dvc") if path else None
 
 
 def _hash_infos(md5s: Iterable[str]) -> list[Any]:

@@ -14,7 +14,7 @@ from registry import store
 from registry.errors import Conflict, NotFound, RegistryError, RemoteError
 from registry.git import Git, Tag
 from registry.names import Ref, check_name
-from registry.refs import _ASSIGN, _REGISTER, AdapterVersion, State
+from registry.refs import ASSIGN_TAG, REGISTER_TAG, AdapterVersion, State
 from registry.repo import ADAPTERS_DIR, PROJECT_FILE, Registry
 
 # Remote tags are fetched here first, so a clash with a local tag is seen before anything changes.
@@ -25,31 +25,16 @@ _LOST_RACE = re.compile(
 FETCH_FIRST = "{remote} has versions or commits this registry lacks; run `adapters pull`, then push again."
 
 
-def _local_path(url: str) -> Path | None:
-    parsed = urlparse(url)
-    if parsed.scheme == "file":
-        return Path(parsed.path)
-    if not parsed.scheme and ":" not in url.split("/")[0]:
-        return Path(url)
-    return None
-
-
-def default_dvc_url(git_url: str) -> str | None:
-    """For a git remote in a local folder, its DVC store lives beside git's files in that folder."""
-    path = _local_path(git_url)
-    return str(path.resolve() / "dvc") if path else None
-
-
 def set_remote(
     registry: Registry, name: str, url: str, dvc_url: str | None, options: dict[str, str], git_too: bool = True
 ) -> str:
     """Add (or re-point) git remote NAME and its DVC remote; the first one becomes DVC's default."""
-    dvc_url = dvc_url or default_dvc_url(url)
+    dvc_url = dvc_url or store.default_dvc_url(url)
     if not dvc_url:
         raise RegistryError(
             f"{url} is not a local folder; give its DVC storage with --dvc (for example s3://bucket/path)."
         )
-    path = _local_path(url)
+    path = store.local_path(url)
     if path and not path.exists():
         branch = registry.git.branch()
         subprocess.run(["git", "init", "--quiet", "--bare", f"--initial-branch={branch}", str(path)], check=True)
@@ -108,7 +93,9 @@ def push(registry: Registry, names: list[str], remote: str | None = None) -> Pus
             state.adapter(name)
         branch = registry.git.branch()
         remote_refs = registry.git.remote_refs(remote)
-        local = {t.name: t for t in registry.git.tags() if _REGISTER.fullmatch(t.name) or _ASSIGN.fullmatch(t.name)}
+        local = {
+            t.name: t for t in registry.git.tags() if REGISTER_TAG.fullmatch(t.name) or ASSIGN_TAG.fullmatch(t.name)
+        }
         for tag in local.values():
             theirs = remote_refs.get(f"refs/tags/{tag.name}")
             if theirs and theirs != tag.commit:
@@ -155,7 +142,7 @@ def push(registry: Registry, names: list[str], remote: str | None = None) -> Pus
 
 
 def _tag_name(tag: Tag) -> str:
-    match = _REGISTER.fullmatch(tag.name) or _ASSIGN.fullmatch(tag.name)
+    match = REGISTER_TAG.fullmatch(tag.name) or ASSIGN_TAG.fullmatch(tag.name)
     return match["name"]
 
 
@@ -229,12 +216,12 @@ def _defaults(state: State) -> list[AdapterVersion]:
 def _renumber(git: Git, tag: Tag, state: State) -> str:
     """Give a local, unpushed tag that clashes with the remote's a free name, so no version is lost."""
     adapter = state.adapter(_tag_name(tag))
-    register = _REGISTER.fullmatch(tag.name)
+    register = REGISTER_TAG.fullmatch(tag.name)
     if register:
         new = f"{adapter.name}@{adapter.latest.version.bump('patch')}"
         message = f"{tag.message} (renumbered from {register['version']}: the remote registered it first)"
     else:
-        match = _ASSIGN.fullmatch(tag.name)
+        match = ASSIGN_TAG.fullmatch(tag.name)
         cancel = "!" if match["cancel"] else ""
         new = f"{adapter.name}#{match['stage']}{cancel}#{adapter.last_counter + 1}"
         message = tag.message

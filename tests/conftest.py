@@ -198,6 +198,18 @@ def adapters_cli(*args: str, cwd: Path | None = None, timeout: float = 120) -> s
     )
 
 
+def start_adapters(*args: str, cwd: Path) -> subprocess.Popen:
+    """Start the real `adapters` command in a child process without waiting for it (to signal or race it)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "registry.cli", *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
 @pytest.fixture
 def cli(monkeypatch: pytest.MonkeyPatch) -> Callable[..., Any]:
     """Run `adapters ARGS` in this process (click's runner) from folder CWD."""

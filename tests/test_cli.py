@@ -40,7 +40,7 @@ def test_user_mistakes_exit_non_zero_without_traceback(tmp_path: Path, tiny_base
     shutil.copytree(tiny_base, broken)
     (broken / "config.json").write_text('{"model_type": "no-such-architecture"}')
     cases = [
-        (["../evil", "--data", str(json_data)], 4, "is not allowed"),
+        (["../evil", "--data", str(json_data)], 2, "is not allowed"),
         (["ok", "--data", str(json_data), "--rank", "0"], 4, "Invalid value for --rank: 0"),
         (["ok", "--data", str(json_data), "--base", str(tmp_path / "missing")], 3, "is not a local folder"),
         (["ok", "--data", str(tmp_path / "none.jsonl")], 2, "no such file"),

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, adapters_cli, sha_tree
+from conftest import ROOT, adapters_cli, sha_tree, start_adapters
 
 from registry.errors import Conflict, NotFound
 from registry.folder import InvalidAdapter
@@ -305,14 +305,7 @@ def test_a_second_command_waits_for_the_lock_instead_of_failing(registry: Regist
     registry.add("support", make_adapter(1))
     with open(registry.git.git_dir / "adapters.lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
-        waiting = subprocess.Popen(
-            [sys.executable, "-m", "registry.cli", "promote", "support", "--stage", "prod"],
-            cwd=registry.root,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        waiting = start_adapters("promote", "support", "--stage", "prod", cwd=registry.root)
         first_line = waiting.stderr.readline()
         assert "Waiting for another adapters command" in first_line
         assert waiting.poll() is None

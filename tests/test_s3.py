@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import http.client
-import os
 import signal
 import socket
 import subprocess
@@ -16,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, assert_checks_out, environment, sha_tree
+from conftest import assert_checks_out, environment, sha_tree, start_adapters
 
 from registry.repo import Registry
 from registry.sync import set_remote
@@ -154,13 +153,7 @@ def test_a_push_killed_part_way_leaves_no_remote_ref_and_completes_when_re_run(
         for seed in seeds:
             registry.add(name, make_adapter(seed))
     proxy.delay = 0.25  # a slow link: the upload takes seconds
-    child = subprocess.Popen(
-        [sys.executable, "-m", "registry.cli", "push"],
-        cwd=registry.root,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    child = start_adapters("push", cwd=registry.root)
     deadline = time.monotonic() + 120
     while proxy.counts["PUT"] < 3:
         assert child.poll() is None, child.communicate()

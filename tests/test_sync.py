@@ -5,11 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
-from conftest import adapters_cli, assert_checks_out, sha_tree
+from conftest import adapters_cli, assert_checks_out, sha_tree, start_adapters
 
+from registry import sync
 from registry.repo import Registry
 
 
@@ -259,3 +262,41 @@ def test_train_inside_a_registry_registers_the_new_version(
     assert [v["ref"] for v in log["versions"]] == ["people@v1.1.0", "people@v1.0.0"]
     assert log["versions"][1]["message"] == "first run"
     assert log["versions"][0]["metrics"]["eval_loss_after"] is not None
+
+
+def test_dvc_artifacts_get_reads_the_same_repository(registry: Registry, make_adapter, tmp_path: Path) -> None:
+    registry.add("support", make_adapter(1))
+    registry.add("support", make_adapter(2))
+    registry.promote("support@v1.0.0", "prod")
+    sync.push(registry, [])
+    dvc = Path(sys.executable).with_name("dvc")
+    origin = str(tmp_path / "origin.git")
+    for args, expected in ((["--rev", "v1.1.0"], 2), (["--stage", "prod"], 1)):
+        out = tmp_path / f"dvc-{expected}"
+        proc = subprocess.run(
+            [str(dvc), "artifacts", "get", origin, "support", *args, "-o", str(out)], capture_output=True, text=True
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert sha_tree(out) == sha_tree(make_adapter(expected))
+
+
+def test_a_push_killed_at_any_moment_never_publishes_a_ref_without_its_files(
+    registry: Registry, make_adapter, tmp_path: Path, cli
+) -> None:
+    """Kill `adapters push` at several moments (start-up, upload, git push); after each, every version the
+    remote lists has all its files there, and a final push completes."""
+    for seed in range(1, 7):
+        registry.add(f"a{seed % 3}", make_adapter(seed))
+    for delay in (0.3, 0.6, 0.9, 1.2, 1.5, 1.8):
+        child = start_adapters("push", cwd=registry.root)
+        time.sleep(delay)
+        child.kill()
+        child.communicate()
+        status = json.loads(cli("status", "--json", cwd=registry.root).output)
+        assert status["missing_on_remote"] == [], delay
+    assert cli("push", cwd=registry.root).exit_code == 0
+    mate = tmp_path / "mate"
+    assert cli("clone", str(tmp_path / "origin.git"), str(mate), cwd=tmp_path).exit_code == 0
+    for seed in range(1, 7):
+        version = "v1.0.0" if seed <= 3 else "v1.1.0"
+        assert_checks_out(cli, mate, f"a{seed % 3}@{version}", make_adapter(seed), tmp_path / f"out-{seed}")
