@@ -7,6 +7,7 @@ server would, pull `pirate#prod`, compare answers, roll back, pull again. Everyt
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
@@ -24,9 +25,20 @@ def _step(title: str) -> None:
     print(f"\n=== {title}", flush=True)
 
 
+def _identity() -> dict[str, str]:
+    """Commits record an author; on a machine where git has none yet, the demo signs as itself."""
+    if subprocess.run(["git", "config", "user.email"], capture_output=True).returncode == 0:
+        return {}
+    return {f"GIT_{who}_{what}": value for who in ("AUTHOR", "COMMITTER") for what, value in
+            (("NAME", "adapters demo"), ("EMAIL", "demo@adapters.invalid"))}  # fmt: skip
+
+
+ENV = {**os.environ, **_identity()}
+
+
 def _run(*args: str, cwd: Path) -> None:
     print(f"$ adapters {' '.join(args)}", flush=True)
-    subprocess.run([str(ADAPTERS), *args], check=True, cwd=cwd)
+    subprocess.run([str(ADAPTERS), *args], check=True, cwd=cwd, env=ENV)
 
 
 def _sha(folder: Path) -> str:

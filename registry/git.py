@@ -55,8 +55,14 @@ class Git:
             env={**os.environ, **(env or {})},
         )
         if proc.returncode != 0:
+            stderr = proc.stderr.decode(errors="replace")
+            if "Please tell me who you are" in stderr:
+                raise RegistryError(
+                    "git does not know who you are, and every version records its author: run "
+                    "`git config --global user.name 'Your Name'` and `git config --global user.email you@example.com`."
+                )
             error = RemoteError if remote else RegistryError
-            raise error(f"git {args[0]} failed: {_last_words(proc.stderr.decode(errors='replace'))}")
+            raise error(f"git {args[0]} failed: {_last_words(stderr)}")
         return proc.stdout.decode()
 
     def ok(self, *args: str) -> bool:

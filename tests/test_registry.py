@@ -327,3 +327,23 @@ def test_version_and_stage_errors_are_typed(registry: Registry, make_adapter) ->
         registry.add("support", make_adapter(2).parent)
     with pytest.raises(NotFound):
         registry.state().resolve("support#prod")
+
+
+def test_a_machine_without_a_git_identity_gets_one_line_saying_how_to_set_it(
+    registry: Registry, make_adapter, tmp_path: Path
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GIT_AUTHOR", "GIT_COMMITTER"))}
+    env.update(HOME=str(tmp_path), GIT_CONFIG_NOSYSTEM="1", EMAIL="", PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-m", "registry.cli", "add", "support", str(make_adapter(1))],
+        cwd=registry.root,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert proc.returncode == 5
+    assert proc.stderr.strip().splitlines() == [
+        "Error: git does not know who you are, and every version records its author: run "
+        "`git config --global user.name 'Your Name'` and `git config --global user.email you@example.com`."
+    ]
+    assert registry.git.run("tag", "--list") == ""
