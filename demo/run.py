@@ -70,32 +70,13 @@ def main() -> None:
         _run("remote", "add", "origin", str(origin), cwd=registry)
 
         _step("3. Train twice inside it: each run is registered as a new version")
-        _run(
-            "train",
-            "pirate",
-            *TRAIN,
-            "--max-steps",
-            "8",
-            "-o",
-            str(work / "runs" / "v1"),
-            "-m",
-            "quick cut",
-            cwd=registry,
-        )
-        _run("promote", "pirate@v1.0.0", "--stage", "prod", cwd=registry)
-        _run(
-            "train",
-            "pirate",
-            *TRAIN,
-            "--epochs",
-            "1",
-            "-o",
-            str(work / "runs" / "v2"),
-            "-m",
-            "full epoch",
-            cwd=registry,
-        )
-        _run("promote", "pirate@v1.1.0", "--stage", "prod", cwd=registry)
+        for version, length, message in (
+            ("v1.0.0", ["--max-steps", "8"], "quick cut"),
+            ("v1.1.0", ["--epochs", "1"], "full epoch"),
+        ):
+            output = str(work / "runs" / version)
+            _run("train", "pirate", *TRAIN, *length, "-o", output, "-m", message, cwd=registry)
+            _run("promote", f"pirate@{version}", "--stage", "prod", cwd=registry)
         _run("log", "pirate", cwd=registry)
 
         _step("4. Push (adapter files first, then git refs), clone as a server would, pull pirate#prod")
@@ -123,7 +104,7 @@ def main() -> None:
         _run("pull", "pirate#prod", cwd=server)
         _run("show", "pirate#prod", cwd=server)
         _run("checkout", "pirate#prod", "-o", str(work / "prod-after"), cwd=server)
-        if _sha(work / "prod-after") != _sha(work / "runs" / "v1"):
+        if _sha(work / "prod-after") != _sha(work / "runs" / "v1.0.0"):
             raise SystemExit("pirate#prod on the server does not match the v1.0.0 training output")
         print(f"pirate#prod on the server now: sha256 {_sha(work / 'prod-after')}..., byte-identical to v1.0.0")
     finally:

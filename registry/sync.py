@@ -76,7 +76,6 @@ class PushResult:
     """What a push moved."""
 
     remote: str
-    versions: list[str] = field(default_factory=list)
     tags: list[str] = field(default_factory=list)
     files: int = 0
     branch_updated: bool = False
@@ -109,7 +108,7 @@ def push(registry: Registry, names: list[str], remote: str | None = None) -> Pus
         new_versions = [
             v for a in state.adapters.values() for v in a.versions if f"refs/tags/{v.tag}" not in remote_refs
         ]
-        result = PushResult(remote, versions=[v.ref for v in new_versions if not names or v.name in names])
+        result = PushResult(remote)
         pointers = registry.pointers(new_versions)
         head = registry.git.head()
         if head:
