@@ -56,12 +56,17 @@ def moto_endpoint() -> Iterator[str]:
 
 
 class Proxy:
-    """Forwards HTTP to moto; counts requests by method and can delay each one (a slow link)."""
+    """Forwards HTTP to moto and counts requests by method; can act as one slow link, and can stall uploads."""
 
-    def __init__(self, upstream: str, delay: float = 0.0) -> None:
+    def __init__(self, upstream: str) -> None:
         self.upstream = upstream.removeprefix("http://")
-        self.delay = delay
+        self.delay = 0.0
+        """Seconds each request holds the link (requests take turns)."""
+        self.stall_after_puts: int | None = None
+        """Uploads past this many wait until `unstall` (and are then dropped, as if the client had gone)."""
         self.counts: Counter[str] = Counter()
+        self._link = threading.Lock()
+        self._unstalled = threading.Event()
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -80,7 +85,13 @@ class Proxy:
 
             def _forward(self) -> None:
                 body = self._body()
-                time.sleep(proxy.delay)
+                stall = proxy.stall_after_puts
+                if self.command == "PUT" and stall is not None and proxy.counts["PUT"] >= stall:
+                    proxy._unstalled.wait(120)
+                    self.close_connection = True
+                    return
+                with proxy._link:
+                    time.sleep(proxy.delay)
                 conn = http.client.HTTPConnection(proxy.upstream, timeout=60)
                 dropped = ("host", "expect", "transfer-encoding", "content-length")
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in dropped}
@@ -108,7 +119,13 @@ class Proxy:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
+    def unstall(self) -> None:
+        """Let stalled uploads go (they are dropped) and stop stalling new ones."""
+        self.stall_after_puts = None
+        self._unstalled.set()
+
     def close(self) -> None:
+        self.unstall()
         self.server.shutdown()
 
 
@@ -152,7 +169,8 @@ def test_a_push_killed_part_way_leaves_no_remote_ref_and_completes_when_re_run(
     for name, seeds in (("support", (1, 2, 3)), ("contacts", (4, 5))):
         for seed in seeds:
             registry.add(name, make_adapter(seed))
-    proxy.delay = 0.25  # a slow link: the upload takes seconds
+    proxy.delay = 0.1  # a slow link...
+    proxy.stall_after_puts = 3  # ...that stops moving after three uploads, until the push is killed
     child = start_adapters("push", cwd=registry.root)
     deadline = time.monotonic() + 120
     while proxy.counts["PUT"] < 3:
@@ -164,6 +182,7 @@ def test_a_push_killed_part_way_leaves_no_remote_ref_and_completes_when_re_run(
     origin = tmp_path / "origin.git"
     ls_remote = subprocess.run(["git", "ls-remote", str(origin)], capture_output=True, text=True, check=True)
     assert ls_remote.stdout == ""  # objects go first: no ref was published
+    proxy.unstall()
     proxy.delay = 0.0
     rerun = cli("push", cwd=registry.root)
     assert rerun.exit_code == 0, rerun.output
