@@ -103,6 +103,18 @@ class Git:
         """Create annotated tag NAME at COMMIT, dated DATE (seconds), so tag order is strict."""
         self.run("tag", "-a", name, commit, "-m", message, env={"GIT_COMMITTER_DATE": f"{date} +0000"})
 
+    def remotes(self) -> list[str]:
+        """Names of the configured remotes."""
+        return self.run("remote").split()
+
+    def commit_paths(self, message: str, *paths: str) -> bool:
+        """Stage and commit PATHS alone, if they changed; returns whether a commit was made."""
+        self.run("add", *paths)
+        if self.ok("diff", "--cached", "--quiet", "--", *paths):
+            return False
+        self.run("commit", "--quiet", "-m", message, "--", *paths)
+        return True
+
     def show(self, rev: str, path: str) -> str | None:
         """The text of PATH at REV, or None when it is not there."""
         proc = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=self.root, capture_output=True)

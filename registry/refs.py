@@ -112,10 +112,17 @@ class Adapter:
         return max((e.counter for e in self.events), default=0)
 
 
+def is_registry_tag(name: str) -> bool:
+    """True for tags that register a version or assign or unassign a stage."""
+    return bool(REGISTER_TAG.fullmatch(name) or ASSIGN_TAG.fullmatch(name))
+
+
 class State:
     """The registry as its tags describe it."""
 
     def __init__(self, tags: list[Tag]) -> None:
+        self.tags = [t for t in tags if is_registry_tag(t.name)]
+        """The version and stage tags it was read from."""
         self.adapters: dict[str, Adapter] = {}
         by_commit: dict[tuple[str, str], Version] = {}
         for tag in tags:

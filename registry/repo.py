@@ -80,15 +80,13 @@ class Registry:
                 readme.write_text(_README)
                 done.append(f"created {ADAPTERS_DIR}/")
             _, default = store.remotes(root)
-            if not default and "origin" in registry.git.run("remote").split():
+            if not default and "origin" in registry.git.remotes():
                 dvc_url = store.default_dvc_url(registry.git.run("remote", "get-url", "origin").strip())
                 if dvc_url:
                     store.configure_remote(root, "origin", dvc_url, {}, default=True)
                     done.append(f"DVC remote 'origin' -> {dvc_url}")
             paths = [".dvc/config", ".dvc/.gitignore", ".dvcignore", f"{ADAPTERS_DIR}/README.md"]
-            registry.git.run("add", *paths)
-            if not registry.git.ok("diff", "--cached", "--quiet", "--", *paths):
-                registry.git.run("commit", "--quiet", "-m", "Initialise the adapter registry", "--", *paths)
+            if registry.git.commit_paths("Initialise the adapter registry", *paths):
                 done.append("committed")
         return registry, done
 

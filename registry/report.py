@@ -115,7 +115,7 @@ def status(registry: Registry, remote: str | None) -> dict[str, Any]:
     versions = [v for adapter in state.adapters.values() for v in adapter.versions]
     remote = resolve_remote(registry, remote)
     remote_refs = registry.git.remote_refs(remote)
-    tags = [t.name for t in registry.git.tags() if "@" in t.name or "#" in t.name]
+    tags = [t.name for t in state.tags]
     pointers = dict(zip(versions, (md5 for _, md5 in registry.pointers(versions)), strict=True))
     with store.opened(registry.root) as repo:
         local_missing = [v.ref for v, md5 in pointers.items() if store.missing_locally(repo, md5)]

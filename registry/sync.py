@@ -25,9 +25,7 @@ _LOST_RACE = re.compile(
 FETCH_FIRST = "{remote} has versions or commits this registry lacks; run `adapters pull`, then push again."
 
 
-def set_remote(
-    registry: Registry, name: str, url: str, dvc_url: str | None, options: dict[str, str], git_too: bool = True
-) -> str:
+def set_remote(registry: Registry, name: str, url: str, dvc_url: str | None, options: dict[str, str]) -> str:
     """Add (or re-point) git remote NAME and its DVC remote; the first one becomes DVC's default."""
     dvc_url = dvc_url or store.default_dvc_url(url)
     if not dvc_url:
@@ -38,22 +36,20 @@ def set_remote(
     if path and not path.exists():
         branch = registry.git.branch()
         subprocess.run(["git", "init", "--quiet", "--bare", f"--initial-branch={branch}", str(path)], check=True)
-    if name in registry.git.run("remote").split():
+    if name in registry.git.remotes():
         registry.git.run("remote", "set-url", name, url)
     else:
         registry.git.run("remote", "add", name, url)
     _, default = store.remotes(registry.root)
     store.configure_remote(registry.root, name, dvc_url, options, default=default in (None, name))
-    registry.git.run("add", ".dvc/config")
-    if not registry.git.ok("diff", "--cached", "--quiet", "--", ".dvc/config"):
-        registry.git.run("commit", "--quiet", "-m", f"Add remote {name}", "--", ".dvc/config")
+    registry.git.commit_paths(f"Add remote {name}", ".dvc/config")
     return dvc_url
 
 
 def list_remotes(registry: Registry) -> list[dict[str, object]]:
     """Each remote: git URL, DVC URL, and whether it is the default."""
     dvc, default = store.remotes(registry.root)
-    names = registry.git.run("remote").split()
+    names = registry.git.remotes()
     rows = []
     for name in sorted(set(names) | set(dvc)):
         git_url = registry.git.run("remote", "get-url", name).strip() if name in names else None
@@ -66,7 +62,7 @@ def resolve_remote(registry: Registry, remote: str | None) -> str:
     if remote is None:
         _, remote = store.remotes(registry.root)
     remote = remote or "origin"
-    if remote not in registry.git.run("remote").split():
+    if remote not in registry.git.remotes():
         raise NotFound(f"No remote named {remote!r}; add one with `adapters remote add {remote} URL`.")
     return remote
 
@@ -92,9 +88,7 @@ def push(registry: Registry, names: list[str], remote: str | None = None) -> Pus
             state.adapter(name)
         branch = registry.git.branch()
         remote_refs = registry.git.remote_refs(remote)
-        local = {
-            t.name: t for t in registry.git.tags() if REGISTER_TAG.fullmatch(t.name) or ASSIGN_TAG.fullmatch(t.name)
-        }
+        local = {t.name: t for t in state.tags}
         for tag in local.values():
             theirs = remote_refs.get(f"refs/tags/{tag.name}")
             if theirs and theirs != tag.commit:
