@@ -1,0 +1,118 @@
+"""What the HTTP layer needs from an inference engine: token ids and a resolved adapter in, text out."""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """One immutable adapter version resolved from the registry, its files on local disk."""
+
+    name: str
+    version: str  # "v1.2.0"
+    path: Path
+
+    @property
+    def key(self) -> str:
+        """The id a response reports as its model, and the engine's cache key."""
+        return f"{self.name}@{self.version}"
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Per-request sampling, with OpenAI's meaning: temperature 0 is greedy."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Text produced since the previous chunk; the last one carries the finish reason."""
+
+    text: str
+    finish_reason: str | None = None  # "stop" (EOS or a stop string) or "length"
+
+
+@dataclass(eq=False)
+class Generation:
+    """One request inside the engine: iterate its chunks; `cancel` frees its batch row."""
+
+    prompt_ids: list[int]
+    adapter: AdapterSpec | None
+    sampling: Sampling
+    completion_tokens: int = 0
+    cancelled: bool = False
+    _loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop, repr=False)
+    _queue: asyncio.Queue[Chunk | BaseException] = field(default_factory=asyncio.Queue, repr=False)
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Tokens in the prompt, as `usage` reports them."""
+        return len(self.prompt_ids)
+
+    def publish(self, item: Chunk | BaseException) -> None:
+        """Hand a chunk (or the error that ended the generation) to the request's event loop; any thread."""
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    def cancel(self) -> None:
+        """Stop generating (the client went away); the engine drops the row at its next step."""
+        self.cancelled = True
+
+    async def __aiter__(self) -> AsyncIterator[Chunk]:
+        while True:
+            item = await self._queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.finish_reason is not None:
+                return
+
+
+class Engine(ABC):
+    """A base model serving many adapters; the HTTP layer knows nothing else about the runtime."""
+
+    model_id: str  # the base model's id in /v1/models and as a request's `model`
+    fingerprint: str  # "sha256:..." of the base weights; adapters must record the same
+    context_length: int  # prompt plus completion tokens one request may hold
+    max_rank: int  # the largest LoRA rank this engine accepts
+
+    @abstractmethod
+    def encode(self, prompt: str) -> list[int]:
+        """Token ids of a plain completion prompt."""
+
+    @abstractmethod
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a chat, rendered with the base model's chat template and an open assistant turn."""
+
+    @abstractmethod
+    async def load(self, adapter: AdapterSpec) -> bool:
+        """Make ADAPTER ready (off the event loop); True when it was loaded now, False when already loaded."""
+
+    @abstractmethod
+    def unload(self, key: str) -> bool:
+        """Drop a loaded adapter once no generation uses it; False when it was not loaded."""
+
+    @abstractmethod
+    def loaded(self) -> list[str]:
+        """Keys of the loaded adapters, most recently used last."""
+
+    @abstractmethod
+    def submit(self, generation: Generation) -> None:
+        """Queue GENERATION; its chunks arrive through it as the engine's batches run."""
+
+    @abstractmethod
+    def running(self) -> int:
+        """Generations queued or running."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop the engine's worker; call after draining."""

@@ -1,0 +1,69 @@
+"""Errors the server answers with: each carries its HTTP status and OpenAI error type."""
+
+from __future__ import annotations
+
+from registry.errors import AdaptersError
+
+
+class ServeError(AdaptersError):
+    """A request the server refuses; the HTTP layer turns it into an OpenAI-shaped JSON error."""
+
+    status = 500
+    kind = "server_error"
+    code: str | None = None
+
+
+class BadRequest(ServeError):
+    """Malformed or out-of-limits input."""
+
+    exit_code = 2
+    status = 400
+    kind = "invalid_request_error"
+
+
+class Unauthorized(ServeError):
+    """A missing or unknown API key."""
+
+    status = 401
+    kind = "authentication_error"
+    code = "invalid_api_key"
+
+
+class Forbidden(ServeError):
+    """A valid key without the right to this endpoint (admin endpoints)."""
+
+    status = 403
+    kind = "permission_error"
+
+
+class AdapterNotFound(ServeError):
+    """No such adapter or version for this caller (another tenant's adapters look the same)."""
+
+    exit_code = 6
+    status = 404
+    kind = "invalid_request_error"
+    code = "model_not_found"
+
+
+class AdapterRejected(ServeError):
+    """An adapter this server cannot serve: other base, non-safetensors weights, rank too high, bad shapes."""
+
+    exit_code = 8
+    status = 422
+    kind = "invalid_request_error"
+    code = "adapter_rejected"
+
+
+class TooManyRequests(ServeError):
+    """The tenant is over its concurrency limit."""
+
+    status = 429
+    kind = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
+class Unavailable(ServeError):
+    """The server is starting or draining."""
+
+    status = 503
+    kind = "server_error"

@@ -1,0 +1,19 @@
+"""Prometheus metrics of the server (exposed at /metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+REQUESTS = Counter("adapters_requests_total", "HTTP requests answered.", ["endpoint", "status"])
+TOKENS = Counter("adapters_tokens_total", "Tokens processed.", ["kind"])  # kind: prompt | completion
+REQUEST_SECONDS = Histogram("adapters_request_seconds", "Time from request to last byte.", ["endpoint"], buckets=_LATENCY)
+FIRST_TOKEN_SECONDS = Histogram("adapters_time_to_first_token_seconds", "Time to the first token.", buckets=_LATENCY)
+ADAPTER_LOADS = Counter("adapters_adapter_loads_total", "Adapters loaded into the engine.")
+ADAPTER_LOAD_SECONDS = Histogram("adapters_adapter_load_seconds", "Time to load one adapter.", buckets=_LATENCY)
+EVICTIONS = Counter("adapters_adapter_evictions_total", "Adapters evicted from the engine to make room.")
+CACHE_HITS = Counter("adapters_adapter_cache_hits_total", "Requests whose adapter was already loaded.")
+LOADED = Gauge("adapters_loaded_adapters", "Adapters loaded in the engine now.")
+RUNNING = Gauge("adapters_running_requests", "Generations running or waiting in the engine now.")
+BATCH_SIZE = Histogram("adapters_batch_size", "Rows in each forward pass.", buckets=(1, 2, 4, 8, 16, 32, 64, 128))
