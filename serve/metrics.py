@@ -8,7 +8,9 @@ _LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 REQUESTS = Counter("adapters_requests_total", "HTTP requests answered.", ["endpoint", "status"])
 TOKENS = Counter("adapters_tokens_total", "Tokens processed.", ["kind"])  # kind: prompt | completion
-REQUEST_SECONDS = Histogram("adapters_request_seconds", "Time from request to last byte.", ["endpoint"], buckets=_LATENCY)
+REQUEST_SECONDS = Histogram(
+    "adapters_request_seconds", "Time from request to last byte.", ["endpoint"], buckets=_LATENCY
+)
 FIRST_TOKEN_SECONDS = Histogram("adapters_time_to_first_token_seconds", "Time to the first token.", buckets=_LATENCY)
 ADAPTER_LOADS = Counter("adapters_adapter_loads_total", "Adapters loaded into the engine.")
 ADAPTER_LOAD_SECONDS = Histogram("adapters_adapter_load_seconds", "Time to load one adapter.", buckets=_LATENCY)
