@@ -254,9 +254,9 @@ class Registry:
         self.git.tag(f"{version.name}#{stage}#{counter + 1}", version.commit, message, date)
         return previous
 
-    def checkout(self, ref: str, output: Path, remote: str | None = None) -> AdapterVersion:
+    def checkout(self, ref: str | AdapterVersion, output: Path, remote: str | None = None) -> AdapterVersion:
         """Write the exact files of REF to OUTPUT, fetching them from the DVC remote when missing locally."""
-        version = self.state().resolve(Ref.parse(ref))
+        version = ref if isinstance(ref, AdapterVersion) else self.state().resolve(Ref.parse(ref))
         if output.exists() and any(output.iterdir()):
             raise Conflict(f"{output} already exists and is not empty; choose another -o folder.")
         output.parent.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from registry.errors import AdaptersError
 
 
@@ -11,6 +13,14 @@ class ServeError(AdaptersError):
     status = 500
     kind = "server_error"
     code: str | None = None
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param  # the request field at fault, when one is
+
+    def body(self) -> dict[str, Any]:
+        """The error as OpenAI's API spells it."""
+        return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
 
 
 class BadRequest(ServeError):
