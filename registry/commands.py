@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from registry import hub as hub_api
 from registry import report, sync
 from registry.names import BUMPS
 from registry.repo import Registry
@@ -228,4 +229,38 @@ def pull(refs: tuple[str, ...], remote: str | None) -> None:
         click.echo(f"  {ref}")
 
 
-COMMANDS = [init, remote, clone, add, list_, log, show, diff, checkout, status, promote, rollback, push, pull]
+@click.group()
+def hub() -> None:
+    """Publish versions to the Hugging Face Hub and register versions from it (token: HF_TOKEN; HF_ENDPOINT)."""
+
+
+@hub.command("push")
+@click.argument("ref")
+@click.option("--repo-id", required=True, help="Hub repository ORG/NAME; created when missing.")
+@click.option("--private", is_flag=True, help="Create the repository private.")
+@click.option("--stages", is_flag=True, help="Also point a branch per stage the version holds (prod, ...) at it.")
+def hub_push(ref: str, repo_id: str, private: bool, stages: bool) -> None:
+    """Publish version REF with its model card to a Hub repository, in one commit tagged vX.Y.Z."""
+    result = hub_api.push(Registry.find(), ref, repo_id, private=private, stages=stages)
+    if result.committed:
+        click.echo(f"Pushed {result.ref} to {result.url} (commit {result.commit[:8]}, tag {result.tag}).")
+    else:
+        click.echo(f"{result.repo_id} already has {result.ref} as {result.tag} ({result.commit[:8]}); nothing to push.")
+    for branch in result.branches:
+        click.echo(f"  branch {branch} -> {result.tag}")
+
+
+@hub.command("pull")
+@click.argument("source", metavar="REPO_ID[@REVISION]")
+@click.option("--as", "name", required=True, help="Adapter name to register it as.")
+@click.option("--version", help="Version X.Y.Z. Default: the next after the latest (1.0.0 first).")
+def hub_pull(source: str, name: str, version: str | None) -> None:
+    """Register a Hub repository's adapter (at a branch, tag or commit; default main) as a new version."""
+    result = hub_api.pull(Registry.find(), source, name, version)
+    if result.registered:
+        click.echo(f"Registered {result.version.ref} from {source} (Hub commit {result.commit[:8]}).")
+    else:
+        click.echo(f"{source} (Hub commit {result.commit[:8]}) is already {result.version.ref}; nothing changed.")
+
+
+COMMANDS = [init, remote, clone, add, list_, log, show, diff, checkout, status, promote, rollback, push, pull, hub]

@@ -65,3 +65,9 @@ class RemoteError(RegistryError):
     """A git or DVC remote cannot be reached or refused the transfer."""
 
     exit_code = 9
+
+
+class AuthError(RemoteError):
+    """No token to send to the Hugging Face Hub, or the Hub refused the one sent (401/403)."""
+
+    exit_code = 10

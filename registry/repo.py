@@ -123,9 +123,15 @@ class Registry:
         return [(yaml.safe_load(t) or {}).get("meta") or {} if t else {} for t in texts]
 
     def add(
-        self, name: str, source: Path, version: str | None = None, bump: str | None = None, message: str | None = None
+        self,
+        name: str,
+        source: Path,
+        version: str | None = None,
+        bump: str | None = None,
+        message: str | None = None,
+        meta: dict[str, Any] | None = None,
     ) -> AdapterVersion:
-        """Register the adapter folder SOURCE as a new immutable version of NAME."""
+        """Register the adapter folder SOURCE as a new immutable version of NAME; META joins its recorded summary."""
         check_name(name)
         summary = folder.check(source)
         workspace = self.root / ADAPTERS_DIR / name
@@ -139,7 +145,7 @@ class Registry:
                 store.track(self.root, f"{ADAPTERS_DIR}/{name}")
                 pointer = workspace.with_suffix(".dvc")
                 data = yaml.safe_load(pointer.read_text())
-                data["meta"] = {"adapter": name, "version": str(number)[1:], **summary}
+                data["meta"] = {"adapter": name, "version": str(number)[1:], **summary, **(meta or {})}
                 pointer.write_text(yaml.safe_dump(data, sort_keys=False))
                 self._declare(name, summary)
                 paths = [str(p.relative_to(self.root)) for p in (pointer, workspace.parent / ".gitignore")]

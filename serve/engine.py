@@ -32,6 +32,7 @@ class Sampling:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    ignore_eos: bool = False  # keep going past end-of-sequence (benchmarks want fixed lengths)
 
 
 @dataclass(frozen=True)

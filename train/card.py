@@ -18,7 +18,7 @@ from train.data import Examples
 
 LINEAGE_FILE = "lineage.json"
 LOSS_PLOT = "loss.png"
-_METHODS = {"lora": "LoRA", "qlora": "QLoRA"}
+METHODS = {"lora": "LoRA", "qlora": "QLoRA"}
 _LIBRARIES = ("adapterctl", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "safetensors")
 
 
@@ -80,12 +80,13 @@ def _loss(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def _model_card(record: dict[str, Any]) -> ModelCard:
-    """A model card whose YAML header carries the Hub metadata (base_model, library_name: peft, metrics)."""
-    base, dataset, metrics = record["base_model"], record["dataset"], record["metrics"]
-    dataset_name = Path(dataset["file"]).stem
+def card_data(
+    adapter: str, method: str, base_model: str | None, dataset_file: str | None, eval_loss: float | None
+) -> ModelCardData:
+    """The Hub metadata of an adapter's model card: base_model, library_name: peft, tags, datasets, eval loss."""
+    dataset_name = Path(dataset_file).stem if dataset_file else None
     results = []
-    if metrics["eval_loss_after"] is not None:
+    if eval_loss is not None and dataset_name:
         results.append(
             EvalResult(
                 task_type="text-generation",
@@ -93,25 +94,33 @@ def _model_card(record: dict[str, Any]) -> ModelCard:
                 dataset_name=dataset_name,
                 metric_type="loss",
                 metric_name="eval loss",
-                metric_value=round(metrics["eval_loss_after"], 4),
+                metric_value=round(eval_loss, 4),
             )
         )
-    meta = ModelCardData(
-        base_model=base["hub_id"] or base["name"],
+    return ModelCardData(
+        base_model=base_model,
         library_name="peft",
         pipeline_tag="text-generation",
-        tags=[record["method"], "lora", "peft", "adapters"],
-        datasets=[dataset_name],
+        tags=[method, "lora", "peft", "adapters"],
+        datasets=[dataset_name] if dataset_name else None,
         metrics=["loss"],
-        model_name=record["adapter"],
+        model_name=adapter,
         eval_results=results or None,
+    )
+
+
+def _model_card(record: dict[str, Any]) -> ModelCard:
+    """A model card whose YAML header carries the Hub metadata (base_model, library_name: peft, metrics)."""
+    base, dataset, metrics = record["base_model"], record["dataset"], record["metrics"]
+    meta = card_data(
+        record["adapter"], record["method"], base["hub_id"] or base["name"], dataset["file"], metrics["eval_loss_after"]
     )
     hyper = record["hyperparameters"]
     base_id = meta.base_model
     body = f"""
 # {record["adapter"]}
 
-A {_METHODS[record["method"]]} adapter for `{base_id}`, trained on `{dataset["file"]}`
+A {METHODS[record["method"]]} adapter for `{base_id}`, trained on `{dataset["file"]}`
 ({dataset["format"]} format, {dataset["train_examples"]} train / {dataset["eval_examples"]} eval examples).
 
 | | |

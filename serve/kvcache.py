@@ -1,0 +1,69 @@
+"""Keys and values of the running requests: one cache row per request, rows 0..n-1 always the running ones."""
+
+from __future__ import annotations
+
+import torch
+
+
+class RowCache:
+    """A per-layer key/value store that the model's attention layers update through `update`.
+
+    Before each forward pass the engine says what it holds: `prefill(first_row)` for new prompts written
+    to rows first_row.., or `decode(positions)` for one new token per running row at its own position.
+    Storage grows by doubling, so rows keep their place while requests of different lengths run side by side.
+    """
+
+    def __init__(self, rows: int) -> None:
+        self.rows = rows
+        self.capacity = 0
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self._first_row = 0
+        self._positions: torch.Tensor | None = None
+
+    def reserve(self, length: int) -> None:
+        """Make room for LENGTH tokens per row, keeping what is stored."""
+        if length <= self.capacity:
+            return
+        capacity = max(64, 1 << (length - 1).bit_length())
+        for store in (self.keys, self.values):
+            for layer, old in enumerate(store):
+                grown = old.new_zeros((old.shape[0], old.shape[1], capacity, old.shape[3]))
+                grown[:, :, : self.capacity] = old
+                store[layer] = grown
+        self.capacity = capacity
+
+    def prefill(self, first_row: int) -> None:
+        """The next forward pass writes new prompts (position 0 onwards) into rows FIRST_ROW onwards."""
+        self._first_row, self._positions = first_row, None
+
+    def decode(self, positions: torch.Tensor) -> None:
+        """The next forward pass adds one token per running row, row i at POSITIONS[i]."""
+        self._positions = positions
+
+    def move(self, source: int, target: int, length: int) -> None:
+        """Copy row SOURCE's first LENGTH tokens into row TARGET (to keep the running rows contiguous)."""
+        for store in (self.keys, self.values):
+            for tensor in store:
+                tensor[target, :, :length] = tensor[source, :, :length]
+
+    def update(
+        self, key: torch.Tensor, value: torch.Tensor, layer: int, *args: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this pass's keys and values for LAYER; return those the attention must see."""
+        if layer == len(self.keys):
+            shape = (self.rows, key.shape[1], self.capacity, key.shape[3])
+            self.keys.append(key.new_zeros(shape))
+            self.values.append(value.new_zeros(shape))
+        keys, values = self.keys[layer], self.values[layer]
+        if self._positions is None:
+            rows = slice(self._first_row, self._first_row + key.shape[0])
+            keys[rows, :, : key.shape[2]] = key
+            values[rows, :, : key.shape[2]] = value
+            return key, value
+        count = key.shape[0]
+        index = torch.arange(count)
+        keys[index, :, self._positions] = key[:, :, 0]
+        values[index, :, self._positions] = value[:, :, 0]
+        length = int(self._positions.max()) + 1
+        return keys[:count, :, :length], values[:count, :, :length]

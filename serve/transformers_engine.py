@@ -1,0 +1,362 @@
+"""The transformers engine: one HF base model (optionally NF4/int8), many LoRA adapters, continuous batching."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import Counter, OrderedDict, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from serve import metrics
+from serve.engine import AdapterSpec, Chunk, Engine, Generation
+from serve.errors import AdapterRejected
+from serve.kvcache import RowCache
+from serve.lora import AdapterWeights, Rows, install, plan, read_adapter, uninstall, wrap_linears
+from serve.textstream import TextStream
+from train.base import fingerprint
+
+QUANTIZE = ("nf4", "int8", "none")
+
+
+def quantization(quantize: str) -> BitsAndBytesConfig | None:
+    """bitsandbytes settings for --quantize."""
+    if quantize == "nf4":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        )
+    if quantize == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+@dataclass(eq=False)
+class _Row:
+    """A generation holding a batch row: its tokens so far and how to pick the next one."""
+
+    generation: Generation
+    stream: TextStream
+    generator: torch.Generator
+    length: int = 0  # tokens in the cache
+    last: int = 0  # the token the next decode step feeds
+    eos: set[int] = field(default_factory=set)
+
+    @property
+    def key(self) -> str | None:
+        adapter = self.generation.adapter
+        return adapter.key if adapter else None
+
+
+class TransformersEngine(Engine):
+    """Runs every request in one batch loop on a worker thread; rows join and leave the batch at any step."""
+
+    def __init__(
+        self,
+        base_path: Path,
+        *,
+        model_id: str,
+        quantize: str = "nf4",
+        max_loaded: int = 8,
+        max_batch: int = 32,
+        max_rank: int = 64,
+    ) -> None:
+        self.model_id = model_id
+        self.max_rank = max_rank
+        self.max_loaded = max_loaded
+        self.max_batch = max_batch
+        self.fingerprint = fingerprint(base_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(base_path)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            base_path, dtype=torch.float32, use_safetensors=True, quantization_config=quantization(quantize)
+        ).eval()
+        self.context_length = int(self.model.config.max_position_embeddings)
+        self._backbone = self.model.get_decoder()
+        self._head = self.model.get_output_embeddings()
+        self._rows = Rows()
+        self._layers = wrap_linears(self.model, self._rows)
+        self._cache = RowCache(max_batch)
+        eos = self.model.generation_config.eos_token_id
+        self._eos = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id} - {None}
+        self._pad = self.tokenizer.pad_token_id or 0
+        self._cond = threading.Condition()
+        self._passes = threading.Lock()  # held by forward passes; the LoRA layers change only outside them
+        self._waiting: deque[Generation] = deque()
+        self._running: list[_Row] = []
+        self._loaded: OrderedDict[str, AdapterWeights] = OrderedDict()
+        self._pending: dict[str, AdapterWeights] = {}  # read from disk, waiting for a free place
+        self._users: Counter[str] = Counter()  # generations admitted per adapter: these are never evicted
+        self._closed = False
+        self._worker = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._worker.start()
+
+    # The HTTP-facing contract.
+
+    def encode(self, prompt: str) -> list[int]:
+        return self.tokenizer.encode(prompt)
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    async def load(self, adapter: AdapterSpec) -> bool:
+        return await asyncio.to_thread(self._load, adapter)
+
+    def unload(self, key: str) -> bool:
+        with self._passes, self._cond:
+            if key not in self._loaded or self._users[key]:
+                return False
+            self._evict(key)
+            return True
+
+    def loaded(self) -> list[str]:
+        with self._cond:
+            return list(self._loaded)
+
+    def submit(self, generation: Generation) -> None:
+        with self._cond:
+            self._waiting.append(generation)
+            metrics.RUNNING.inc()
+            self._cond.notify()
+
+    def running(self) -> int:
+        with self._cond:
+            return len(self._waiting) + len(self._running)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._worker.join()
+
+    # Adapters: an LRU of installed ones; those in use by a row are never evicted.
+
+    def _load(self, adapter: AdapterSpec) -> bool:
+        with self._cond:
+            if adapter.key in self._loaded:
+                self._loaded.move_to_end(adapter.key)
+                return False
+        weights = self._read(adapter)
+        with self._passes, self._cond:
+            if adapter.key not in self._loaded and not self._place(weights):
+                self._pending[adapter.key] = weights
+        return True
+
+    def _read(self, adapter: AdapterSpec) -> AdapterWeights:
+        start = time.perf_counter()
+        weights = read_adapter(adapter.key, adapter.path, self._layers, self.max_rank)
+        metrics.ADAPTER_LOADS.inc()
+        metrics.ADAPTER_LOAD_SECONDS.observe(time.perf_counter() - start)
+        return weights
+
+    def _place(self, weights: AdapterWeights) -> bool:
+        """Install WEIGHTS, evicting the least recently used idle adapter if full; False when all are busy."""
+        if len(self._loaded) >= self.max_loaded:
+            idle = next((key for key in self._loaded if not self._users[key]), None)
+            if idle is None:
+                return False
+            self._evict(idle)
+        install(weights, self._layers)
+        self._loaded[weights.key] = weights
+        self._pending.pop(weights.key, None)
+        metrics.LOADED.set(len(self._loaded))
+        return True
+
+    def _evict(self, key: str) -> None:
+        uninstall(key, self._layers)
+        del self._loaded[key]
+        metrics.EVICTIONS.inc()
+        metrics.LOADED.set(len(self._loaded))
+
+    # The batch loop.
+
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    while not self._closed and not self._waiting and not self._running:
+                        self._cond.wait()
+                    if self._closed:
+                        return
+                    admitted, to_read = self._admit()
+                try:
+                    with self._passes:
+                        self._step(admitted, to_read)
+                except Exception as exc:  # keep serving: fail this step's generations, then go on
+                    running = {id(row.generation) for row in self._running}
+                    self._fail([g for g in admitted if id(g) not in running], exc)
+                    self._fail([row.generation for row in self._running], exc)
+
+    def _admit(self) -> tuple[list[Generation], list[Generation]]:
+        """Take waiting generations that fit the batch and whose adapter is (or can be) loaded."""
+        admitted: list[Generation] = []
+        to_read: list[Generation] = []
+        free = self.max_batch - len(self._running)
+        for generation in list(self._waiting):
+            if len(admitted) >= free:
+                break
+            if generation.cancelled:
+                self._waiting.remove(generation)
+                metrics.RUNNING.dec()
+                continue
+            key = generation.adapter.key if generation.adapter else None
+            if key is not None and key not in self._loaded:
+                pending = self._pending.get(key)
+                if pending is not None and not self._place(pending):
+                    continue  # every loaded adapter is busy: wait for one to finish
+                if pending is None:
+                    if len(self._loaded) >= self.max_loaded and all(self._users[k] for k in self._loaded):
+                        continue
+                    to_read.append(generation)
+            elif key is not None:
+                metrics.CACHE_HITS.inc()
+                self._loaded.move_to_end(key)
+            if key is not None:
+                self._users[key] += 1
+            self._waiting.remove(generation)
+            admitted.append(generation)
+        if len(self._pending) > self.max_batch:  # requests that went away before a place was free
+            wanted = {g.adapter.key for g in self._waiting if g.adapter}
+            for key in [key for key in self._pending if key not in wanted]:
+                del self._pending[key]
+        return admitted, to_read
+
+    def _step(self, admitted: list[Generation], to_read: list[Generation]) -> None:
+        for generation in to_read:
+            if generation.adapter.key in self._loaded:
+                continue
+            try:
+                weights = self._read(generation.adapter)
+            except AdapterRejected as exc:
+                admitted.remove(generation)
+                self._fail([generation], exc)
+                continue
+            with self._cond:
+                if not self._place(weights):  # cannot happen: _admit saw room, and only this thread admits
+                    self._pending[weights.key] = weights
+        if admitted:
+            self._prefill(admitted)
+        self._drop_finished()
+        if self._running:
+            self._decode()
+            self._drop_finished()
+
+    def _prefill(self, generations: list[Generation]) -> None:
+        first = len(self._running)
+        rows = [self._new_row(g) for g in generations]
+        lengths = torch.tensor([len(g.prompt_ids) for g in generations])
+        longest = int(lengths.max())
+        ids = torch.full((len(rows), longest), self._pad, dtype=torch.long)
+        for i, generation in enumerate(generations):
+            ids[i, : len(generation.prompt_ids)] = torch.tensor(generation.prompt_ids)
+        positions = torch.arange(longest)
+        causal = positions[None, :] <= positions[:, None]
+        mask = causal[None, :, :] & (positions[None, None, :] < lengths[:, None, None])
+        self._cache.reserve(longest)
+        self._cache.prefill(first)
+        self._rows.plan = plan([row.key for row in rows], longest)
+        hidden = self._forward(ids, mask[:, None], positions.expand(len(rows), -1))
+        last = hidden[torch.arange(len(rows)), lengths - 1]
+        for row, length in zip(rows, lengths.tolist(), strict=True):
+            row.length = length
+        self._running.extend(rows)
+        metrics.BATCH_SIZE.observe(len(rows))
+        self._advance(rows, self._head(last))
+
+    def _decode(self) -> None:
+        rows = self._running
+        positions = torch.tensor([row.length for row in rows])
+        self._cache.reserve(int(positions.max()) + 1)
+        self._cache.decode(positions)
+        self._rows.plan = plan([row.key for row in rows], 1)
+        keys = torch.arange(int(positions.max()) + 1)
+        mask = (keys[None, :] <= positions[:, None])[:, None, None, :]
+        ids = torch.tensor([[row.last] for row in rows])
+        hidden = self._forward(ids, mask, positions[:, None])
+        for row in rows:
+            row.length += 1
+        metrics.BATCH_SIZE.observe(len(rows))
+        self._advance(rows, self._head(hidden[:, -1]))
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        out = self._backbone(
+            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self._cache, use_cache=True
+        )
+        return out.last_hidden_state
+
+    def _new_row(self, generation: Generation) -> _Row:
+        generator = torch.Generator()
+        if generation.sampling.seed is not None:
+            generator.manual_seed(generation.sampling.seed)
+        else:
+            generator.seed()
+        return _Row(generation, TextStream(self.tokenizer, generation.sampling.stop), generator, eos=self._eos)
+
+    def _advance(self, rows: list[_Row], logits: torch.Tensor) -> None:
+        """Pick each row's next token, send its text, and mark finished rows."""
+        greedy = logits.argmax(dim=-1).tolist()
+        for i, row in enumerate(rows):
+            generation, sampling = row.generation, row.generation.sampling
+            token = greedy[i] if sampling.temperature == 0 else _sample(logits[i], sampling, row.generator)
+            generation.completion_tokens += 1
+            row.last = token
+            if token in row.eos and not sampling.ignore_eos:
+                generation.publish(Chunk(row.stream.rest(), "stop"))
+                generation.cancelled = True
+                continue
+            text, stopped = row.stream.push(token)
+            if stopped:
+                generation.publish(Chunk(text, "stop"))
+            elif generation.completion_tokens >= sampling.max_tokens or row.length + 1 >= self.context_length:
+                generation.publish(Chunk(text + row.stream.rest(), "length"))
+            else:
+                if text:
+                    generation.publish(Chunk(text))
+                continue
+            generation.cancelled = True  # finished: the row leaves the batch
+
+    def _drop_finished(self) -> None:
+        """Free the rows of finished or cancelled generations; the last row moves into each gap."""
+        for i in range(len(self._running) - 1, -1, -1):
+            row = self._running[i]
+            if not row.generation.cancelled:
+                continue
+            last = self._running.pop()
+            if last is not row:
+                self._cache.move(len(self._running), i, last.length)
+                self._running[i] = last
+            self._release(row.generation)
+
+    def _release(self, generation: Generation) -> None:
+        """An admitted generation is done: its adapter may be evicted again."""
+        if generation.adapter is not None:
+            with self._cond:
+                self._users[generation.adapter.key] -= 1
+        metrics.RUNNING.dec()
+
+    def _fail(self, generations: list[Generation], exc: BaseException) -> None:
+        """End GENERATIONS with EXC: rows leave the batch, admitted ones not yet in it are released."""
+        running = {id(row.generation) for row in self._running}
+        for generation in generations:
+            generation.publish(exc)
+            generation.cancelled = True
+            if id(generation) not in running:
+                self._release(generation)
+        self._drop_finished()
+
+
+def _sample(logits: torch.Tensor, sampling: Any, generator: torch.Generator) -> int:
+    """Draw a token with temperature and nucleus (top-p) sampling from the row's own seeded generator."""
+    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
+    if sampling.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        keep = sorted_probs.cumsum(0) - sorted_probs < sampling.top_p
+        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
+    return int(torch.multinomial(probs, 1, generator=generator))

@@ -1,0 +1,229 @@
+"""The transformers engine on a tiny random Llama: exact greedy output, continuous batching, the adapter LRU."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import shutil
+import weakref
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from serve.engine import AdapterSpec, Generation, Sampling
+from serve.errors import AdapterRejected
+from serve.textstream import TextStream
+from serve.transformers_engine import TransformersEngine
+
+PROMPTS = ["Hello there, how are you", "The capital of France is", "1 2 3 4 5 6 7 8 9 10", "Write a poem"]
+GREEDY = Sampling(max_tokens=12, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def lora(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> Callable[..., AdapterSpec]:
+    """PEFT adapters on the tiny base with given LoRA settings, as AdapterSpecs."""
+    made: dict[tuple, AdapterSpec] = {}
+
+    def make(seed: int, **settings: object) -> AdapterSpec:
+        key = (seed, repr(sorted(settings.items())))
+        if key not in made:
+            torch.manual_seed(seed)
+            options = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": False}
+            config = LoraConfig(**{**options, **settings})
+            folder = tmp_path_factory.mktemp(f"lora-{seed}")
+            get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base), config).save_pretrained(folder)
+            made[key] = AdapterSpec(f"a{seed}", "v1.0.0", folder)
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_base: Path) -> Iterator[TransformersEngine]:
+    built = TransformersEngine(tiny_base, model_id="tiny", quantize="none", max_loaded=4, max_batch=8)
+    yield built
+    built.close()
+
+
+def generate(engine: TransformersEngine, jobs: list[tuple[AdapterSpec | None, str, Sampling, float]]) -> list[str]:
+    """Run (adapter, prompt, sampling, start delay) jobs concurrently; the texts in job order."""
+
+    async def one(adapter: AdapterSpec | None, prompt: str, sampling: Sampling, delay: float) -> str:
+        await asyncio.sleep(delay)
+        generation = Generation(engine.encode(prompt), adapter, sampling)
+        engine.submit(generation)
+        return "".join([chunk.text async for chunk in generation])
+
+    async def run() -> list[str]:
+        return await asyncio.gather(*[one(*job) for job in jobs])
+
+    return asyncio.run(run())
+
+
+def peft_generate(base: Path, adapter: AdapterSpec | None, prompt: str, tokens: int, quantize: str = "none") -> str:
+    """Greedy text from plain transformers + PEFT `generate`, the reference the engine must match."""
+    from serve.transformers_engine import quantization
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, quantization_config=quantization(quantize))
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter.path)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def test_greedy_output_is_peft_generate_token_for_token(engine, lora, tiny_base):
+    adapters = [None, lora(1), lora(2, r=8, lora_alpha=4, target_modules="all-linear", use_rslora=True)]
+    for adapter, prompt in zip(adapters, PROMPTS, strict=False):
+        expected = peft_generate(tiny_base, adapter, prompt, GREEDY.max_tokens)
+        assert generate(engine, [(adapter, prompt, GREEDY, 0)]) == [expected]
+
+
+def test_nf4_base_gives_what_peft_gives_on_the_same_nf4_model(lora, tiny_base):
+    nf4 = TransformersEngine(tiny_base, model_id="tiny", quantize="nf4", max_batch=4)
+    try:
+        adapter = lora(3, target_modules="all-linear")
+        expected = [peft_generate(tiny_base, a, PROMPTS[0], GREEDY.max_tokens, "nf4") for a in (None, adapter)]
+        assert generate(nf4, [(None, PROMPTS[0], GREEDY, 0), (adapter, PROMPTS[0], GREEDY, 0)]) == expected
+    finally:
+        nf4.close()
+
+
+def test_mixed_batch_gives_each_request_what_it_gets_alone(engine, lora):
+    adapters = [None, lora(1), lora(2, r=8, lora_alpha=4, target_modules="all-linear", use_rslora=True), lora(4)]
+    jobs = [(a, p, GREEDY, 0.02 * i) for i, (a, p) in enumerate((a, p) for a in adapters for p in PROMPTS)]
+    alone = [generate(engine, [job[:3] + (0,)])[0] for job in jobs]
+    assert len(set(alone)) > len(PROMPTS)  # the adapters really change the answers
+    assert generate(engine, jobs) == alone  # staggered: requests join a batch that is already running
+
+
+def test_a_short_request_joins_the_running_batch_and_finishes_first(engine, lora):
+    long = Sampling(max_tokens=300, temperature=0, ignore_eos=True)
+    short = Sampling(max_tokens=3, temperature=0, ignore_eos=True)
+
+    async def run() -> tuple[int, int]:
+        first = Generation(engine.encode(PROMPTS[0]), lora(1), long)
+        engine.submit(first)
+        chunks = aiter(first)
+        await anext(chunks)
+        second = Generation(engine.encode(PROMPTS[1]), lora(4), short)
+        engine.submit(second)
+        async for _ in second:
+            pass
+        at_short_end = first.completion_tokens
+        async for _ in chunks:
+            pass
+        return at_short_end, first.completion_tokens
+
+    at_short_end, total = asyncio.run(run())
+    assert at_short_end < 100 and total == 300
+
+
+def test_lru_keeps_max_loaded_frees_evicted_adapters_and_never_evicts_one_in_use(tiny_base, lora):
+    small = TransformersEngine(tiny_base, model_id="tiny", quantize="none", max_loaded=2, max_batch=4)
+    try:
+        adapters = [lora(10 + i) for i in range(5)]
+        assert asyncio.run(small.load(adapters[0])) is True
+        pair = next(iter(small._loaded[adapters[0].key].pairs.values()))[0]
+        freed = weakref.ref(pair)
+        del pair
+        expected = [generate(small, [(a, PROMPTS[0], GREEDY, 0)])[0] for a in adapters]
+        assert len(small.loaded()) == 2 and adapters[0].key not in small.loaded()
+        gc.collect()
+        assert freed() is None, "an evicted adapter's weights are still referenced"
+        # Two long generations hold both places: a third adapter waits, then runs once one finishes.
+        long = Sampling(max_tokens=40, temperature=0, ignore_eos=True)
+        jobs = [(adapters[0], PROMPTS[0], long, 0), (adapters[1], PROMPTS[0], long, 0)]
+        jobs.append((adapters[2], PROMPTS[0], GREEDY, 0.05))
+        texts = generate(small, jobs)
+        assert texts[2] == expected[2] and texts[0].startswith(expected[0]) and texts[1].startswith(expected[1])
+        assert len(small.loaded()) == 2
+    finally:
+        small.close()
+
+
+def test_unload_refuses_an_unknown_key_and_drops_a_loaded_one(engine, lora):
+    asyncio.run(engine.load(lora(1)))
+    assert engine.unload(lora(1).key) is True and lora(1).key not in engine.loaded()
+    assert engine.unload("nobody@v1.0.0") is False
+
+
+def test_adapters_the_engine_cannot_apply_are_rejected_with_the_reason(engine, lora, tmp_path):
+    def rejected(adapter: AdapterSpec) -> str:
+        with pytest.raises(AdapterRejected) as info:
+            asyncio.run(engine.load(adapter))
+        return str(info.value)
+
+    assert "rank 128 is above this server's maximum rank 64" in rejected(lora(5, r=128))
+    assert "use_dora=True" in rejected(lora(6, use_dora=True))
+    assert "lm_head" in rejected(lora(7, target_modules=["lm_head"]))
+    pickled = tmp_path / "pickled"
+    shutil.copytree(lora(1).path, pickled)
+    (pickled / "adapter_model.safetensors").rename(pickled / "adapter_model.bin")
+    assert "safetensors weights only" in rejected(AdapterSpec("p", "v1.0.0", pickled))
+    assert generate(engine, [(None, PROMPTS[0], GREEDY, 0)])  # still serving
+
+
+def test_a_failing_adapter_fails_its_request_only(engine, lora, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(lora(1).path, broken)
+    config = json.loads((broken / "adapter_config.json").read_text())
+    (broken / "adapter_config.json").write_text(json.dumps({**config, "r": 2}))  # weights no longer fit
+
+    async def run() -> tuple[BaseException | None, str]:
+        bad = Generation(engine.encode(PROMPTS[0]), AdapterSpec("broken", "v1.0.0", broken), GREEDY)
+        good = Generation(engine.encode(PROMPTS[0]), None, GREEDY)
+        engine.submit(bad)
+        engine.submit(good)
+        error = None
+        try:
+            async for _ in bad:
+                pass
+        except AdapterRejected as exc:
+            error = exc
+        return error, "".join([c.text async for c in good])
+
+    error, text = asyncio.run(run())
+    assert "do not fit" in str(error) and text
+
+
+def test_seed_makes_sampling_reproducible_and_stop_and_length_end_it(engine, lora):
+    sampled = Sampling(max_tokens=10, temperature=1.0, top_p=0.9, seed=7, ignore_eos=True)
+    first, again = generate(engine, [(lora(1), PROMPTS[3], sampled, 0), (lora(1), PROMPTS[3], sampled, 0.01)])
+    assert first == again
+
+    async def finish(sampling: Sampling) -> tuple[str, str | None, int]:
+        generation = Generation(engine.encode(PROMPTS[0]), None, sampling)
+        engine.submit(generation)
+        chunks = [chunk async for chunk in generation]
+        return "".join(c.text for c in chunks), chunks[-1].finish_reason, generation.completion_tokens
+
+    text, reason, count = asyncio.run(finish(GREEDY))
+    assert reason == "length" and count == GREEDY.max_tokens
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    cut = Sampling(max_tokens=12, temperature=0, stop=(stop,), ignore_eos=True)
+    stopped, reason, _ = asyncio.run(finish(cut))
+    assert reason == "stop" and stopped == text[: text.index(stop)]
+
+
+def test_text_stream_waits_for_whole_characters_and_cuts_stop_strings_across_tokens(tokenizer_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    text = "Señor 🦜 says: the end is near. More"
+    ids = tokenizer.encode(text)
+    stream = TextStream(tokenizer, ("end is", "zzz"))
+    pieces, stopped = [], False
+    for token in ids:
+        piece, stopped = stream.push(token)
+        assert "\ufffd" not in piece
+        pieces.append(piece)
+        if stopped:
+            break
+    assert stopped and "".join(pieces) == "Señor 🦜 says: the "
+    plain = TextStream(tokenizer, ())
+    assert "".join(plain.push(t)[0] for t in ids) + plain.rest() == text
