@@ -1,0 +1,71 @@
+"""What route handlers receive: the server's parts, the calling tenant, the admin check."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from serve.catalog import Catalog
+from serve.engine import Engine
+from serve.errors import Forbidden
+from serve.tenants import Limiter, Tenant, Tenants
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Server-wide limits."""
+
+    max_tokens_cap: int = 2048
+    """Most tokens one request may generate (a tenant's own max_tokens can only lower it)."""
+    drain_seconds: float = 120.0
+    """On shutdown, how long to wait for running generations before closing the engine."""
+
+
+@dataclass
+class Server:
+    """The parts one app serves with; `draining` turns new generations away while shutting down."""
+
+    engine: Engine
+    catalog: Catalog
+    tenants: Tenants
+    settings: Settings
+    limiter: Limiter = field(default_factory=Limiter)
+    started: int = field(default_factory=lambda: int(time.time()))
+    draining: bool = False
+
+
+_bearer = HTTPBearer(auto_error=False, description="An API key from the tenants file (none in open mode).")
+
+
+def server(request: Request) -> Server:
+    """The server this app was created with."""
+    return request.app.state.server
+
+
+ServerDep = Annotated[Server, Depends(server)]
+
+
+def caller(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)], parts: ServerDep
+) -> Tenant:
+    """The tenant whose key the request carries (Unauthorized without a valid one); noted for the request log."""
+    tenant = parts.tenants.authenticate(credentials.credentials if credentials else None)
+    request.state.tenant = tenant.name
+    return tenant
+
+
+CallerDep = Annotated[Tenant, Depends(caller)]
+
+
+def admin(tenant: CallerDep) -> Tenant:
+    """The caller, if it holds the admin key (any caller in open mode)."""
+    if not tenant.admin:
+        raise Forbidden("This endpoint needs the admin key.")
+    return tenant
+
+
+AdminDep = Annotated[Tenant, Depends(admin)]

@@ -1,0 +1,46 @@
+"""Operator endpoints (admin key): load and unload adapters, re-read the registry, see what is loaded."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, Depends
+
+from serve.dependencies import AdminDep, ServerDep, admin
+from serve.errors import BadRequest
+from serve.schemas import AdapterRequest
+
+router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(admin)])
+
+
+@router.post("/load")
+async def load(body: AdapterRequest, tenant: AdminDep, parts: ServerDep) -> dict[str, Any]:
+    """Load an adapter version now (fetching its files if need be), ahead of its first request."""
+    spec = await parts.catalog.resolve(body.model, tenant.may_use)
+    if spec is None:
+        raise BadRequest("The base model is always loaded; name an adapter.", param="model")
+    loaded = await parts.engine.load(spec)
+    return {"model": spec.key, "loaded": loaded, "adapters": parts.engine.loaded()}
+
+
+@router.post("/unload")
+async def unload(body: AdapterRequest, tenant: AdminDep, parts: ServerDep) -> dict:
+    """Drop an adapter version from memory once no request uses it."""
+    version = parts.catalog.lookup(body.model, tenant.may_use)
+    if version is None:
+        raise BadRequest("The base model cannot be unloaded; name an adapter.", param="model")
+    return {"model": version.ref, "unloaded": parts.engine.unload(version.ref), "adapters": parts.engine.loaded()}
+
+
+@router.post("/refresh")
+async def refresh(tenant: AdminDep, parts: ServerDep) -> dict[str, Any]:
+    """Re-read the registry's versions and stages now, instead of at the next poll."""
+    await asyncio.to_thread(parts.catalog.refresh)
+    return {"adapters": {name: version.ref for name, version in parts.catalog.names(tenant.may_use).items()}}
+
+
+@router.get("/loaded")
+async def loaded(parts: ServerDep) -> dict[str, Any]:
+    """The adapter versions in memory (least recently used first) and the generations running."""
+    return {"loaded": parts.engine.loaded(), "running": parts.engine.running()}

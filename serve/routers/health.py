@@ -1,0 +1,32 @@
+"""Probes and metrics: liveness, readiness (false while draining), Prometheus."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from serve.dependencies import ServerDep
+from serve.errors import Unavailable
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """The process answers."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(parts: ServerDep) -> dict[str, str]:
+    """The model is loaded and the server takes requests; 503 while it drains."""
+    if parts.draining:
+        raise Unavailable("The server is draining: it finishes running requests and takes no new ones.")
+    return {"status": "ready", "model": parts.engine.model_id}
+
+
+@router.get("/metrics")
+async def metrics() -> Response:
+    """Prometheus metrics: requests, tokens, latency, time to first token, adapter loads and evictions."""
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

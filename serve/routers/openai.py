@@ -1,0 +1,57 @@
+"""The OpenAI-compatible API: completions, chat completions and the caller's models."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from registry.refs import AdapterVersion
+from serve.completion import generate
+from serve.dependencies import CallerDep, Server, ServerDep
+from serve.schemas import ChatRequest, CompletionRequest
+
+
+router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
+
+
+@router.post("/completions")
+async def completions(body: CompletionRequest, request: Request, tenant: CallerDep, parts: ServerDep) -> Response:
+    """Continue a prompt with the base model or an adapter version."""
+    return await generate(request, parts, tenant, body, parts.engine.encode(body.text()))
+
+
+@router.post("/chat/completions")
+async def chat_completions(body: ChatRequest, request: Request, tenant: CallerDep, parts: ServerDep) -> Response:
+    """Answer a chat with the base model or an adapter version, rendered with the base model's chat template."""
+    prompt_ids = parts.engine.encode_chat([message.plain() for message in body.messages])
+    return await generate(request, parts, tenant, body, prompt_ids)
+
+
+@router.get("/models")
+async def models(tenant: CallerDep, parts: ServerDep) -> dict[str, Any]:
+    """The base model and every adapter the caller may use, each with the version its bare name means now."""
+    adapters = parts.catalog.names(tenant.may_use)
+    data = [_entry(parts, parts.engine.model_id, None)] + [_entry(parts, n, v) for n, v in adapters.items()]
+    return {"object": "list", "data": data}
+
+
+@router.get("/models/{model:path}")
+async def model(model: str, tenant: CallerDep, parts: ServerDep) -> dict[str, Any]:
+    """One model by id: the base, or an adapter reference the caller may use."""
+    return _entry(parts, model, parts.catalog.lookup(model, tenant.may_use))
+
+
+def _entry(parts: Server, model: str, version: AdapterVersion | None) -> dict[str, Any]:
+    """A model object as OpenAI lists it; an adapter also names its parent and the version it means now."""
+    if version is None:
+        return {"id": model, "object": "model", "created": parts.started, "owned_by": "adapters"}
+    return {
+        "id": model,
+        "object": "model",
+        "created": version.date,
+        "owned_by": "adapters",
+        "parent": parts.engine.model_id,
+        "version": version.ref,
+    }
