@@ -8,6 +8,7 @@ import click
 
 from registry.commands import COMMANDS
 from registry.errors import AdaptersError
+from serve.cli import serve, tenants
 from train.cli import models, train
 
 
@@ -30,6 +31,8 @@ def main() -> None:
 
 main.add_command(train)
 main.add_command(models)
+main.add_command(serve)
+main.add_command(tenants)
 for command in COMMANDS:
     main.add_command(command)
 

@@ -1,0 +1,172 @@
+"""`adapters serve` and `adapters tenants`; torch, the engine and the web stack load only when serving."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from pathlib import Path
+
+import click
+
+from registry.errors import AdaptersError, BaseModelError
+from registry.repo import Registry
+from serve.tenants import Tenants, add_tenant, set_admin
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+_tenants_file = click.option(
+    "--file", "path", type=click.Path(dir_okay=False, path_type=Path), default="tenants.yaml", show_default=True,
+    help="The tenants file (created if missing).",
+)  # fmt: skip
+
+
+class ServeOptionError(AdaptersError):
+    """An option of `adapters serve` that cannot work."""
+
+    exit_code = 2
+
+
+@click.command()
+@click.option("--base", help="Local HF model folder or Hub id. Default: the embedded SmolLM2-135M-Instruct.")
+@click.option(
+    "--quantize",
+    type=click.Choice(["nf4", "int8", "none"]),
+    help="Base weights in 4-bit NF4, 8-bit, or as saved. Default: nf4 where bitsandbytes runs, else none.",
+)
+@click.option(
+    "--engine", type=click.Choice(["transformers"]), default="transformers", show_default=True, help="Runtime."
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="0 picks a free port.")
+@click.option(
+    "--max-loaded", type=click.IntRange(min=1), default=8, show_default=True, help="Adapters kept in memory (LRU)."
+)
+@click.option("--max-batch", type=click.IntRange(min=1), default=32, show_default=True, help="Rows per forward pass.")
+@click.option(
+    "--max-tokens-cap", type=click.IntRange(min=1), default=2048, show_default=True, help="Most tokens per request."
+)
+@click.option("--max-rank", type=click.IntRange(min=1), default=64, show_default=True, help="Largest LoRA rank served.")
+@click.option(
+    "--tenants",
+    "tenants_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Tenants file with hashed API keys (`adapters tenants add`). Without it: no keys, 127.0.0.1 only.",
+)
+@click.option(
+    "--registry",
+    "registry_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Adapter repository to serve. Default: the one around the current folder.",
+)
+def serve(
+    base: str | None,
+    quantize: str | None,
+    engine: str,
+    host: str,
+    port: int,
+    max_loaded: int,
+    max_batch: int,
+    max_tokens_cap: int,
+    max_rank: int,
+    tenants_file: Path | None,
+    registry_dir: Path | None,
+) -> None:
+    """Serve the base model and every adapter of the registry through an OpenAI-compatible API."""
+    registry = Registry.find(registry_dir)
+    if tenants_file is not None and not tenants_file.is_file():
+        raise ServeOptionError(f"No tenants file at {tenants_file}; create one with `adapters tenants add NAME`.")
+    tenants = Tenants(tenants_file)
+    if tenants.open and host not in LOOPBACK:
+        raise ServeOptionError(
+            f"Without --tenants anyone who reaches the server may use every adapter, so it listens on 127.0.0.1 "
+            f"only, not {host}; create keys with `adapters tenants add NAME` and pass --tenants FILE."
+        )
+    listener = _listen(host, port)
+
+    from serve.app import create_app, run
+    from serve.catalog import Catalog
+    from serve.dependencies import Settings
+    from serve.transformers_engine import TransformersEngine
+    from train.base import home, resolve_base
+
+    model = resolve_base(base)
+    quantize = quantize or _default_quantize()
+    click.echo(f"Loading {model.name} (quantize {quantize})...", err=True)
+    try:
+        runtime = TransformersEngine(
+            model.path,
+            model_id=model.hub_id or model.path.name,
+            quantize=quantize,
+            max_loaded=max_loaded,
+            max_batch=max_batch,
+            max_rank=max_rank,
+        )
+    except (OSError, ValueError, RuntimeError, ImportError) as exc:
+        raise BaseModelError(f"Cannot load {model.name} with --quantize {quantize}: {exc}") from None
+    catalog = Catalog(
+        registry, home() / "serve", base_id=runtime.model_id, fingerprint=runtime.fingerprint, max_rank=max_rank
+    )
+    settings = Settings(max_tokens_cap=max_tokens_cap)
+    app = create_app(runtime, catalog, tenants, settings)
+    address = f"http://{host}:{listener.getsockname()[1]}"
+    mode = f"tenants from {tenants_file}" if tenants_file else "open mode: no API keys, 127.0.0.1 only"
+    click.echo(f"Serving {runtime.model_id} and the adapters of {registry.root} at {address}/v1 ({mode}).", err=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run(app, listener)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind the listening socket now, so a taken port fails before the model loads."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, _, _, _, address = infos[0]
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(address)
+    except OSError as exc:
+        raise ServeOptionError(
+            f"Cannot listen on {host}:{port}: {exc.strerror or exc}; choose another --port."
+        ) from None
+    return listener
+
+
+def _default_quantize() -> str:
+    """nf4 where bitsandbytes imports (it runs on CPU too), else the weights as saved."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception:  # a broken native library raises anything from OSError to RuntimeError
+        return "none"
+    return "nf4"
+
+
+@click.group()
+def tenants() -> None:
+    """API keys of the server: which adapters each tenant may use, and how much at once."""
+
+
+@tenants.command("add")
+@click.argument("name")
+@click.option(
+    "--adapters",
+    "patterns",
+    multiple=True,
+    required=True,
+    help="Adapter names the tenant may use: fnmatch patterns such as 'acme-*' (repeat or separate with commas).",
+)
+@click.option("--max-concurrent", type=click.IntRange(min=1), help="Requests at once. Default: no limit.")
+@click.option("--max-tokens", type=click.IntRange(min=1), help="Tokens per request. Default: the server's cap.")
+@_tenants_file
+def add(name: str, patterns: tuple[str, ...], max_concurrent: int | None, max_tokens: int | None, path: Path) -> None:
+    """Add tenant NAME with a new API key, printed once; the file keeps only its sha256."""
+    adapters = [p.strip() for pattern in patterns for p in pattern.split(",") if p.strip()]
+    key = add_tenant(path, name, adapters, max_concurrent, max_tokens)
+    click.echo(f"Tenant {name!r} added to {path}. Its API key, shown only now:", err=True)
+    click.echo(key)
+
+
+@tenants.command("admin")
+@_tenants_file
+def admin(path: Path) -> None:
+    """Issue a new admin key (for /admin/*), printed once; it replaces the previous one."""
+    key = set_admin(path)
+    click.echo(f"Admin key set in {path}. The key, shown only now:", err=True)
+    click.echo(key)
