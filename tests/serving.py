@@ -1,0 +1,86 @@
+"""Helpers for server tests: a server on a free port in a background thread, crafted adapters, SSE reading."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from registry.repo import Registry
+
+
+@contextmanager
+def serving(app: Any) -> Iterator[str]:
+    """Run APP with uvicorn on 127.0.0.1 (a free port) in a thread; yields its base URL; stops it after."""
+    import uvicorn
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started or not thread.is_alive(), 60, "the server to start")
+    assert thread.is_alive(), "the server thread died while starting"
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(60)
+
+
+def wait_for(condition: Callable[[], Any], seconds: float, what: str) -> Any:
+    """Poll CONDITION until it returns something true; fail after SECONDS naming WHAT was awaited."""
+    deadline = time.monotonic() + seconds
+    while True:
+        result = condition()
+        if result:
+            return result
+        assert time.monotonic() < deadline, f"timed out after {seconds} s waiting for {what}"
+        time.sleep(0.02)
+
+
+def registry_with(root: Path, adapters: dict[str, list[Path]]) -> Registry:
+    """A fresh adapter repository at ROOT holding NAME -> [folders], registered as v1.0.0, v1.1.0, ..."""
+    registry, _ = Registry.init(root)
+    for name, folders in adapters.items():
+        for folder in folders:
+            registry.add(name, folder)
+    return registry
+
+
+def crafted(source: Path, dest: Path, edit: Callable[[dict[str, Any], dict[str, Any]], None]) -> Path:
+    """A copy of the adapter folder SOURCE whose adapter_config.json and lineage.json EDIT has changed."""
+    shutil.copytree(source, dest)
+    config, lineage = (json.loads((dest / name).read_text()) for name in ("adapter_config.json", "lineage.json"))
+    edit(config, lineage)
+    (dest / "adapter_config.json").write_text(json.dumps(config))
+    (dest / "lineage.json").write_text(json.dumps(lineage))
+    return dest
+
+
+def events(response: httpx.Response) -> list[Any]:
+    """The data of each server-sent event of a streamed response, JSON-decoded ('[DONE]' kept as is)."""
+    found = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            data = line[len("data: ") :]
+            found.append(data if data == "[DONE]" else json.loads(data))
+    return found
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    """The value of one Prometheus sample the server exposes at /metrics (0 when absent)."""
+    text = httpx.get(f"{url}/metrics").text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0

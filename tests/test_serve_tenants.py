@@ -1,0 +1,295 @@
+"""Tenants and operators: API keys, per-tenant adapters and limits, admin endpoints, eviction; and the
+`adapters serve` / `adapters tenants` commands: refused options, keys shown once, SIGTERM drains."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import yaml
+from conftest import ROOT
+from serving import metric, registry_with, serving, wait_for
+
+from registry.repo import Registry
+
+PROMPT = "Once upon a time"
+
+
+def _key(cli: Any, *args: str, cwd: Path) -> str:
+    """Run `adapters tenants ARGS`; the key is the one line on stdout."""
+    result = cli("tenants", *args, cwd=cwd)
+    assert result.exit_code == 0, result.output
+    return result.stdout.strip()
+
+
+@dataclass
+class Hosted:
+    """A tenants-mode server that polls nothing (refresh is explicit) and keeps two adapters loaded at most."""
+
+    url: str
+    registry: Registry
+    tenants_file: Path
+    keys: dict[str, str]
+
+    def client(self, who: str) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=self.keys[who], max_retries=0)
+
+    def post(self, path: str, who: str | None, **body: Any) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {self.keys[who]}"} if who else {}
+        return httpx.post(f"{self.url}{path}", json=body, headers=headers, timeout=60)
+
+    def get(self, path: str, who: str | None) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {self.keys[who]}"} if who else {}
+        return httpx.get(f"{self.url}{path}", headers=headers, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def hosted(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, make_adapter: Any) -> Iterator[Hosted]:
+    from click.testing import CliRunner
+
+    from registry.cli import main
+    from serve.app import create_app
+    from serve.catalog import Catalog
+    from serve.dependencies import Settings
+    from serve.tenants import Tenants
+    from serve.transformers_engine import TransformersEngine
+
+    root = tmp_path_factory.mktemp("hosted")
+    adapters = {"acme-a": [1], "acme-b": [2, 6], "acme-c": [3], "globex-a": [4], "globex-b": [5]}
+    registry = registry_with(root / "registry", {n: [make_adapter(s) for s in seeds] for n, seeds in adapters.items()})
+    tenants_file = root / "tenants.yaml"
+
+    def key(*args: str) -> str:
+        result = CliRunner().invoke(main, ["tenants", *args, "--file", str(tenants_file)])
+        assert result.exit_code == 0, result.output
+        return result.stdout.strip()
+
+    keys = {
+        "acme": key("add", "acme", "--adapters", "acme-*", "--max-concurrent", "1", "--max-tokens", "400"),
+        "globex": key("add", "globex", "--adapters", "globex-*"),
+        "admin": key("admin"),
+        "wrong": "sk-adapters-not-a-key",
+    }
+    engine = TransformersEngine(tiny_base, model_id="tiny-llama", quantize="none", max_loaded=2, max_batch=16)
+    catalog = Catalog(
+        registry,
+        root / "cache",
+        base_id=engine.model_id,
+        fingerprint=engine.fingerprint,
+        max_rank=engine.max_rank,
+        interval=3600,  # only POST /admin/refresh re-reads the registry here
+    )
+    app = create_app(engine, catalog, Tenants(tenants_file), Settings(max_tokens_cap=900))
+    with serving(app) as url:
+        yield Hosted(url, registry, tenants_file, keys)
+
+
+def test_tenants_file_keeps_only_hashes_and_keys_are_shown_once(cli: Any, tmp_path: Path) -> None:
+    path = tmp_path / "tenants.yaml"
+    key = _key(
+        cli, "add", "acme", "--adapters", "acme-*,shared", "--max-tokens", "64", "--file", str(path), cwd=tmp_path
+    )
+    admin = _key(cli, "admin", "--file", str(path), cwd=tmp_path)
+    text = path.read_text()
+    assert key.startswith("sk-adapters-") and key not in text and admin not in text
+    data = yaml.safe_load(text)
+    assert data["tenants"]["acme"]["adapters"] == ["acme-*", "shared"] and data["tenants"]["acme"]["max_tokens"] == 64
+    again = cli("tenants", "add", "acme", "--adapters", "x", "--file", str(path), cwd=tmp_path)
+    assert again.exit_code == 2 and "already in" in again.stderr and "Traceback" not in again.output
+
+
+def test_each_tenant_sees_and_uses_only_its_own_adapters(hosted: Hosted) -> None:
+    assert [m.id for m in hosted.client("acme").models.list()] == ["tiny-llama", "acme-a", "acme-b", "acme-c"]
+    assert [m.id for m in hosted.client("globex").models.list()] == ["tiny-llama", "globex-a", "globex-b"]
+    assert len(hosted.client("admin").models.list().data) == 6
+    answer = hosted.client("globex").completions.create(model="globex-a", prompt=PROMPT, max_tokens=4)
+    assert answer.model == "globex-a@v1.0.0"
+    for model in ("globex-a", "globex-a@v1.0.0", "globex-a#prod", "globex-a@latest"):
+        foreign = hosted.post("/v1/completions", "acme", model=model, prompt=PROMPT).json()
+        absent = hosted.post(
+            "/v1/completions", "acme", model=model.replace("globex-a", "acme-zz"), prompt=PROMPT
+        ).json()
+        assert foreign["error"]["message"] == absent["error"]["message"].replace("acme-zz", "globex-a")
+        assert foreign["error"]["code"] == absent["error"]["code"] == "model_not_found"
+    assert hosted.get("/v1/models/globex-a", "acme").status_code == 404
+
+
+def test_missing_or_wrong_keys_are_401_and_tenant_keys_cannot_administer(hosted: Hosted) -> None:
+    for who in (None, "wrong"):
+        response = hosted.post(
+            "/v1/chat/completions", who, model="acme-a", messages=[{"role": "user", "content": "hi"}]
+        )
+        assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+        assert hosted.get("/admin/loaded", who).status_code == 401
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{hosted.url}/v1", api_key="sk-nope", max_retries=0).models.list()
+    for who in ("acme", "globex"):
+        denied = hosted.post("/admin/refresh", who)
+        assert denied.status_code == 403 and denied.json()["error"]["type"] == "permission_error"
+    assert hosted.get("/admin/loaded", "admin").status_code == 200
+    assert hosted.get("/healthz", None).status_code == 200 and hosted.get("/readyz", None).status_code == 200
+
+
+def test_a_tenant_over_its_concurrency_gets_429_until_its_request_ends(hosted: Hosted) -> None:
+    headers = {"Authorization": f"Bearer {hosted.keys['acme']}"}
+    body = {"model": "acme-a", "prompt": PROMPT, "max_tokens": 400, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{hosted.url}/v1/completions", json=body, headers=headers, timeout=60) as running:
+        assert running.status_code == 200
+        lines = running.iter_lines()  # kept: dropping the iterator would hang up
+        assert next(lines).startswith("data: ")  # generating now
+        refused = hosted.post("/v1/completions", "acme", model="acme-b", prompt=PROMPT, max_tokens=2)
+        assert refused.status_code == 429 and refused.json()["error"]["type"] == "rate_limit_error"
+        other = hosted.post("/v1/completions", "globex", model="globex-b", prompt=PROMPT, max_tokens=2)
+        assert other.status_code == 200  # limits are per tenant
+    # The client hung up mid-stream: its slot comes back.
+    wait_for(
+        lambda: hosted.post("/v1/completions", "acme", model="acme-b", prompt=PROMPT, max_tokens=2).status_code == 200,
+        10,
+        "acme's slot to be given back",
+    )
+
+
+def test_a_tenant_cannot_ask_for_more_tokens_than_its_limit(hosted: Hosted) -> None:
+    refused = hosted.post("/v1/completions", "acme", model="acme-a", prompt=PROMPT, max_tokens=401)
+    assert refused.status_code == 400 and "the limit of tenant 'acme' of 400" in refused.json()["error"]["message"]
+
+
+def test_a_tenant_added_while_the_server_runs_can_call_at_once(hosted: Hosted, cli: Any) -> None:
+    hosted.keys["initech"] = _key(
+        cli,
+        "add",
+        "initech",
+        "--adapters",
+        "globex-b",
+        "--file",
+        str(hosted.tenants_file),
+        cwd=hosted.tenants_file.parent,
+    )
+    assert [m.id for m in hosted.client("initech").models.list()] == ["tiny-llama", "globex-b"]
+
+
+def test_admin_refresh_shows_a_promotion_at_once(hosted: Hosted, cli: Any) -> None:
+    assert hosted.client("acme").models.retrieve("acme-b").model_extra["version"] == "acme-b@v1.1.0"
+    assert cli("promote", "acme-b@v1.0.0", "--stage", "prod", cwd=hosted.registry.root).exit_code == 0
+    assert hosted.client("acme").models.retrieve("acme-b").model_extra["version"] == "acme-b@v1.1.0"  # not polled
+    refreshed = hosted.post("/admin/refresh", "admin").json()
+    assert refreshed["adapters"]["acme-b"] == "acme-b@v1.0.0"
+    answer = hosted.client("acme").completions.create(model="acme-b", prompt=PROMPT, max_tokens=2)
+    assert answer.model == "acme-b@v1.0.0"
+
+
+def test_eviction_keeps_at_most_max_loaded_adapters_and_every_answer_right(hosted: Hosted) -> None:
+    admin = hosted.client("admin")
+    models = ["acme-a@v1.0.0", "acme-b@v1.1.0", "acme-c@v1.0.0", "globex-a@v1.0.0", "globex-b@v1.0.0"]
+
+    def answer(model: str) -> str:
+        return admin.completions.create(model=model, prompt=PROMPT, max_tokens=12, temperature=0).choices[0].text
+
+    evictions = metric(hosted.url, "adapters_adapter_evictions_total")
+    alone = {model: answer(model) for model in models}
+    assert len(set(alone.values())) == len(models)
+    most, done = 0, threading.Event()
+
+    def watch() -> None:
+        nonlocal most
+        while not done.is_set():
+            most = max(most, len(hosted.get("/admin/loaded", "admin").json()["loaded"]))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with ThreadPoolExecutor(10) as pool:
+            answers = list(pool.map(lambda i: (models[i % 5], answer(models[i % 5])), range(20)))
+    finally:
+        done.set()
+        watcher.join()
+    wrong = [(model, text) for model, text in answers if text != alone[model]]
+    assert not wrong, f"answered otherwise than alone: {wrong}"
+    assert 0 < most <= 2
+    assert metric(hosted.url, "adapters_adapter_evictions_total") >= evictions + 3
+
+
+def test_admin_loads_and_unloads_adapters(hosted: Hosted) -> None:
+    loaded = hosted.post("/admin/load", "admin", model="globex-b").json()
+    assert loaded["model"] == "globex-b@v1.0.0" and "globex-b@v1.0.0" in loaded["adapters"]
+    unloaded = hosted.post("/admin/unload", "admin", model="globex-b@v1.0.0").json()
+    assert (
+        unloaded["unloaded"] is True and "globex-b@v1.0.0" not in hosted.get("/admin/loaded", "admin").json()["loaded"]
+    )
+    assert hosted.post("/admin/load", "admin", model="nope").status_code == 404
+    assert hosted.post("/admin/load", "admin", model="tiny-llama").status_code == 400
+
+
+def test_serve_refuses_bad_options_in_one_line(cli: Any, registry: Registry, tmp_path: Path) -> None:
+    bad_file = tmp_path / "bad.yaml"
+    bad_file.write_text("tenants:\n  acme:\n    key_sha256: abc\n    adapters: ['*']\n")
+    taken = socket.create_server(("127.0.0.1", 0))
+    cases = [
+        (["--host", "0.0.0.0"], "listens on 127.0.0.1 only, not 0.0.0.0"),
+        (["--tenants", str(tmp_path / "none.yaml")], "No tenants file at"),
+        (["--tenants", str(bad_file), "--host", "0.0.0.0"], "the key hash must be 64 lowercase hex digits"),
+        (["--port", str(taken.getsockname()[1])], "Cannot listen on 127.0.0.1"),
+    ]
+    for args, message in cases:
+        result = cli("serve", "--registry", str(registry.root), *args, cwd=tmp_path)
+        assert result.exit_code == 2, (args, result.output)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+        assert len(errors) == 1 and message in errors[0] and "Traceback" not in result.output, result.output
+    outside = cli("serve", cwd=tmp_path)
+    assert outside.exit_code == 5 and "not inside an adapter repository" in outside.stderr
+    taken.close()
+
+
+def test_sigterm_lets_a_running_stream_finish_then_exits_0(
+    registry: Registry, make_adapter: Any, tiny_base: Path, tmp_path: Path
+) -> None:
+    registry.add("drain", make_adapter(1))
+    args = ["serve", "--base", str(tiny_base), "--quantize", "none", "--port", "0"]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "registry.cli", *args],
+        cwd=registry.root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(server.stdout.readline, "")))
+    reader.start()
+    try:
+        started = wait_for(
+            lambda: [line for line in lines if " at http://" in line] or server.poll() is not None, 120, "start"
+        )
+        assert server.poll() is None, "".join(lines)
+        url = started[0].split(" at ")[1].split("/v1")[0]
+        assert "open mode" in started[0]
+        body = {"model": "drain", "prompt": PROMPT, "max_tokens": 300, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+            lines_iter = response.iter_lines()
+            first = next(line for line in lines_iter if line.startswith("data: "))
+            server.send_signal(signal.SIGTERM)
+            rest = list(lines_iter)
+        data = [first, *[line for line in rest if line.startswith("data: ")]]
+        assert data[-1] == "data: [DONE]" and '"finish_reason":"length"' in data[-2]
+        assert server.wait(60) == 0
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{url}/healthz")
+    finally:
+        if server.poll() is None:
+            server.kill()
+        reader.join()
+    log = "".join(lines)
+    assert "Waiting for connections to close" in log  # the stream was still running when the signal came
+    assert "model=drain@v1.0.0 status=200" in log and "completion_tokens=300" in log
