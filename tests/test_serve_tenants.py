@@ -256,7 +256,7 @@ def test_sigterm_lets_a_running_stream_finish_then_exits_0(
     registry: Registry, make_adapter: Any, tiny_base: Path, tmp_path: Path
 ) -> None:
     registry.add("drain", make_adapter(1))
-    args = ["serve", "--base", str(tiny_base), "--quantize", "none", "--port", "0"]
+    args = ["serve", "--base", str(tiny_base), "--port", "0"]  # the default quantization: NF4, bitsandbytes runs here
     server = subprocess.Popen(
         [sys.executable, "-m", "registry.cli", *args],
         cwd=registry.root,
@@ -274,7 +274,7 @@ def test_sigterm_lets_a_running_stream_finish_then_exits_0(
         )
         assert server.poll() is None, "".join(lines)
         url = started[0].split(" at ")[1].split("/v1")[0]
-        assert "open mode" in started[0]
+        assert "open mode" in started[0] and "(quantize nf4)" in "".join(lines)
         body = {"model": "drain", "prompt": PROMPT, "max_tokens": 300, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
             lines_iter = response.iter_lines()
