@@ -87,7 +87,9 @@ class TransformersEngine(Engine):
         self._eos = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id} - {None}
         self._pad = self.tokenizer.pad_token_id or 0
         self._cond = threading.Condition()
-        self._passes = threading.Lock()  # held by forward passes; the LoRA layers change only outside them
+        # The LoRA layers change only on the worker thread, between passes; other threads queue changes here.
+        self._stale: list[str] = []  # unloaded keys whose layers still hold them
+        self._sweeps = 0  # passes of the worker over pending adapters, so that `load` can wait for one
         self._waiting: deque[Generation] = deque()
         self._running: list[_Row] = []
         self._loaded: OrderedDict[str, AdapterWeights] = OrderedDict()
@@ -110,10 +112,13 @@ class TransformersEngine(Engine):
         return await asyncio.to_thread(self._load, adapter)
 
     def unload(self, key: str) -> bool:
-        with self._passes, self._cond:
+        with self._cond:
             if key not in self._loaded or self._users[key]:
                 return False
-            self._evict(key)
+            del self._loaded[key]
+            self._stale.append(key)
+            metrics.LOADED.set(len(self._loaded))
+            self._cond.notify_all()
             return True
 
     def loaded(self) -> list[str]:
@@ -144,9 +149,12 @@ class TransformersEngine(Engine):
                 self._loaded.move_to_end(adapter.key)
                 return False
         weights = self._read(adapter)
-        with self._passes, self._cond:
-            if adapter.key not in self._loaded and not self._place(weights):
+        with self._cond:
+            if adapter.key not in self._loaded:
                 self._pending[adapter.key] = weights
+                sweeps = self._sweeps
+                self._cond.notify_all()
+                self._cond.wait_for(lambda: self._sweeps > sweeps or self._closed)
         return True
 
     def _read(self, adapter: AdapterSpec) -> AdapterWeights:
@@ -175,20 +183,33 @@ class TransformersEngine(Engine):
         metrics.EVICTIONS.inc()
         metrics.LOADED.set(len(self._loaded))
 
+    def _sweep(self) -> None:
+        """Apply queued changes to the layers: drop unloaded adapters, install read ones while there is room."""
+        for key in self._stale:
+            if key not in self._loaded:
+                uninstall(key, self._layers)
+        self._stale.clear()
+        for weights in list(self._pending.values()):
+            if not self._place(weights):
+                break
+        self._sweeps += 1
+        self._cond.notify_all()
+
     # The batch loop.
 
     def _loop(self) -> None:
         with torch.inference_mode():
             while True:
                 with self._cond:
-                    while not self._closed and not self._waiting and not self._running:
-                        self._cond.wait()
+                    self._cond.wait_for(
+                        lambda: self._closed or self._waiting or self._running or self._pending or self._stale
+                    )
                     if self._closed:
                         return
+                    self._sweep()
                     admitted, to_read = self._admit()
                 try:
-                    with self._passes:
-                        self._step(admitted, to_read)
+                    self._step(admitted, to_read)
                 except Exception as exc:  # keep serving: fail this step's generations, then go on
                     running = {id(row.generation) for row in self._running}
                     self._fail([g for g in admitted if id(g) not in running], exc)
