@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -134,11 +135,38 @@ async def generate(
     if body.stream:
         return _EventStream(_events(run, shape, head, body.include_usage), run)
     try:
-        text = "".join([chunk.text async for chunk in run.chunks()])
+        text = await _unless_gone(request, run)
     finally:
         run.end()
     choice = shape.choice(text, run.finish_reason)
     return JSONResponse({**head, "choices": [choice], "usage": run.usage()})
+
+
+class _ClientGone(ServeError):
+    """The client hung up before its answer was ready; logged with nginx's 499, sent to nobody."""
+
+    status = 499
+
+
+async def _unless_gone(request: Request, run: _Run) -> str:
+    """The whole text of RUN, unless the client disconnects first: then stop waiting, freeing its row at once."""
+
+    async def text() -> str:
+        return "".join([chunk.text async for chunk in run.chunks()])
+
+    async def hung_up() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    answer, gone = asyncio.ensure_future(text()), asyncio.ensure_future(hung_up())
+    try:
+        await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (answer, gone):
+            task.cancel()
+    if not answer.done():
+        raise _ClientGone("The client closed the connection.")
+    return answer.result()
 
 
 async def _events(run: _Run, shape: _Shape, head: dict[str, Any], include_usage: bool) -> AsyncIterator[str]:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -159,6 +160,20 @@ def test_a_tenant_over_its_concurrency_gets_429_until_its_request_ends(hosted: H
         10,
         "acme's slot to be given back",
     )
+
+
+def test_a_client_that_hangs_up_on_a_whole_answer_stops_its_generation(
+    hosted: Hosted, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="serve")
+    headers = {"Authorization": f"Bearer {hosted.keys['acme']}"}
+    body = {"model": "acme-c", "prompt": PROMPT, "max_tokens": 400, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{hosted.url}/v1/completions", json=body, headers=headers, timeout=httpx.Timeout(30, read=0.5))
+    lines = wait_for(lambda: [r.getMessage() for r in caplog.records if "status=499" in r.getMessage()], 10, "499")
+    assert "tenant=acme model=acme-c@v1.0.0" in lines[0]
+    assert int(lines[0].split("completion_tokens=")[1].split()[0]) < 400  # stopped, not run to the end
+    assert hosted.post("/v1/completions", "acme", model="acme-c", prompt=PROMPT, max_tokens=2).status_code == 200
 
 
 def test_a_tenant_cannot_ask_for_more_tokens_than_its_limit(hosted: Hosted) -> None:
