@@ -116,8 +116,9 @@ async def _invalid_request(request: Request, exc: Exception) -> JSONResponse:
     if first["type"] == "json_invalid":
         return _error(400, BadRequest(f"The body is not valid JSON: {first.get('ctx', {}).get('error', '')}.").body())
     field = ".".join(str(part) for part in first["loc"] if part != "body")
-    message = f"{field}: {first['msg']}" if field else first["msg"]
-    return _error(400, BadRequest(message, param=field or None).body())
+    if not field:  # curl -d without a JSON content type lands here
+        return _error(400, BadRequest("The body must be a JSON object sent as Content-Type: application/json.").body())
+    return _error(400, BadRequest(f"{field}: {first['msg']}", param=field).body())
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:

@@ -259,6 +259,8 @@ def test_errors_are_openai_shaped_and_leave_the_server_healthy(served: Served, m
         f"{served.url}/v1/chat/completions", content=b'{"model": ', headers={"content-type": "application/json"}
     )
     assert bad_json.status_code == 400 and "not valid JSON" in bad_json.json()["error"]["message"]
+    as_form = httpx.post(f"{served.url}/v1/completions", content=b'{"model": "alpha", "prompt": "x"}')
+    assert as_form.status_code == 400 and "Content-Type: application/json" in as_form.json()["error"]["message"]
     with pytest.raises(openai.NotFoundError):
         served.client.chat.completions.create(model="nope", messages=CHAT)
     with pytest.raises(openai.UnprocessableEntityError):
