@@ -67,6 +67,7 @@ class TransformersEngine(Engine):
         max_loaded: int = 8,
         max_batch: int = 32,
         max_rank: int = 64,
+        max_context: int = 2048,
     ) -> None:
         self.model_id = model_id
         self.max_rank = max_rank
@@ -77,7 +78,8 @@ class TransformersEngine(Engine):
         self.model = AutoModelForCausalLM.from_pretrained(
             base_path, dtype=torch.float32, use_safetensors=True, quantization_config=quantization(quantize)
         ).eval()
-        self.context_length = int(self.model.config.max_position_embeddings)
+        # Each batch row keeps room for the longest running request, so the context bounds memory too.
+        self.context_length = min(int(self.model.config.max_position_embeddings), max_context)
         self._backbone = self.model.get_decoder()
         self._head = self.model.get_output_embeddings()
         self._rows = Rows()
