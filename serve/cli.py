@@ -46,6 +46,13 @@ class ServeOptionError(AdaptersError):
 )
 @click.option("--max-rank", type=click.IntRange(min=1), default=64, show_default=True, help="Largest LoRA rank served.")
 @click.option(
+    "--max-context",
+    type=click.IntRange(min=2),
+    default=2048,
+    show_default=True,
+    help="Prompt plus completion tokens per request (the model's own limit if lower); bounds memory per batch row.",
+)
+@click.option(
     "--tenants",
     "tenants_file",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -67,6 +74,7 @@ def serve(
     max_batch: int,
     max_tokens_cap: int,
     max_rank: int,
+    max_context: int,
     tenants_file: Path | None,
     registry_dir: Path | None,
 ) -> None:
@@ -99,6 +107,7 @@ def serve(
             max_loaded=max_loaded,
             max_batch=max_batch,
             max_rank=max_rank,
+            max_context=max_context,
         )
     except (OSError, ValueError, RuntimeError, ImportError) as exc:
         raise BaseModelError(f"Cannot load {model.name} with --quantize {quantize}: {exc}") from None
