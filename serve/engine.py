@@ -100,7 +100,7 @@ class Engine(ABC):
 
     @abstractmethod
     def unload(self, key: str) -> bool:
-        """Drop a loaded adapter once no generation uses it; False when it was not loaded."""
+        """Drop a loaded adapter; False when it is not loaded or a generation is using it."""
 
     @abstractmethod
     def loaded(self) -> list[str]:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from serve.errors import AdapterRejected
@@ -175,12 +175,15 @@ def read_adapter(key: str, folder: Path, layers: dict[str, MultiLoRALinear], max
     if not (folder / WEIGHTS).is_file():
         raise AdapterRejected(f"{key}: no {WEIGHTS}; the server loads safetensors weights only.")
     halves: dict[str, dict[str, torch.Tensor]] = {}
-    with safe_open(folder / WEIGHTS, framework="pt") as weights:
-        for name in weights.keys():  # noqa: SIM118 - safe_open has no __iter__
-            match = _KEY.match(name)
-            if not match:
-                raise AdapterRejected(f"{key}: tensor {name} is not a LoRA A/B weight of a linear layer.")
-            halves.setdefault(match["module"], {})[match["part"]] = weights.get_tensor(name).to(torch.float32)
+    try:
+        with safe_open(folder / WEIGHTS, framework="pt") as weights:
+            for name in weights.keys():  # noqa: SIM118 - safe_open has no __iter__
+                match = _KEY.match(name)
+                if not match:
+                    raise AdapterRejected(f"{key}: tensor {name} is not a LoRA A/B weight of a linear layer.")
+                halves.setdefault(match["module"], {})[match["part"]] = weights.get_tensor(name).to(torch.float32)
+    except (OSError, SafetensorError) as exc:
+        raise AdapterRejected(f"{key}: unreadable {WEIGHTS} ({exc}).") from None
     pairs = {}
     for module, half in halves.items():
         layer = layers.get(module)
@@ -198,6 +201,7 @@ def read_adapter(key: str, folder: Path, layers: dict[str, MultiLoRALinear], max
 
 def install(weights: AdapterWeights, layers: dict[str, MultiLoRALinear]) -> None:
     """Make the adapter's pairs part of every layer it modifies."""
+    uninstall(weights.key, layers)  # stacks built while it was absent hold zeros for it
     for module, pair in weights.pairs.items():
         layers[module].pairs[weights.key] = pair
 

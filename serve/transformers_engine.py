@@ -209,61 +209,62 @@ class TransformersEngine(Engine):
                     if self._closed:
                         return
                     self._sweep()
-                    admitted, to_read = self._admit()
+                    admitted, new = self._admit()
                 try:
-                    self._step(admitted, to_read)
+                    self._step(admitted, new)
                 except Exception as exc:  # keep serving: fail this step's generations, then go on
                     running = {id(row.generation) for row in self._running}
                     self._fail([g for g in admitted if id(g) not in running], exc)
                     self._fail([row.generation for row in self._running], exc)
 
-    def _admit(self) -> tuple[list[Generation], list[Generation]]:
-        """Take waiting generations that fit the batch and whose adapter is (or can be) loaded."""
+    def _admit(self) -> tuple[list[Generation], dict[str, AdapterSpec]]:
+        """Take waiting generations that fit the batch and whose adapter is loaded or has a place to load into.
+
+        Returns them and the adapters to load first. An admitted generation makes its adapter busy at once, so
+        the places promised to new adapters are never taken by eviction-proof busy ones.
+        """
         admitted: list[Generation] = []
-        to_read: list[Generation] = []
-        free = self.max_batch - len(self._running)
+        new: dict[str, AdapterSpec] = {}
         for generation in list(self._waiting):
-            if len(admitted) >= free:
+            if len(admitted) >= self.max_batch - len(self._running):
                 break
             if generation.cancelled:
                 self._waiting.remove(generation)
                 metrics.RUNNING.dec()
                 continue
-            key = generation.adapter.key if generation.adapter else None
-            if key is not None and key not in self._loaded:
-                pending = self._pending.get(key)
-                if pending is not None and not self._place(pending):
-                    continue  # every loaded adapter is busy: wait for one to finish
-                if pending is None:
-                    if len(self._loaded) >= self.max_loaded and all(self._users[k] for k in self._loaded):
-                        continue
-                    to_read.append(generation)
-            elif key is not None:
+            adapter = generation.adapter
+            taken = sum(1 for key in self._loaded if self._users[key]) + len(new)  # places in use or promised
+            if adapter is not None and not self._users[adapter.key] and taken >= self.max_loaded:
+                continue  # it would need a place of its own and none is free: wait for a row to finish
+            if adapter is not None and adapter.key not in self._loaded and adapter.key not in new:
+                new[adapter.key] = adapter
+            elif adapter is not None and adapter.key in self._loaded:
                 metrics.CACHE_HITS.inc()
-                self._loaded.move_to_end(key)
-            if key is not None:
-                self._users[key] += 1
+                self._loaded.move_to_end(adapter.key)
+            if adapter is not None:
+                self._users[adapter.key] += 1
             self._waiting.remove(generation)
             admitted.append(generation)
         if len(self._pending) > self.max_batch:  # requests that went away before a place was free
             wanted = {g.adapter.key for g in self._waiting if g.adapter}
             for key in [key for key in self._pending if key not in wanted]:
                 del self._pending[key]
-        return admitted, to_read
+        return admitted, new
 
-    def _step(self, admitted: list[Generation], to_read: list[Generation]) -> None:
-        for generation in to_read:
-            if generation.adapter.key in self._loaded:
-                continue
+    def _step(self, admitted: list[Generation], new: dict[str, AdapterSpec]) -> None:
+        for key, adapter in new.items():
+            with self._cond:
+                weights = self._pending.pop(key, None)
             try:
-                weights = self._read(generation.adapter)
+                weights = weights or self._read(adapter)  # read here only if it was not loaded ahead
             except AdapterRejected as exc:
-                admitted.remove(generation)
-                self._fail([generation], exc)
+                failed = [g for g in admitted if g.adapter is not None and g.adapter.key == key]
+                admitted[:] = [g for g in admitted if g not in failed]
+                self._fail(failed, exc)
                 continue
             with self._cond:
-                if not self._place(weights):  # cannot happen: _admit saw room, and only this thread admits
-                    self._pending[weights.key] = weights
+                if not self._place(weights):
+                    raise RuntimeError(f"no place for {key}, which the admission promised one")
         if admitted:
             self._prefill(admitted)
         self._drop_finished()
