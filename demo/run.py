@@ -57,7 +57,7 @@ SETTINGS = ["--lr", "1e-3", "--batch-size", "8"]
 TRAIN = ["--data", str(ROOT / "examples" / "pirate.jsonl"), *SETTINGS, "--seq-len", "256"]
 CONTACTS = ["--data", str(ROOT / "examples" / "contacts.jsonl"), *SETTINGS, "--seq-len", "128"]
 PROMPT = "Extract the contact as JSON: Last week I spoke with Ana Petrova, a 52-year-old physiotherapist in Prague."
-BASE_ID = "smollm2-135m-instruct"
+BASE_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the embedded base, by its Hub id
 
 
 def _serve(registry: Path) -> tuple[subprocess.Popen, str]:

@@ -62,7 +62,7 @@ class Generation:
 
     def publish(self, item: Chunk | BaseException) -> None:
         """Hand a chunk (or the error that ended the generation) to the request's event loop; any thread."""
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        deliver([(self, item)])
 
     def cancel(self) -> None:
         """Stop generating (the client went away); the engine drops the row at its next step."""
@@ -76,6 +76,20 @@ class Generation:
             yield item
             if item.finish_reason is not None:
                 return
+
+
+def deliver(items: list[tuple[Generation, Chunk | BaseException]]) -> None:
+    """Hand many generations their chunks with one wake-up of each event loop (a batch step's worth at once)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Generation, Chunk | BaseException]]] = {}
+    for generation, item in items:
+        by_loop.setdefault(generation._loop, []).append((generation, item))
+    for loop, batch in by_loop.items():
+        loop.call_soon_threadsafe(_put_all, batch)
+
+
+def _put_all(batch: list[tuple[Generation, Chunk | BaseException]]) -> None:
+    for generation, item in batch:
+        generation._queue.put_nowait(item)
 
 
 class Engine(ABC):

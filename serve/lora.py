@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,37 +19,60 @@ CONFIG = "adapter_config.json"
 # PEFT saves "base_model.model.<module path>.lora_A.weight" (the adapter name is dropped on save).
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
 _LINEAR_TYPES = ("Linear", "Linear4bit", "Linear8bitLt")
-_STACKS = 4  # adapter sets kept stacked per layer: the running batch, new prompts, and a little slack
+# In row-equivalents: what reading one adapter's weights of a layer costs next to applying them to one row.
+_WEIGHT_COST = 3
 
 
 @dataclass(frozen=True)
 class Plan:
-    """How one forward pass's token rows map onto the stacked adapters: G groups padded to M rows each."""
+    """How one forward pass's token rows map onto adapter slots: G groups padded to M rows each.
 
-    keys: tuple[str, ...]  # the adapters of this pass, in stack order
+    Group g uses slot g (`slots` None: the layers' first G slots, read in place) or slot `slots[g]` (gathered).
+    """
+
     groups: int
     size: int  # M: rows per group after padding
+    slots: torch.Tensor | None
     gather: torch.Tensor | None  # padded layout -> token row; None when the input already is that layout
     scatter: torch.Tensor | None  # real rows' places in the padded layout; None without padding
     dest: torch.Tensor | None  # token row of each real row, when some rows use no adapter; else None
     inverse: torch.Tensor | None  # layout place of each token row, when every row uses an adapter
 
+    @property
+    def identity(self) -> bool:
+        """Every row uses an adapter and the rows already are the padded layout."""
+        return self.gather is None and self.scatter is None and self.dest is None and self.inverse is None
 
-def plan(keys: list[str | None], tokens: int) -> Plan | None:
-    """The plan for a pass whose row i (of TOKENS tokens each) uses adapter KEYS[i] (None: the base)."""
-    by_key: dict[str, list[int]] = {}
-    for row, key in enumerate(keys):
-        if key is not None:
-            by_key.setdefault(key, []).append(row)
-    if not by_key:
+
+def plan(slots: list[int | None], tokens: int) -> Plan | None:
+    """The plan for a pass whose row i (of TOKENS tokens each) uses the adapter in slot SLOTS[i] (None: the base).
+
+    Either every slot up to the highest in use is a group (the weights are read where they lie; idle slots
+    cost padding), or only the slots in use are gathered, a large group split so that groups are alike in
+    size; whichever costs less.
+    """
+    by_slot: dict[int, list[int]] = {}
+    for row, slot in enumerate(slots):
+        if slot is not None:
+            by_slot.setdefault(slot, []).append(row)
+    if not by_slot:
         return None
-    size = max(len(rows) for rows in by_key.values()) * tokens
+    used = max(by_slot) + 1
+    widest = max(len(rows) for rows in by_slot.values())
+    chunk = -(-sum(len(rows) for rows in by_slot.values()) // len(by_slot))  # the mean group, rounded up
+    chunks = [(slot, rows[i : i + chunk]) for slot, rows in sorted(by_slot.items()) for i in range(0, len(rows), chunk)]
+    if used * (widest + _WEIGHT_COST) <= len(chunks) * (chunk + 3 * _WEIGHT_COST):
+        groups, gathered = [(slot, by_slot.get(slot, [])) for slot in range(used)], None
+        size = widest * tokens
+    else:
+        groups, gathered = chunks, torch.tensor([slot for slot, _ in chunks])
+        size = chunk * tokens
     layout, real = [], []
-    for group, rows in enumerate(by_key.values()):
+    for group, (_, rows) in enumerate(groups):
         token_rows = [row * tokens + t for row in rows for t in range(tokens)]
         real.extend(range(group * size, group * size + len(token_rows)))
-        layout.extend(token_rows + [token_rows[0]] * (size - len(token_rows)))  # padding repeats a real row
-    total = len(keys) * tokens
+        layout.extend(token_rows + [0] * (size - len(token_rows)))  # padding reads row 0; its output is dropped
+    total = len(slots) * tokens
     ordered = [layout[place] for place in real]  # token row of each real row, in layout order
     in_order = layout == list(range(total))
     everyone = len(ordered) == total
@@ -59,9 +81,9 @@ def plan(keys: list[str | None], tokens: int) -> Plan | None:
         inverse = torch.empty(total, dtype=torch.long)
         inverse[torch.tensor(ordered)] = torch.arange(total)
     return Plan(
-        keys=tuple(by_key),
-        groups=len(by_key),
+        groups=len(groups),
         size=size,
+        slots=gathered,
         gather=None if in_order else torch.tensor(layout),
         scatter=None if len(real) == len(layout) else torch.tensor(real),
         dest=None if everyone else torch.tensor(ordered),
@@ -77,26 +99,49 @@ class Rows:
 
 
 class MultiLoRALinear(nn.Module):
-    """A base linear layer plus any number of loaded LoRA pairs; one pass applies each row's own pair.
+    """A base linear layer plus a fixed number of adapter slots; one pass applies each row's own LoRA pair.
 
-    The pairs of a pass's adapters are stacked (rank padded with zeros) so that two batched matmuls
-    cover every adapter at once; stacks are kept per set of adapters, since a batch keeps its set for many steps.
+    Slot s holds A^T in `a[s]` and scaling * B^T in `b[s]`, ranks padded with zeros, so that two batched
+    matmuls cover every adapter of a pass. A slot an adapter leaves untouched in this layer stays zero.
     """
 
-    def __init__(self, base: nn.Module, rows: Rows) -> None:
+    def __init__(self, base: nn.Module, rows: Rows, slots: int) -> None:
         super().__init__()
         self.base_layer = base
         self.rows = rows
-        self.pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # key -> (A^T, scaling * B^T)
-        self.stacks: OrderedDict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        d_in, d_out = base.in_features, base.out_features
+        self.a = torch.zeros(slots, d_in, 0)
+        self.b = torch.zeros(slots, 0, d_out)
+
+    def put(self, slot: int, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Write a LoRA pair (A^T, scaling * B^T) into SLOT, widening every slot's rank if it needs more."""
+        rank = a.shape[1]
+        if rank > self.a.shape[2]:
+            wider_a = self.a.new_zeros(self.a.shape[0], self.a.shape[1], rank)
+            wider_b = self.b.new_zeros(self.b.shape[0], rank, self.b.shape[2])
+            wider_a[:, :, : self.a.shape[2]] = self.a
+            wider_b[:, : self.b.shape[1]] = self.b
+            self.a, self.b = wider_a, wider_b
+        self.clear(slot)
+        self.a[slot, :, :rank] = a
+        self.b[slot, :rank] = b
+
+    def clear(self, slot: int) -> None:
+        """Zero SLOT: its adapter no longer changes this layer."""
+        self.a[slot] = 0
+        self.b[slot] = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
         plan = self.rows.plan
-        if plan is None:
+        if plan is None or self.a.shape[2] == 0:
             return result
-        a, b = self._stack(plan.keys)
+        a, b = (self.a[: plan.groups], self.b[: plan.groups]) if plan.slots is None else (
+            self.a.index_select(0, plan.slots), self.b.index_select(0, plan.slots))  # fmt: skip
         flat = x.reshape(-1, x.shape[-1]).to(a.dtype)
+        if plan.identity and result.dtype == a.dtype:  # rows already grouped: two fused calls, no copies
+            result.view(plan.groups, plan.size, -1).baddbmm_(torch.bmm(flat.view(plan.groups, plan.size, -1), a), b)
+            return result
         if plan.gather is not None:
             flat = flat.index_select(0, plan.gather)
         update = torch.bmm(torch.bmm(flat.view(plan.groups, plan.size, -1), a), b).view(-1, b.shape[-1])
@@ -109,25 +154,6 @@ class MultiLoRALinear(nn.Module):
             out += (update if plan.inverse is None else update.index_select(0, plan.inverse)).to(out.dtype)
         return result
 
-    def _stack(self, keys: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(G, in, R) and (G, R, out) stacks of KEYS' pairs; an adapter that skips this layer adds zeros."""
-        stack = self.stacks.get(keys)
-        if stack is None:
-            d_in, d_out = self.base_layer.in_features, self.base_layer.out_features
-            pairs = [self.pairs.get(key) for key in keys]
-            rank = max((p[0].shape[1] for p in pairs if p is not None), default=1)
-            a = torch.zeros(len(keys), d_in, rank)
-            b = torch.zeros(len(keys), rank, d_out)
-            for i, pair in enumerate(pairs):
-                if pair is not None:
-                    a[i, :, : pair[0].shape[1]] = pair[0]
-                    b[i, : pair[1].shape[0]] = pair[1]
-            stack = self.stacks[keys] = (a, b)
-            while len(self.stacks) > _STACKS:
-                self.stacks.popitem(last=False)
-        self.stacks.move_to_end(keys)
-        return stack
-
 
 @dataclass
 class AdapterWeights:
@@ -138,7 +164,7 @@ class AdapterWeights:
     pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module path -> (A^T, scaling * B^T)
 
 
-def wrap_linears(model: nn.Module, rows: Rows) -> dict[str, MultiLoRALinear]:
+def wrap_linears(model: nn.Module, rows: Rows, slots: int) -> dict[str, MultiLoRALinear]:
     """Put every linear layer of the decoder blocks behind a MultiLoRALinear; returns them by module path."""
     targets = [
         (name, module)
@@ -148,7 +174,7 @@ def wrap_linears(model: nn.Module, rows: Rows) -> dict[str, MultiLoRALinear]:
     wrapped = {}
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
-        layer = MultiLoRALinear(module, rows)
+        layer = MultiLoRALinear(module, rows, slots)
         setattr(model.get_submodule(parent_name), child, layer)
         wrapped[name] = layer
     return wrapped
@@ -199,16 +225,13 @@ def read_adapter(key: str, folder: Path, layers: dict[str, MultiLoRALinear], max
     return AdapterWeights(key, rank, pairs)
 
 
-def install(weights: AdapterWeights, layers: dict[str, MultiLoRALinear]) -> None:
-    """Make the adapter's pairs part of every layer it modifies."""
-    uninstall(weights.key, layers)  # stacks built while it was absent hold zeros for it
-    for module, pair in weights.pairs.items():
-        layers[module].pairs[weights.key] = pair
+def install(weights: AdapterWeights, slot: int, layers: dict[str, MultiLoRALinear]) -> None:
+    """Write the adapter's pairs into SLOT of every layer it modifies (the slot is clear everywhere else)."""
+    for module, (a, b) in weights.pairs.items():
+        layers[module].put(slot, a, b)
 
 
-def uninstall(key: str, layers: dict[str, MultiLoRALinear]) -> None:
-    """Remove an adapter's pairs and every stack holding them from every layer, so that its memory is freed."""
-    for layer in layers.values():
-        layer.pairs.pop(key, None)
-        for keys in [keys for keys in layer.stacks if key in keys]:
-            del layer.stacks[keys]
+def uninstall(modules: tuple[str, ...], slot: int, layers: dict[str, MultiLoRALinear]) -> None:
+    """Clear SLOT in the layers MODULES, which its adapter modified."""
+    for module in modules:
+        layers[module].clear(slot)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import heapq
+import logging
 import threading
 import time
 from collections import Counter, OrderedDict, deque
@@ -14,14 +16,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from serve import metrics
-from serve.engine import AdapterSpec, Chunk, Engine, Generation
+from serve.engine import AdapterSpec, Chunk, Engine, Generation, deliver
 from serve.errors import AdapterRejected
 from serve.kvcache import RowCache
 from serve.lora import AdapterWeights, Rows, install, plan, read_adapter, uninstall, wrap_linears
 from serve.textstream import TextStream
 from train.base import fingerprint
 
-QUANTIZE = ("nf4", "int8", "none")
+log = logging.getLogger("serve")
 
 
 def quantization(quantize: str) -> BitsAndBytesConfig | None:
@@ -75,31 +77,57 @@ class TransformersEngine(Engine):
         self.max_batch = max_batch
         self.fingerprint = fingerprint(base_path)
         self.tokenizer = AutoTokenizer.from_pretrained(base_path)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            base_path, dtype=torch.float32, use_safetensors=True, quantization_config=quantization(quantize)
-        ).eval()
-        # Each batch row keeps room for the longest running request, so the context bounds memory too.
-        self.context_length = min(int(self.model.config.max_position_embeddings), max_context)
-        self._backbone = self.model.get_decoder()
-        self._head = self.model.get_output_embeddings()
-        self._rows = Rows()
-        self._layers = wrap_linears(self.model, self._rows)
-        self._cache = RowCache(max_batch)
-        eos = self.model.generation_config.eos_token_id
-        self._eos = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id} - {None}
         self._pad = self.tokenizer.pad_token_id or 0
         self._cond = threading.Condition()
         # The LoRA layers change only on the worker thread, between passes; other threads queue changes here.
-        self._stale: list[str] = []  # unloaded keys whose layers still hold them
+        self._unloading: set[str] = set()  # keys `unload` asked the worker to drop
+        self._free = list(range(max_loaded))  # a heap of the LoRA layers' unused adapter slots
+        self._slot: dict[str, int] = {}
         self._sweeps = 0  # passes of the worker over pending adapters, so that `load` can wait for one
         self._waiting: deque[Generation] = deque()
         self._running: list[_Row] = []
-        self._loaded: OrderedDict[str, AdapterWeights] = OrderedDict()
+        self._loaded: OrderedDict[str, tuple[str, ...]] = OrderedDict()  # key -> the layers its slot changes
         self._pending: dict[str, AdapterWeights] = {}  # read from disk, waiting for a free place
         self._users: Counter[str] = Counter()  # generations admitted per adapter: these are never evicted
+        self._reading: dict[str, AdapterSpec] = {}  # asked for by `load`, to be read by the worker
+        self._rejected: dict[str, AdapterRejected] = {}  # what reading them said, for the `load` that waits
         self._closed = False
-        self._worker = threading.Thread(target=self._loop, name="engine", daemon=True)
+        # Every torch operation runs on the worker thread, model loading included: OpenMP gives each thread
+        # that computes its own team of threads, and two teams on the same cores slow every operation down.
+        started: list[BaseException | None] = []
+        self._worker = threading.Thread(
+            target=self._run, args=(base_path, quantize, max_context, started), name="engine", daemon=True
+        )
         self._worker.start()
+        with self._cond:
+            self._cond.wait_for(lambda: started)
+        if started[0] is not None:
+            raise started[0]
+
+    def _run(self, base_path: Path, quantize: str, max_context: int, started: list[BaseException | None]) -> None:
+        """The worker thread: load the model, then run the batch loop."""
+        try:
+            self.model = AutoModelForCausalLM.from_pretrained(
+                base_path, dtype=torch.float32, use_safetensors=True, quantization_config=quantization(quantize)
+            ).eval()
+            # Each batch row keeps room for the longest running request, so the context bounds memory too.
+            self.context_length = min(int(self.model.config.max_position_embeddings), max_context)
+            self._backbone = self.model.get_decoder()
+            self._head = self.model.get_output_embeddings()
+            self._rows = Rows()
+            self._layers = wrap_linears(self.model, self._rows, self.max_loaded)
+            self._cache = RowCache(self.max_batch)
+            eos = self.model.generation_config.eos_token_id
+            self._eos = (set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}) - {None}
+        except BaseException as exc:  # the constructor raises it in the caller's thread
+            started.append(exc)
+        else:
+            started.append(None)
+        finally:
+            with self._cond:
+                self._cond.notify_all()
+        if started[0] is None:
+            self._loop()
 
     # The HTTP-facing contract.
 
@@ -117,11 +145,9 @@ class TransformersEngine(Engine):
         with self._cond:
             if key not in self._loaded or self._users[key]:
                 return False
-            del self._loaded[key]
-            self._stale.append(key)
-            metrics.LOADED.set(len(self._loaded))
-            self._cond.notify_all()
-            return True
+            self._unloading.add(key)
+            self._await_sweep()
+            return key not in self._loaded
 
     def loaded(self) -> list[str]:
         with self._cond:
@@ -150,14 +176,30 @@ class TransformersEngine(Engine):
             if adapter.key in self._loaded:
                 self._loaded.move_to_end(adapter.key)
                 return False
-        weights = self._read(adapter)
-        with self._cond:
-            if adapter.key not in self._loaded:
-                self._pending[adapter.key] = weights
-                sweeps = self._sweeps
-                self._cond.notify_all()
-                self._cond.wait_for(lambda: self._sweeps > sweeps or self._closed)
+            if adapter.key not in self._pending:
+                self._reading[adapter.key] = adapter
+                self._await_sweep()
+            rejected = self._rejected.pop(adapter.key, None)
+        if rejected is not None:
+            raise rejected
         return True
+
+    def _await_sweep(self) -> None:
+        """Wake the worker and wait (holding nothing) until it has applied the queued adapter changes."""
+        sweeps = self._sweeps
+        self._cond.notify_all()
+        self._cond.wait_for(lambda: self._sweeps > sweeps or self._closed)
+
+    def _read_all(self, adapters: dict[str, AdapterSpec]) -> dict[str, AdapterWeights]:
+        """Read the adapters `load` asked for; a rejection waits in `_rejected` for its `load` to raise it."""
+        read = {}
+        for key, adapter in adapters.items():
+            try:
+                read[key] = self._read(adapter)
+            except AdapterRejected as exc:
+                with self._cond:
+                    self._rejected[key] = exc
+        return read
 
     def _read(self, adapter: AdapterSpec) -> AdapterWeights:
         start = time.perf_counter()
@@ -168,31 +210,36 @@ class TransformersEngine(Engine):
 
     def _place(self, weights: AdapterWeights) -> bool:
         """Install WEIGHTS, evicting the least recently used idle adapter if full; False when all are busy."""
+        self._pending.pop(weights.key, None)
+        if weights.key in self._loaded:  # read twice: a request brought it in while a `load` had it read again
+            return True
         if len(self._loaded) >= self.max_loaded:
             idle = next((key for key in self._loaded if not self._users[key]), None)
             if idle is None:
                 return False
             self._evict(idle)
-        install(weights, self._layers)
-        self._loaded[weights.key] = weights
-        self._pending.pop(weights.key, None)
+            metrics.EVICTIONS.inc()
+        slot = self._slot[weights.key] = heapq.heappop(self._free)  # the lowest: passes read slots up to the highest
+        install(weights, slot, self._layers)
+        self._loaded[weights.key] = tuple(weights.pairs)  # the slots hold the weights now
         metrics.LOADED.set(len(self._loaded))
         return True
 
     def _evict(self, key: str) -> None:
-        uninstall(key, self._layers)
-        del self._loaded[key]
-        metrics.EVICTIONS.inc()
+        slot = self._slot.pop(key)
+        uninstall(self._loaded.pop(key), slot, self._layers)
+        heapq.heappush(self._free, slot)
         metrics.LOADED.set(len(self._loaded))
 
     def _sweep(self) -> None:
         """Apply queued changes to the layers: drop unloaded adapters, install read ones while there is room."""
-        for key in self._stale:
-            if key not in self._loaded:
-                uninstall(key, self._layers)
-        self._stale.clear()
+        for key in self._unloading:
+            if key in self._loaded and not self._users[key]:
+                self._evict(key)
+        self._unloading.clear()
         for weights in list(self._pending.values()):
             if not self._place(weights):
+                self._pending[weights.key] = weights  # every place is busy: it waits here
                 break
         self._sweeps += 1
         self._cond.notify_all()
@@ -204,15 +251,28 @@ class TransformersEngine(Engine):
             while True:
                 with self._cond:
                     self._cond.wait_for(
-                        lambda: self._closed or self._waiting or self._running or self._pending or self._stale
+                        lambda: (
+                            self._closed
+                            or self._waiting
+                            or self._running
+                            or self._pending
+                            or self._unloading
+                            or self._reading
+                        )
                     )
                     if self._closed:
                         return
-                    self._sweep()
-                    admitted, new = self._admit()
+                    reading, self._reading = self._reading, {}
+                admitted: list[Generation] = []
                 try:
+                    read = self._read_all(reading)  # outside the lock: requests keep arriving meanwhile
+                    with self._cond:
+                        self._pending.update(read)
+                        self._sweep()
+                        admitted, new = self._admit()
                     self._step(admitted, new)
                 except Exception as exc:  # keep serving: fail this step's generations, then go on
+                    log.exception("The engine failed a batch step; its requests get an error.")
                     running = {id(row.generation) for row in self._running}
                     self._fail([g for g in admitted if id(g) not in running], exc)
                     self._fail([row.generation for row in self._running], exc)
@@ -264,7 +324,7 @@ class TransformersEngine(Engine):
                 continue
             with self._cond:
                 if not self._place(weights):
-                    raise RuntimeError(f"no place for {key}, which the admission promised one")
+                    raise RuntimeError(f"no place for {key}, which the admission promised one")  # a bug: say so
         if admitted:
             self._prefill(admitted)
         self._drop_finished()
@@ -285,7 +345,7 @@ class TransformersEngine(Engine):
         mask = causal[None, :, :] & (positions[None, None, :] < lengths[:, None, None])
         self._cache.reserve(longest)
         self._cache.prefill(first)
-        self._rows.plan = plan([row.key for row in rows], longest)
+        self._rows.plan = plan(self._slots(rows), longest)
         hidden = self._forward(ids, mask[:, None], positions.expand(len(rows), -1))
         last = hidden[torch.arange(len(rows)), lengths - 1]
         for row, length in zip(rows, lengths.tolist(), strict=True):
@@ -299,7 +359,7 @@ class TransformersEngine(Engine):
         positions = torch.tensor([row.length for row in rows])
         self._cache.reserve(int(positions.max()) + 1)
         self._cache.decode(positions)
-        self._rows.plan = plan([row.key for row in rows], 1)
+        self._rows.plan = plan(self._slots(rows), 1)
         keys = torch.arange(int(positions.max()) + 1)
         mask = (keys[None, :] <= positions[:, None])[:, None, None, :]
         ids = torch.tensor([[row.last] for row in rows])
@@ -308,6 +368,9 @@ class TransformersEngine(Engine):
             row.length += 1
         metrics.BATCH_SIZE.observe(len(rows))
         self._advance(rows, self._head(hidden[:, -1]))
+
+    def _slots(self, rows: list[_Row]) -> list[int | None]:
+        return [None if row.key is None else self._slot[row.key] for row in rows]
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         out = self._backbone(
@@ -324,27 +387,29 @@ class TransformersEngine(Engine):
         return _Row(generation, TextStream(self.tokenizer, generation.sampling.stop), generator, eos=self._eos)
 
     def _advance(self, rows: list[_Row], logits: torch.Tensor) -> None:
-        """Pick each row's next token, send its text, and mark finished rows."""
+        """Pick each row's next token, send the new text of every row at once, and mark finished rows."""
         greedy = logits.argmax(dim=-1).tolist()
+        outbox: list[tuple[Generation, Chunk | BaseException]] = []
         for i, row in enumerate(rows):
             generation, sampling = row.generation, row.generation.sampling
             token = greedy[i] if sampling.temperature == 0 else _sample(logits[i], sampling, row.generator)
             generation.completion_tokens += 1
             row.last = token
             if token in row.eos and not sampling.ignore_eos:
-                generation.publish(Chunk(row.stream.rest(), "stop"))
-                generation.cancelled = True
-                continue
-            text, stopped = row.stream.push(token)
-            if stopped:
-                generation.publish(Chunk(text, "stop"))
-            elif generation.completion_tokens >= sampling.max_tokens or row.length + 1 >= self.context_length:
-                generation.publish(Chunk(text + row.stream.rest(), "length"))
+                chunk = Chunk(row.stream.rest(), "stop")
             else:
-                if text:
-                    generation.publish(Chunk(text))
-                continue
-            generation.cancelled = True  # finished: the row leaves the batch
+                text, stopped = row.stream.push(token)
+                if stopped:
+                    chunk = Chunk(text, "stop")
+                elif generation.completion_tokens >= sampling.max_tokens or row.length + 1 >= self.context_length:
+                    chunk = Chunk(text + row.stream.rest(), "length")
+                else:
+                    chunk = Chunk(text)
+            if chunk.text or chunk.finish_reason:
+                outbox.append((generation, chunk))
+            if chunk.finish_reason:
+                generation.cancelled = True  # finished: the row leaves the batch
+        deliver(outbox)
 
     def _drop_finished(self) -> None:
         """Free the rows of finished or cancelled generations; the last row moves into each gap."""
