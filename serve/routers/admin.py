@@ -30,7 +30,8 @@ async def unload(body: AdapterRequest, tenant: AdminDep, parts: ServerDep) -> di
     version = parts.catalog.lookup(body.model, tenant.may_use)
     if version is None:
         raise BadRequest("The base model cannot be unloaded; name an adapter.", param="model")
-    return {"model": version.ref, "unloaded": parts.engine.unload(version.ref), "adapters": parts.engine.loaded()}
+    unloaded = await asyncio.to_thread(parts.engine.unload, version.ref)  # waits for the engine's next step
+    return {"model": version.ref, "unloaded": unloaded, "adapters": parts.engine.loaded()}
 
 
 @router.post("/refresh")
