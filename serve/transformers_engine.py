@@ -10,13 +10,12 @@ import time
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from serve import metrics
-from serve.engine import AdapterSpec, Chunk, Engine, Generation, deliver
+from serve.engine import AdapterSpec, Chunk, Engine, Generation, Sampling, deliver
 from serve.errors import AdapterRejected
 from serve.kvcache import RowCache
 from serve.lora import AdapterWeights, Rows, install, plan, read_adapter, uninstall, wrap_linears
@@ -441,7 +440,7 @@ class TransformersEngine(Engine):
         self._drop_finished()
 
 
-def _sample(logits: torch.Tensor, sampling: Any, generator: torch.Generator) -> int:
+def _sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:
     """Draw a token with temperature and nucleus (top-p) sampling from the row's own seeded generator."""
     probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
     if sampling.top_p < 1.0:
