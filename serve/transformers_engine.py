@@ -8,7 +8,7 @@ import logging
 import threading
 import time
 from collections import Counter, OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -48,7 +48,6 @@ class _Row:
     generator: torch.Generator
     length: int = 0  # tokens in the cache
     last: int = 0  # the token the next decode step feeds
-    eos: set[int] = field(default_factory=set)
 
     @property
     def key(self) -> str | None:
@@ -209,8 +208,8 @@ class TransformersEngine(Engine):
 
     def _place(self, weights: AdapterWeights) -> bool:
         """Install WEIGHTS, evicting the least recently used idle adapter if full; False when all are busy."""
-        self._pending.pop(weights.key, None)
         if weights.key in self._loaded:  # read twice: a request brought it in while a `load` had it read again
+            self._pending.pop(weights.key, None)
             return True
         if len(self._loaded) >= self.max_loaded:
             idle = next((key for key in self._loaded if not self._users[key]), None)
@@ -221,6 +220,7 @@ class TransformersEngine(Engine):
         slot = self._slot[weights.key] = heapq.heappop(self._free)  # the lowest: passes read slots up to the highest
         install(weights, slot, self._layers)
         self._loaded[weights.key] = tuple(weights.pairs)  # the slots hold the weights now
+        self._pending.pop(weights.key, None)
         metrics.LOADED.set(len(self._loaded))
         return True
 
@@ -238,8 +238,7 @@ class TransformersEngine(Engine):
         self._unloading.clear()
         for weights in list(self._pending.values()):
             if not self._place(weights):
-                self._pending[weights.key] = weights  # every place is busy: it waits here
-                break
+                break  # every place is busy: the rest wait in _pending
         self._sweeps += 1
         self._cond.notify_all()
 
@@ -272,9 +271,8 @@ class TransformersEngine(Engine):
                     self._step(admitted, new)
                 except Exception as exc:  # keep serving: fail this step's generations, then go on
                     log.exception("The engine failed a batch step; its requests get an error.")
-                    running = {id(row.generation) for row in self._running}
-                    self._fail([g for g in admitted if id(g) not in running], exc)
-                    self._fail([row.generation for row in self._running], exc)
+                    running = [row.generation for row in self._running]
+                    self._fail([g for g in admitted if g not in running] + running, exc)
 
     def _admit(self) -> tuple[list[Generation], dict[str, AdapterSpec]]:
         """Take waiting generations that fit the batch and whose adapter is loaded or has a place to load into.
@@ -383,7 +381,7 @@ class TransformersEngine(Engine):
             generator.manual_seed(generation.sampling.seed)
         else:
             generator.seed()
-        return _Row(generation, TextStream(self.tokenizer, generation.sampling.stop), generator, eos=self._eos)
+        return _Row(generation, TextStream(self.tokenizer, generation.sampling.stop), generator)
 
     def _advance(self, rows: list[_Row], logits: torch.Tensor) -> None:
         """Pick each row's next token, send the new text of every row at once, and mark finished rows."""
@@ -394,7 +392,7 @@ class TransformersEngine(Engine):
             token = greedy[i] if sampling.temperature == 0 else _sample(logits[i], sampling, row.generator)
             generation.completion_tokens += 1
             row.last = token
-            if token in row.eos and not sampling.ignore_eos:
+            if token in self._eos and not sampling.ignore_eos:
                 chunk = Chunk(row.stream.rest(), "stop")
             else:
                 text, stopped = row.stream.push(token)
