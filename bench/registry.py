@@ -39,7 +39,7 @@ def adapters(*args: str, cwd: Path) -> float:
     """Run `adapters ARGS` as a user would; return its wall time in seconds."""
     start = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "registry.cli", *args], cwd=cwd, env=ENV, capture_output=True, text=True
+        [sys.executable, "-m", "adapterctl.cli", *args], cwd=cwd, env=ENV, capture_output=True, text=True
     )
     if proc.returncode != 0:
         raise SystemExit(f"adapters {' '.join(args)} failed: {proc.stderr.strip()}")
@@ -135,14 +135,14 @@ def main() -> None:
             subprocess.run(["git", "tag", "-a", tag, commit, "-m", "bench"], cwd=registry, env=ENV, check=True)
         listed = json.loads(
             subprocess.run(
-                [sys.executable, "-m", "registry.cli", "list", "--json"], cwd=registry, env=ENV, capture_output=True
+                [sys.executable, "-m", "adapterctl.cli", "list", "--json"], cwd=registry, env=ENV, capture_output=True
             ).stdout
         )
         versions_listed = sum(row["versions"] for row in listed)
 
         python = median_time([sys.executable, "-c", "pass"], registry, args.runs)
-        listing = median_time([sys.executable, "-m", "registry.cli", "list"], registry, args.runs)
-        help_only = median_time([sys.executable, "-m", "registry.cli", "--help"], registry, args.runs)
+        listing = median_time([sys.executable, "-m", "adapterctl.cli", "list"], registry, args.runs)
+        help_only = median_time([sys.executable, "-m", "adapterctl.cli", "--help"], registry, args.runs)
 
     figures: dict[str, Any] = {
         "versions_first_push": count,

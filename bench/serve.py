@@ -31,8 +31,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from serve.engine import AdapterSpec, Generation, Sampling  # noqa: E402
-from serve.transformers_engine import TransformersEngine, quantization  # noqa: E402
-from train.base import ensure_embedded  # noqa: E402
+from core.precision import quantization_config  # noqa: E402
+from serve.transformers_engine import TransformersEngine  # noqa: E402
+from core.base import ensure_embedded  # noqa: E402
 
 WORDS = ["cat", "dog", "fox", "owl", "bee", "elk", "yak", "ant"]
 
@@ -91,7 +92,9 @@ async def serve(
 
 def naive(base: Path, quantize: str, adapters: list[AdapterSpec], tokens: int) -> float:
     """Tokens/s of PEFT with every adapter loaded, serving one request at a time with set_adapter + generate."""
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, quantization_config=quantization(quantize))
+    model = AutoModelForCausalLM.from_pretrained(
+        base, dtype=torch.float32, quantization_config=quantization_config(quantize, torch.float32)
+    )
     model = PeftModel.from_pretrained(model, adapters[0].path, adapter_name=adapters[0].name)
     for adapter in adapters[1:]:
         model.load_adapter(adapter.path, adapter_name=adapter.name)

@@ -39,7 +39,7 @@ def measure(method: str, steps: int, batch_size: int, seq_len: int) -> dict[str,
     from transformers import AutoTokenizer, TrainerCallback
 
     from train import data
-    from train.base import resolve_base
+    from core.base import resolve_base
     from train.config import TrainArgs
     from train.trainer import (
         add_lora,

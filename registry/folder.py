@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import json
-import re
 import struct
 from pathlib import Path
 from typing import Any
 
-from registry.errors import RegistryError
+from core.base import FINGERPRINT
+from core.errors import RegistryError
 
 # Formats that unpickle (and so can run code) when loaded; a registry never accepts them.
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz"}
-_SHA256 = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 class InvalidAdapter(RegistryError):
@@ -36,7 +35,7 @@ def check(folder: Path) -> dict[str, Any]:
     _check_safetensors(folder / "adapter_model.safetensors")
     lineage = _json(folder / "lineage.json")
     base = lineage.get("base_model") or {}
-    if not _SHA256.fullmatch(str(base.get("fingerprint", ""))):
+    if not FINGERPRINT.fullmatch(str(base.get("fingerprint", ""))):
         raise InvalidAdapter(
             f"{folder / 'lineage.json'} has no base_model.fingerprint (sha256:... of the base weights)."
         )

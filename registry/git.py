@@ -7,7 +7,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from registry.errors import RegistryError, RemoteError
+from core.errors import RegistryError, RemoteError
 
 # for-each-ref fields, separated by a byte that never occurs in names, dates or messages.
 _SEP = "\x1f"

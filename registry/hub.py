@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -14,12 +12,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from core.base import HUB_ID
+from core.cache import utc
+from core.hashing import SHA256, sha256_file
 from registry import folder
-from registry.errors import AuthError, Conflict, IntegrityError, InvalidName, NotFound, RegistryError, RemoteError
+from registry.card import METHODS, card_data, peft_snippet, render
+from core.errors import AuthError, Conflict, IntegrityError, InvalidName, NotFound, RegistryError, RemoteError
 from registry.folder import InvalidAdapter
 from registry.names import Ref, check_name
 from registry.refs import AdapterVersion
-from registry.report import when
 from registry.repo import Registry
 
 if TYPE_CHECKING:
@@ -31,8 +32,6 @@ CARD = "README.md"
 # (README.md there is the Hub card), so a pull restores the version byte for byte.
 MANIFEST = "adapters.json"
 VERSION_CARD = "version_card.md"
-_REPO_ID = re.compile(r"[^/\s]+/[^/\s]+")
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 _TOKEN_HELP = "set HF_TOKEN or run `hf auth login`"
 
 
@@ -136,8 +135,6 @@ def pull(registry: Registry, source: str, name: str, version: str | None = None)
 
 def model_card(version: AdapterVersion, meta: dict[str, Any], lineage: dict[str, Any], repo_id: str) -> str:
     """The Hub card of VERSION: Hub metadata, metrics, lineage, and how to load it with PEFT and with adapters."""
-    from train.card import METHODS, card_data
-
     base, dataset = lineage.get("base_model") or {}, lineage.get("dataset") or {}
     metrics, hyper = meta.get("metrics") or {}, lineage.get("hyperparameters") or {}
     method = lineage.get("method") or "lora"
@@ -156,7 +153,7 @@ def model_card(version: AdapterVersion, meta: dict[str, Any], lineage: dict[str,
     if lineage.get("versions"):
         lineage_lines.append("- libraries: " + ", ".join(f"{k} {v}" for k, v in lineage["versions"].items() if v))
     lineage_lines.append(
-        f"- registry: `{version.ref}`, registered by {version.author} on {when(version.date)} "
+        f"- registry: `{version.ref}`, registered by {version.author} on {utc(version.date)} "
         f"(registry commit `{version.commit}`)"
     )
     body = f"""
@@ -169,13 +166,7 @@ target modules {_value(meta.get("target_modules"))}): version {tag} of `{version
 
 With PEFT:
 
-```python
-from peft import PeftModel
-from transformers import AutoModelForCausalLM
-
-base = AutoModelForCausalLM.from_pretrained("{base.get("hub_id") or base_name}")
-model = PeftModel.from_pretrained(base, "{repo_id}", revision="{tag}")
-```
+{peft_snippet(base.get("hub_id") or base_name, repo_id, tag)}
 
 With `adapters`: register it as a local version, then serve it beside other adapters on one base model;
 requests that name `{version.name}` as their `model` use it.
@@ -193,7 +184,7 @@ The full record is in `lineage.json`. `{MANIFEST}` lists every file of this vers
 `{VERSION_CARD}` is the card it was registered with; `adapters hub pull` checks them and restores the version
 byte for byte.
 """
-    return f"---\n{data.to_yaml()}\n---\n{body}"
+    return render(data, body)
 
 
 def _value(value: Any) -> str:
@@ -221,7 +212,7 @@ def _token() -> str:
 
 
 def _check_repo_id(repo_id: str) -> None:
-    if not _REPO_ID.fullmatch(repo_id):
+    if not HUB_ID.fullmatch(repo_id):
         raise _not_a_repo_id(repo_id)
 
 
@@ -282,18 +273,13 @@ def _refused(exc: Any, repo_id: str, write: bool) -> RemoteError:
     return RemoteError(f"The Hub at {endpoint()} answered {status} for {repo_id}: {said}.")
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
 def _manifest(version: AdapterVersion, files: Path) -> dict[str, Any]:
     """VERSION's files as the Hub copy holds them: {name: {path on the Hub, sha256}}."""
     entries = {}
     for path in sorted(files.iterdir()):
         if path.name in (MANIFEST, VERSION_CARD):
             raise RegistryError(f"{version.ref} holds a file named {path.name}, a name its Hub copy needs; rename it.")
-        entries[path.name] = {"path": VERSION_CARD if path.name == CARD else path.name, "sha256": _sha256(path)}
+        entries[path.name] = {"path": VERSION_CARD if path.name == CARD else path.name, "sha256": sha256_file(path)}
     return {"adapter": version.name, "version": str(version.version)[1:], "files": entries}
 
 
@@ -311,7 +297,7 @@ def _read_manifest(path: Path, label: str) -> dict[str, Any]:
             _plain(name)
             and isinstance(entry, dict)
             and _plain(entry.get("path"))
-            and _SHA256.fullmatch(str(entry.get("sha256")))
+            and SHA256.fullmatch(str(entry.get("sha256")))
             for name, entry in files.items()
         )
     ):
@@ -414,7 +400,7 @@ def _restore(snapshot: Path, manifest: dict[str, Any] | None, dest: Path, label:
                 f"{label}: {MANIFEST} lists {entry['path']}, which is not there; nothing was registered."
             )
         shutil.copyfile(source, dest / name)
-        if _sha256(dest / name) != entry["sha256"]:
+        if sha256_file(dest / name) != entry["sha256"]:
             raise IntegrityError(
                 f"{label}: {entry['path']} does not match its sha256 in {MANIFEST}; nothing was registered."
             )
@@ -436,7 +422,7 @@ def _check_base(adapter: Path, label: str) -> None:
 
 def _local_fingerprint(base: dict[str, Any]) -> str | None:
     """The fingerprint of the local copy of the base model lineage names: a cached model, or an absolute folder."""
-    from train.base import cached_models, fingerprint
+    from core.base import cached_models, fingerprint
 
     names = {base.get("hub_id"), base.get("name")} - {None, ""}
     for model in cached_models():

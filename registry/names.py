@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from registry.errors import InvalidName
+from core.errors import InvalidName
 
 # ASCII only, so look-alike letters, whitespace, '/', '.' and '..' can never reach a path or a tag;
 # also inside what GTO and DVC accept as an artifact name.
@@ -66,6 +66,11 @@ class Version:
 FIRST_VERSION = Version(1, 0, 0)
 
 
+def version_ref(name: str, version: Version | str) -> str:
+    """NAME@vX.Y.Z: how one immutable version is named everywhere (tags, responses, engine caches)."""
+    return f"{name}@{version}"
+
+
 @dataclass(frozen=True)
 class Ref:
     """A parsed reference: NAME, NAME@vX.Y.Z, NAME@latest or NAME#STAGE."""
@@ -92,5 +97,5 @@ class Ref:
         if self.stage:
             return f"{self.name}#{self.stage}"
         if self.version:
-            return f"{self.name}@{self.version}"
+            return version_ref(self.name, self.version)
         return f"{self.name}@latest" if self.latest else self.name

@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from registry.errors import NotFound
+from core.errors import NotFound
 from registry.git import Tag
-from registry.names import Ref, Version
+from registry.names import Ref, Version, version_ref
 
 REGISTER_TAG = re.compile(r"(?P<name>[a-z0-9][a-z0-9_-]*)@(?P<version>v\d+\.\d+\.\d+)")
 ASSIGN_TAG = re.compile(r"(?P<name>[a-z0-9][a-z0-9_-]*)#(?P<stage>[a-z][a-z0-9_-]*)(?P<cancel>!?)#(?P<counter>\d+)")
@@ -29,7 +29,7 @@ class AdapterVersion:
     @property
     def ref(self) -> str:
         """NAME@vX.Y.Z."""
-        return f"{self.name}@{self.version}"
+        return version_ref(self.name, self.version)
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import fcntl
 import shutil
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,10 +11,11 @@ from typing import Any
 
 import yaml
 
+from core.cache import locked
 from registry import folder, store
-from registry.errors import Conflict, IntegrityError, NotFound, RegistryError
+from core.errors import Conflict, IntegrityError, NotFound, RegistryError
 from registry.git import Git, toplevel
-from registry.names import BUMPS, FIRST_VERSION, Ref, Version, check_name, check_stage
+from registry.names import BUMPS, FIRST_VERSION, Ref, Version, check_name, check_stage, version_ref
 from registry.refs import ROLLBACK_PREFIX, AdapterVersion, State
 
 ADAPTERS_DIR = "adapters"
@@ -93,13 +92,9 @@ class Registry:
     @contextmanager
     def lock(self) -> Iterator[None]:
         """Serialise commands that change this repository; a second one waits instead of failing."""
-        path = self.git.git_dir / "adapters.lock"
-        with open(path, "w") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                print("Waiting for another adapters command in this repository...", file=sys.stderr, flush=True)
-                fcntl.flock(handle, fcntl.LOCK_EX)
+        with locked(
+            self.git.git_dir / "adapters.lock", waiting="Waiting for another adapters command in this repository..."
+        ):
             yield
 
     def state(self) -> State:
@@ -140,6 +135,7 @@ class Registry:
         with self.lock():
             adapter = self.state().adapters.get(name)
             number = self._next_version(name, adapter, version, bump)
+            tag = version_ref(name, number)
             with self._restoring(name):
                 _replace_folder(source, workspace)
                 store.track(self.root, f"{ADAPTERS_DIR}/{name}")
@@ -147,13 +143,12 @@ class Registry:
                 data = yaml.safe_load(pointer.read_text())
                 data["meta"] = {"adapter": name, "version": str(number)[1:], **summary, **(meta or {})}
                 pointer.write_text(yaml.safe_dump(data, sort_keys=False))
-                self._declare(name, summary)
+                self._declare(name)
                 paths = [str(p.relative_to(self.root)) for p in (pointer, workspace.parent / ".gitignore")]
                 self.git.run("add", *paths, PROJECT_FILE)
-                subject = f"Register {name}@{number}" + (f": {message}" if message else "")
+                subject = f"Register {tag}" + (f": {message}" if message else "")
                 self.git.run("commit", "--quiet", "-m", subject, "--", *paths, PROJECT_FILE)
             commit = self.git.run("rev-parse", "HEAD").strip()
-            tag = f"{name}@{number}"
             self.git.tag(tag, commit, message or f"Register {tag}", _next_date(adapter))
             return self.state().resolve(tag)
 
@@ -170,7 +165,7 @@ class Registry:
             number = FIRST_VERSION
         if adapter and adapter.version(number):
             raise Conflict(
-                f"{name}@{number} already exists and versions are immutable; register with --bump or another --version."
+                f"{version_ref(name, number)} already exists and versions are immutable; register with --bump or another --version."
             )
         return number
 
@@ -200,16 +195,18 @@ class Registry:
             raise
         shutil.rmtree(backup, ignore_errors=True)
 
-    def _declare(self, name: str, summary: dict[str, Any]) -> None:
-        """Declare NAME under `artifacts:` in dvc.yaml so `dvc artifacts get` and GTO know it."""
+    def _declare(self, name: str) -> None:
+        """Declare NAME under `artifacts:` in dvc.yaml so `dvc artifacts get` and GTO know it.
+
+        Only where it lives: what each version holds is recorded once, with the version (`adapters show`).
+        """
         path = self.root / PROJECT_FILE
         data = (yaml.safe_load(path.read_text()) if path.exists() else None) or {}
         data.setdefault("artifacts", {})[name] = {
             "path": f"{ADAPTERS_DIR}/{name}",
             "type": "model",
-            "desc": f"LoRA adapter for {summary['base_model']}",
+            "desc": "LoRA adapter",
             "labels": ["lora", "peft"],
-            "meta": {"base_model": summary["base_model"], "base_fingerprint": summary["base_fingerprint"]},
         }
         path.write_text(yaml.safe_dump(data, sort_keys=False))
 
@@ -269,9 +266,9 @@ class Registry:
         if output.exists():
             output.rmdir()
         md5 = store.dir_md5(self.dvcfile(version))
-        with store.opened(self.root) as repo:
-            self.ensure_objects(repo, [(version.ref, md5)], remote)
-            store.materialize(repo, md5, output)
+        with store.opened(self.root) as objects:
+            self.ensure_objects(objects, [(version.ref, md5)], remote)
+            objects.materialize(md5, output)
         return version
 
     def pointers(self, versions: list[AdapterVersion]) -> list[tuple[str, str]]:
@@ -286,19 +283,19 @@ class Registry:
         texts = self.git.show_many([f"{rev}:{p}" for p in paths])
         return [(Path(p).stem, store.dir_md5(t)) for p, t in zip(paths, texts, strict=True) if t]
 
-    def ensure_objects(self, repo: Any, wanted: list[tuple[str, str]], remote: str | None) -> int:
+    def ensure_objects(self, objects: store.Store, wanted: list[tuple[str, str]], remote: str | None) -> int:
         """Fetch the (label, folder object) pairs the local cache lacks, then verify all; returns files fetched."""
         fetched = 0
         for label, md5 in wanted:
             try:
-                if store.missing_locally(repo, md5):
-                    fetched += store.fetch(repo, [md5], remote)
-                if store.missing_locally(repo, md5):
+                if objects.missing_locally(md5):
+                    fetched += objects.fetch([md5], remote)
+                if objects.missing_locally(md5):
                     # DVC drops a download whose hash is wrong, so absent and corrupt look alike here.
                     raise IntegrityError(
                         "its files are missing or corrupt on the DVC remote; push them again from a clone that has them"
                     )
-                store.verify(repo, md5)
+                objects.verify(md5)
             except IntegrityError as exc:
                 raise IntegrityError(f"{label}: {exc}; nothing was changed.") from None
         return fetched
@@ -306,12 +303,12 @@ class Registry:
     def files(self, version: AdapterVersion, remote: str | None = None) -> tuple[list[dict[str, str]], dict[str, Any]]:
         """VERSION's file hashes and its parsed adapter_config.json and lineage.json."""
         md5 = store.dir_md5(self.dvcfile(version))
-        with store.opened(self.root) as repo:
-            self.ensure_objects(repo, [(version.ref, md5)], remote)
-            entries = store.listing(repo, md5)
+        with store.opened(self.root) as objects:
+            self.ensure_objects(objects, [(version.ref, md5)], remote)
+            entries = objects.listing(md5)
             docs = {}
             for name in ("adapter_config.json", "lineage.json"):
-                raw = store.read(repo, md5, name)
+                raw = objects.read(md5, name)
                 docs[name] = yaml.safe_load(raw) if raw else {}
         return entries, docs
 

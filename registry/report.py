@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
+from core.cache import utc
 from registry import store
 from registry.names import Ref, check_name
 from registry.refs import AdapterVersion, State
 from registry.repo import Registry
 from registry.sync import resolve_remote
-
-
-def when(seconds: int) -> str:
-    """A tag date as UTC ISO 8601."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
 def _version(version: AdapterVersion, state: State) -> dict[str, Any]:
@@ -23,7 +18,7 @@ def _version(version: AdapterVersion, state: State) -> dict[str, Any]:
         "name": version.name,
         "version": str(version.version),
         "commit": version.commit,
-        "date": when(version.date),
+        "date": utc(version.date),
         "author": version.author,
         "message": version.message,
         "stages": state.adapters[version.name].stages_of(version.version),
@@ -39,7 +34,7 @@ def listing(registry: Registry) -> list[dict[str, Any]]:
             "latest": str(adapter.latest.version),
             "versions": len(adapter.versions),
             "stages": {stage: str(v.version) for stage, v in adapter.stages().items()},
-            "updated": when(adapter.last_date),
+            "updated": utc(adapter.last_date),
         }
         for name, adapter in state.adapters.items()
     ]
@@ -60,7 +55,7 @@ def log(registry: Registry, name: str) -> dict[str, Any]:
             "stage": e.stage,
             "action": ("rollback" if e.rollback else "promote") if e.assign else "unassign",
             "version": str(e.version),
-            "date": when(e.date),
+            "date": utc(e.date),
             "author": e.author,
             "tag": e.tag,
             "message": e.message,
@@ -117,10 +112,10 @@ def status(registry: Registry, remote: str | None) -> dict[str, Any]:
     remote_refs = registry.git.remote_refs(remote)
     tags = [t.name for t in state.tags]
     pointers = dict(zip(versions, (md5 for _, md5 in registry.pointers(versions)), strict=True))
-    with store.opened(registry.root) as repo:
-        local_missing = [v.ref for v, md5 in pointers.items() if store.missing_locally(repo, md5)]
+    with store.opened(registry.root) as objects:
+        local_missing = [v.ref for v, md5 in pointers.items() if objects.missing_locally(md5)]
         published = [(v, md5) for v, md5 in pointers.items() if f"refs/tags/{v.tag}" in remote_refs]
-        gone = store.remote_missing(repo, [md5 for _, md5 in published], remote) if published else set()
+        gone = objects.remote_missing([md5 for _, md5 in published], remote) if published else set()
     return {
         "remote": remote,
         "unpushed_tags": sorted(t for t in tags if f"refs/tags/{t}" not in remote_refs),

@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 
 import yaml
 
-from registry.errors import IntegrityError, RegistryError, RemoteError
+from core.errors import IntegrityError, RegistryError, RemoteError
 
 if TYPE_CHECKING:
     from dvc.repo import Repo
@@ -51,13 +51,20 @@ def _dvc_repo_class() -> type[Repo]:
 
 
 @contextmanager
-def opened(root: Path) -> Iterator[Repo]:
-    """The DVC repository at ROOT, closed afterwards."""
+def _repo(root: Path) -> Iterator[Repo]:
+    """DVC's Repo at ROOT, closed afterwards."""
     repo = _dvc_repo_class()(str(root))
     try:
         yield repo
     finally:
         repo.close()
+
+
+@contextmanager
+def opened(root: Path) -> Iterator[Store]:
+    """The DVC store of the repository at ROOT, closed afterwards."""
+    with _repo(root) as repo:
+        yield Store(repo)
 
 
 def init(root: Path) -> None:
@@ -69,13 +76,13 @@ def init(root: Path) -> None:
 
 def track(root: Path, relpath: str) -> None:
     """`dvc add` a folder: its files go into the cache, a pointer file and a .gitignore entry beside it."""
-    with opened(root) as repo:
+    with _repo(root) as repo:
         repo.add(str(root / relpath))  # absolute: DVC resolves relative targets against the process's cwd
 
 
 def configure_remote(root: Path, name: str, url: str, options: dict[str, str], default: bool) -> None:
     """Add or replace a DVC remote in the committed config; DEFAULT makes it the one push and pull use."""
-    with opened(root) as repo, repo.config.edit("repo") as conf:
+    with _repo(root) as repo, repo.config.edit("repo") as conf:
         conf["remote"][name] = {"url": url, **options}
         if default:
             conf["core"]["remote"] = name
@@ -83,7 +90,7 @@ def configure_remote(root: Path, name: str, url: str, options: dict[str, str], d
 
 def remotes(root: Path) -> tuple[dict[str, dict[str, Any]], str | None]:
     """The DVC remotes and the default one."""
-    with opened(root) as repo:
+    with _repo(root) as repo:
         conf = repo.config
         return {name: dict(value) for name, value in conf["remote"].items()}, conf["core"].get("remote")
 
@@ -110,123 +117,128 @@ def _hash_infos(md5s: Iterable[str]) -> list[Any]:
     return [HashInfo("md5", md5) for md5 in sorted(set(md5s))]
 
 
-def listing(repo: Repo, md5: str) -> list[dict[str, str]]:
-    """The files of a .dir object in the local cache: [{'relpath', 'md5'}]; IntegrityError if absent or broken."""
-    path = Path(repo.cache.local.oid_to_path(md5))
-    try:
-        entries = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise IntegrityError(f"object {md5} is not in the local cache") from exc
-    if file_md5(path) != md5.removesuffix(".dir"):
-        path.unlink()
-        raise IntegrityError(f"object {md5} in the local cache is corrupt and was removed")
-    return [{"relpath": e["relpath"], "md5": e["md5"]} for e in entries]
+class Store:
+    """DVC's view of one repository: its local object cache and its remotes. Nothing else touches DVC."""
 
+    def __init__(self, repo: Repo) -> None:
+        self._repo = repo
+        self._cache = repo.cache.local
 
-def missing_locally(repo: Repo, md5: str) -> list[str]:
-    """Files of a folder object that the local cache lacks (the folder object itself included)."""
-    cache = repo.cache.local
-    if not cache.exists(md5):
-        return [md5]
-    return [e["md5"] for e in listing(repo, md5) if not cache.exists(e["md5"])]
-
-
-def verify(repo: Repo, md5: str) -> list[dict[str, str]]:
-    """Check every file of a folder object against its hash; a bad one is removed from the cache and reported."""
-    entries = listing(repo, md5)
-    cache = repo.cache.local
-    for entry in entries:
-        path = Path(cache.oid_to_path(entry["md5"]))
-        if not path.exists():
-            raise IntegrityError(f"{entry['relpath']} ({entry['md5']}) is missing")
-        if file_md5(path) != entry["md5"]:
-            # Drop both so the next pull fetches them again instead of trusting the folder object.
+    def listing(self, md5: str) -> list[dict[str, str]]:
+        """The files of a .dir object in the local cache: [{'relpath', 'md5'}]; IntegrityError if absent or broken."""
+        path = Path(self._cache.oid_to_path(md5))
+        try:
+            entries = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise IntegrityError(f"object {md5} is not in the local cache") from exc
+        if file_md5(path) != md5.removesuffix(".dir"):
             path.unlink()
-            Path(cache.oid_to_path(md5)).unlink(missing_ok=True)
-            raise IntegrityError(f"{entry['relpath']} does not match its hash {entry['md5']} (corrupt copy removed)")
-    return entries
+            raise IntegrityError(f"object {md5} in the local cache is corrupt and was removed")
+        return [{"relpath": e["relpath"], "md5": e["md5"]} for e in entries]
 
+    def missing_locally(self, md5: str) -> list[str]:
+        """Files of a folder object that the local cache lacks (the folder object itself included)."""
+        cache = self._cache
+        if not cache.exists(md5):
+            return [md5]
+        return [e["md5"] for e in self.listing(md5) if not cache.exists(e["md5"])]
 
-def _transfer(repo: Repo, direction: str, md5s: Iterable[str], remote: str | None) -> int:
-    """Copy objects to ("push") or from ("pull") REMOTE, skipping those already there; returns how many moved.
-
-    No remote index: DVC's cached list of remote contents would hide objects the remote has lost since.
-    """
-    from dvc_data.hashfile.transfer import transfer
-
-    wanted = _hash_infos(md5s)
-    if not wanted:
-        return 0
-    try:
-        odb = repo.cloud.get_remote_odb(remote, direction)
-        cache = repo.cache.local
-        source, dest = (cache, odb) if direction == "push" else (odb, cache)
-        result = transfer(source, dest, wanted, jobs=odb.fs.jobs, cache_odb=cache)
-    except Exception as exc:  # DVC raises many unrelated types for one cause: the remote said no
-        raise RemoteError(f"{direction} of adapter files failed: {_first_line(exc)}") from exc
-    if result.failed and direction == "push":
-        raise RemoteError(f"{len(result.failed)} adapter files could not be uploaded; run the push again.")
-    return len(result.transferred)  # a failed download shows up as a missing file when verified
-
-
-def push(repo: Repo, md5s: Iterable[str], remote: str | None) -> int:
-    """Upload folder objects with their files that REMOTE lacks; returns files moved.
-
-    Files go first and each folder object last, so a remote that has a folder object has all its files.
-    """
-    md5s = sorted(m for m in set(md5s) if repo.cache.local.exists(m))
-    files = {entry["md5"] for md5 in md5s for entry in listing(repo, md5)}
-    return _transfer(repo, "push", files, remote) + _transfer(repo, "push", md5s, remote)
-
-
-def fetch(repo: Repo, md5s: Iterable[str], remote: str | None) -> int:
-    """Download folder objects and their files into the local cache; returns files moved."""
-    md5s = sorted(set(md5s))
-    moved = _transfer(repo, "pull", [m for m in md5s if not repo.cache.local.exists(m)], remote)
-    files = {entry["md5"] for md5 in md5s if repo.cache.local.exists(md5) for entry in listing(repo, md5)}
-    return moved + _transfer(repo, "pull", [f for f in files if not repo.cache.local.exists(f)], remote)
-
-
-def remote_missing(repo: Repo, md5s: Iterable[str], remote: str | None) -> set[str]:
-    """Which of these folder objects REMOTE lacks, whole or in part (files known from the local cache)."""
-    from dvc_data.hashfile.status import compare_status
-
-    md5s = sorted(set(md5s))
-    members = {md5: [e["md5"] for e in listing(repo, md5)] if repo.cache.local.exists(md5) else [] for md5 in md5s}
-    every = _hash_infos([*md5s, *(f for files in members.values() for f in files)])
-    try:
-        status = compare_status(
-            repo.cache.local, repo.cloud.get_remote_odb(remote, "status"), every, check_deleted=False
-        )
-    except Exception as exc:  # as in _transfer
-        raise RemoteError(f"checking the DVC remote failed: {_first_line(exc)}") from exc
-    absent = {h.value for h in status.new | status.missing}
-    return {md5 for md5, files in members.items() if md5 in absent or absent.intersection(files)}
-
-
-def materialize(repo: Repo, md5: str, dest: Path) -> None:
-    """Write a verified copy of a folder object to DEST; DEST appears only when complete."""
-    entries = verify(repo, md5)
-    staging = dest.parent / f".{dest.name}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    def verify(self, md5: str) -> list[dict[str, str]]:
+        """Check every file of a folder object against its hash; a bad one is removed from the cache and reported."""
+        entries = self.listing(md5)
+        cache = self._cache
         for entry in entries:
-            target = staging / entry["relpath"]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(repo.cache.local.oid_to_path(entry["md5"]), target)
-        os.replace(staging, dest)
-    except BaseException:
+            path = Path(cache.oid_to_path(entry["md5"]))
+            if not path.exists():
+                raise IntegrityError(f"{entry['relpath']} ({entry['md5']}) is missing")
+            if file_md5(path) != entry["md5"]:
+                # Drop both so the next pull fetches them again instead of trusting the folder object.
+                path.unlink()
+                Path(cache.oid_to_path(md5)).unlink(missing_ok=True)
+                raise IntegrityError(
+                    f"{entry['relpath']} does not match its hash {entry['md5']} (corrupt copy removed)"
+                )
+        return entries
+
+    def _transfer(self, direction: str, md5s: Iterable[str], remote: str | None) -> int:
+        """Copy objects to ("push") or from ("pull") REMOTE, skipping those already there; returns how many moved.
+
+        No remote index: DVC's cached list of remote contents would hide objects the remote has lost since.
+        """
+        from dvc_data.hashfile.transfer import transfer
+
+        wanted = _hash_infos(md5s)
+        if not wanted:
+            return 0
+        try:
+            odb = self._repo.cloud.get_remote_odb(remote, direction)
+            cache = self._cache
+            source, dest = (cache, odb) if direction == "push" else (odb, cache)
+            result = transfer(source, dest, wanted, jobs=odb.fs.jobs, cache_odb=cache)
+        except Exception as exc:  # DVC raises many unrelated types for one cause: the remote said no
+            raise RemoteError(f"{direction} of adapter files failed: {_first_line(exc)}") from exc
+        if result.failed and direction == "push":
+            raise RemoteError(f"{len(result.failed)} adapter files could not be uploaded; run the push again.")
+        return len(result.transferred)  # a failed download shows up as a missing file when verified
+
+    def push(self, md5s: Iterable[str], remote: str | None) -> int:
+        """Upload folder objects with their files that REMOTE lacks; returns files moved.
+
+        Files go first and each folder object last, so a remote that has a folder object has all its files.
+        """
+        md5s = sorted(m for m in set(md5s) if self._cache.exists(m))
+        files = {entry["md5"] for md5 in md5s for entry in self.listing(md5)}
+        return self._transfer("push", files, remote) + self._transfer("push", md5s, remote)
+
+    def fetch(self, md5s: Iterable[str], remote: str | None) -> int:
+        """Download folder objects and their files into the local cache; returns files moved."""
+        md5s = sorted(set(md5s))
+        moved = self._transfer("pull", [m for m in md5s if not self._cache.exists(m)], remote)
+        files = {entry["md5"] for md5 in md5s if self._cache.exists(md5) for entry in self.listing(md5)}
+        return moved + self._transfer("pull", [f for f in files if not self._cache.exists(f)], remote)
+
+    def remote_missing(self, md5s: Iterable[str], remote: str | None) -> set[str]:
+        """Which of these folder objects REMOTE lacks, whole or in part (files known from the local cache)."""
+        from dvc_data.hashfile.status import compare_status
+
+        md5s = sorted(set(md5s))
+        members = {md5: [e["md5"] for e in self.listing(md5)] if self._cache.exists(md5) else [] for md5 in md5s}
+        every = _hash_infos([*md5s, *(f for files in members.values() for f in files)])
+        try:
+            status = compare_status(
+                self._cache, self._repo.cloud.get_remote_odb(remote, "status"), every, check_deleted=False
+            )
+        except Exception as exc:  # as in _transfer
+            raise RemoteError(f"checking the DVC remote failed: {_first_line(exc)}") from exc
+        absent = {h.value for h in status.new | status.missing}
+        return {md5 for md5, files in members.items() if md5 in absent or absent.intersection(files)}
+
+    def materialize(self, md5: str, dest: Path) -> None:
+        """Write a verified copy of a folder object to DEST; DEST appears only when complete."""
+        entries = self.verify(md5)
+        staging = dest.parent / f".{dest.name}.partial"
         shutil.rmtree(staging, ignore_errors=True)
-        raise
+        staging.mkdir(parents=True)
+        try:
+            for entry in entries:
+                target = staging / entry["relpath"]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(self._cache.oid_to_path(entry["md5"]), target)
+            os.replace(staging, dest)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
 
+    def read(self, md5: str, relpath: str) -> bytes | None:
+        """One file of a folder object from the local cache, or None when the folder has no such file."""
+        for entry in self.listing(md5):
+            if entry["relpath"] == relpath:
+                return Path(self._cache.oid_to_path(entry["md5"])).read_bytes()
+        return None
 
-def read(repo: Repo, md5: str, relpath: str) -> bytes | None:
-    """One file of a folder object from the local cache, or None when the folder has no such file."""
-    for entry in listing(repo, md5):
-        if entry["relpath"] == relpath:
-            return Path(repo.cache.local.oid_to_path(entry["md5"])).read_bytes()
-    return None
+    def checkout(self, pointers: list[Path]) -> None:
+        """Make the workspace folders of these .dvc pointer files match them (from the local cache)."""
+        self._repo.checkout(targets=[str(p) for p in pointers], force=True)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -11,9 +11,9 @@ from urllib.parse import urlparse
 import yaml
 
 from registry import store
-from registry.errors import Conflict, NotFound, RegistryError, RemoteError
+from core.errors import Conflict, NotFound, RegistryError, RemoteError
 from registry.git import Git, Tag
-from registry.names import Ref, check_name
+from registry.names import Ref, check_name, version_ref
 from registry.refs import ASSIGN_TAG, REGISTER_TAG, AdapterVersion, State
 from registry.repo import ADAPTERS_DIR, PROJECT_FILE, Registry
 
@@ -106,11 +106,11 @@ def push(registry: Registry, names: list[str], remote: str | None = None) -> Pus
         pointers = registry.pointers(new_versions)
         head = registry.git.head()
         if head:
-            with store.opened(registry.root) as repo:
-                registry.ensure_objects(repo, pointers, None)
+            with store.opened(registry.root) as objects:
+                registry.ensure_objects(objects, pointers, None)
                 # The branch tip's files too: cheap when present, and it repairs a remote that lost some.
                 tip = [md5 for _, md5 in registry.tree_pointers(head)]
-                result.files = store.push(repo, [md5 for _, md5 in pointers] + tip, remote)
+                result.files = objects.push([md5 for _, md5 in pointers] + tip, remote)
         refspecs = [f"refs/tags/{t.name}:refs/tags/{t.name}" for t in selected]
         if head and remote_refs.get(f"refs/heads/{branch}") != head:
             refspecs.insert(0, f"refs/heads/{branch}:refs/heads/{branch}")
@@ -177,8 +177,8 @@ def pull(registry: Registry, refs: list[str], remote: str | None = None) -> Pull
             if git.head() or has_remote_branch
             else []
         )
-        with store.opened(registry.root) as repo:
-            result.files = registry.ensure_objects(repo, registry.pointers(wanted) + tip, remote)
+        with store.opened(registry.root) as objects:
+            result.files = registry.ensure_objects(objects, registry.pointers(wanted) + tip, remote)
         # Everything needed is here and verified: now change refs and the workspace.
         for name, tag in theirs.items():
             mine = ours.get(name)
@@ -189,10 +189,10 @@ def pull(registry: Registry, refs: list[str], remote: str | None = None) -> Pull
                 result.new_tags.append(name)
         if has_remote_branch:
             result.merged = _merge(registry, remote_branch, State(git.tags()))
-        targets = [str(registry.root / ADAPTERS_DIR / f"{name}.dvc") for name, _ in registry.tree_pointers("HEAD")]
+        targets = [registry.root / ADAPTERS_DIR / f"{name}.dvc" for name, _ in registry.tree_pointers("HEAD")]
         if targets:
-            with store.opened(registry.root) as repo:
-                repo.checkout(targets=targets, force=True)
+            with store.opened(registry.root) as objects:
+                objects.checkout(targets)
         result.versions = sorted(v.ref for v in wanted)
         return result
 
@@ -211,7 +211,7 @@ def _renumber(git: Git, tag: Tag, state: State) -> str:
     adapter = state.adapter(_tag_name(tag))
     register = REGISTER_TAG.fullmatch(tag.name)
     if register:
-        new = f"{adapter.name}@{adapter.latest.version.bump('patch')}"
+        new = version_ref(adapter.name, adapter.latest.version.bump("patch"))
         message = f"{tag.message} (renumbered from {register['version']}: the remote registered it first)"
     else:
         match = ASSIGN_TAG.fullmatch(tag.name)

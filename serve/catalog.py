@@ -9,13 +9,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from registry import folder
-from registry.errors import AdaptersError, InvalidName, NotFound
+from core.errors import AdaptersError, InvalidName, NotFound
 from registry.names import Ref
 from registry.refs import AdapterVersion, State
 from registry.repo import Registry
 from serve.engine import AdapterSpec
 from serve.errors import AdapterNotFound, AdapterRejected, ServeError
-from train.base import locked
+from core.cache import locked
 
 log = logging.getLogger("serve")
 
@@ -103,7 +103,7 @@ class Catalog:
         if not path.is_dir():
             # One writer at a time, across threads and processes; DVC's checkout writes a staging folder
             # and renames it, so a folder that exists is complete.
-            with locked(self.cache, "materialize"):
+            with locked(self.cache / ".materialize.lock"):
                 if not path.is_dir():
                     try:
                         self.registry.checkout(version, path)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from registry.errors import AdaptersError, BaseModelError
+from core.errors import AdaptersError, BaseModelError
 from registry.repo import Registry
 from serve.tenants import Tenants, add_tenant, set_admin
 
@@ -94,7 +94,7 @@ def serve(
     from serve.catalog import Catalog
     from serve.dependencies import Settings
     from serve.transformers_engine import TransformersEngine
-    from train.base import home, resolve_base
+    from core.base import home, resolve_base
 
     model = resolve_base(base)
     quantize = quantize or _default_quantize()

@@ -8,6 +8,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from registry.names import version_ref
+
 
 @dataclass(frozen=True)
 class AdapterSpec:
@@ -20,7 +22,7 @@ class AdapterSpec:
     @property
     def key(self) -> str:
         """The id a response reports as its model, and the engine's cache key."""
-        return f"{self.name}@{self.version}"
+        return version_ref(self.name, self.version)
 
 
 @dataclass(frozen=True)

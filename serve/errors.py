@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from registry.errors import AdaptersError
+from core.errors import AdaptersError
 
 
 class ServeError(AdaptersError):

@@ -6,7 +6,7 @@ import fnmatch
 import hashlib
 import logging
 import os
-import re
+
 import secrets
 from collections import Counter
 from collections.abc import Callable
@@ -16,12 +16,12 @@ from typing import Any
 
 import yaml
 
-from registry.errors import AdaptersError
+from core.errors import AdaptersError
+from core.hashing import SHA256
 from registry.names import check_name
 from serve.errors import TooManyRequests, Unauthorized
 
 log = logging.getLogger("serve")
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 _HEADER = "# API keys of the adapter server, stored as sha256 hashes only; `adapters tenants add` writes entries.\n"
 
 
@@ -140,7 +140,7 @@ def parse(data: dict[str, Any], path: Path) -> dict[str, Tenant]:
 
 
 def _add(by_hash: dict[str, Tenant], digest: Any, tenant: Tenant, where: str) -> None:
-    if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+    if not isinstance(digest, str) or not SHA256.fullmatch(digest):
         raise TenantsFileError(f"{where}: the key hash must be 64 lowercase hex digits (sha256).")
     if digest in by_hash:
         raise TenantsFileError(f"{where}: the same key is also given to {by_hash[digest].name!r}.")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from serve import metrics
 from serve.engine import AdapterSpec, Chunk, Engine, Generation, Sampling, deliver
@@ -20,23 +20,10 @@ from serve.errors import AdapterRejected
 from serve.kvcache import RowCache
 from serve.lora import AdapterWeights, Rows, install, plan, read_adapter, uninstall, wrap_linears
 from serve.textstream import TextStream
-from train.base import fingerprint
+from core.base import fingerprint
+from core.precision import quantization_config
 
 log = logging.getLogger("serve")
-
-
-def quantization(quantize: str) -> BitsAndBytesConfig | None:
-    """bitsandbytes settings for --quantize."""
-    if quantize == "nf4":
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32,
-        )
-    if quantize == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return None
 
 
 @dataclass(eq=False)
@@ -106,7 +93,10 @@ class TransformersEngine(Engine):
         """The worker thread: load the model, then run the batch loop."""
         try:
             self.model = AutoModelForCausalLM.from_pretrained(
-                base_path, dtype=torch.float32, use_safetensors=True, quantization_config=quantization(quantize)
+                base_path,
+                dtype=torch.float32,
+                use_safetensors=True,
+                quantization_config=quantization_config(quantize, torch.float32),
             ).eval()
             # Each batch row keeps room for the longest running request, so the context bounds memory too.
             self.context_length = min(int(self.model.config.max_position_embeddings), max_context)

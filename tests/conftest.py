@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from transformers import TrainerCallback
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -54,7 +53,7 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The embedded model's real tokenizer (with its chat template), read from the GGUF alone."""
     from transformers import AutoTokenizer
 
-    from train.base import embedded_gguf
+    from core.base import embedded_gguf
 
     gguf = embedded_gguf()
     folder = tmp_path_factory.mktemp("tokenizer")
@@ -92,26 +91,27 @@ def tiny_base(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> 
 @pytest.fixture(scope="session")
 def embedded_base(adapters_home: Path) -> Path:
     """The real embedded SmolLM2-135M-Instruct, converted once per session into the temp user cache."""
-    from train.base import ensure_embedded
+    from core.base import ensure_embedded
 
     return ensure_embedded()
-
-
-class SignalAt(TrainerCallback):
-    """Sends this process a real signal at a given training step, as Ctrl-C or `kill` would."""
-
-    def __init__(self, step: int, signum: int) -> None:
-        self.step, self.signum = step, signum
-
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.global_step == self.step:
-            os.kill(os.getpid(), self.signum)
 
 
 @pytest.fixture
 def signal_at_step(monkeypatch: pytest.MonkeyPatch) -> Callable[[int, int], None]:
     """Arrange for the next training run to receive `signum` at `step`."""
+    from transformers import TrainerCallback
+
     from train import trainer
+
+    class SignalAt(TrainerCallback):
+        """Sends this process a real signal at a given training step, as Ctrl-C or `kill` would."""
+
+        def __init__(self, step: int, signum: int) -> None:
+            self.step, self.signum = step, signum
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step == self.step:
+                os.kill(os.getpid(), self.signum)
 
     build = trainer.build_trainer
 
@@ -159,7 +159,7 @@ def make_adapter(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> C
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from train.base import fingerprint
+    from core.base import fingerprint
 
     made: dict[int, Path] = {}
     base_fingerprint = fingerprint(tiny_base)
@@ -189,7 +189,7 @@ def make_adapter(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> C
 def adapters_cli(*args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run the real `adapters` command in a child process, as a user's shell would."""
     return subprocess.run(
-        [sys.executable, "-m", "registry.cli", *args],
+        [sys.executable, "-m", "adapterctl.cli", *args],
         cwd=cwd,
         capture_output=True,
         text=True,
@@ -201,7 +201,7 @@ def adapters_cli(*args: str, cwd: Path | None = None, timeout: float = 120) -> s
 def start_adapters(*args: str, cwd: Path) -> subprocess.Popen:
     """Start the real `adapters` command in a child process without waiting for it (to signal or race it)."""
     return subprocess.Popen(
-        [sys.executable, "-m", "registry.cli", *args],
+        [sys.executable, "-m", "adapterctl.cli", *args],
         cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -215,7 +215,7 @@ def cli(monkeypatch: pytest.MonkeyPatch) -> Callable[..., Any]:
     """Run `adapters ARGS` in this process (click's runner) from folder CWD."""
     from click.testing import CliRunner
 
-    from registry.cli import main
+    from adapterctl.cli import main
 
     def run(*args: str, cwd: Path) -> Any:
         monkeypatch.chdir(cwd)

@@ -17,9 +17,9 @@ from click.testing import CliRunner
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from registry.cli import main
-from registry.errors import BaseModelError
-from train import base
+from adapterctl.cli import main
+from core.errors import BaseModelError
+from core import base
 
 
 def test_embedded_conversion_is_complete_and_usable(embedded_base: Path) -> None:
@@ -56,7 +56,7 @@ def test_embedded_conversion_is_idempotent(embedded_base: Path, monkeypatch: pyt
 def test_killed_conversion_leaves_nothing_half_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ADAPTERS_HOME", str(tmp_path))
     staging = tmp_path / "models" / f".{base.EMBEDDED_NAME}.partial"
-    code = "from train.base import ensure_embedded; ensure_embedded()"
+    code = "from core.base import ensure_embedded; ensure_embedded()"
     process = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.DEVNULL, env=os.environ.copy())
     deadline = time.monotonic() + 120
     while not (staging / "model.safetensors").exists():  # killed mid-conversion, weights half there

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from registry.cli import main
+from adapterctl.cli import main
 
 
 def _train(*args: str):  # noqa: ANN202

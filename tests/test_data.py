@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from registry.errors import DataError
+from core.errors import DataError
 from tests.conftest import EXAMPLES, write_jsonl
 from train import data
 

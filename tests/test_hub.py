@@ -413,7 +413,7 @@ def test_pull_takes_an_adapter_published_by_other_tools_as_it_is_but_never_pickl
 
 def test_the_hub_commands_start_without_importing_the_hub_client_or_torch(tmp_path: Path) -> None:
     probe = (
-        "import sys; from registry.cli import main\n"
+        "import sys; from adapterctl.cli import main\n"
         "try: main(['hub', 'push', '--help'])\n"
         "except SystemExit as exit: assert exit.code == 0\n"
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'huggingface_hub', 'torch', 'httpx2'}))"

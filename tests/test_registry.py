@@ -13,7 +13,7 @@ import pytest
 import yaml
 from conftest import ROOT, adapters_cli, sha_tree, start_adapters
 
-from registry.errors import Conflict, NotFound
+from core.errors import Conflict, NotFound
 from registry.folder import InvalidAdapter
 from registry.repo import Registry
 
@@ -286,7 +286,7 @@ def test_commands_outside_a_registry_say_what_to_run(tmp_path: Path, cli) -> Non
 def test_registry_commands_never_import_torch(registry: Registry, make_adapter) -> None:
     registry.add("support", make_adapter(1))
     probe = (
-        "import sys; from registry.cli import main\n"
+        "import sys; from adapterctl.cli import main\n"
         "for args in (['list'], ['log', 'support'], ['show', 'support'], ['status'], ['list', '--json']):\n"
         "    try: main(args)\n"
         "    except SystemExit as exit: assert exit.code == 0, (args, exit.code)\n"
@@ -335,7 +335,7 @@ def test_a_machine_without_a_git_identity_gets_one_line_saying_how_to_set_it(
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GIT_AUTHOR", "GIT_COMMITTER"))}
     env.update(HOME=str(tmp_path), GIT_CONFIG_NOSYSTEM="1", EMAIL="", PYTHONPATH=str(ROOT))
     proc = subprocess.run(
-        [sys.executable, "-m", "registry.cli", "add", "support", str(make_adapter(1))],
+        [sys.executable, "-m", "adapterctl.cli", "add", "support", str(make_adapter(1))],
         cwd=registry.root,
         capture_output=True,
         text=True,

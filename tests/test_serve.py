@@ -322,7 +322,7 @@ def test_metrics_move_and_each_request_writes_one_log_line(
 def test_catalog_fetches_a_missing_version_from_the_remote_once_under_concurrent_requests(
     registry: Registry, make_adapter: Any, tmp_path: Path, tiny_base: Path
 ) -> None:
-    from train.base import fingerprint
+    from core.base import fingerprint
 
     registry.add("remote", make_adapter(1))
     registry.add("remote", make_adapter(2))

@@ -60,7 +60,7 @@ class Hosted:
 def hosted(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, make_adapter: Any) -> Iterator[Hosted]:
     from click.testing import CliRunner
 
-    from registry.cli import main
+    from adapterctl.cli import main
     from serve.app import create_app
     from serve.catalog import Catalog
     from serve.dependencies import Settings
@@ -273,7 +273,7 @@ def test_sigterm_lets_a_running_stream_finish_then_exits_0(
     registry.add("drain", make_adapter(1))
     args = ["serve", "--base", str(tiny_base), "--port", "0"]  # the default quantization: NF4, bitsandbytes runs here
     server = subprocess.Popen(
-        [sys.executable, "-m", "registry.cli", *args],
+        [sys.executable, "-m", "adapterctl.cli", *args],
         cwd=registry.root,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import EXAMPLES
 from train import compare
-from train.base import resolve_base
+from core.base import resolve_base
 from train.config import TrainArgs
 from train.trainer import train
 

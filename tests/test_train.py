@@ -17,9 +17,9 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from registry.errors import InvalidName, TrainingError, TrainingInterrupted
+from core.errors import InvalidName, TrainingError, TrainingInterrupted
 from train import trainer as trainer_module
-from train.base import fingerprint
+from core.base import fingerprint
 from train.config import TrainArgs
 from train.trainer import train
 
@@ -34,7 +34,7 @@ def _args(tmp_path: Path, base: Path, data: Path, **overrides) -> TrainArgs:
 
 def _cli(tmp_path: Path, base: Path, data: Path, *options: str) -> list[str]:
     """`adapters train people` on the tiny base as a separate process, writing tmp_path/out."""
-    return [sys.executable, "-m", "registry.cli", "train", "people", "--data", str(data), "--base", str(base),
+    return [sys.executable, "-m", "adapterctl.cli", "train", "people", "--data", str(data), "--base", str(base),
             "--output", str(tmp_path / "out"), "--seq-len", "64", *options]  # fmt: skip
 
 
@@ -135,7 +135,7 @@ def test_qlora_gradients_after_an_eval_pass_match_a_dequantized_base(tiny_base: 
     from bitsandbytes.functional import dequantize_4bit
     from peft import LoraConfig, get_peft_model
 
-    from train.base import BaseModel
+    from core.base import BaseModel
 
     torch.manual_seed(0)
     quantized = trainer_module.load_base_model(BaseModel("tiny", tiny_base, None), qlora=True)

@@ -6,19 +6,18 @@ import importlib.metadata
 import json
 import platform
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from train.base import BaseModel
+from core.base import BaseModel
+from core.cache import utc
+from registry.card import METHODS, card_data, peft_snippet, render
 from train.config import TrainArgs
 from train.data import Examples
 
 LINEAGE_FILE = "lineage.json"
 LOSS_PLOT = "loss.png"
-METHODS = {"lora": "LoRA", "qlora": "QLoRA"}
 _LIBRARIES = ("adapterctl", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "safetensors")
 
 
@@ -55,7 +54,7 @@ def lineage(
     """The record that lets anyone tell exactly what went into an adapter."""
     return {
         "adapter": args.name,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "created_at": utc(),
         "method": "qlora" if args.qlora else "lora",
         "base_model": {"name": base.name, "hub_id": base.hub_id, "fingerprint": base_fingerprint},
         "dataset": {
@@ -80,36 +79,7 @@ def _loss(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def card_data(
-    adapter: str, method: str, base_model: str | None, dataset_file: str | None, eval_loss: float | None
-) -> ModelCardData:
-    """The Hub metadata of an adapter's model card: base_model, library_name: peft, tags, datasets, eval loss."""
-    dataset_name = Path(dataset_file).stem if dataset_file else None
-    results = []
-    if eval_loss is not None and dataset_name:
-        results.append(
-            EvalResult(
-                task_type="text-generation",
-                dataset_type=dataset_name,
-                dataset_name=dataset_name,
-                metric_type="loss",
-                metric_name="eval loss",
-                metric_value=round(eval_loss, 4),
-            )
-        )
-    return ModelCardData(
-        base_model=base_model,
-        library_name="peft",
-        pipeline_tag="text-generation",
-        tags=[method, "lora", "peft", "adapters"],
-        datasets=[dataset_name] if dataset_name else None,
-        metrics=["loss"],
-        model_name=adapter,
-        eval_results=results or None,
-    )
-
-
-def _model_card(record: dict[str, Any]) -> ModelCard:
+def _model_card(record: dict[str, Any]) -> str:
     """A model card whose YAML header carries the Hub metadata (base_model, library_name: peft, metrics)."""
     base, dataset, metrics = record["base_model"], record["dataset"], record["metrics"]
     meta = card_data(
@@ -139,13 +109,7 @@ A {METHODS[record["method"]]} adapter for `{base_id}`, trained on `{dataset["fil
 
 ## Use it
 
-```python
-from peft import PeftModel
-from transformers import AutoModelForCausalLM
-
-base = AutoModelForCausalLM.from_pretrained("{base_id}")
-model = PeftModel.from_pretrained(base, "path/to/this/folder")
-```
+{peft_snippet(base_id, "path/to/this/folder")}
 
 ## Lineage
 
@@ -156,7 +120,7 @@ model = PeftModel.from_pretrained(base, "path/to/this/folder")
 
 The full record is in `{LINEAGE_FILE}`.
 """
-    return ModelCard(f"---\n{meta.to_yaml()}\n---\n{body}")
+    return render(meta, body)
 
 
 def _plot_loss(log_history: list[dict[str, Any]], metrics: dict[str, Any], path: Path) -> None:
@@ -189,5 +153,5 @@ def _plot_loss(log_history: list[dict[str, Any]], metrics: dict[str, Any], path:
 def write(folder: Path, record: dict[str, Any], log_history: list[dict[str, Any]]) -> None:
     """Write lineage.json, README.md and loss.png next to the adapter weights."""
     (folder / LINEAGE_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    _model_card(record).save(folder / "README.md")
+    (folder / "README.md").write_text(_model_card(record))
     _plot_loss(log_history, record["metrics"], folder / LOSS_PLOT)

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
 import json
+import textwrap
+import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +16,46 @@ import click
 
 from train.config import TrainArgs
 
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainArgs)}
+# Options that are not plain values of TrainArgs: short names, and a list typed as one comma-separated string.
+_SHORT = {"output": "-o"}
+_LISTS = {"target_modules"}
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """Each dataclass field's docstring (the string under it in the class body): written once, the CLI's help."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    return {
+        node.target.id: after.value.value
+        for node, after in zip(body, body[1:])
+        if isinstance(node, ast.AnnAssign)
+        and isinstance(after, ast.Expr)
+        and isinstance(after.value, ast.Constant)
+        and isinstance(after.value.value, str)
+    }
+
+
+def _options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Add one click option per TrainArgs field but the name, typed and documented as the field is."""
+    docs, hints = _field_docs(TrainArgs), typing.get_type_hints(TrainArgs)
+    for spec in reversed(dataclasses.fields(TrainArgs)[1:]):
+        flag = f"--{spec.name.replace('_', '-')}"
+        names = [flag, _SHORT[spec.name]] if spec.name in _SHORT else [flag]
+        help_text = docs[spec.name]
+        kind = hints[spec.name]
+        if spec.name in _LISTS:
+            option = click.option(*names, default=",".join(spec.default_factory()), show_default=True, help=help_text)
+        elif kind is bool:
+            option = click.option(*names, is_flag=True, help=help_text)
+        elif spec.default is dataclasses.MISSING:
+            option = click.option(*names, required=True, type=click.Path(path_type=Path), help=help_text)
+        else:
+            value = next(t for t in typing.get_args(kind) or (kind,) if t is not type(None))
+            value = click.Path(path_type=Path) if value is Path else value
+            option = click.option(
+                *names, type=value, default=spec.default, show_default=spec.default is not None, help=help_text
+            )
+        command = option(command)
+    return command
 
 
 def _mb(count: int) -> str:
@@ -20,35 +64,7 @@ def _mb(count: int) -> str:
 
 @click.command()
 @click.argument("name")
-@click.option(
-    "--data", required=True, type=click.Path(path_type=Path), help="JSONL: chat, prompt/completion or Alpaca."
-)
-@click.option("--base", help="Local HF model folder or Hub id. Default: the embedded SmolLM2-135M-Instruct.")
-@click.option("--qlora", is_flag=True, help="Load the base in 4-bit NF4 (double quantization) to save memory.")
-@click.option("--rank", type=int, default=_DEFAULTS["rank"], show_default=True, help="LoRA rank r.")
-@click.option("--alpha", type=int, default=_DEFAULTS["alpha"], show_default=True, help="LoRA alpha.")
-@click.option("--dropout", type=float, default=_DEFAULTS["dropout"], show_default=True, help="LoRA dropout.")
-@click.option("--target-modules", default="all-linear", show_default=True, help="Comma-separated module names.")
-@click.option("--epochs", type=float, default=_DEFAULTS["epochs"], show_default=True, help="Passes over the data.")
-@click.option("--max-steps", type=int, help="Stop after this many optimizer steps (overrides --epochs).")
-@click.option("--lr", type=float, default=_DEFAULTS["lr"], show_default=True, help="Peak learning rate.")
-@click.option("--batch-size", type=int, default=_DEFAULTS["batch_size"], show_default=True, help="Examples per step.")
-@click.option("--grad-accum", type=int, default=_DEFAULTS["grad_accum"], show_default=True, help="Batches per step.")
-@click.option("--seq-len", type=int, default=_DEFAULTS["seq_len"], show_default=True, help="Max tokens per example.")
-@click.option("--seed", type=int, default=_DEFAULTS["seed"], show_default=True, help="Seed for split, init, order.")
-@click.option(
-    "--eval-fraction",
-    type=float,
-    default=_DEFAULTS["eval_fraction"],
-    show_default=True,
-    help="Share held out for eval loss.",
-)
-@click.option(
-    "--save-steps", type=int, default=_DEFAULTS["save_steps"], show_default=True, help="Checkpoint every N steps."
-)
-@click.option("--gradient-checkpointing", is_flag=True, help="Trade speed for activation memory.")
-@click.option("--output", "-o", type=click.Path(path_type=Path), help="Output folder. Default: runs/NAME.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output folder or interrupted run.")
+@_options
 @click.option("--no-register", is_flag=True, help="Inside an adapter repository, do not register the result.")
 @click.option("-m", "--message", help="Message for the registered version.")
 def train(name: str, target_modules: str, no_register: bool, message: str | None, **options: Any) -> None:
@@ -81,7 +97,7 @@ def models() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def list_models(as_json: bool) -> None:
     """List cached base models with their size and fingerprint."""
-    from train.base import cached_models, models_dir
+    from core.base import cached_models, models_dir
 
     found = cached_models()
     if as_json:
@@ -98,7 +114,7 @@ def list_models(as_json: bool) -> None:
 @click.argument("base", required=False)
 def prepare(base: str | None) -> None:
     """Convert the embedded base model (or fetch BASE) into the cache now instead of on first use."""
-    from train.base import fingerprint, resolve_base
+    from core.base import fingerprint, resolve_base
 
     model = resolve_base(base)
     click.echo(f"{model.name}: {model.path} ({fingerprint(model.path)})")

@@ -9,7 +9,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from train.base import BaseModel
+from core.base import BaseModel
 
 
 def load(base: BaseModel, adapter: Path) -> tuple[PeftModel, Any]:

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from registry.errors import TrainingError
+from core.errors import TrainingError
 from registry.names import check_name
 
 
@@ -19,9 +19,9 @@ class TrainArgs:
     data: Path
     """JSONL dataset in chat, prompt/completion or Alpaca format."""
     output: Path | None = None
-    """Folder for the finished adapter; defaults to ./runs/NAME."""
+    """Folder for the finished adapter; default: ./runs/NAME."""
     base: str | None = None
-    """Base model: None for the embedded SmolLM2-135M-Instruct, a local HF folder, or a Hub id."""
+    """Base model: a local HF folder or a Hub id; default (None): the embedded SmolLM2-135M-Instruct."""
     qlora: bool = False
     """Load the base in 4-bit NF4 (double quantization) through bitsandbytes; train the adapter in higher precision."""
     rank: int = 8
@@ -33,7 +33,7 @@ class TrainArgs:
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     """Modules that get LoRA; "all-linear" means every linear layer except the output head."""
     epochs: float = 3.0
-    """Passes over the training split (ignored when max_steps is set)."""
+    """Passes over the training split (ignored when max-steps is set)."""
     max_steps: int | None = None
     """Stop after this many optimizer steps."""
     lr: float = 2e-4

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from registry.errors import DataError
+from core.errors import DataError
 
 ROLES = ("system", "user", "assistant")
 IGNORE_INDEX = -100  # label value the loss skips (prompt tokens, padding)

@@ -19,7 +19,6 @@ from tqdm import tqdm
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
-    BitsAndBytesConfig,
     DataCollatorForSeq2Seq,
     PreTrainedModel,
     Trainer,
@@ -28,9 +27,11 @@ from transformers import (
 )
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from registry.errors import BaseModelError, DataError, TrainingError, TrainingInterrupted
+from core.errors import BaseModelError, DataError, TrainingError, TrainingInterrupted
 from train import card, data
-from train.base import BaseModel, fingerprint, home, locked, resolve_base
+from core.base import BaseModel, fingerprint, resolve_base
+from core.cache import home, locked
+from core.precision import quantization_config
 from train.config import TrainArgs
 
 RUN_FILE = "run.json"  # inside the partial folder: the settings a resume must match
@@ -64,12 +65,7 @@ def load_base_model(base: BaseModel, qlora: bool, gradient_checkpointing: bool =
     dtype = torch.bfloat16 if device() == "cuda" else torch.float32
     options: dict[str, Any] = {"dtype": dtype, "use_safetensors": True, "device_map": {"": device()}}
     if qlora:
-        options["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
-        )
+        options["quantization_config"] = quantization_config("nf4", dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(base.path, **options)
     except (OSError, ValueError, KeyError) as exc:
@@ -245,7 +241,7 @@ def train(args: TrainArgs, echo: Callable[[str], None] = print) -> TrainResult:
     # One run per output folder: a second one would share (and wreck) the first one's checkpoints.
     lock_name = hashlib.sha256(str(output.resolve()).encode()).hexdigest()[:16]
     try:
-        with locked(home() / "locks", lock_name, wait=False):
+        with locked(home() / "locks" / f".{lock_name}.lock", wait=False):
             return _train(args, echo, output, output.parent / f".{output.name}.partial")
     except BlockingIOError:
         raise TrainingError(f"Another training run is writing {output}; wait or pick another --output.") from None

@@ -7,7 +7,7 @@ from typing import Any
 import click
 
 from registry.commands import COMMANDS
-from registry.errors import AdaptersError
+from core.errors import AdaptersError
 from serve.cli import serve, tenants
 from train.cli import models, train
 

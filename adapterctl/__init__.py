@@ -1,0 +1,1 @@
+"""The `adapters` command: assembles the registry, training and serving commands."""
