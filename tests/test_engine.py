@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from serve.engine import AdapterSpec, Generation, Sampling
 from serve.errors import AdapterRejected
 from serve.lora import AdapterWeights, MultiLoRALinear, Rows, plan
+from serve.metrics import BATCH_SIZE
 from serve.textstream import TextStream
 from serve.transformers_engine import TransformersEngine
 
@@ -72,9 +73,11 @@ def lora_bytes(engine: TransformersEngine) -> int:
 
 def peft_generate(base: Path, adapter: AdapterSpec | None, prompt: str, tokens: int, quantize: str = "none") -> str:
     """Greedy text from plain transformers + PEFT `generate`, the reference the engine must match."""
-    from serve.transformers_engine import quantization
+    from core.precision import quantization_config
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, quantization_config=quantization(quantize))
+    model = AutoModelForCausalLM.from_pretrained(
+        base, dtype=torch.float32, quantization_config=quantization_config(quantize, torch.float32)
+    )
     if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter.path)
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -127,12 +130,20 @@ def test_nf4_base_gives_what_peft_gives_on_the_same_nf4_model(lora, tiny_base):
         nf4.close()
 
 
+def passes_wider_than(rows: int) -> int:
+    """Forward passes so far (all engines of this process) that held more than ROWS rows."""
+    samples = {s.labels.get("le"): s.value for s in BATCH_SIZE.collect()[0].samples if s.name.endswith("_bucket")}
+    return samples["+Inf"] - samples[str(float(rows))]
+
+
 def test_mixed_batch_gives_each_request_what_it_gets_alone(engine, lora):
     adapters = [None, lora(1), lora(2, r=8, lora_alpha=4, target_modules="all-linear", use_rslora=True), lora(4)]
     jobs = [(a, p, GREEDY, 0.02 * i) for i, (a, p) in enumerate((a, p) for a in adapters for p in PROMPTS)]
     alone = [generate(engine, [job[:3] + (0,)])[0] for job in jobs]
     assert len(set(alone)) > len(PROMPTS)  # the adapters really change the answers
+    wide = passes_wider_than(4)
     assert generate(engine, jobs) == alone  # staggered: requests join a batch that is already running
+    assert passes_wider_than(4) > wide  # they did share passes: rows of several adapters in one
 
 
 def test_a_short_request_joins_the_running_batch_and_finishes_first(engine, lora):
@@ -170,9 +181,25 @@ def test_lru_keeps_max_loaded_frees_evicted_adapters_and_never_evicts_one_in_use
         assert not [o for o in gc.get_objects() if isinstance(o, AdapterWeights)], "read weights are still held"
         # Two long generations hold both places: a third adapter waits, then runs once one finishes.
         long = Sampling(max_tokens=40, temperature=0, ignore_eos=True)
-        jobs = [(adapters[0], PROMPTS[0], long, 0), (adapters[1], PROMPTS[0], long, 0)]
-        jobs.append((adapters[2], PROMPTS[0], GREEDY, 0.05))
-        texts = generate(small, jobs)
+
+        async def third_waits() -> tuple[list[str], int]:
+            holders = [Generation(small.encode(PROMPTS[0]), a, long) for a in adapters[:2]]
+            streams = [aiter(h) for h in holders]
+            for holder in holders:
+                small.submit(holder)
+            texts = [(await anext(s)).text for s in streams]  # both run: both places are taken
+            third = Generation(small.encode(PROMPTS[0]), adapters[2], GREEDY)
+            small.submit(third)
+            third_stream = aiter(third)
+            first = await anext(third_stream)
+            done_by_then = max(h.completion_tokens for h in holders)
+            rest = [first.text] + [c.text async for c in third_stream]
+            for i, stream in enumerate(streams):
+                texts[i] += "".join([c.text async for c in stream])
+            return [*texts, "".join(rest)], done_by_then
+
+        texts, done_by_then = asyncio.run(third_waits())
+        assert done_by_then == long.max_tokens  # its first token came only once a holder had finished
         assert texts[2] == expected[2] and texts[0].startswith(expected[0]) and texts[1].startswith(expected[1])
         assert len(small.loaded()) == 2
     finally:
@@ -194,11 +221,12 @@ def test_adapters_the_engine_cannot_apply_are_rejected_with_the_reason(engine, l
     assert "rank 128 is above this server's maximum rank 64" in rejected(lora(5, r=128))
     assert "use_dora=True" in rejected(lora(6, use_dora=True))
     assert "lm_head" in rejected(lora(7, target_modules=["lm_head"]))
+    base_alone = generate(engine, [(None, PROMPTS[0], GREEDY, 0)])
     pickled = tmp_path / "pickled"
     shutil.copytree(lora(1).path, pickled)
     (pickled / "adapter_model.safetensors").rename(pickled / "adapter_model.bin")
     assert "safetensors weights only" in rejected(AdapterSpec("p", "v1.0.0", pickled))
-    assert generate(engine, [(None, PROMPTS[0], GREEDY, 0)])  # still serving
+    assert generate(engine, [(None, PROMPTS[0], GREEDY, 0)]) == base_alone  # still serving, unchanged
 
 
 def test_a_failing_adapter_fails_its_request_only(engine, lora, tmp_path):

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
-from conftest import adapters_cli, assert_checks_out, sha_tree, start_adapters
+from conftest import ROOT, adapters_cli, assert_checks_out, sha_tree
 
 from registry import sync
 from registry.repo import Registry
+
+
+KILLPOINT = Path(__file__).with_name("killpoint.py")
 
 
 def _git(root: Path, *args: str) -> str:
@@ -283,20 +287,33 @@ def test_dvc_artifacts_get_reads_the_same_repository(registry: Registry, make_ad
 def test_a_push_killed_at_any_moment_never_publishes_a_ref_without_its_files(
     registry: Registry, make_adapter, tmp_path: Path, cli
 ) -> None:
-    """Kill `adapters push` at several moments (start-up, upload, git push); after each, every version the
-    remote lists has all its files there, and a final push completes."""
+    """Kill `adapters push` at each of its fault points (before any upload, between the files and their folder
+    lists, before the git push); after each, every version the remote lists has all its files there, and a
+    final push completes."""
     for seed in range(1, 7):
         registry.add(f"a{seed % 3}", make_adapter(seed))
-    for delay in (0.3, 0.6, 0.9, 1.2, 1.5, 1.8):
-        child = start_adapters("push", cwd=registry.root)
-        time.sleep(delay)
-        child.kill()
-        child.communicate()
+    origin = tmp_path / "origin.git"
+    transfer = "registry.store:Store._transfer"
+    points = [
+        (transfer, 1, "before"),  # nothing uploaded yet
+        (transfer, 2, "before"),  # every file uploaded, no folder list yet
+        (transfer, 2, "after"),  # every object uploaded, the git push not started
+    ]
+    for point, nth, when in points:
+        child = subprocess.run(
+            [sys.executable, str(KILLPOINT), point, str(nth), when, "push"],
+            cwd=registry.root,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        assert child.returncode == -signal.SIGKILL, (nth, when, child.stderr)  # the kill landed there
+        assert _remote_tags(origin) == []  # refs go last
         status = json.loads(cli("status", "--json", cwd=registry.root).output)
-        assert status["missing_on_remote"] == [], delay
+        assert status["missing_on_remote"] == [], (nth, when)
     assert cli("push", cwd=registry.root).exit_code == 0
     mate = tmp_path / "mate"
-    assert cli("clone", str(tmp_path / "origin.git"), str(mate), cwd=tmp_path).exit_code == 0
+    assert cli("clone", str(origin), str(mate), cwd=tmp_path).exit_code == 0
     for seed in range(1, 7):
         version = "v1.0.0" if seed <= 3 else "v1.1.0"
         assert_checks_out(cli, mate, f"a{seed % 3}@{version}", make_adapter(seed), tmp_path / f"out-{seed}")
