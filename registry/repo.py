@@ -165,7 +165,8 @@ class Registry:
             number = FIRST_VERSION
         if adapter and adapter.version(number):
             raise Conflict(
-                f"{version_ref(name, number)} already exists and versions are immutable; register with --bump or another --version."
+                f"{version_ref(name, number)} already exists and versions are immutable; "
+                "register with --bump or another --version."
             )
         return number
 
