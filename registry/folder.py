@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +15,10 @@ from core.errors import RegistryError
 
 # Formats that unpickle (and so can run code) when loaded; a registry never accepts them.
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz"}
+# Float dtypes of safetensors: (unsigned view, exponent mask); a value is inf or NaN when its exponent is all ones.
+_FLOATS = {"F16": ("<u2", 0x7C00), "BF16": ("<u2", 0x7F80), "F32": ("<u4", 0x7F800000), "F64": ("<u8", 0x7FF << 52)}
+# PEFT saves "base_model.model.<module path>.lora_A.weight" (the adapter name is dropped on save).
+LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
 
 
 class InvalidAdapter(RegistryError):
@@ -30,9 +37,10 @@ def check(folder: Path) -> dict[str, Any]:
         if path.suffix in PICKLE_SUFFIXES:
             raise InvalidAdapter(f"{path.name}: pickle-based weights are refused; save with safetensors.")
     config = _json(folder / "adapter_config.json")
-    if not isinstance(config.get("r"), int) or not isinstance(config.get("base_model_name_or_path"), str):
+    if "r" not in config or not isinstance(config.get("base_model_name_or_path"), str):
         raise InvalidAdapter(f"{folder / 'adapter_config.json'} lacks 'r' or 'base_model_name_or_path'.")
-    _check_safetensors(folder / "adapter_model.safetensors")
+    settings = lora_settings(config, str(folder / "adapter_config.json"))
+    _check_weights(folder / "adapter_model.safetensors", settings)
     lineage = _json(folder / "lineage.json")
     base = lineage.get("base_model") or {}
     if not FINGERPRINT.fullmatch(str(base.get("fingerprint", ""))):
@@ -63,8 +71,116 @@ def _json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _check_safetensors(path: Path) -> None:
-    """Parse the safetensors header and check every tensor lies inside the file."""
+@dataclass(frozen=True)
+class LoraSettings:
+    """How PEFT scales an adapter's LoRA pairs: a rank and alpha per module (patterns over defaults), rsLoRA."""
+
+    r: int
+    alpha: float
+    rslora: bool = False
+    rank_pattern: tuple[tuple[str, int], ...] = ()
+    alpha_pattern: tuple[tuple[str, float], ...] = ()
+
+    def rank(self, module: str) -> int:
+        """The rank of MODULE's pair (a module path such as model.layers.0.self_attn.q_proj)."""
+        return _matching(self.rank_pattern, module, self.r)
+
+    def scaling(self, module: str) -> float:
+        """What PEFT multiplies MODULE's B @ A by: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+        rank, alpha = self.rank(module), _matching(self.alpha_pattern, module, self.alpha)
+        return alpha / math.sqrt(rank) if self.rslora else alpha / rank
+
+
+def _matching(pattern: tuple[tuple[str, Any], ...], module: str, default: Any) -> Any:
+    """PEFT's `get_pattern_key`: the first key (in the config's order) matching the end of MODULE's path."""
+    for key, value in pattern:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _rank(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def lora_settings(config: dict[str, Any], where: str) -> LoraSettings:
+    """The LoRA settings of an adapter_config.json (WHERE, for messages); InvalidAdapter if no engine can apply them."""
+    r, alpha = config.get("r"), config.get("lora_alpha", 8)  # PEFT's default alpha
+    if not _rank(r):
+        raise InvalidAdapter(f"{where}: 'r' is {r!r}; a LoRA rank is a whole number of at least 1.")
+    if not _number(alpha):
+        raise InvalidAdapter(f"{where}: 'lora_alpha' is {alpha!r}; it must be a finite number.")
+    rslora = config.get("use_rslora", False)
+    if not isinstance(rslora, bool):
+        raise InvalidAdapter(f"{where}: 'use_rslora' is {rslora!r}; it must be true or false.")
+    patterns = []
+    for field, valid, what in (
+        ("rank_pattern", _rank, "a rank of at least 1"),
+        ("alpha_pattern", _number, "a finite number"),
+    ):
+        pattern = config.get(field) or {}
+        if not isinstance(pattern, dict):
+            raise InvalidAdapter(f"{where}: '{field}' must map module name patterns to values.")
+        for key, value in pattern.items():
+            try:
+                re.compile(rf"(.*\.)?({key})$")
+            except re.error as exc:
+                raise InvalidAdapter(f"{where}: '{field}' key {key!r} is not a valid pattern ({exc}).") from None
+            if not valid(value):
+                raise InvalidAdapter(f"{where}: '{field}' gives {key!r} the value {value!r}; it must be {what}.")
+        patterns.append(tuple(pattern.items()))
+    return LoraSettings(r, float(alpha), rslora, *patterns)
+
+
+def _check_weights(path: Path, settings: LoraSettings) -> None:
+    """Check the weights as any engine will use them: float tensors, finite values, LoRA pairs of the stated ranks."""
+    tensors, start = _check_safetensors(path)
+    pairs: dict[str, dict[str, list[int]]] = {}
+    with open(path, "rb") as handle:
+        for name, tensor in tensors.items():
+            dtype = tensor.get("dtype")
+            if dtype not in _FLOATS:
+                raise InvalidAdapter(
+                    f"{path.name}: tensor {name} is {dtype}; LoRA weights must be F16, BF16, F32 or F64."
+                )
+            if not _finite(
+                handle, start + tensor["data_offsets"][0], tensor["data_offsets"][1] - tensor["data_offsets"][0], dtype
+            ):
+                raise InvalidAdapter(f"{path.name}: tensor {name} holds NaN or infinite values; the adapter is broken.")
+            match = LORA_KEY.match(name)
+            if match:
+                pairs.setdefault(match["module"], {})[match["part"]] = list(tensor.get("shape", []))
+    for module, half in pairs.items():
+        rank = settings.rank(module)
+        a, b = half.get("A"), half.get("B")
+        if a is None or b is None or len(a) != 2 or len(b) != 2 or a[0] != rank or b[1] != rank:
+            raise InvalidAdapter(
+                f"{path.name}: the LoRA pair of {module} (A {a}, B {b}) is not of rank {rank}, as the config says."
+            )
+
+
+def _finite(handle: Any, offset: int, size: int, dtype: str) -> bool:
+    """Whether the SIZE bytes at OFFSET, floats of DTYPE, hold no inf or NaN (read in slices: memory stays flat)."""
+    import numpy as np  # here: registry commands that never check weights stay quick to start
+
+    view, mask = _FLOATS[dtype]
+    width = np.dtype(view).itemsize
+    if size % width:
+        return False
+    handle.seek(offset)
+    for done in range(0, size, 1 << 24):
+        raw = np.frombuffer(handle.read(min(1 << 24, size - done)), dtype=view)
+        if np.any((raw & np.array(mask, dtype=view)) == mask):
+            return False
+    return True
+
+
+def _check_safetensors(path: Path) -> tuple[dict[str, Any], int]:
+    """Parse the safetensors header and check every tensor lies inside the file; the tensors and where data starts."""
     if not path.is_file():
         raise InvalidAdapter(f"{path.parent} has no {path.name}; adapters are registered as safetensors only.")
     size = path.stat().st_size
@@ -73,9 +189,10 @@ def _check_safetensors(path: Path) -> None:
         length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
         header = handle.read(length) if 0 < length <= min(size - 8, 100 << 20) else b""
     try:
-        tensors = json.loads(header)
-        ends = [t["data_offsets"][1] for key, t in tensors.items() if key != "__metadata__"]
-    except (ValueError, KeyError, TypeError, IndexError):
+        tensors = {key: t for key, t in json.loads(header).items() if key != "__metadata__"}
+        spans = [(int(t["data_offsets"][0]), int(t["data_offsets"][1])) for t in tensors.values()]
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
         raise InvalidAdapter(f"{path} is not a valid safetensors file.") from None
-    if not ends or max(ends) != size - 8 - length:
+    if not spans or max(end for _, end in spans) != size - 8 - length or any(not 0 <= a <= b for a, b in spans):
         raise InvalidAdapter(f"{path} is truncated or holds no tensors.")
+    return tensors, 8 + length

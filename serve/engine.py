@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -35,6 +36,17 @@ class Sampling:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False  # keep going past end-of-sequence (benchmarks want fixed lengths)
+
+    def __post_init__(self) -> None:
+        """Refuse settings no engine can sample with (the HTTP layer answers these with a 400 before)."""
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, not {self.max_tokens}")
+        if not 0 <= self.temperature < math.inf:
+            raise ValueError(f"temperature must be a finite number of at least 0, not {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be above 0 and at most 1, not {self.top_p}")
+        if self.seed is not None and not -(1 << 63) <= self.seed < 1 << 64:
+            raise ValueError(f"seed must fit in 64 bits, not {self.seed}")
 
 
 @dataclass(frozen=True)
@@ -86,7 +98,11 @@ def deliver(items: list[tuple[Generation, Chunk | BaseException]]) -> None:
     for generation, item in items:
         by_loop.setdefault(generation._loop, []).append((generation, item))
     for loop, batch in by_loop.items():
-        loop.call_soon_threadsafe(_put_all, batch)
+        try:
+            loop.call_soon_threadsafe(_put_all, batch)
+        except RuntimeError:  # that event loop is closed: nobody reads these generations any more
+            for generation, _ in batch:
+                generation.cancelled = True
 
 
 def _put_all(batch: list[tuple[Generation, Chunk | BaseException]]) -> None:

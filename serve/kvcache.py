@@ -10,28 +10,51 @@ class RowCache:
 
     Before each forward pass the engine says what it holds: `prefill(first_row)` for new prompts written
     to rows first_row.., or `decode(positions)` for one new token per running row at its own position.
-    Storage grows by doubling, so rows keep their place while requests of different lengths run side by side.
+    Storage grows by doubling (rows and tokens per row), so rows keep their place while requests of different
+    lengths run side by side; `shrink` gives it back when requests leave, so one long request's peak is not kept.
     """
 
     def __init__(self, rows: int) -> None:
-        self.rows = rows
-        self.capacity = 0
+        self.rows = rows  # the most rows it ever holds: the engine's batch size
+        self.height = 0  # rows the storage has room for now
+        self.capacity = 0  # tokens per row the storage has room for now
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self._first_row = 0
         self._positions: torch.Tensor | None = None
 
-    def reserve(self, length: int) -> None:
-        """Make room for LENGTH tokens per row, keeping what is stored."""
-        if length <= self.capacity:
+    def reserve(self, rows: int, length: int) -> None:
+        """Make room for ROWS rows of LENGTH tokens, keeping what is stored."""
+        height = self.height if rows <= self.height else min(self.rows, _power_of_two(rows))
+        capacity = self.capacity if length <= self.capacity else max(64, _power_of_two(length))
+        self._resize(height, capacity)
+
+    def shrink(self, rows: int, length: int) -> None:
+        """Give back storage the first ROWS rows of LENGTH tokens do not need, when that frees three quarters or more.
+
+        Without rows it frees everything. The threshold keeps rows coming and going from copying the cache each step.
+        """
+        if rows == 0:
+            self.keys, self.values, self.height, self.capacity = [], [], 0, 0
             return
-        capacity = max(64, 1 << (length - 1).bit_length())
+        height, capacity = min(self.rows, _power_of_two(rows)), max(64, _power_of_two(length))
+        if 4 * height * capacity <= self.height * self.capacity:
+            self._resize(height, capacity)
+
+    def nbytes(self) -> int:
+        """Memory the stored keys and values take."""
+        return sum(tensor.nbytes for store in (self.keys, self.values) for tensor in store)
+
+    def _resize(self, height: int, capacity: int) -> None:
+        if (height, capacity) == (self.height, self.capacity):
+            return
+        rows, tokens = min(height, self.height), min(capacity, self.capacity)
         for store in (self.keys, self.values):
             for layer, old in enumerate(store):
-                grown = old.new_zeros((old.shape[0], old.shape[1], capacity, old.shape[3]))
-                grown[:, :, : self.capacity] = old
-                store[layer] = grown
-        self.capacity = capacity
+                resized = old.new_zeros((height, old.shape[1], capacity, old.shape[3]))
+                resized[:rows, :, :tokens] = old[:rows, :, :tokens]
+                store[layer] = resized
+        self.height, self.capacity = height, capacity
 
     def prefill(self, first_row: int) -> None:
         """The next forward pass writes new prompts (position 0 onwards) into rows FIRST_ROW onwards."""
@@ -52,7 +75,7 @@ class RowCache:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this pass's keys and values for LAYER; return those the attention must see."""
         if layer == len(self.keys):
-            shape = (self.rows, key.shape[1], self.capacity, key.shape[3])
+            shape = (self.height, key.shape[1], self.capacity, key.shape[3])
             self.keys.append(key.new_zeros(shape))
             self.values.append(value.new_zeros(shape))
         keys, values = self.keys[layer], self.values[layer]
@@ -67,3 +90,8 @@ class RowCache:
         values[index, :, self._positions] = value[:, :, 0]
         length = int(self._positions.max()) + 1
         return keys[:count, :, :length], values[:count, :, :length]
+
+
+def _power_of_two(n: int) -> int:
+    """The smallest power of two at least N (N >= 1)."""
+    return 1 << (n - 1).bit_length()

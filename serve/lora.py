@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,12 +10,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from registry.folder import LORA_KEY, InvalidAdapter, lora_settings
 from serve.errors import AdapterRejected
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
-# PEFT saves "base_model.model.<module path>.lora_A.weight" (the adapter name is dropped on save).
-_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
+# PEFT options that change what a LoRA pair means, which the layers here do not implement.
+_UNSUPPORTED = ("use_dora", "modules_to_save", "layer_replication", "lora_bias", "trainable_token_indices")
 _LINEAR_TYPES = ("Linear", "Linear4bit", "Linear8bitLt")
 # In row-equivalents: what reading one adapter's weights of a layer costs next to applying them to one row.
 _WEIGHT_COST = 3
@@ -181,33 +180,40 @@ def wrap_linears(model: nn.Module, rows: Rows, slots: int) -> dict[str, MultiLoR
 
 
 def read_adapter(key: str, folder: Path, layers: dict[str, MultiLoRALinear], max_rank: int) -> AdapterWeights:
-    """Read a PEFT LoRA adapter folder and check that every pair fits the model's layers."""
+    """Read a PEFT LoRA adapter folder and check that every pair fits the model's layers and is finite."""
     try:
         config = json.loads((folder / CONFIG).read_text())
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
     except (OSError, ValueError) as exc:
         raise AdapterRejected(f"{key}: unreadable {CONFIG} ({exc}).") from None
     if config.get("peft_type", "LORA") != "LORA":
         raise AdapterRejected(f"{key}: peft_type {config.get('peft_type')} is not served; only LoRA adapters are.")
-    unsupported = [f"{o}={config[o]!r}" for o in ("use_dora", "modules_to_save") if config.get(o)]
+    unsupported = [f"{o}={config[o]!r}" for o in _UNSUPPORTED if config.get(o)]
     if config.get("bias", "none") != "none":
         unsupported.append(f"bias={config['bias']!r}")
     if unsupported:
         raise AdapterRejected(f"{key}: LoRA options {', '.join(unsupported)} are not supported by the server.")
-    rank = int(config.get("r", 0))
-    if rank > max_rank:
-        raise AdapterRejected(f"{key}: rank {rank} is above this server's maximum rank {max_rank}.")
-    alpha = float(config.get("lora_alpha", rank))
-    scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    try:
+        settings = lora_settings(config, CONFIG)
+    except InvalidAdapter as exc:
+        raise AdapterRejected(f"{key}: {exc}") from None
     if not (folder / WEIGHTS).is_file():
         raise AdapterRejected(f"{key}: no {WEIGHTS}; the server loads safetensors weights only.")
     halves: dict[str, dict[str, torch.Tensor]] = {}
     try:
         with safe_open(folder / WEIGHTS, framework="pt") as weights:
             for name in weights.keys():  # noqa: SIM118 - safe_open has no __iter__
-                match = _KEY.match(name)
+                match = LORA_KEY.match(name)
                 if not match:
                     raise AdapterRejected(f"{key}: tensor {name} is not a LoRA A/B weight of a linear layer.")
-                halves.setdefault(match["module"], {})[match["part"]] = weights.get_tensor(name).to(torch.float32)
+                tensor = weights.get_tensor(name)
+                if not tensor.is_floating_point():
+                    raise AdapterRejected(f"{key}: tensor {name} is {tensor.dtype}; LoRA weights must be floats.")
+                tensor = tensor.to(torch.float32)
+                if not bool(torch.isfinite(tensor).all()):
+                    raise AdapterRejected(f"{key}: tensor {name} holds NaN or infinite values; the adapter is broken.")
+                halves.setdefault(match["module"], {})[match["part"]] = tensor
     except (OSError, SafetensorError) as exc:
         raise AdapterRejected(f"{key}: unreadable {WEIGHTS} ({exc}).") from None
     pairs = {}
@@ -215,14 +221,20 @@ def read_adapter(key: str, folder: Path, layers: dict[str, MultiLoRALinear], max
         layer = layers.get(module)
         if layer is None:
             raise AdapterRejected(f"{key}: it targets {module}, which this base model has no linear layer for.")
+        rank = settings.rank(module)
+        if rank > max_rank:
+            raise AdapterRejected(f"{key}: rank {rank} is above this server's maximum rank {max_rank}.")
         a, b = half.get("A"), half.get("B")
         d_in, d_out = layer.base_layer.in_features, layer.base_layer.out_features
         if a is None or b is None or a.shape != (rank, d_in) or b.shape != (d_out, rank):
             raise AdapterRejected(f"{key}: LoRA weights of {module} do not fit a {d_in}x{d_out} layer at rank {rank}.")
-        pairs[module] = (a.T.contiguous(), (b.T * scaling).contiguous())
+        b = b.T * settings.scaling(module)
+        if not bool(torch.isfinite(b).all()):
+            raise AdapterRejected(f"{key}: LoRA weights of {module} overflow once scaled by lora_alpha.")
+        pairs[module] = (a.T.contiguous(), b.contiguous())
     if not pairs:
         raise AdapterRejected(f"{key}: {WEIGHTS} holds no LoRA weights.")
-    return AdapterWeights(key, rank, pairs)
+    return AdapterWeights(key, max(a.shape[1] for a, _ in pairs.values()), pairs)
 
 
 def install(weights: AdapterWeights, slot: int, layers: dict[str, MultiLoRALinear]) -> None:

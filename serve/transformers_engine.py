@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from serve import metrics
 from serve.engine import AdapterSpec, Chunk, Engine, Generation, Sampling, deliver
-from serve.errors import AdapterRejected
+from serve.errors import AdapterRejected, BadRequest, ServeError
 from serve.kvcache import RowCache
 from serve.lora import AdapterWeights, Rows, install, plan, read_adapter, uninstall, wrap_linears
 from serve.textstream import TextStream
@@ -40,6 +40,14 @@ class _Row:
     def key(self) -> str | None:
         adapter = self.generation.adapter
         return adapter.key if adapter else None
+
+
+@dataclass(eq=False)
+class _LoadWait:
+    """One `load` call waiting for the worker to read its adapter: answered once, whatever happens."""
+
+    done: bool = False
+    error: AdapterRejected | None = None
 
 
 class TransformersEngine(Engine):
@@ -74,8 +82,8 @@ class TransformersEngine(Engine):
         self._loaded: OrderedDict[str, tuple[str, ...]] = OrderedDict()  # key -> the layers its slot changes
         self._pending: dict[str, AdapterWeights] = {}  # read from disk, waiting for a free place
         self._users: Counter[str] = Counter()  # generations admitted per adapter: these are never evicted
-        self._reading: dict[str, AdapterSpec] = {}  # asked for by `load`, to be read by the worker
-        self._rejected: dict[str, AdapterRejected] = {}  # what reading them said, for the `load` that waits
+        # Asked for by `load`, to be read by the worker, with the `load` calls waiting for each.
+        self._reading: dict[str, tuple[AdapterSpec, list[_LoadWait]]] = {}
         self._closed = False
         # Every torch operation runs on the worker thread, model loading included: OpenMP gives each thread
         # that computes its own team of threads, and two teams on the same cores slow every operation down.
@@ -105,6 +113,7 @@ class TransformersEngine(Engine):
             self._rows = Rows()
             self._layers = wrap_linears(self.model, self._rows, self.max_loaded)
             self._cache = RowCache(self.max_batch)
+            self._vocab = int(self.model.get_input_embeddings().num_embeddings)
             eos = self.model.generation_config.eos_token_id
             self._eos = (set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}) - {None}
         except BaseException as exc:  # the constructor raises it in the caller's thread
@@ -142,10 +151,17 @@ class TransformersEngine(Engine):
             return list(self._loaded)
 
     def submit(self, generation: Generation) -> None:
+        ids = generation.prompt_ids
+        if not ids:
+            raise BadRequest("The prompt is empty: it must hold at least one token.", param="prompt")
+        if len(ids) >= self.context_length:
+            raise BadRequest(f"The prompt is {len(ids)} tokens; the context holds {self.context_length}.")
+        if not all(isinstance(i, int) and 0 <= i < self._vocab for i in ids):
+            raise BadRequest(f"The prompt holds token ids outside this model's vocabulary of {self._vocab}.")
         with self._cond:
             self._waiting.append(generation)
             metrics.RUNNING.inc()
-            self._cond.notify()
+            self._cond.notify_all()  # the worker and `load` calls wait on this condition: wake the worker for sure
 
     def running(self) -> int:
         with self._cond:
@@ -154,7 +170,7 @@ class TransformersEngine(Engine):
     def close(self) -> None:
         with self._cond:
             self._closed = True
-            self._cond.notify()
+            self._cond.notify_all()
         self._worker.join()
 
     # Adapters: an LRU of installed ones; those in use by a row are never evicted.
@@ -164,12 +180,14 @@ class TransformersEngine(Engine):
             if adapter.key in self._loaded:
                 self._loaded.move_to_end(adapter.key)
                 return False
-            if adapter.key not in self._pending:
-                self._reading[adapter.key] = adapter
-                self._await_sweep()
-            rejected = self._rejected.pop(adapter.key, None)
-        if rejected is not None:
-            raise rejected
+            if adapter.key in self._pending:
+                return True
+            wait = _LoadWait()
+            self._reading.setdefault(adapter.key, (adapter, []))[1].append(wait)
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: wait.done or self._closed)
+        if wait.error is not None:
+            raise wait.error
         return True
 
     def _await_sweep(self) -> None:
@@ -178,20 +196,40 @@ class TransformersEngine(Engine):
         self._cond.notify_all()
         self._cond.wait_for(lambda: self._sweeps > sweeps or self._closed)
 
-    def _read_all(self, adapters: dict[str, AdapterSpec]) -> dict[str, AdapterWeights]:
-        """Read the adapters `load` asked for; a rejection waits in `_rejected` for its `load` to raise it."""
-        read = {}
-        for key, adapter in adapters.items():
-            try:
-                read[key] = self._read(adapter)
-            except AdapterRejected as exc:
+    def _apply_loads(self, reading: dict[str, tuple[AdapterSpec, list[_LoadWait]]]) -> None:
+        """Read the adapters `load` asked for and install those that fit; every waiting `load` gets its answer."""
+        errors: dict[str, AdapterRejected] = {}
+        try:
+            for key, (adapter, _) in reading.items():  # outside the lock: requests keep arriving meanwhile
+                try:
+                    weights = self._read(adapter)
+                except AdapterRejected as exc:
+                    errors[key] = exc
+                    continue
                 with self._cond:
-                    self._rejected[key] = exc
-        return read
+                    self._pending[key] = weights
+            with self._cond:
+                errors.update(self._sweep())
+        finally:
+            with self._cond:
+                for key, (_, waits) in reading.items():
+                    error = errors.get(key)
+                    if error is None and key not in self._loaded and key not in self._pending:
+                        error = AdapterRejected(f"{key}: the engine failed to load it; see the server log.")
+                    for wait in waits:
+                        wait.done, wait.error = True, error
+                self._cond.notify_all()
 
     def _read(self, adapter: AdapterSpec) -> AdapterWeights:
+        """The adapter's weights; any failure to read them is its rejection, never the engine's."""
         start = time.perf_counter()
-        weights = read_adapter(adapter.key, adapter.path, self._layers, self.max_rank)
+        try:
+            weights = read_adapter(adapter.key, adapter.path, self._layers, self.max_rank)
+        except AdapterRejected:
+            raise
+        except Exception as exc:
+            log.exception("Reading adapter %s failed.", adapter.key)
+            raise AdapterRejected(f"{adapter.key}: its files cannot be read ({type(exc).__name__}: {exc}).") from None
         metrics.ADAPTER_LOADS.inc()
         metrics.ADAPTER_LOAD_SECONDS.observe(time.perf_counter() - start)
         return weights
@@ -208,7 +246,13 @@ class TransformersEngine(Engine):
             self._evict(idle)
             metrics.EVICTIONS.inc()
         slot = self._slot[weights.key] = heapq.heappop(self._free)  # the lowest: passes read slots up to the highest
-        install(weights, slot, self._layers)
+        try:
+            install(weights, slot, self._layers)
+        except Exception:  # leave the slot clear and free: no pass may read half an adapter
+            uninstall(tuple(weights.pairs), slot, self._layers)
+            del self._slot[weights.key]
+            heapq.heappush(self._free, slot)
+            raise
         self._loaded[weights.key] = tuple(weights.pairs)  # the slots hold the weights now
         self._pending.pop(weights.key, None)
         metrics.LOADED.set(len(self._loaded))
@@ -220,17 +264,31 @@ class TransformersEngine(Engine):
         heapq.heappush(self._free, slot)
         metrics.LOADED.set(len(self._loaded))
 
-    def _sweep(self) -> None:
-        """Apply queued changes to the layers: drop unloaded adapters, install read ones while there is room."""
-        for key in self._unloading:
-            if key in self._loaded and not self._users[key]:
-                self._evict(key)
-        self._unloading.clear()
-        for weights in list(self._pending.values()):
-            if not self._place(weights):
-                break  # every place is busy: the rest wait in _pending
-        self._sweeps += 1
-        self._cond.notify_all()
+    def _sweep(self) -> dict[str, AdapterRejected]:
+        """Apply queued changes to the layers: drop unloaded adapters, install read ones while there is room.
+
+        Returns the adapters that failed to install, which leave the pending set.
+        """
+        failed = {}
+        try:
+            for key in self._unloading:
+                if key in self._loaded and not self._users[key]:
+                    self._evict(key)
+            self._unloading.clear()
+            for weights in list(self._pending.values()):
+                try:
+                    if not self._place(weights):
+                        break  # every place is busy: the rest wait in _pending
+                except Exception as exc:
+                    log.exception("Installing adapter %s failed.", weights.key)
+                    del self._pending[weights.key]
+                    failed[weights.key] = AdapterRejected(
+                        f"{weights.key}: installing it failed ({type(exc).__name__})."
+                    )
+        finally:
+            self._sweeps += 1  # `unload` waits for this, so it counts even when a change failed
+            self._cond.notify_all()
+        return failed
 
     # The batch loop.
 
@@ -253,10 +311,8 @@ class TransformersEngine(Engine):
                     reading, self._reading = self._reading, {}
                 admitted: list[Generation] = []
                 try:
-                    read = self._read_all(reading)  # outside the lock: requests keep arriving meanwhile
+                    self._apply_loads(reading)
                     with self._cond:
-                        self._pending.update(read)
-                        self._sweep()
                         admitted, new = self._admit()
                     self._step(admitted, new)
                 except Exception as exc:  # keep serving: fail this step's generations, then go on
@@ -304,20 +360,33 @@ class TransformersEngine(Engine):
                 weights = self._pending.pop(key, None)
             try:
                 weights = weights or self._read(adapter)  # read here only if it was not loaded ahead
-            except AdapterRejected as exc:
+                with self._cond:
+                    if not self._place(weights):  # a bug: the admission promised it a place
+                        raise RuntimeError(f"no place for {key}, which the admission promised one")
+            except Exception as exc:  # this adapter's requests fail; the others go on
+                if not isinstance(exc, AdapterRejected):
+                    log.exception("Installing adapter %s failed.", key)
                 failed = [g for g in admitted if g.adapter is not None and g.adapter.key == key]
                 admitted[:] = [g for g in admitted if g not in failed]
                 self._fail(failed, exc)
-                continue
-            with self._cond:
-                if not self._place(weights):
-                    raise RuntimeError(f"no place for {key}, which the admission promised one")  # a bug: say so
         if admitted:
-            self._prefill(admitted)
+            self._prefill_apart(admitted)
         self._drop_finished()
         if self._running:
             self._decode()
             self._drop_finished()
+
+    def _prefill_apart(self, generations: list[Generation]) -> None:
+        """Prefill GENERATIONS together; if that fails, each alone, so that only those that fail alone fail."""
+        try:
+            self._prefill(generations)
+        except Exception as exc:
+            if len(generations) == 1:
+                log.exception("The engine failed a request's prompt; it gets an error.")
+                self._fail(generations, exc)
+                return
+            for generation in generations:
+                self._prefill_apart([generation])
 
     def _prefill(self, generations: list[Generation]) -> None:
         first = len(self._running)
@@ -330,21 +399,21 @@ class TransformersEngine(Engine):
         positions = torch.arange(longest)
         causal = positions[None, :] <= positions[:, None]
         mask = causal[None, :, :] & (positions[None, None, :] < lengths[:, None, None])
-        self._cache.reserve(longest)
+        self._cache.reserve(first + len(rows), longest)
         self._cache.prefill(first)
         self._rows.plan = plan(self._slots(rows), longest)
         hidden = self._forward(ids, mask[:, None], positions.expand(len(rows), -1))
-        last = hidden[torch.arange(len(rows)), lengths - 1]
+        logits = self._head(hidden[torch.arange(len(rows)), lengths - 1])
         for row, length in zip(rows, lengths.tolist(), strict=True):
             row.length = length
-        self._running.extend(rows)
+        self._running.extend(rows)  # last: until here a failure leaves the batch as it was, to prefill again
         metrics.BATCH_SIZE.observe(len(rows))
-        self._advance(rows, self._head(last))
+        self._advance(rows, logits)
 
     def _decode(self) -> None:
         rows = self._running
         positions = torch.tensor([row.length for row in rows])
-        self._cache.reserve(int(positions.max()) + 1)
+        self._cache.reserve(len(rows), int(positions.max()) + 1)
         self._cache.decode(positions)
         self._rows.plan = plan(self._slots(rows), 1)
         keys = torch.arange(int(positions.max()) + 1)
@@ -374,29 +443,43 @@ class TransformersEngine(Engine):
         return _Row(generation, TextStream(self.tokenizer, generation.sampling.stop), generator)
 
     def _advance(self, rows: list[_Row], logits: torch.Tensor) -> None:
-        """Pick each row's next token, send the new text of every row at once, and mark finished rows."""
+        """Pick each row's next token, send the new text of every row at once, and mark finished rows.
+
+        A row whose logits are not finite, or whose token cannot be picked or decoded, fails alone.
+        """
         greedy = logits.argmax(dim=-1).tolist()
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
         outbox: list[tuple[Generation, Chunk | BaseException]] = []
         for i, row in enumerate(rows):
-            generation, sampling = row.generation, row.generation.sampling
-            token = greedy[i] if sampling.temperature == 0 else _sample(logits[i], sampling, row.generator)
-            generation.completion_tokens += 1
-            row.last = token
-            if token in self._eos and not sampling.ignore_eos:
-                chunk = Chunk(row.stream.rest(), "stop")
-            else:
-                text, stopped = row.stream.push(token)
-                if stopped:
-                    chunk = Chunk(text, "stop")
-                elif generation.completion_tokens >= sampling.max_tokens or row.length + 1 >= self.context_length:
-                    chunk = Chunk(text + row.stream.rest(), "length")
-                else:
-                    chunk = Chunk(text)
-            if chunk.text or chunk.finish_reason:
+            generation = row.generation
+            try:
+                if not finite[i]:
+                    raise _NonFinite(row.key)
+                chunk = self._next(row, greedy[i], logits[i])
+            except Exception as exc:
+                if not isinstance(exc, ServeError):
+                    log.exception("The engine failed one row; its request gets an error.")
+                chunk = exc
+            if isinstance(chunk, Exception) or chunk.text or chunk.finish_reason:
                 outbox.append((generation, chunk))
-            if chunk.finish_reason:
-                generation.cancelled = True  # finished: the row leaves the batch
+            if isinstance(chunk, Exception) or chunk.finish_reason:
+                generation.cancelled = True  # finished or failed: the row leaves the batch
         deliver(outbox)
+
+    def _next(self, row: _Row, greedy: int, logits: torch.Tensor) -> Chunk:
+        """Pick ROW's next token and say what text it adds and whether the generation ends there."""
+        generation, sampling = row.generation, row.generation.sampling
+        token = greedy if sampling.temperature == 0 else _sample(logits, sampling, row.generator)
+        generation.completion_tokens += 1
+        row.last = token
+        if token in self._eos and not sampling.ignore_eos:
+            return Chunk(row.stream.rest(), "stop")
+        text, stopped = row.stream.push(token)
+        if stopped:
+            return Chunk(text, "stop")
+        if generation.completion_tokens >= sampling.max_tokens or row.length + 1 >= self.context_length:
+            return Chunk(text + row.stream.rest(), "length")
+        return Chunk(text)
 
     def _drop_finished(self) -> None:
         """Free the rows of finished or cancelled generations; the last row moves into each gap."""
@@ -409,6 +492,7 @@ class TransformersEngine(Engine):
                 self._cache.move(len(self._running), i, last.length)
                 self._running[i] = last
             self._release(row.generation)
+        self._cache.shrink(len(self._running), max((row.length for row in self._running), default=0) + 1)
 
     def _release(self, generation: Generation) -> None:
         """An admitted generation is done: its adapter may be evicted again."""
@@ -428,9 +512,18 @@ class TransformersEngine(Engine):
         self._drop_finished()
 
 
+class _NonFinite(ServeError):
+    """A row's logits hold inf or NaN: its adapter's weights (or the prompt) overflow the model's numbers."""
+
+    def __init__(self, adapter: str | None) -> None:
+        by = f"adapter {adapter}" if adapter else "the base model"
+        super().__init__(f"The model's output for this request is not finite (NaN or inf) with {by}; it was stopped.")
+
+
 def _sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:
     """Draw a token with temperature and nucleus (top-p) sampling from the row's own seeded generator."""
-    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
+    # Double precision: a tiny temperature (vLLM's floor is 0.01) must not overflow the scaled logits.
+    probs = torch.softmax(logits.double() / sampling.temperature, dim=-1)
     if sampling.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         keep = sorted_probs.cumsum(0) - sorted_probs < sampling.top_p
