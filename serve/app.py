@@ -156,6 +156,7 @@ class _Observe:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
+            status = state.get("status", status)  # a stream cut by its client says 499 here, its status line 200
             seconds = time.perf_counter() - started
             endpoint = getattr(scope.get("route"), "path", "other")  # route templates: bounded label values
             REQUESTS.labels(endpoint, str(status)).inc()

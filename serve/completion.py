@@ -21,6 +21,8 @@ from serve.schemas import ChatRequest, CompletionRequest
 from serve.tenants import Tenant
 
 log = logging.getLogger("serve")
+# As vLLM: a temperature above 0 but below this samples at this one (smaller ones overflow the scaled logits).
+MIN_TEMPERATURE = 0.01
 
 
 class _Shape:
@@ -61,6 +63,7 @@ class _Run:
         self.finish_reason: str | None = None
         self.timed = False
         self.ended = False
+        self.answered = False  # the whole answer (or its error) was handed to the client
         TOKENS.labels("prompt").inc(generation.prompt_tokens)
         request.state.prompt_tokens = generation.prompt_tokens
 
@@ -102,12 +105,18 @@ class _EventStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self.run.end()
+        if not self.run.answered:  # the client hung up mid-stream: the request log says 499, as nginx does
+            self.run.request.state.status = _ClientGone.status
 
 
 async def generate(
-    request: Request, server: Server, tenant: Tenant, body: CompletionRequest | ChatRequest, prompt_ids: list[int]
+    request: Request,
+    server: Server,
+    tenant: Tenant,
+    body: CompletionRequest | ChatRequest,
+    encode: Callable[[], list[int]],
 ) -> Response:
-    """Admit, resolve, check and submit one request; answer with the whole text or a stream of chunks."""
+    """Admit, resolve, tokenize (ENCODE), check and submit one request; answer with the whole text or a stream."""
     if server.draining:
         raise Unavailable("The server is shutting down; send the request again to another instance.")
     started = time.perf_counter()
@@ -116,6 +125,7 @@ async def generate(
         spec = await server.catalog.resolve(body.model, tenant.may_use)
         model = spec.key if spec else server.engine.model_id
         request.state.model = model
+        prompt_ids = await _tokens(server, body, encode)
         sampling = _sampling(server, tenant, body, len(prompt_ids))
         if spec is not None:
             await server.engine.load(spec)  # load errors are a 422 now, not a broken stream later
@@ -179,10 +189,12 @@ async def _events(run: _Run, shape: _Shape, head: dict[str, Any], include_usage:
         async for chunk in run.chunks():
             yield _sse({**head, "choices": [shape.delta(chunk.text, chunk.finish_reason)], **usage})
     except Exception as exc:  # the status line is sent: the failure can only travel as an event
+        run.answered = True
         yield _sse(_failure(exc, run.request).body())
         return
     if include_usage:
         yield _sse({**head, "choices": [], "usage": run.usage()})
+    run.answered = True
     yield "data: [DONE]\n\n"
 
 
@@ -198,11 +210,31 @@ def _failure(exc: Exception, request: Request) -> ServeError:
     return ServeError(f"The engine failed on this request ({type(exc).__name__}); see the server log.")
 
 
+async def _tokens(server: Server, body: CompletionRequest | ChatRequest, encode: Callable[[], list[int]]) -> list[int]:
+    """The prompt's token ids, tokenized off the event loop; a text too long for the context is refused untokenized."""
+    context, field = server.engine.context_length, _field(body)
+    characters = body.characters()
+    if characters > server.engine.prompt_characters:
+        raise BadRequest(
+            f"The prompt is {characters} characters; this model's context holds {context} tokens for prompt and "
+            f"completion together, which no text over {server.engine.prompt_characters} characters fits.",
+            param=field,
+        )
+    prompt_ids = await asyncio.to_thread(encode)
+    if not prompt_ids:  # as vLLM: a model needs at least one token to continue from
+        raise BadRequest(f"The {field} is empty: send at least one token of text.", param=field)
+    return prompt_ids
+
+
+def _field(body: CompletionRequest | ChatRequest) -> str:
+    return "messages" if isinstance(body, ChatRequest) else "prompt"
+
+
 def _sampling(server: Server, tenant: Tenant, body: CompletionRequest | ChatRequest, prompt_tokens: int) -> Sampling:
     """The request's sampling, its max_tokens within the server's cap, the tenant's limit and the context."""
     context = server.engine.context_length
     room = context - prompt_tokens
-    field = "messages" if isinstance(body, ChatRequest) else "prompt"
+    field = _field(body)
     if room <= 0:
         raise BadRequest(
             f"The prompt is {prompt_tokens} tokens; this model's context holds {context} tokens "
@@ -221,9 +253,10 @@ def _sampling(server: Server, tenant: Tenant, body: CompletionRequest | ChatRequ
             f"so max_tokens can be at most {room} (asked for {requested}).",
             param="max_tokens",
         )
+    temperature = 1.0 if body.temperature is None else body.temperature
     return Sampling(
         max_tokens=requested or min(cap, room),
-        temperature=1.0 if body.temperature is None else body.temperature,
+        temperature=temperature if temperature == 0 else max(temperature, MIN_TEMPERATURE),
         top_p=1.0 if body.top_p is None else body.top_p,
         stop=body.stops(),
         seed=body.seed,

@@ -116,6 +116,7 @@ class Engine(ABC):
     model_id: str  # the base model's id in /v1/models and as a request's `model`
     fingerprint: str  # "sha256:..." of the base weights; adapters must record the same
     context_length: int  # prompt plus completion tokens one request may hold
+    prompt_characters: int  # a prompt text longer than this cannot fit the context, whatever its tokens
     max_rank: int  # the largest LoRA rank this engine accepts
 
     @abstractmethod

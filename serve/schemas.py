@@ -22,10 +22,14 @@ class _Generate(BaseModel):
 
     model: str = Field(description="An adapter reference (NAME, NAME@vX.Y.Z, NAME#STAGE, NAME@latest) or the base id.")
     max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate.")
-    temperature: float | None = Field(None, ge=0, le=2, description="0 is greedy; default 1.")
-    top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling mass; default 1.")
+    temperature: float | None = Field(
+        None, ge=0, le=2, allow_inf_nan=False, description="0 is greedy; default 1; below 0.01 counts as 0.01."
+    )
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False, description="Nucleus sampling mass; default 1.")
     stop: str | list[str] | None = Field(None, description="Up to 4 strings that end the completion (not returned).")
-    seed: int | None = Field(None, description="Same seed, same request: same text.")
+    seed: int | None = Field(
+        None, ge=-(1 << 63), le=(1 << 63) - 1, description="Same seed, same request: same text (a 64-bit integer)."
+    )
     stream: bool = Field(False, description="Send server-sent events as tokens are generated.")
     stream_options: StreamOptions | None = None
     n: Literal[1] = Field(1, description="Only one choice per request is supported.")
@@ -53,6 +57,10 @@ class CompletionRequest(_Generate):
 
     prompt: str | list[str] = Field(description="The text to continue (a list may hold one prompt).")
     max_tokens: int | None = Field(16, ge=1, description="Most tokens to generate; default 16, as OpenAI's.")
+
+    def characters(self) -> int:
+        """Characters of the prompt text, to refuse one that cannot fit before tokenizing it."""
+        return sum(len(prompt) for prompt in ([self.prompt] if isinstance(self.prompt, str) else self.prompt))
 
     def text(self) -> str:
         """The one prompt of this request."""
@@ -87,6 +95,10 @@ class ChatRequest(_Generate):
 
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="Newer name of max_tokens; wins over it.")
+
+    def characters(self) -> int:
+        """Characters of every message's text, to refuse a chat that cannot fit before tokenizing it."""
+        return sum(len(message.plain()["content"]) for message in self.messages)
 
     def limit(self) -> int | None:
         """The requested completion length, under either name."""

@@ -71,6 +71,8 @@ class TransformersEngine(Engine):
         self.fingerprint = fingerprint(base_path)
         self.tokenizer = AutoTokenizer.from_pretrained(base_path)
         self._pad = self.tokenizer.pad_token_id or 0
+        # No token spells more characters than the longest one, so a longer text cannot fit the context.
+        self._token_characters = max(len(token) for token in self.tokenizer.get_vocab())
         self._cond = threading.Condition()
         # The LoRA layers change only on the worker thread, between passes; other threads queue changes here.
         self._unloading: set[str] = set()  # keys `unload` asked the worker to drop
@@ -108,6 +110,7 @@ class TransformersEngine(Engine):
             ).eval()
             # Each batch row keeps room for the longest running request, so the context bounds memory too.
             self.context_length = min(int(self.model.config.max_position_embeddings), max_context)
+            self.prompt_characters = self.context_length * self._token_characters
             self._backbone = self.model.get_decoder()
             self._head = self.model.get_output_embeddings()
             self._rows = Rows()
@@ -199,6 +202,7 @@ class TransformersEngine(Engine):
     def _apply_loads(self, reading: dict[str, tuple[AdapterSpec, list[_LoadWait]]]) -> None:
         """Read the adapters `load` asked for and install those that fit; every waiting `load` gets its answer."""
         errors: dict[str, AdapterRejected] = {}
+        broken: str | None = "the engine failed while loading it; see the server log."  # until the end is reached
         try:
             for key, (adapter, _) in reading.items():  # outside the lock: requests keep arriving meanwhile
                 try:
@@ -210,12 +214,11 @@ class TransformersEngine(Engine):
                     self._pending[key] = weights
             with self._cond:
                 errors.update(self._sweep())
+            broken = None
         finally:
             with self._cond:
                 for key, (_, waits) in reading.items():
-                    error = errors.get(key)
-                    if error is None and key not in self._loaded and key not in self._pending:
-                        error = AdapterRejected(f"{key}: the engine failed to load it; see the server log.")
+                    error = errors.get(key) or (broken and AdapterRejected(f"{key}: {broken}"))
                     for wait in waits:
                         wait.done, wait.error = True, error
                 self._cond.notify_all()

@@ -66,6 +66,17 @@ def crafted(source: Path, dest: Path, edit: Callable[[dict[str, Any], dict[str, 
     return dest
 
 
+def reweighted(source: Path, dest: Path, edit: Callable[[dict[str, Any]], None]) -> Path:
+    """A copy of the adapter folder SOURCE whose tensors (name -> torch tensor) EDIT has changed in place."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, dest)
+    tensors = load_file(dest / "adapter_model.safetensors")
+    edit(tensors)
+    save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, dest / "adapter_model.safetensors")
+    return dest
+
+
 def events(response: httpx.Response) -> list[Any]:
     """The data of each server-sent event of a streamed response, JSON-decoded ('[DONE]' kept as is)."""
     found = []

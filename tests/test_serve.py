@@ -18,7 +18,7 @@ import httpx
 import openai
 import pytest
 from conftest import sha_tree
-from serving import crafted, events, metric, registry_with, serving, wait_for
+from serving import crafted, events, metric, registry_with, reweighted, serving, wait_for
 
 from registry import sync
 from registry.repo import Registry
@@ -61,6 +61,17 @@ class Served:
         return {chunk.model for chunk in chunks}, "".join(chunk.choices[0].text for chunk in chunks)
 
 
+def widen(tensors: dict[str, Any]) -> None:
+    """Pad every LoRA pair with zeros to rank 128: the same adapter, too wide for a server's --max-rank 64."""
+    import torch
+
+    for name, tensor in tensors.items():
+        if "lora_A" in name:
+            tensors[name] = torch.cat([tensor, tensor.new_zeros(128 - tensor.shape[0], tensor.shape[1])])
+        else:
+            tensors[name] = torch.cat([tensor, tensor.new_zeros(tensor.shape[0], 128 - tensor.shape[1])], dim=1)
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, make_adapter: Any) -> Iterator[Served]:
     """A server on the tiny base (no quantization) with nine adapter versions, following its registry every 0.5 s."""
@@ -84,7 +95,11 @@ def served(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, make_adapt
                 lambda c, lin: lin["base_model"].update(fingerprint="sha256:" + "e" * 64),
             )
         ],
-        "wide": [crafted(make_adapter(1), root / "wide", lambda c, lin: c.update(r=128))],
+        "wide": [
+            crafted(
+                reweighted(make_adapter(1), root / "wide-weights", widen), root / "wide", lambda c, _: c.update(r=128)
+            )
+        ],
     }
     registry = registry_with(root / "registry", folders)
     engine = TransformersEngine(tiny_base, model_id="tiny-llama", quantize="none", max_loaded=8, max_batch=32)

@@ -19,14 +19,14 @@ router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
 @router.post("/completions")
 async def completions(body: CompletionRequest, request: Request, tenant: CallerDep, parts: ServerDep) -> Response:
     """Continue a prompt with the base model or an adapter version."""
-    return await generate(request, parts, tenant, body, parts.engine.encode(body.text()))
+    return await generate(request, parts, tenant, body, lambda: parts.engine.encode(body.text()))
 
 
 @router.post("/chat/completions")
 async def chat_completions(body: ChatRequest, request: Request, tenant: CallerDep, parts: ServerDep) -> Response:
     """Answer a chat with the base model or an adapter version, rendered with the base model's chat template."""
-    prompt_ids = parts.engine.encode_chat([message.plain() for message in body.messages])
-    return await generate(request, parts, tenant, body, prompt_ids)
+    messages = [message.plain() for message in body.messages]
+    return await generate(request, parts, tenant, body, lambda: parts.engine.encode_chat(messages))
 
 
 @router.get("/models")
