@@ -146,6 +146,8 @@ async def generate(
         return _EventStream(_events(run, shape, head, body.include_usage), run)
     try:
         text = await _unless_gone(request, run)
+    except Exception as exc:  # an engine failure of this request alone: its own clean error
+        raise _failure(exc, request) from None
     finally:
         run.end()
     choice = shape.choice(text, run.finish_reason)

@@ -64,11 +64,11 @@ class RowCache:
         """The next forward pass adds one token per running row, row i at POSITIONS[i]."""
         self._positions = positions
 
-    def move(self, source: int, target: int, length: int) -> None:
-        """Copy row SOURCE's first LENGTH tokens into row TARGET (to keep the running rows contiguous)."""
+    def move(self, source: int, target: int) -> None:
+        """Copy row SOURCE into row TARGET (to keep the running rows contiguous)."""
         for store in (self.keys, self.values):
             for tensor in store:
-                tensor[target, :, :length] = tensor[source, :, :length]
+                tensor[target] = tensor[source]
 
     def update(
         self, key: torch.Tensor, value: torch.Tensor, layer: int, *args: object
@@ -83,6 +83,10 @@ class RowCache:
             rows = slice(self._first_row, self._first_row + key.shape[0])
             keys[rows, :, : key.shape[2]] = key
             values[rows, :, : key.shape[2]] = value
+            # A row's positions past its tokens are masked, but 0 * NaN is NaN: what an earlier request (one whose
+            # adapter overflowed, say) left there must not reach this one's attention.
+            keys[rows, :, key.shape[2] :] = 0
+            values[rows, :, key.shape[2] :] = 0
             return key, value
         count = key.shape[0]
         index = torch.arange(count)

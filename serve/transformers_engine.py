@@ -492,7 +492,7 @@ class TransformersEngine(Engine):
                 continue
             last = self._running.pop()
             if last is not row:
-                self._cache.move(len(self._running), i, last.length)
+                self._cache.move(len(self._running), i)
                 self._running[i] = last
             self._release(row.generation)
         self._cache.shrink(len(self._running), max((row.length for row in self._running), default=0) + 1)
