@@ -24,11 +24,11 @@ from serve.dependencies import Server, Settings
 from serve.engine import Engine
 from serve.errors import BadRequest, ServeError
 from serve.metrics import REQUEST_SECONDS, REQUESTS
-from serve.routers import admin, health, openai
+from serve.routers import admin, health, openai, vllm
 from serve.tenants import Tenants
 
 log = logging.getLogger("serve")
-_QUIET = {"/healthz", "/readyz", "/metrics"}  # probes and scrapes: counted, not logged
+_QUIET = {"/healthz", "/readyz", "/health", "/metrics"}  # probes and scrapes: counted, not logged
 
 
 def create_app(engine: Engine, catalog: Catalog, tenants: Tenants, settings: Settings) -> FastAPI:
@@ -50,7 +50,7 @@ def create_app(engine: Engine, catalog: Catalog, tenants: Tenants, settings: Set
         lifespan=lifespan,
     )
     app.state.server = parts
-    for router in (openai.router, admin.router, health.router):
+    for router in (openai.router, admin.router, health.router, vllm.router):
         app.include_router(router)
     app.add_exception_handler(ServeError, _serve_error)
     app.add_exception_handler(RequestValidationError, _invalid_request)
