@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from serve import docs
 from serve.catalog import Catalog
 from serve.dependencies import Server, Settings
 from serve.engine import Engine
@@ -48,8 +49,11 @@ def create_app(engine: Engine, catalog: Catalog, tenants: Tenants, settings: Set
         summary="One base model, many LoRA adapters per request, through an OpenAI-compatible API.",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,  # served from packaged assets by serve.docs
+        redoc_url=None,
     )
     app.state.server = parts
+    docs.install(app)
     for router in (openai.router, admin.router, health.router, vllm.router):
         app.include_router(router)
     app.add_exception_handler(ServeError, _serve_error)

@@ -105,3 +105,25 @@ def test_runtime_lora_loading_takes_registry_references_and_the_admin_key_only(o
     assert "acme-a@v1.0.0" not in operated.get("/admin/loaded", "admin").json()["loaded"]
     assert _error(operated.post("/v1/unload_lora_adapter", "admin", lora_name="acme-a"), 404)["message"]
     assert _error(operated.post("/v1/load_lora_adapter", "admin", lora_name="nope"), 404)
+
+
+def test_docs_work_offline_and_the_schema_names_the_real_errors(operated: Operated) -> None:
+    page = operated.get("/docs").text
+    assert "/docs/assets/swagger-ui-bundle.js" in page and "cdn" not in page.lower()
+    script = operated.get("/docs/assets/swagger-ui-bundle.js")
+    assert script.status_code == 200 and len(script.content) > 100_000
+    spec = operated.get("/openapi.json").json()
+    completions = spec["paths"]["/v1/completions"]["post"]["responses"]
+    assert "422" not in completions and completions["400"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/Error"
+    }
+    assert "401" in spec["paths"]["/tokenize"]["post"]["responses"]
+    assert set(spec["components"]["schemas"]["Error"]["properties"]["error"]["required"]) == {
+        "message",
+        "type",
+        "param",
+        "code",
+    }
+    # The server really answers a bad body with 400 in that shape.
+    bad = operated.post("/v1/completions", "acme", model="acme-a", prompt="a", max_tokens=0)
+    assert _error(bad, 400)["param"] == "max_tokens"
