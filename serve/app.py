@@ -19,16 +19,17 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from serve import docs
 from serve.catalog import Catalog
 from serve.dependencies import Server, Settings
 from serve.engine import Engine
 from serve.errors import BadRequest, ServeError
 from serve.metrics import REQUEST_SECONDS, REQUESTS
-from serve.routers import admin, health, openai
+from serve.routers import admin, health, openai, vllm
 from serve.tenants import Tenants
 
 log = logging.getLogger("serve")
-_QUIET = {"/healthz", "/readyz", "/metrics"}  # probes and scrapes: counted, not logged
+_QUIET = {"/healthz", "/readyz", "/health", "/metrics"}  # probes and scrapes: counted, not logged
 
 
 def create_app(engine: Engine, catalog: Catalog, tenants: Tenants, settings: Settings) -> FastAPI:
@@ -48,9 +49,12 @@ def create_app(engine: Engine, catalog: Catalog, tenants: Tenants, settings: Set
         summary="One base model, many LoRA adapters per request, through an OpenAI-compatible API.",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,  # served from packaged assets by serve.docs
+        redoc_url=None,
     )
     app.state.server = parts
-    for router in (openai.router, admin.router, health.router):
+    docs.install(app)
+    for router in (openai.router, admin.router, health.router, vllm.router):
         app.include_router(router)
     app.add_exception_handler(ServeError, _serve_error)
     app.add_exception_handler(RequestValidationError, _invalid_request)

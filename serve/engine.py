@@ -8,6 +8,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from registry.names import version_ref
 
@@ -120,8 +121,16 @@ class Engine(ABC):
     max_rank: int  # the largest LoRA rank this engine accepts
 
     @abstractmethod
-    def encode(self, prompt: str) -> list[int]:
+    def encode(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of a plain completion prompt."""
+
+    @abstractmethod
+    def decode(self, ids: list[int]) -> str:
+        """The text of token ids (special tokens included, as written)."""
+
+    @abstractmethod
+    def tokenizer_info(self) -> dict[str, Any]:
+        """The tokenizer's special tokens, chat template, class and context length, as vLLM's /tokenizer_info."""
 
     @abstractmethod
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import logging
-import os
-
 import secrets
 from collections import Counter
 from collections.abc import Callable
@@ -16,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from core.cache import write_atomic
 from core.errors import AdaptersError
 from core.hashing import SHA256
 from registry.names import check_name
@@ -174,9 +173,7 @@ def set_admin(path: Path) -> str:
 def _write(path: Path, data: dict[str, Any]) -> None:
     """Check, then replace the file in one rename, so a running server never reads half of it."""
     parse(data, path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(_HEADER + yaml.safe_dump(data, sort_keys=False))
-    os.replace(tmp, path)
+    write_atomic(path, _HEADER + yaml.safe_dump(data, sort_keys=False))
 
 
 class Limiter:

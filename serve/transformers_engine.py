@@ -10,6 +10,7 @@ import time
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -131,8 +132,21 @@ class TransformersEngine(Engine):
 
     # The HTTP-facing contract.
 
-    def encode(self, prompt: str) -> list[int]:
-        return self.tokenizer.encode(prompt)
+    def encode(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    def tokenizer_info(self) -> dict[str, Any]:
+        tokens = {name: getattr(self.tokenizer, name) for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
+        return {
+            "tokenizer_class": type(self.tokenizer).__name__,
+            **tokens,
+            "chat_template": self.tokenizer.chat_template,
+            "model_max_length": self.context_length,
+            "vocab_size": len(self.tokenizer),
+        }
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
