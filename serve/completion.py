@@ -7,6 +7,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fastapi import Request
@@ -14,7 +15,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from serve.dependencies import Server
-from serve.engine import Chunk, Generation, Sampling
+from serve.engine import Chunk, Engine, Generation, Sampling, TokenLogprob
 from serve.errors import BadRequest, ServeError, Unavailable
 from serve.metrics import FIRST_TOKEN_SECONDS, TOKENS
 from serve.schemas import ChatRequest, CompletionRequest
@@ -25,72 +26,177 @@ log = logging.getLogger("serve")
 MIN_TEMPERATURE = 0.01
 
 
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt of a request: TOKENS runs off the event loop; CHARACTERS bound its text before that."""
+
+    tokens: Callable[[], list[int]]
+    characters: int = 0  # of text still to tokenize; 0 for token ids
+    text: str | None = None  # the prompt as sent, when it came as text (echo repeats it)
+
+
+@dataclass
+class _Choice:
+    """What one choice has produced so far: its text and, when asked for, its tokens' log-probabilities."""
+
+    prompt: int  # which prompt of the request it continues
+    text: str = ""
+    logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    finish_reason: str | None = None
+    echoed: bool = False
+    start: int = 0  # where its text starts in prompt + text (text_offset counts from the prompt's start)
+
+    def mean_logprob(self) -> float:
+        """Log-probability per generated token: how best_of ranks candidates, as OpenAI does."""
+        scored = [t.logprob for t in self.logprobs if t is not None]
+        return sum(scored) / max(len(scored), 1)
+
+
 class _Shape:
     """How an endpoint spells its results; /v1/completions and /v1/chat/completions differ only here."""
 
-    def __init__(self, chat: bool) -> None:
+    def __init__(self, chat: bool, engine: Engine, top: int | None) -> None:
         self.chat = chat
+        self.engine = engine
+        self.top = top  # None: no log-probabilities in the answer
         self.prefix, self.object = ("chatcmpl", "chat.completion") if chat else ("cmpl", "text_completion")
         self.chunk_object = "chat.completion.chunk" if chat else "text_completion"
 
-    def choice(self, text: str, finish: str | None) -> dict[str, Any]:
-        """The one choice of a whole response."""
+    def choice(
+        self, index: int, text: str, finish: str | None, scored: list[TokenLogprob | None], offset: int
+    ) -> dict[str, Any]:
+        """One choice of a whole response."""
+        logprobs = self.logprobs(scored, offset)
         if self.chat:
-            return {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": None,
-                "finish_reason": finish,
-            }
-        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            message = {"role": "assistant", "content": text}
+            return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish}
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
-    def delta(self, text: str, finish: str | None) -> dict[str, Any]:
-        """The one choice of a streamed chunk."""
+    def delta(
+        self, index: int, text: str, finish: str | None, scored: list[TokenLogprob | None], offset: int = 0
+    ) -> dict[str, Any]:
+        """One choice of a streamed chunk."""
+        logprobs = self.logprobs(scored, offset)
         if self.chat:
             delta = {"content": text} if text or finish is None else {}
-            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+    def logprobs(self, scored: list[TokenLogprob | None], offset: int) -> dict[str, Any] | None:
+        """OpenAI's log-probabilities of these tokens (None for a first prompt token, which nothing predicts)."""
+        if self.top is None:
+            return None
+        known = [t for t in scored if t is not None]
+        ids = sorted({t.token for t in known} | {i for t in known for i, _ in t.top})
+        names = dict(zip(ids, self.engine.token_texts(ids), strict=True))
+        if self.chat:
+            return {
+                "content": [
+                    {
+                        **_named(names[t.token], t.logprob),
+                        "top_logprobs": [_named(names[i], lp) for i, lp in t.top[: self.top]],
+                    }
+                    for t in known
+                ]
+            }
+        texts = [names[t.token] if t is not None else "" for t in scored]
+        offsets, at = [], offset
+        for text in texts:
+            offsets.append(at)
+            at += len(text)
+        return {
+            "tokens": texts,
+            "token_logprobs": [None if t is None else t.logprob for t in scored],
+            "top_logprobs": [None if t is None else {names[i]: lp for i, lp in t.top[: self.top]} for t in scored],
+            "text_offset": offsets,
+        }
+
+
+def _named(token: str, logprob: float) -> dict[str, Any]:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
 
 
 class _Run:
-    """A submitted generation and the tenant slot its request holds until it ends."""
+    """A request's submitted generations (one per choice) and the tenant slot it holds until it ends."""
 
-    def __init__(self, request: Request, generation: Generation, release: Callable[[], None], started: float) -> None:
+    def __init__(
+        self,
+        request: Request,
+        generations: list[Generation],
+        prompts: list[int],
+        release: Callable[[], None],
+        started: float,
+    ) -> None:
         self.request = request
-        self.generation = generation
+        self.generations = generations
+        self.choices = [_Choice(prompt) for prompt in prompts]  # the prompt each generation continues
         self.release = release
         self.started = started
-        self.finish_reason: str | None = None
         self.timed = False
         self.ended = False
         self.answered = False  # the whole answer (or its error) was handed to the client
-        TOKENS.labels("prompt").inc(generation.prompt_tokens)
-        request.state.prompt_tokens = generation.prompt_tokens
+        # Each prompt counts once, however many choices continue it, as OpenAI counts them.
+        self.prompt_tokens = sum({p: g.prompt_tokens for p, g in zip(prompts, generations, strict=True)}.values())
+        TOKENS.labels("prompt").inc(self.prompt_tokens)
+        request.state.prompt_tokens = self.prompt_tokens
 
-    async def chunks(self) -> AsyncIterator[Chunk]:
-        """The generation's chunks, timing the first."""
-        async for chunk in self.generation:
+    async def chunks(self) -> AsyncIterator[tuple[int, Chunk]]:
+        """(generation index, chunk) as the generations produce them, timing the first."""
+        async for index, chunk in _merged(self.generations):
             if not self.timed:
                 self.timed = True
                 FIRST_TOKEN_SECONDS.observe(time.perf_counter() - self.started)
-            self.finish_reason = chunk.finish_reason
-            yield chunk
+            self.choices[index].finish_reason = chunk.finish_reason
+            yield index, chunk
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(g.completion_tokens for g in self.generations)
 
     def usage(self) -> dict[str, int]:
         """Token counts as OpenAI reports them."""
-        prompt, completion = self.generation.prompt_tokens, self.generation.completion_tokens
+        prompt, completion = self.prompt_tokens, self.completion_tokens
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def end(self) -> None:
-        """Give back what the request held, once; a generation still running (client gone) is cancelled."""
+        """Give back what the request held, once; generations still running (client gone) are cancelled."""
         if self.ended:
             return
         self.ended = True
-        if self.finish_reason is None:
-            self.generation.cancel()
+        for generation, choice in zip(self.generations, self.choices, strict=True):
+            if choice.finish_reason is None:
+                generation.cancel()
         self.release()
-        TOKENS.labels("completion").inc(self.generation.completion_tokens)
-        self.request.state.completion_tokens = self.generation.completion_tokens
+        TOKENS.labels("completion").inc(self.completion_tokens)
+        self.request.state.completion_tokens = self.completion_tokens
+
+
+async def _merged(generations: list[Generation]) -> AsyncIterator[tuple[int, Chunk]]:
+    """The chunks of several generations as they come, each with its generation's index; the first error ends it."""
+    queue: asyncio.Queue[tuple[int, Chunk | BaseException | None]] = asyncio.Queue()
+
+    async def pump(index: int, generation: Generation) -> None:
+        try:
+            async for chunk in generation:
+                queue.put_nowait((index, chunk))
+        except Exception as exc:
+            queue.put_nowait((index, exc))
+        queue.put_nowait((index, None))
+
+    tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(generations)]
+    try:
+        running = len(tasks)
+        while running:
+            index, item = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 class _EventStream(StreamingResponse):
@@ -110,32 +216,45 @@ class _EventStream(StreamingResponse):
 
 
 async def generate(
-    request: Request,
-    server: Server,
-    tenant: Tenant,
-    body: CompletionRequest | ChatRequest,
-    encode: Callable[[], list[int]],
+    request: Request, server: Server, tenant: Tenant, body: CompletionRequest | ChatRequest, prompts: list[Prompt]
 ) -> Response:
-    """Admit, resolve, tokenize (ENCODE), check and submit one request; answer with the whole text or a stream."""
+    """Admit, resolve, tokenize, check and submit one request (one generation per prompt and candidate); answer
+    with the whole texts or a stream."""
     if server.draining:
         raise Unavailable("The server is shutting down; send the request again to another instance.")
     started = time.perf_counter()
     release = server.limiter.acquire(tenant)
+    generations: list[Generation] = []
     try:
         spec = await server.catalog.resolve(body.model, tenant.may_use)
         model = spec.key if spec else server.engine.model_id
         request.state.model = model
-        prompt_ids = await _tokens(server, body, encode)
-        sampling = _sampling(server, tenant, body, len(prompt_ids))
+        prompt_ids = [await _tokens(server, body, prompt) for prompt in prompts]
+        samplings = [_sampling(server, tenant, body, len(ids)) for ids in prompt_ids]
         if spec is not None:
             await server.engine.load(spec)  # load errors are a 422 now, not a broken stream later
-        generation = Generation(prompt_ids, spec, sampling)
-        server.engine.submit(generation)
+        candidates = body.candidates()
+        owners = [p for p in range(len(prompts)) for _ in range(candidates)]
+        for number, p in enumerate(owners):
+            seed = samplings[p].seed
+            sampling = samplings[p] if seed is None else replace(samplings[p], seed=_wrap(seed + number))
+            generation = Generation(prompt_ids[p], spec, sampling)
+            server.engine.submit(generation)
+            generations.append(generation)
     except BaseException:
+        for generation in generations:
+            generation.cancel()
         release()
         raise
-    run = _Run(request, generation, release, started)
-    shape = _Shape(isinstance(body, ChatRequest))
+    run = _Run(request, generations, owners, release, started)
+    shape = _Shape(isinstance(body, ChatRequest), server.engine, body.reported_logprobs())
+    echo = [(prompt.text, ids) for prompt, ids in zip(prompts, prompt_ids, strict=True)] if body.echoes() else None
+    if shape.top is not None and not shape.chat and echo is None:
+        lengths = [
+            len(p.text if p.text is not None else server.engine.decode(ids)) for p, ids in zip(prompts, prompt_ids)
+        ]
+        for choice in run.choices:
+            choice.start = lengths[choice.prompt]
     head = {
         "id": f"{shape.prefix}-{request.state.request_id}",
         "object": shape.chunk_object if body.stream else shape.object,
@@ -143,15 +262,53 @@ async def generate(
         "model": model,
     }
     if body.stream:
-        return _EventStream(_events(run, shape, head, body.include_usage), run)
+        return _EventStream(_events(run, shape, head, body.include_usage, server.engine, echo), run)
     try:
-        text = await _unless_gone(request, run)
+        await _unless_gone(request, run, server.engine, echo)
     except Exception as exc:  # an engine failure of this request alone: its own clean error
         raise _failure(exc, request) from None
     finally:
         run.end()
-    choice = shape.choice(text, run.finish_reason)
-    return JSONResponse({**head, "choices": [choice], "usage": run.usage()})
+    kept = _best(run.choices, body.n)
+    choices = [shape.choice(i, c.text, c.finish_reason, c.logprobs, c.start) for i, c in enumerate(kept)]
+    return JSONResponse({**head, "choices": choices, "usage": run.usage()})
+
+
+def _wrap(seed: int) -> int:
+    """A seed plus a choice number, kept within the 64 bits a seed may hold."""
+    return (seed + (1 << 63)) % (1 << 64) - (1 << 63)
+
+
+def _best(choices: list[_Choice], n: int) -> list[_Choice]:
+    """Per prompt, the N candidates with the highest log-probability per token, in their original order."""
+    kept: list[_Choice] = []
+    for prompt in sorted({c.prompt for c in choices}):
+        mine = [c for c in choices if c.prompt == prompt]
+        if len(mine) > n:
+            best = sorted(mine, key=_Choice.mean_logprob, reverse=True)[:n]
+            mine = [c for c in mine if c in best]
+        kept.extend(mine)
+    return kept
+
+
+def _take(
+    choice: _Choice,
+    chunk: Chunk,
+    generation: Generation,
+    engine: Engine,
+    echo: list[tuple[str | None, list[int]]] | None,
+) -> tuple[str, list[TokenLogprob | None]]:
+    """Add CHUNK to CHOICE; returns the text and scored tokens it adds (the echoed prompt before its first)."""
+    text, scored = chunk.text, list(chunk.logprobs)
+    if echo is not None and not choice.echoed:
+        choice.echoed = True
+        prompt_text, ids = echo[choice.prompt]
+        prompt_scores: list[TokenLogprob | None] = [None, *(generation.prompt_logprobs or [])]
+        text = (prompt_text if prompt_text is not None else engine.decode(ids)) + text
+        scored = [*(prompt_scores if generation.sampling.prompt_logprobs is not None else []), *scored]
+    choice.text += text
+    choice.logprobs.extend(scored)
+    return text, scored
 
 
 class _ClientGone(ServeError):
@@ -160,17 +317,20 @@ class _ClientGone(ServeError):
     status = 499
 
 
-async def _unless_gone(request: Request, run: _Run) -> str:
-    """The whole text of RUN, unless the client disconnects first: then stop waiting, freeing its row at once."""
+async def _unless_gone(
+    request: Request, run: _Run, engine: Engine, echo: list[tuple[str | None, list[int]]] | None
+) -> None:
+    """Collect RUN's whole texts, unless the client disconnects first: then stop waiting, freeing its rows at once."""
 
-    async def text() -> str:
-        return "".join([chunk.text async for chunk in run.chunks()])
+    async def collect() -> None:
+        async for index, chunk in run.chunks():
+            _take(run.choices[index], chunk, run.generations[index], engine, echo)
 
     async def hung_up() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
 
-    answer, gone = asyncio.ensure_future(text()), asyncio.ensure_future(hung_up())
+    answer, gone = asyncio.ensure_future(collect()), asyncio.ensure_future(hung_up())
     try:
         await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -178,18 +338,30 @@ async def _unless_gone(request: Request, run: _Run) -> str:
             task.cancel()
     if not answer.done():
         raise _ClientGone("The client closed the connection.")
-    return answer.result()
+    answer.result()
 
 
-async def _events(run: _Run, shape: _Shape, head: dict[str, Any], include_usage: bool) -> AsyncIterator[str]:
+async def _events(
+    run: _Run,
+    shape: _Shape,
+    head: dict[str, Any],
+    include_usage: bool,
+    engine: Engine,
+    echo: list[tuple[str | None, list[int]]] | None,
+) -> AsyncIterator[str]:
     """The SSE body: OpenAI-format chunks, usage last if asked, then [DONE]; an engine failure is an error event."""
     usage = {"usage": None} if include_usage else {}  # OpenAI's chunks say null until the last
     if shape.chat:  # OpenAI opens a chat stream with the assistant's role
-        role = {**shape.delta("", None), "delta": {"role": "assistant", "content": ""}}
-        yield _sse({**head, "choices": [role], **usage})
+        for index in range(len(run.generations)):
+            role = {**shape.delta(index, "", None, []), "delta": {"role": "assistant", "content": ""}}
+            yield _sse({**head, "choices": [role], **usage})
     try:
-        async for chunk in run.chunks():
-            yield _sse({**head, "choices": [shape.delta(chunk.text, chunk.finish_reason)], **usage})
+        async for index, chunk in run.chunks():
+            choice = run.choices[index]
+            offset = choice.start + len(choice.text)
+            text, scored = _take(choice, chunk, run.generations[index], engine, echo)
+            delta = shape.delta(index, text, chunk.finish_reason, scored, offset)
+            yield _sse({**head, "choices": [delta], **usage})
     except Exception as exc:  # the status line is sent: the failure can only travel as an event
         run.answered = True
         yield _sse(_failure(exc, run.request).body())
@@ -212,17 +384,16 @@ def _failure(exc: Exception, request: Request) -> ServeError:
     return ServeError(f"The engine failed on this request ({type(exc).__name__}); see the server log.")
 
 
-async def _tokens(server: Server, body: CompletionRequest | ChatRequest, encode: Callable[[], list[int]]) -> list[int]:
+async def _tokens(server: Server, body: CompletionRequest | ChatRequest, prompt: Prompt) -> list[int]:
     """The prompt's token ids, tokenized off the event loop; a text too long for the context is refused untokenized."""
     context, field = server.engine.context_length, _field(body)
-    characters = body.characters()
-    if characters > server.engine.prompt_characters:
+    if prompt.characters > server.engine.prompt_characters:
         raise BadRequest(
-            f"The prompt is {characters} characters; this model's context holds {context} tokens for prompt and "
-            f"completion together, which no text over {server.engine.prompt_characters} characters fits.",
+            f"The prompt is {prompt.characters} characters; this model's context holds {context} tokens for prompt "
+            f"and completion together, which no text over {server.engine.prompt_characters} characters fits.",
             param=field,
         )
-    prompt_ids = await asyncio.to_thread(encode)
+    prompt_ids = await asyncio.to_thread(prompt.tokens)
     if not prompt_ids:  # as vLLM: a model needs at least one token to continue from
         raise BadRequest(f"The {field} is empty: send at least one token of text.", param=field)
     return prompt_ids
@@ -256,6 +427,7 @@ def _sampling(server: Server, tenant: Tenant, body: CompletionRequest | ChatRequ
             param="max_tokens",
         )
     temperature = 1.0 if body.temperature is None else body.temperature
+    top = body.reported_logprobs()
     return Sampling(
         max_tokens=requested or min(cap, room),
         temperature=temperature if temperature == 0 else max(temperature, MIN_TEMPERATURE),
@@ -263,4 +435,11 @@ def _sampling(server: Server, tenant: Tenant, body: CompletionRequest | ChatRequ
         stop=body.stops(),
         seed=body.seed,
         ignore_eos=body.ignore_eos,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        logit_bias=body.biases(),
+        stop_token_ids=tuple(body.stop_token_ids or ()),
+        # best_of ranks candidates by their tokens' log-probabilities, so it needs them even when not shown.
+        logprobs=top if top is not None else (0 if body.candidates() > body.n else None),
+        prompt_logprobs=top if body.echoes() and top is not None else None,
     )

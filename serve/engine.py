@@ -13,6 +13,9 @@ from typing import Any
 from registry.names import version_ref
 
 
+MAX_LOGPROBS = 20  # most likely tokens one position may report, as OpenAI allows
+
+
 @dataclass(frozen=True)
 class AdapterSpec:
     """One immutable adapter version resolved from the registry, its files on local disk."""
@@ -37,6 +40,12 @@ class Sampling:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False  # keep going past end-of-sequence (benchmarks want fixed lengths)
+    logprobs: int | None = None  # per generated token: its log-probability and this many most likely ones
+    presence_penalty: float = 0.0  # subtracted from the logit of every token generated so far, as OpenAI's
+    frequency_penalty: float = 0.0  # subtracted once per time a token was generated so far, as OpenAI's
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token, bias) added to its logit
+    stop_token_ids: tuple[int, ...] = ()  # tokens that end the generation (not part of its text), as vLLM's
+    prompt_logprobs: int | None = None  # the same for each prompt token after the first (echo)
 
     def __post_init__(self) -> None:
         """Refuse settings no engine can sample with (the HTTP layer answers these with a 400 before)."""
@@ -48,6 +57,23 @@ class Sampling:
             raise ValueError(f"top_p must be above 0 and at most 1, not {self.top_p}")
         if self.seed is not None and not -(1 << 63) <= self.seed < 1 << 64:
             raise ValueError(f"seed must fit in 64 bits, not {self.seed}")
+        if not (-2 <= self.presence_penalty <= 2 and -2 <= self.frequency_penalty <= 2):
+            raise ValueError("presence_penalty and frequency_penalty must lie between -2 and 2")
+        if any(not -100 <= bias <= 100 for _, bias in self.logit_bias):
+            raise ValueError("logit_bias values must lie between -100 and 100")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_LOGPROBS:
+                raise ValueError(f"{name} must be between 0 and {MAX_LOGPROBS}, not {value}")
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token with its log-probability under the served model, and the most likely tokens at its place."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token, logprob), most likely first
 
 
 @dataclass(frozen=True)
@@ -56,6 +82,7 @@ class Chunk:
 
     text: str
     finish_reason: str | None = None  # "stop" (EOS or a stop string) or "length"
+    logprobs: tuple[TokenLogprob, ...] = ()  # the tokens generated since the previous chunk, when asked for
 
 
 @dataclass(eq=False)
@@ -67,8 +94,15 @@ class Generation:
     sampling: Sampling
     completion_tokens: int = 0
     cancelled: bool = False
+    prompt_logprobs: list[TokenLogprob] | None = None  # set before the first chunk, when asked for
     _loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop, repr=False)
     _queue: asyncio.Queue[Chunk | BaseException] = field(default_factory=asyncio.Queue, repr=False)
+
+    @property
+    def adjusted(self) -> bool:
+        """Whether its logits are changed before a token is picked (penalties or biases)."""
+        s = self.sampling
+        return bool(s.presence_penalty or s.frequency_penalty or s.logit_bias)
 
     @property
     def prompt_tokens(self) -> int:
@@ -127,6 +161,10 @@ class Engine(ABC):
     @abstractmethod
     def decode(self, ids: list[int]) -> str:
         """The text of token ids (special tokens included, as written)."""
+
+    @abstractmethod
+    def token_texts(self, ids: list[int]) -> list[str]:
+        """Each token's own text, as log-probabilities name tokens."""
 
     @abstractmethod
     def tokenizer_info(self) -> dict[str, Any]:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from serve.engine import MAX_LOGPROBS
 from serve.errors import BadRequest
 
 
@@ -15,10 +16,14 @@ class StreamOptions(BaseModel):
     include_usage: bool = Field(False, description="Send one last chunk with the request's token counts.")
 
 
-class _Generate(BaseModel):
-    """What /v1/completions and /v1/chat/completions share; unknown fields are ignored, as OpenAI clients expect."""
+MAX_CHOICES = 16  # n and best_of: generations one request may ask for per prompt
 
-    model_config = ConfigDict(extra="ignore")
+
+class _Generate(BaseModel):
+    """What /v1/completions and /v1/chat/completions share; a field the server does not know is a 400 naming it,
+    as OpenAI answers, so a misspelt or unsupported option never passes silently."""
+
+    model_config = ConfigDict(extra="forbid")
 
     model: str = Field(description="An adapter reference (NAME, NAME@vX.Y.Z, NAME#STAGE, NAME@latest) or the base id.")
     max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate.")
@@ -32,8 +37,18 @@ class _Generate(BaseModel):
     )
     stream: bool = Field(False, description="Send server-sent events as tokens are generated.")
     stream_options: StreamOptions | None = None
-    n: Literal[1] = Field(1, description="Only one choice per request is supported.")
+    n: int = Field(1, ge=1, le=MAX_CHOICES, description="Choices to generate for each prompt.")
     ignore_eos: bool = Field(False, description="Generate past end-of-sequence, as vLLM's extension (benchmarks).")
+    presence_penalty: float = Field(0.0, ge=-2, le=2, description="Penalise every token already generated.")
+    frequency_penalty: float = Field(0.0, ge=-2, le=2, description="Penalise tokens by how often they were generated.")
+    logit_bias: dict[int, float] | None = Field(None, description="Token id -> bias (-100 to 100) added to its logit.")
+    stop_token_ids: list[int] | None = Field(None, description="Token ids that end the completion, as vLLM's.")
+    response_format: dict[str, Any] | None = Field(None, description='Only {"type": "text"}.')
+    tools: list[dict[str, Any]] | None = Field(None, description="Not supported: a non-empty list is a 400.")
+    tool_choice: str | dict[str, Any] | None = Field(None, description='Only "none" (there are no tools).')
+    user: str | None = Field(None, description="Metadata: accepted and ignored.")
+    metadata: dict[str, Any] | None = Field(None, description="Metadata: accepted and ignored.")
+    store: bool | None = Field(None, description="Metadata: accepted and ignored (nothing is stored).")
 
     def stops(self) -> tuple[str, ...]:
         """The stop strings as a tuple."""
@@ -46,6 +61,36 @@ class _Generate(BaseModel):
         """The requested completion length."""
         return self.max_tokens
 
+    def candidates(self) -> int:
+        """Generations per prompt (best_of, else n); refuses what the server does not do."""
+        fmt = (self.response_format or {}).get("type", "text")
+        if fmt != "text":
+            raise BadRequest(
+                f"response_format {fmt!r} is not supported by this server; only 'text'.", param="response_format"
+            )
+        if self.tools:
+            raise BadRequest(
+                "Tool calls are not supported by this server; send the request without tools.", param="tools"
+            )
+        if self.tool_choice not in (None, "none"):
+            raise BadRequest("tool_choice must be 'none': this server has no tools.", param="tool_choice")
+        return self.n
+
+    def biases(self) -> tuple[tuple[int, float], ...]:
+        """logit_bias as (token, bias) pairs, each bias within OpenAI's -100 to 100."""
+        pairs = tuple(sorted((self.logit_bias or {}).items()))
+        if any(not -100 <= bias <= 100 for _, bias in pairs):
+            raise BadRequest("logit_bias values must lie between -100 and 100.", param="logit_bias")
+        return pairs
+
+    def reported_logprobs(self) -> int | None:
+        """Most likely tokens to report per position, or None for no log-probabilities."""
+        return None
+
+    def echoes(self) -> bool:
+        """Whether each choice starts with its prompt."""
+        return False
+
     @property
     def include_usage(self) -> bool:
         """Whether a stream ends with a usage chunk."""
@@ -55,20 +100,44 @@ class _Generate(BaseModel):
 class CompletionRequest(_Generate):
     """POST /v1/completions."""
 
-    prompt: str | list[str] = Field(description="The text to continue (a list may hold one prompt).")
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="The text to continue, token ids, or a list of either: one choice (or n) per prompt."
+    )
     max_tokens: int | None = Field(16, ge=1, description="Most tokens to generate; default 16, as OpenAI's.")
+    echo: bool = Field(False, description="Start each choice with its prompt (and its log-probabilities).")
+    logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="Log-probability of each token and of this many likeliest ones."
+    )
+    best_of: int | None = Field(
+        None, ge=1, le=MAX_CHOICES, description="Generate this many per prompt, return the n likeliest per token."
+    )
+    suffix: str | None = Field(None, description="Not supported: a non-null suffix is a 400.")
 
-    def characters(self) -> int:
-        """Characters of the prompt text, to refuse one that cannot fit before tokenizing it."""
-        return sum(len(prompt) for prompt in ([self.prompt] if isinstance(self.prompt, str) else self.prompt))
+    def prompts(self) -> list[str | list[int]]:
+        """Every prompt of the request, text or token ids."""
+        prompt = self.prompt
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            return [prompt]
+        if not prompt:
+            raise BadRequest("prompt is an empty list; send at least one prompt.", param="prompt")
+        return list(prompt)
 
-    def text(self) -> str:
-        """The one prompt of this request."""
-        if isinstance(self.prompt, str):
-            return self.prompt
-        if len(self.prompt) != 1:
-            raise BadRequest("Send one prompt per request.", param="prompt")
-        return self.prompt[0]
+    def candidates(self) -> int:
+        if self.suffix is not None:
+            raise BadRequest("suffix is not supported by this server.", param="suffix")
+        n = super().candidates()
+        best = self.best_of or n
+        if best < n:
+            raise BadRequest(f"best_of ({best}) must be at least n ({n}).", param="best_of")
+        if best > n and self.stream:
+            raise BadRequest("best_of above n cannot be streamed: the best are known only at the end.", param="best_of")
+        return best
+
+    def reported_logprobs(self) -> int | None:
+        return self.logprobs
+
+    def echoes(self) -> bool:
+        return self.echo
 
 
 class TextPart(BaseModel):
@@ -95,6 +164,15 @@ class ChatRequest(_Generate):
 
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="Newer name of max_tokens; wins over it.")
+    logprobs: bool = Field(False, description="Return each generated token's log-probability.")
+    top_logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="With logprobs: this many likeliest tokens per position."
+    )
+
+    def reported_logprobs(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise BadRequest("top_logprobs needs logprobs: true.", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def characters(self) -> int:
         """Characters of every message's text, to refuse a chat that cannot fit before tokenizing it."""

@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from serve import metrics
-from serve.engine import AdapterSpec, Chunk, Engine, Generation, Sampling, deliver
+from serve.engine import AdapterSpec, Chunk, Engine, Generation, Sampling, TokenLogprob, deliver
 from serve.errors import AdapterRejected, BadRequest, ServeError
 from serve.kvcache import RowCache
 from serve.lora import AdapterWeights, Rows, install, plan, read_adapter, uninstall, wrap_linears
@@ -36,6 +36,7 @@ class _Row:
     generator: torch.Generator
     length: int = 0  # tokens in the cache
     last: int = 0  # the token the next decode step feeds
+    counts: dict[int, int] | None = None  # tokens generated so far, kept only when penalties need them
 
     @property
     def key(self) -> str | None:
@@ -138,6 +139,9 @@ class TransformersEngine(Engine):
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)
 
+    def token_texts(self, ids: list[int]) -> list[str]:
+        return [self.tokenizer.decode([token]) for token in ids]
+
     def tokenizer_info(self) -> dict[str, Any]:
         tokens = {name: getattr(self.tokenizer, name) for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
         return {
@@ -175,6 +179,15 @@ class TransformersEngine(Engine):
             raise BadRequest(f"The prompt is {len(ids)} tokens; the context holds {self.context_length}.")
         if not all(isinstance(i, int) and 0 <= i < self._vocab for i in ids):
             raise BadRequest(f"The prompt holds token ids outside this model's vocabulary of {self._vocab}.")
+        sampling = generation.sampling
+        for field, tokens in (
+            ("logit_bias", [t for t, _ in sampling.logit_bias]),
+            ("stop_token_ids", sampling.stop_token_ids),
+        ):
+            if not all(0 <= t < self._vocab for t in tokens):
+                raise BadRequest(
+                    f"{field} names token ids outside this model's vocabulary of {self._vocab}.", param=field
+                )
         with self._cond:
             self._waiting.append(generation)
             metrics.RUNNING.inc()
@@ -421,6 +434,13 @@ class TransformersEngine(Engine):
         self._rows.plan = plan(self._slots(rows), longest)
         hidden = self._forward(ids, mask[:, None], positions.expand(len(rows), -1))
         logits = self._head(hidden[torch.arange(len(rows)), lengths - 1])
+        for i, generation in enumerate(generations):
+            if generation.sampling.prompt_logprobs is not None:
+                length = len(generation.prompt_ids)
+                scores = self._head(hidden[i, : length - 1])  # each position scores the next prompt token
+                generation.prompt_logprobs = _logprobs(
+                    scores, ids[i, 1:length].tolist(), generation.sampling.prompt_logprobs
+                )
         for row, length in zip(rows, lengths.tolist(), strict=True):
             row.length = length
         self._running.extend(rows)  # last: until here a failure leaves the batch as it was, to prefill again
@@ -464,39 +484,51 @@ class TransformersEngine(Engine):
 
         A row whose logits are not finite, or whose token cannot be picked or decoded, fails alone.
         """
-        greedy = logits.argmax(dim=-1).tolist()
         finite = torch.isfinite(logits).all(dim=-1).tolist()
+        raw = logits  # log-probabilities report the model's own distribution, before penalties and biases
+        if any(row.generation.adjusted for row in rows):
+            logits = logits.clone()
+            for i, row in enumerate(rows):
+                if row.generation.adjusted:
+                    _adjust(logits[i], row)
+        greedy = logits.argmax(dim=-1).tolist()
         outbox: list[tuple[Generation, Chunk | BaseException]] = []
         for i, row in enumerate(rows):
             generation = row.generation
             try:
                 if not finite[i]:
                     raise _NonFinite(row.key)
-                chunk = self._next(row, greedy[i], logits[i])
+                chunk = self._next(row, greedy[i], logits[i], raw[i])
             except Exception as exc:
                 if not isinstance(exc, ServeError):
                     log.exception("The engine failed one row; its request gets an error.")
                 chunk = exc
-            if isinstance(chunk, Exception) or chunk.text or chunk.finish_reason:
+            if isinstance(chunk, Exception) or chunk.text or chunk.finish_reason or chunk.logprobs:
                 outbox.append((generation, chunk))
             if isinstance(chunk, Exception) or chunk.finish_reason:
                 generation.cancelled = True  # finished or failed: the row leaves the batch
         deliver(outbox)
 
-    def _next(self, row: _Row, greedy: int, logits: torch.Tensor) -> Chunk:
+    def _next(self, row: _Row, greedy: int, logits: torch.Tensor, raw: torch.Tensor) -> Chunk:
         """Pick ROW's next token and say what text it adds and whether the generation ends there."""
         generation, sampling = row.generation, row.generation.sampling
         token = greedy if sampling.temperature == 0 else _sample(logits, sampling, row.generator)
         generation.completion_tokens += 1
         row.last = token
+        if generation.adjusted:
+            row.counts = row.counts or {}
+            row.counts[token] = row.counts.get(token, 0) + 1
+        scored = () if sampling.logprobs is None else tuple(_logprobs(raw[None], [token], sampling.logprobs))
+        if token in sampling.stop_token_ids:
+            return Chunk(row.stream.rest(), "stop", scored)
         if token in self._eos and not sampling.ignore_eos:
-            return Chunk(row.stream.rest(), "stop")
+            return Chunk(row.stream.rest(), "stop", scored)
         text, stopped = row.stream.push(token)
         if stopped:
-            return Chunk(text, "stop")
+            return Chunk(text, "stop", scored)
         if generation.completion_tokens >= sampling.max_tokens or row.length + 1 >= self.context_length:
-            return Chunk(text + row.stream.rest(), "length")
-        return Chunk(text)
+            return Chunk(text + row.stream.rest(), "length", scored)
+        return Chunk(text, None, scored)
 
     def _drop_finished(self) -> None:
         """Free the rows of finished or cancelled generations; the last row moves into each gap."""
@@ -535,6 +567,32 @@ class _NonFinite(ServeError):
     def __init__(self, adapter: str | None) -> None:
         by = f"adapter {adapter}" if adapter else "the base model"
         super().__init__(f"The model's output for this request is not finite (NaN or inf) with {by}; it was stopped.")
+
+
+def _adjust(logits: torch.Tensor, row: _Row) -> None:
+    """Apply ROW's presence and frequency penalties and logit biases to its logits, in place (OpenAI's formula)."""
+    sampling = row.generation.sampling
+    if row.counts:
+        tokens = torch.tensor(list(row.counts))
+        counts = torch.tensor(list(row.counts.values()), dtype=logits.dtype)
+        logits[tokens] -= sampling.presence_penalty + sampling.frequency_penalty * counts
+    for token, bias in sampling.logit_bias:
+        logits[token] += bias
+
+
+def _logprobs(scores: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
+    """Each position's log-probability of its token under SCORES (one row of logits per token), with the TOP
+    most likely tokens there."""
+    if not tokens:
+        return []
+    logprobs = torch.log_softmax(scores.float(), dim=-1)
+    chosen = logprobs[torch.arange(len(tokens)), torch.tensor(tokens)].tolist()
+    if top:
+        values, ids = logprobs.topk(top, dim=-1)
+        tops = [tuple(zip(i.tolist(), v.tolist())) for i, v in zip(ids, values)]
+    else:
+        tops = [()] * len(tokens)
+    return [TokenLogprob(t, lp, best) for t, lp, best in zip(tokens, chosen, tops)]
 
 
 def _sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:

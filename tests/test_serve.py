@@ -261,7 +261,8 @@ def test_errors_are_openai_shaped_and_leave_the_server_healthy(served: Served, m
         ),
         ({"model": "alpha", "prompt": "x", "temperature": 3}, 400, None, "temperature: Input should be less than"),
         ({"prompt": "x"}, 400, None, "model: Field required"),
-        ({"model": "alpha", "prompt": "x", "n": 2}, 400, None, "n: Input should be 1"),
+        ({"model": "alpha", "prompt": "x", "n": 17}, 400, None, "n: Input should be less than or equal to 16"),
+        ({"model": "alpha", "prompt": "x", "temprature": 0}, 400, None, "temprature: Extra inputs are not permitted"),
     ]
     for body, status, code, message in cases:
         response = httpx.post(f"{served.url}/v1/completions", json=body, timeout=30)

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from registry.refs import AdapterVersion
-from serve.completion import generate
+from serve.completion import Prompt, generate
 from serve.dependencies import CallerDep, Server, ServerDep
 from serve.schemas import ChatRequest, CompletionRequest
 
@@ -18,15 +18,24 @@ router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
 
 @router.post("/completions")
 async def completions(body: CompletionRequest, request: Request, tenant: CallerDep, parts: ServerDep) -> Response:
-    """Continue a prompt with the base model or an adapter version."""
-    return await generate(request, parts, tenant, body, lambda: parts.engine.encode(body.text()))
+    """Continue a prompt (or several: text or token ids) with the base model or an adapter version."""
+    prompts = [_prompt(parts, prompt) for prompt in body.prompts()]
+    return await generate(request, parts, tenant, body, prompts)
 
 
 @router.post("/chat/completions")
 async def chat_completions(body: ChatRequest, request: Request, tenant: CallerDep, parts: ServerDep) -> Response:
     """Answer a chat with the base model or an adapter version, rendered with the base model's chat template."""
     messages = [message.plain() for message in body.messages]
-    return await generate(request, parts, tenant, body, lambda: parts.engine.encode_chat(messages))
+    prompt = Prompt(lambda: parts.engine.encode_chat(messages), body.characters())
+    return await generate(request, parts, tenant, body, [prompt])
+
+
+def _prompt(parts: Server, prompt: str | list[int]) -> Prompt:
+    """A completion prompt: text tokenized when it runs, or token ids as sent."""
+    if isinstance(prompt, str):
+        return Prompt(lambda: parts.engine.encode(prompt), len(prompt), prompt)
+    return Prompt(lambda: list(prompt))
 
 
 @router.get("/models")

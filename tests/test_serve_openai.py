@@ -1,0 +1,271 @@
+"""What OpenAI's API lets clients ask, over real HTTP with the official client: log-probabilities (equal to PEFT's
+own), echo, prompts as lists and token ids, n and best_of, and a 400 for what the server does not do."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import torch
+from serving import events, registry_with, serving
+
+PROMPTS = ["The quick brown fox", "Once upon a time"]
+
+
+@dataclass
+class Served:
+    url: str
+    engine: Any
+    adapter: Path
+
+    @property
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0)
+
+    def post(self, path: str, **body: Any) -> httpx.Response:
+        return httpx.post(f"{self.url}{path}", json=body, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, make_adapter: Any) -> Iterator[Served]:
+    from serve.app import create_app
+    from serve.catalog import Catalog
+    from serve.dependencies import Settings
+    from serve.tenants import Tenants
+    from serve.transformers_engine import TransformersEngine
+
+    root = tmp_path_factory.mktemp("openai")
+    registry = registry_with(root / "registry", {"alpha": [make_adapter(1)]})
+    engine = TransformersEngine(tiny_base, model_id="tiny-llama", quantize="none", max_loaded=2, max_batch=16)
+    catalog = Catalog(
+        registry, root / "cache", base_id=engine.model_id, fingerprint=engine.fingerprint, max_rank=engine.max_rank
+    )
+    with serving(create_app(engine, catalog, Tenants(None), Settings())) as url:
+        yield Served(url, engine, make_adapter(1))
+
+
+@pytest.fixture(scope="module")
+def peft_logprobs(tiny_base: Path, served: Served) -> Any:
+    """log_softmax of plain transformers + PEFT over token ids: the reference the server's values must equal."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), served.adapter).eval()
+
+    def run(ids: list[int]) -> torch.Tensor:
+        with torch.inference_mode():
+            return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+
+    return run
+
+
+def test_completion_logprobs_are_peft_log_softmax_whole_and_streamed(served: Served, peft_logprobs: Any) -> None:
+    answer = served.client.completions.create(
+        model="alpha", prompt=PROMPTS[0], max_tokens=6, temperature=0, logprobs=3, extra_body={"ignore_eos": True}
+    )
+    logprobs = answer.choices[0].logprobs
+    ids = served.engine.encode(PROMPTS[0])
+    for token, value, top in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs, strict=True):
+        row = peft_logprobs(ids)[-1]  # PEFT's greedy continuation, one token at a time
+        best = row.topk(3)
+        ids.append(int(best.indices[0]))
+        assert token == served.engine.token_texts([ids[-1]])[0]
+        assert value == pytest.approx(float(best.values[0]), abs=1e-4)
+        assert list(top.values()) == pytest.approx(best.values.tolist(), abs=1e-4)
+    assert logprobs.text_offset[0] == len(PROMPTS[0]) and len(logprobs.text_offset) == 6
+
+    with served.client.completions.create(
+        model="alpha",
+        prompt=PROMPTS[0],
+        max_tokens=6,
+        temperature=0,
+        logprobs=3,
+        extra_body={"ignore_eos": True},
+        stream=True,
+    ) as stream:
+        chunks = list(stream)
+    streamed = [v for c in chunks if c.choices and c.choices[0].logprobs for v in c.choices[0].logprobs.token_logprobs]
+    assert streamed == logprobs.token_logprobs
+
+
+def test_echo_gives_every_prompt_tokens_logprob_as_lm_eval_reads_it(served: Served, peft_logprobs: Any) -> None:
+    ids = served.engine.encode(PROMPTS[1])
+    body = {"model": "alpha", "prompt": [ids], "max_tokens": 1, "temperature": 0, "logprobs": 1, "echo": True}
+    answer = served.post("/v1/completions", **body).json()
+    choice = answer["choices"][0]
+    logprobs = choice["logprobs"]
+    assert choice["text"].startswith(served.engine.decode(ids))
+    assert len(logprobs["token_logprobs"]) == len(ids) + 1 and logprobs["token_logprobs"][0] is None
+    assert logprobs["top_logprobs"][0] is None
+    reference = peft_logprobs(ids)
+    expected = [float(reference[i - 1, ids[i]]) for i in range(1, len(ids))]
+    assert logprobs["token_logprobs"][1 : len(ids)] == pytest.approx(expected, abs=1e-4)
+    assert all(len(top) == 1 for top in logprobs["top_logprobs"][1:])
+    assert answer["usage"]["prompt_tokens"] == len(ids)
+
+
+def test_chat_logprobs_in_openais_shape(served: Served) -> None:
+    chat = [{"role": "user", "content": "Say something."}]
+    answer = served.client.chat.completions.create(
+        model="alpha",
+        messages=chat,
+        max_tokens=5,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+        extra_body={"ignore_eos": True},
+    )
+    content = answer.choices[0].logprobs.content
+    assert len(content) == 5 and "".join(t.token for t in content) == answer.choices[0].message.content
+    for token in content:
+        assert len(token.top_logprobs) == 2 and token.logprob == pytest.approx(token.top_logprobs[0].logprob)
+        assert token.bytes == list(token.token.encode())
+    plain = served.client.chat.completions.create(model="alpha", messages=chat, max_tokens=5, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
+def test_prompts_as_lists_and_token_ids_answer_one_choice_each_in_order(served: Served) -> None:
+    def alone(prompt: Any) -> str:
+        return (
+            served.client.completions.create(model="alpha", prompt=prompt, max_tokens=5, temperature=0).choices[0].text
+        )
+
+    ids = [served.engine.encode(p) for p in PROMPTS]
+    expected = [alone(p) for p in PROMPTS]
+    assert [alone(i) for i in ids] == expected  # token ids mean the same as their text
+    for prompt in (PROMPTS, ids):
+        answer = served.client.completions.create(model="alpha", prompt=prompt, max_tokens=5, temperature=0)
+        assert [c.index for c in answer.choices] == [0, 1] and [c.text for c in answer.choices] == expected
+        assert answer.usage.prompt_tokens == sum(len(i) for i in ids)
+    streamed = served.post("/v1/completions", model="alpha", prompt=PROMPTS, max_tokens=5, temperature=0, stream=True)
+    texts = ["", ""]
+    for event in events(streamed):
+        if event != "[DONE]":
+            texts[event["choices"][0]["index"]] += event["choices"][0]["text"]
+    assert texts == expected
+
+
+def test_n_choices_each_with_its_own_seed_and_best_of_keeps_the_likeliest(served: Served) -> None:
+    sampled = {"model": "alpha", "prompt": PROMPTS[0], "max_tokens": 8, "temperature": 1.0, "ignore_eos": True}
+    answer = served.post("/v1/completions", **sampled, n=3, seed=40).json()
+    texts = [c["text"] for c in answer["choices"]]
+    alone = [served.post("/v1/completions", **sampled, seed=40 + j).json()["choices"][0]["text"] for j in range(3)]
+    assert texts == alone and len(set(texts)) > 1
+    scored = [
+        served.post("/v1/completions", **sampled, seed=40 + j, logprobs=0).json()["choices"][0]["logprobs"]
+        for j in range(3)
+    ]
+    means = [sum(s["token_logprobs"]) / len(s["token_logprobs"]) for s in scored]
+    best = served.post("/v1/completions", **sampled, n=1, best_of=3, seed=40).json()["choices"]
+    assert [c["text"] for c in best] == [alone[means.index(max(means))]]
+
+
+@pytest.mark.parametrize(
+    ("extra", "param", "message"),
+    [
+        ({"temprature": 0.5}, "temprature", "Extra inputs are not permitted"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "Tool calls are not supported"),
+        ({"response_format": {"type": "json_object"}}, "response_format", "'json_object' is not supported"),
+        ({"suffix": "end"}, "suffix", "suffix is not supported"),
+        ({"logprobs": 21}, "logprobs", "less than or equal to 20"),
+        ({"n": 2, "best_of": 1}, "best_of", "best_of (1) must be at least n (2)"),
+        ({"best_of": 2, "stream": True}, "best_of", "cannot be streamed"),
+        ({"prompt": []}, "prompt", "empty list"),
+    ],
+)
+def test_what_the_server_does_not_do_is_a_400_naming_the_field(
+    served: Served, extra: dict, param: str, message: str
+) -> None:
+    response = served.post("/v1/completions", **{"model": "alpha", "prompt": "x", "max_tokens": 2, **extra})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and message in error["message"]
+
+
+def test_harmless_metadata_is_accepted(served: Served) -> None:
+    body = {"model": "alpha", "prompt": "x", "max_tokens": 2, "user": "u-1", "metadata": {"run": "7"}, "store": False}
+    assert served.post("/v1/completions", **body).status_code == 200
+
+
+def test_lm_eval_with_its_default_settings_runs_a_loglikelihood_and_a_generation_task(
+    served: Served, tmp_path: Path
+) -> None:
+    """The real lm-evaluation-harness CLI, `local-completions` with defaults, on two small tasks shipped here."""
+    tasks = Path(__file__).with_name("lm_eval_tasks")
+    out = tmp_path / "results"
+    lm_eval = Path(sys.executable).with_name("lm_eval")
+    proc = subprocess.run(
+        [
+            str(lm_eval),
+            "run",
+            "--model",
+            "local-completions",
+            "--model_args",
+            f"model=alpha,base_url={served.url}/v1/completions",
+            "--tasks",
+            "adapters_mc,adapters_gen",
+            "--include_path",
+            str(tasks),
+            "--output_path",
+            str(out),
+        ],
+        cwd=tasks,  # the tasks name their data files relative to here
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "remote tokenizer" in proc.stderr.lower()  # it used the server's own tokenizer, downloaded nothing
+    results = json.loads(next(out.rglob("results_*.json")).read_text())["results"]
+    assert 0 <= results["adapters_mc"]["acc,none"] <= 1 and "acc_stderr,none" in results["adapters_mc"]
+    assert 0 <= results["adapters_gen"]["exact_match,none"] <= 1
+
+
+def _greedy_ids(peft_logprobs: Any, ids: list[int], count: int, presence: float = 0.0) -> list[int]:
+    """PEFT's greedy continuation, with OpenAI's presence penalty applied to tokens already generated."""
+    out: list[int] = []
+    for _ in range(count):
+        row = peft_logprobs(ids + out)[-1].clone()
+        if out:
+            row[torch.tensor(sorted(set(out)))] -= presence
+        out.append(int(row.argmax()))
+    return out
+
+
+def test_penalties_biases_and_stop_token_ids_act_as_openai_and_vllm_define_them(
+    served: Served, peft_logprobs: Any
+) -> None:
+    ids = served.engine.encode(PROMPTS[0])
+    body = {"model": "alpha", "prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    penalised = served.post("/v1/completions", **body, presence_penalty=2.0).json()["choices"][0]["text"]
+    expected = _greedy_ids(peft_logprobs, ids, 8, presence=2.0)  # no token twice, as the penalty wants here
+    assert penalised == served.engine.decode(expected) and len(set(expected)) == 8
+    plain = _greedy_ids(peft_logprobs, ids, 8)
+    assert penalised != served.engine.decode(plain)  # the penalty changed the answer
+
+    favourite = served.engine.encode(" fox", add_special_tokens=False)[0]
+    biased = served.post("/v1/completions", **body, logit_bias={str(favourite): 100}, logprobs=0).json()["choices"][0]
+    assert biased["text"] == served.engine.decode([favourite] * 8)
+    assert biased["logprobs"]["token_logprobs"][0] < -0.01  # logprobs are the model's own, before the bias
+
+    stopped = served.post("/v1/completions", **body, presence_penalty=2.0, stop_token_ids=[expected[2]])
+    choice = stopped.json()["choices"][0]
+    assert choice["text"] == served.engine.decode(expected[:2]) and choice["finish_reason"] == "stop"
+
+    vocabulary = served.engine.tokenizer_info()["vocab_size"]
+    for extra, param in (
+        ({"logit_bias": {str(vocabulary): 1}}, "logit_bias"),
+        ({"presence_penalty": 3}, "presence_penalty"),
+    ):
+        response = served.post("/v1/completions", **body, **extra)
+        assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
