@@ -17,7 +17,7 @@ from starlette.types import Receive, Scope, Send
 from serve.dependencies import Server
 from serve.engine import Chunk, Engine, Generation, Sampling, TokenLogprob
 from serve.errors import BadRequest, ServeError, Unavailable
-from serve.metrics import FIRST_TOKEN_SECONDS, TOKENS
+from serve.metrics import FIRST_TOKEN_SECONDS, MODEL_REQUESTS, MODEL_SECONDS, MODEL_TOKENS, TOKENS
 from serve.schemas import ChatRequest, CompletionRequest
 from serve.tenants import Tenant
 
@@ -169,6 +169,11 @@ class _Run:
         self.release()
         TOKENS.labels("completion").inc(self.completion_tokens)
         self.request.state.completion_tokens = self.completion_tokens
+        model, tenant = self.request.state.model, self.request.state.tenant
+        MODEL_REQUESTS.labels(model, tenant).inc()
+        MODEL_TOKENS.labels(model, tenant, "prompt").inc(self.prompt_tokens)
+        MODEL_TOKENS.labels(model, tenant, "completion").inc(self.completion_tokens)
+        MODEL_SECONDS.labels(model).observe(time.perf_counter() - self.started)
 
 
 async def _merged(generations: list[Generation]) -> AsyncIterator[tuple[int, Chunk]]:

@@ -68,6 +68,17 @@ class Sampling:
 
 
 @dataclass(frozen=True)
+class EngineStatus:
+    """What an engine reports of its queue at one moment: the layer above records it as metrics."""
+
+    running: int  # generations in the batch
+    waiting: int  # generations queued for it
+    running_adapters: tuple[str, ...]  # adapter versions of the running ones
+    waiting_adapters: tuple[str, ...]
+    max_loaded: int  # adapters it keeps in memory at once
+
+
+@dataclass(frozen=True)
 class TokenLogprob:
     """One token with its log-probability under the served model, and the most likely tokens at its place."""
 
@@ -189,6 +200,10 @@ class Engine(ABC):
     @abstractmethod
     def submit(self, generation: Generation) -> None:
         """Queue GENERATION; its chunks arrive through it as the engine's batches run."""
+
+    @abstractmethod
+    def status(self) -> EngineStatus:
+        """Its queue now: running and waiting generations and their adapters."""
 
     @abstractmethod
     def running(self) -> int:

@@ -19,3 +19,19 @@ CACHE_HITS = Counter("adapters_adapter_cache_hits_total", "Requests whose adapte
 LOADED = Gauge("adapters_loaded_adapters", "Adapters loaded in the engine now.")
 RUNNING = Gauge("adapters_running_requests", "Generations running or waiting in the engine now.")
 BATCH_SIZE = Histogram("adapters_batch_size", "Rows in each forward pass.", buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+
+# Per adapter version and tenant: label values are registry versions and tenants-file names, both bounded.
+MODEL_REQUESTS = Counter("adapters_model_requests_total", "Generation requests answered.", ["model", "tenant"])
+MODEL_TOKENS = Counter("adapters_model_tokens_total", "Tokens processed.", ["model", "tenant", "kind"])
+MODEL_SECONDS = Histogram(
+    "adapters_model_request_seconds", "Time from request to last token.", ["model"], buckets=_LATENCY
+)
+WAITING = Gauge("adapters_requests_waiting", "Generations queued in the engine, not yet in a batch.")
+# vLLM's names, which LoRA-aware routers (the Gateway API Inference Extension) read as they are.
+VLLM_RUNNING = Gauge("vllm:num_requests_running", "Requests in the engine's batch (vLLM's name).")
+VLLM_WAITING = Gauge("vllm:num_requests_waiting", "Requests waiting for the batch (vLLM's name).")
+VLLM_LORA = Gauge(
+    "vllm:lora_requests_info",
+    "Adapters of running and waiting requests; the value is when it was read (vLLM's name and labels).",
+    ["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
+)

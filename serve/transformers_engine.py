@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from serve import metrics
-from serve.engine import AdapterSpec, Chunk, Engine, Generation, Sampling, TokenLogprob, deliver
+from serve.engine import AdapterSpec, Chunk, Engine, EngineStatus, Generation, Sampling, TokenLogprob, deliver
 from serve.errors import AdapterRejected, BadRequest, ServeError
 from serve.kvcache import RowCache
 from serve.lora import AdapterWeights, Rows, install, plan, read_adapter, uninstall, wrap_linears
@@ -192,6 +192,18 @@ class TransformersEngine(Engine):
             self._waiting.append(generation)
             metrics.RUNNING.inc()
             self._cond.notify_all()  # the worker and `load` calls wait on this condition: wake the worker for sure
+
+    def status(self) -> EngineStatus:
+        with self._cond:
+            waiting = list(self._waiting)
+            running = [row.generation for row in self._running]
+        return EngineStatus(
+            running=len(running),
+            waiting=len(waiting),
+            running_adapters=tuple(sorted({g.adapter.key for g in running if g.adapter})),
+            waiting_adapters=tuple(sorted({g.adapter.key for g in waiting if g.adapter})),
+            max_loaded=self.max_loaded,
+        )
 
     def running(self) -> int:
         with self._cond:

@@ -7,7 +7,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ import httpx
 import openai
 import pytest
 import torch
-from serving import events, registry_with, serving
+from serving import events, registry_with, serving, wait_for
 
 PROMPTS = ["The quick brown fox", "Once upon a time"]
 
@@ -269,3 +271,46 @@ def test_penalties_biases_and_stop_token_ids_act_as_openai_and_vllm_define_them(
     ):
         response = served.post("/v1/completions", **body, **extra)
         assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
+
+
+def test_metrics_per_version_and_tenant_and_the_queue_under_vllms_names(served: Served, monkeypatch: Any) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def samples(name: str) -> list[Any]:
+        text = httpx.get(f"{served.url}/metrics").text
+        return [s for f in text_string_to_metric_families(text) for s in f.samples if s.name == name]
+
+    def value(name: str, **labels: str) -> float:
+        return sum(s.value for s in samples(name) if all(s.labels.get(k) == v for k, v in labels.items()))
+
+    before = value("adapters_model_requests_total", model="alpha@v1.0.0")
+    answer = served.client.completions.create(model="alpha", prompt="x", max_tokens=3, temperature=0)
+    assert value("adapters_model_requests_total", model="alpha@v1.0.0") == before + 1
+    assert (
+        value("adapters_model_tokens_total", model="alpha@v1.0.0", kind="completion") >= answer.usage.completion_tokens
+    )
+    assert value("adapters_model_request_seconds_count", model="alpha@v1.0.0") >= 1
+
+    # The worker is held inside its next decoding step: one request runs, a second one waits behind it.
+    gate = threading.Event()
+    decode = served.engine._decode
+    monkeypatch.setattr(served.engine, "_decode", lambda: (gate.wait(60), decode()))
+    body = {"model": "alpha", "prompt": "x", "max_tokens": 4, "temperature": 0, "ignore_eos": True, "stream": True}
+    with ThreadPoolExecutor(1) as pool:
+        try:
+            with httpx.stream("POST", f"{served.url}/v1/completions", json=body, timeout=120) as stream:
+                next(line for line in stream.iter_lines() if line.startswith("data: "))  # it runs now
+                waiter = pool.submit(served.post, "/v1/completions", **{**body, "stream": False})
+                wait_for(lambda: value("vllm:num_requests_waiting") == 1, 10, "the second request to queue")
+                assert value("vllm:num_requests_running") == 1 and value("adapters_requests_waiting") == 1
+                (info,) = samples("vllm:lora_requests_info")
+                assert info.labels == {
+                    "running_lora_adapters": "alpha@v1.0.0",
+                    "waiting_lora_adapters": "alpha@v1.0.0",
+                    "max_lora": "2",
+                }
+                gate.set()
+        finally:
+            gate.set()
+        assert waiter.result().status_code == 200
+    wait_for(lambda: value("vllm:num_requests_running") == 0, 10, "the batch to empty")
