@@ -17,6 +17,7 @@ from starlette.types import Receive, Scope, Send
 from serve.dependencies import Server
 from serve.engine import Chunk, Engine, Generation, Sampling, TokenLogprob
 from serve.errors import BadRequest, ServeError, Unavailable
+from serve.grammar import schema_of
 from serve.metrics import FIRST_TOKEN_SECONDS, MODEL_REQUESTS, MODEL_SECONDS, MODEL_TOKENS, TOKENS
 from serve.schemas import ChatRequest, CompletionRequest
 from serve.tenants import Tenant
@@ -444,6 +445,7 @@ def _sampling(server: Server, tenant: Tenant, body: CompletionRequest | ChatRequ
         frequency_penalty=body.frequency_penalty,
         logit_bias=body.biases(),
         stop_token_ids=tuple(body.stop_token_ids or ()),
+        json_schema=schema_of(body.response_format),
         # best_of ranks candidates by their tokens' log-probabilities, so it needs them even when not shown.
         logprobs=top if top is not None else (0 if body.candidates() > body.n else None),
         prompt_logprobs=top if body.echoes() and top is not None else None,

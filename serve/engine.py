@@ -45,6 +45,7 @@ class Sampling:
     frequency_penalty: float = 0.0  # subtracted once per time a token was generated so far, as OpenAI's
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token, bias) added to its logit
     stop_token_ids: tuple[int, ...] = ()  # tokens that end the generation (not part of its text), as vLLM's
+    json_schema: str | None = None  # the output must be JSON matching this schema (its text), enforced per token
     prompt_logprobs: int | None = None  # the same for each prompt token after the first (echo)
 
     def __post_init__(self) -> None:
@@ -113,7 +114,7 @@ class Generation:
     def adjusted(self) -> bool:
         """Whether its logits are changed before a token is picked (penalties or biases)."""
         s = self.sampling
-        return bool(s.presence_penalty or s.frequency_penalty or s.logit_bias)
+        return bool(s.presence_penalty or s.frequency_penalty or s.logit_bias or s.json_schema)
 
     @property
     def prompt_tokens(self) -> int:

@@ -43,7 +43,9 @@ class _Generate(BaseModel):
     frequency_penalty: float = Field(0.0, ge=-2, le=2, description="Penalise tokens by how often they were generated.")
     logit_bias: dict[int, float] | None = Field(None, description="Token id -> bias (-100 to 100) added to its logit.")
     stop_token_ids: list[int] | None = Field(None, description="Token ids that end the completion, as vLLM's.")
-    response_format: dict[str, Any] | None = Field(None, description='Only {"type": "text"}.')
+    response_format: dict[str, Any] | None = Field(
+        None, description='{"type": "text"}, "json_object" or "json_schema" (enforced while decoding).'
+    )
     tools: list[dict[str, Any]] | None = Field(None, description="Not supported: a non-empty list is a 400.")
     tool_choice: str | dict[str, Any] | None = Field(None, description='Only "none" (there are no tools).')
     user: str | None = Field(None, description="Metadata: accepted and ignored.")
@@ -63,11 +65,6 @@ class _Generate(BaseModel):
 
     def candidates(self) -> int:
         """Generations per prompt (best_of, else n); refuses what the server does not do."""
-        fmt = (self.response_format or {}).get("type", "text")
-        if fmt != "text":
-            raise BadRequest(
-                f"response_format {fmt!r} is not supported by this server; only 'text'.", param="response_format"
-            )
         if self.tools:
             raise BadRequest(
                 "Tool calls are not supported by this server; send the request without tools.", param="tools"

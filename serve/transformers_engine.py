@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from serve import metrics
 from serve.engine import AdapterSpec, Chunk, Engine, EngineStatus, Generation, Sampling, TokenLogprob, deliver
 from serve.errors import AdapterRejected, BadRequest, ServeError
+from serve.grammar import Grammars
 from serve.kvcache import RowCache
 from serve.lora import AdapterWeights, Rows, install, plan, read_adapter, uninstall, wrap_linears
 from serve.textstream import TextStream
@@ -37,6 +38,7 @@ class _Row:
     length: int = 0  # tokens in the cache
     last: int = 0  # the token the next decode step feeds
     counts: dict[int, int] | None = None  # tokens generated so far, kept only when penalties need them
+    matcher: Any = None  # the grammar state of a row whose output must match a JSON schema
 
     @property
     def key(self) -> str | None:
@@ -119,6 +121,7 @@ class TransformersEngine(Engine):
             self._layers = wrap_linears(self.model, self._rows, self.max_loaded)
             self._cache = RowCache(self.max_batch)
             self._vocab = int(self.model.get_input_embeddings().num_embeddings)
+            self._grammars = Grammars(self.tokenizer, self._vocab)
             eos = self.model.generation_config.eos_token_id
             self._eos = (set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}) - {None}
         except BaseException as exc:  # the constructor raises it in the caller's thread
@@ -180,6 +183,8 @@ class TransformersEngine(Engine):
         if not all(isinstance(i, int) and 0 <= i < self._vocab for i in ids):
             raise BadRequest(f"The prompt holds token ids outside this model's vocabulary of {self._vocab}.")
         sampling = generation.sampling
+        if sampling.json_schema is not None:
+            self._grammars.check(sampling.json_schema)
         for field, tokens in (
             ("logit_bias", [t for t, _ in sampling.logit_bias]),
             ("stop_token_ids", sampling.stop_token_ids),
@@ -489,7 +494,9 @@ class TransformersEngine(Engine):
             generator.manual_seed(generation.sampling.seed)
         else:
             generator.seed()
-        return _Row(generation, TextStream(self.tokenizer, generation.sampling.stop), generator)
+        schema = generation.sampling.json_schema
+        matcher = self._grammars.matcher(schema) if schema is not None else None
+        return _Row(generation, TextStream(self.tokenizer, generation.sampling.stop), generator, matcher=matcher)
 
     def _advance(self, rows: list[_Row], logits: torch.Tensor) -> None:
         """Pick each row's next token, send the new text of every row at once, and mark finished rows.
@@ -503,6 +510,8 @@ class TransformersEngine(Engine):
             for i, row in enumerate(rows):
                 if row.generation.adjusted:
                     _adjust(logits[i], row)
+                    if row.matcher is not None:
+                        self._grammars.restrict(row.matcher, logits[i])
         greedy = logits.argmax(dim=-1).tolist()
         outbox: list[tuple[Generation, Chunk | BaseException]] = []
         for i, row in enumerate(rows):
@@ -531,6 +540,11 @@ class TransformersEngine(Engine):
             row.counts = row.counts or {}
             row.counts[token] = row.counts.get(token, 0) + 1
         scored = () if sampling.logprobs is None else tuple(_logprobs(raw[None], [token], sampling.logprobs))
+        if row.matcher is not None:
+            row.matcher.consume_token(token)  # the mask let through only tokens the grammar accepts
+            if row.matcher.is_stopped():  # the JSON is whole: it ends here, as at end-of-sequence
+                text = "" if token in self._eos else row.stream.push(token)[0]
+                return Chunk(text + row.stream.rest(), "stop", scored)
         if token in sampling.stop_token_ids:
             return Chunk(row.stream.rest(), "stop", scored)
         if token in self._eos and not sampling.ignore_eos:

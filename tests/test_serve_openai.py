@@ -176,7 +176,7 @@ def test_n_choices_each_with_its_own_seed_and_best_of_keeps_the_likeliest(served
     [
         ({"temprature": 0.5}, "temprature", "Extra inputs are not permitted"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "Tool calls are not supported"),
-        ({"response_format": {"type": "json_object"}}, "response_format", "'json_object' is not supported"),
+        ({"response_format": {"type": "yaml"}}, "response_format", "'yaml' is not one of text, json_object"),
         ({"suffix": "end"}, "suffix", "suffix is not supported"),
         ({"logprobs": 21}, "logprobs", "less than or equal to 20"),
         ({"n": 2, "best_of": 1}, "best_of", "best_of (1) must be at least n (2)"),
@@ -314,3 +314,53 @@ def test_metrics_per_version_and_tenant_and_the_queue_under_vllms_names(served: 
             gate.set()
         assert waiter.result().status_code == 200
     wait_for(lambda: value("vllm:num_requests_running") == 0, 10, "the batch to empty")
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 6},
+        "ok": {"type": "boolean"},
+        "n": {"type": "integer", "minimum": 0, "maximum": 99},
+    },
+    "required": ["name", "ok", "n"],
+    "additionalProperties": False,
+}
+
+
+def test_structured_output_always_parses_and_validates_per_row_of_a_mixed_batch(served: Served) -> None:
+    import jsonschema
+
+    strict = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA, "strict": True}}
+    jobs = [
+        ({"model": "alpha", "prompt": "Person:", "response_format": strict, "seed": seed, "temperature": 1.0}, True)
+        for seed in range(4)
+    ]
+    jobs += [({"model": "tiny-llama", "prompt": "Person:", "response_format": strict, "temperature": 0}, True)]
+    jobs += [({"model": "alpha", "prompt": "Person:", "temperature": 0, "ignore_eos": True}, False)]
+    plain_alone = served.post("/v1/completions", **jobs[-1][0], max_tokens=30).json()["choices"][0]["text"]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        answers = list(pool.map(lambda job: served.post("/v1/completions", **job[0], max_tokens=60).json(), jobs))
+    for (_, structured), answer in zip(jobs, answers, strict=True):
+        choice = answer["choices"][0]
+        if structured:
+            assert choice["finish_reason"] == "stop", choice
+            jsonschema.validate(json.loads(choice["text"]), SCHEMA)
+        else:
+            assert choice["text"].startswith(plain_alone[:20])  # the unconstrained row in the same batch is unchanged
+    # json_object: any object. A random model opens keys and never closes them, so biases (against '{"', for
+    # '}') steer it; the grammar decides where each token may stand, so the answer is a whole object.
+    (open_key,), (close,) = (served.engine.encode(t, add_special_tokens=False) for t in ('{"', "}"))
+    chat = served.client.chat.completions.create(
+        model="alpha",
+        messages=[{"role": "user", "content": "Give a JSON object."}],
+        response_format={"type": "json_object"},
+        logit_bias={str(open_key): -100, str(close): 100},
+        max_tokens=30,
+        temperature=0,
+    )
+    assert chat.choices[0].finish_reason == "stop", chat.choices[0].message.content
+    assert isinstance(json.loads(chat.choices[0].message.content), dict)
+    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}
+    response = served.post("/v1/completions", model="alpha", prompt="x", response_format=bad)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "response_format"
