@@ -376,3 +376,34 @@ def test_the_row_cache_shrinks_to_its_rows_and_a_new_row_starts_clean():
     assert cache.capacity == 128  # not worth a copy
     cache.shrink(0, 1)
     assert cache.nbytes() == 0 and (cache.height, cache.capacity) == (0, 0)
+
+
+def test_a_prompt_the_model_fails_on_fails_alone_and_its_batch_is_prefilled_again(engine, monkeypatch):
+    good_ids, bad_ids = engine.encode(PROMPTS[0]), engine.encode(PROMPTS[2])
+    poison = next(token for token in bad_ids if token not in good_ids)
+    forward, passes = engine._forward, []
+
+    def failing(ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """A fault point: the model fails on any prompt holding POISON, as it could on an input nobody foresaw."""
+        passes.append(ids.shape[0])
+        if ids.shape[1] > 1 and bool((ids == poison).any()):
+            raise RuntimeError("the model failed on this prompt")
+        return forward(ids, mask, positions)
+
+    alone = generate(engine, [(None, PROMPTS[0], GREEDY, 0)])
+    monkeypatch.setattr(engine, "_forward", failing)
+
+    async def run() -> tuple[BaseException | None, str]:
+        good, bad = Generation(good_ids, None, GREEDY), Generation(bad_ids, None, GREEDY)
+        with engine._cond:  # both wait together, so that one prefill takes both
+            engine.submit(good)
+            engine.submit(bad)
+        try:
+            await _text(bad)
+        except RuntimeError as exc:
+            return exc, await _text(good)
+        return None, await _text(good)
+
+    error, text = asyncio.run(run())
+    assert str(error) == "the model failed on this prompt" and [text] == alone
+    assert passes[:3] == [2, 1, 1]  # together, then each alone
