@@ -417,23 +417,27 @@ class TransformersEngine(Engine):
                 admitted[:] = [g for g in admitted if g not in failed]
                 self._fail(failed, exc)
         if admitted:
-            self._prefill_apart(admitted)
+            failed = self._prefill_apart(admitted)
+            admitted[:] = [g for g in admitted if g not in failed]  # failed and released: not this step's any more
         self._drop_finished()
         if self._running:
             self._decode()
             self._drop_finished()
 
-    def _prefill_apart(self, generations: list[Generation]) -> None:
-        """Prefill GENERATIONS together; if that fails, each alone, so that only those that fail alone fail."""
+    def _prefill_apart(self, generations: list[Generation]) -> list[Generation]:
+        """Prefill GENERATIONS together; if that fails, each alone, so that only those that fail alone fail.
+
+        Returns the failed ones.
+        """
         try:
             self._prefill(generations)
         except Exception as exc:
             if len(generations) == 1:
                 log.exception("The engine failed a request's prompt; it gets an error.")
                 self._fail(generations, exc)
-                return
-            for generation in generations:
-                self._prefill_apart([generation])
+                return generations
+            return [failed for generation in generations for failed in self._prefill_apart([generation])]
+        return []
 
     def _prefill(self, generations: list[Generation]) -> None:
         first = len(self._running)

@@ -310,3 +310,100 @@ def test_on_the_embedded_nf4_model_a_mixed_batch_matches_peft_generate(embedded_
         assert generate(engine, [(a, prompt, sampling, 0.01 * i) for i, a in enumerate([None, *adapters])]) == expected
     finally:
         engine.close()
+
+
+def test_rank_and_alpha_patterns_and_rslora_are_applied_as_peft_applies_them(engine, lora, tiny_base, tmp_path):
+    patterns = {
+        "target_modules": ["q_proj", "v_proj", "o_proj"],
+        "rank_pattern": {"q_proj": 8, r"layers\.1\.self_attn\.v_proj": 2},
+        "alpha_pattern": {"v_proj": 32, "o_proj": 1},
+    }
+    for seed, settings in ((10, patterns), (11, {**patterns, "use_rslora": True})):  # a seed each: a key each
+        adapter = lora(seed, **settings)
+        expected = peft_generate(tiny_base, adapter, PROMPTS[1], GREEDY.max_tokens)
+        assert generate(engine, [(adapter, PROMPTS[1], GREEDY, 0)]) == [expected], settings
+    # The patterns matter here: the same weights with one alpha for all answer otherwise.
+    plain = tmp_path / "plain"
+    shutil.copytree(lora(10, **patterns).path, plain)
+    config = json.loads((plain / "adapter_config.json").read_text())
+    (plain / "adapter_config.json").write_text(json.dumps({**config, "alpha_pattern": {}}))
+    unpatterned = generate(engine, [(AdapterSpec("plain", "v1.0.0", plain), PROMPTS[1], GREEDY, 0)])
+    assert unpatterned != [peft_generate(tiny_base, lora(10, **patterns), PROMPTS[1], GREEDY.max_tokens)]
+
+
+def test_a_rejected_load_never_holds_a_later_request_or_another_load(engine, lora, tmp_path):
+    zero = tmp_path / "zero"
+    shutil.copytree(lora(1).path, zero)
+    config = json.loads((zero / "adapter_config.json").read_text())
+    (zero / "adapter_config.json").write_text(json.dumps({**config, "r": 0, "lora_alpha": "sixteen"}))
+    spec = AdapterSpec("zero", "v1.0.0", zero)
+
+    async def run() -> tuple[list[BaseException | bool], str]:
+        running = Generation(engine.encode(PROMPTS[2]), lora(2), GREEDY)
+        engine.submit(running)
+        loads = await asyncio.gather(*[engine.load(spec) for _ in range(3)], return_exceptions=True)
+        base = Generation(engine.encode(PROMPTS[0]), None, GREEDY)
+        engine.submit(base)
+        texts = [await asyncio.wait_for(_text(g), 60) for g in (base, running)]  # a held request times out
+        return loads, texts
+
+    loads, texts = asyncio.run(run())
+    assert all(isinstance(e, AdapterRejected) and "'r' is 0" in str(e) for e in loads), loads
+    assert texts == generate(engine, [(None, PROMPTS[0], GREEDY, 0), (lora(2), PROMPTS[2], GREEDY, 0)])
+
+
+async def _text(generation: Generation) -> str:
+    return "".join([chunk.text async for chunk in generation])
+
+
+def test_the_row_cache_shrinks_to_its_rows_and_a_new_row_starts_clean():
+    from serve.kvcache import RowCache
+
+    cache = RowCache(rows=8)
+    cache.reserve(8, 1000)
+    cache.prefill(0)
+    key = torch.randn(8, 2, 1000, 4)
+    cache.update(key, key + 1, 0)
+    assert (cache.height, cache.capacity) == (8, 1024)
+    cache.shrink(2, 100)  # two rows of up to 100 tokens left: a quarter or less of the storage is kept
+    assert (cache.height, cache.capacity) == (2, 128) and cache.nbytes() == 2 * 2 * 2 * 128 * 4 * 4
+    assert torch.equal(cache.keys[0][:, :, :100], key[:2, :, :100])
+    cache.keys[0][1, :, 50:] = float("nan")  # what a row whose adapter overflowed leaves behind
+    cache.prefill(1)
+    cache.update(torch.ones(1, 2, 10, 4), torch.ones(1, 2, 10, 4), 0)
+    assert torch.isfinite(cache.keys[0][1]).all() and cache.keys[0][1, :, 10:].eq(0).all()
+    cache.shrink(2, 120)
+    assert cache.capacity == 128  # not worth a copy
+    cache.shrink(0, 1)
+    assert cache.nbytes() == 0 and (cache.height, cache.capacity) == (0, 0)
+
+
+def test_a_prompt_the_model_fails_on_fails_alone_and_its_batch_is_prefilled_again(engine, monkeypatch):
+    good_ids, bad_ids = engine.encode(PROMPTS[0]), engine.encode(PROMPTS[2])
+    poison = next(token for token in bad_ids if token not in good_ids)
+    forward, passes = engine._forward, []
+
+    def failing(ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """A fault point: the model fails on any prompt holding POISON, as it could on an input nobody foresaw."""
+        passes.append(ids.shape[0])
+        if ids.shape[1] > 1 and bool((ids == poison).any()):
+            raise RuntimeError("the model failed on this prompt")
+        return forward(ids, mask, positions)
+
+    alone = generate(engine, [(None, PROMPTS[0], GREEDY, 0)])
+    monkeypatch.setattr(engine, "_forward", failing)
+
+    async def run() -> tuple[BaseException | None, str]:
+        good, bad = Generation(good_ids, None, GREEDY), Generation(bad_ids, None, GREEDY)
+        with engine._cond:  # both wait together, so that one prefill takes both
+            engine.submit(good)
+            engine.submit(bad)
+        try:
+            await _text(bad)
+        except RuntimeError as exc:
+            return exc, await _text(good)
+        return None, await _text(good)
+
+    error, text = asyncio.run(run())
+    assert str(error) == "the model failed on this prompt" and [text] == alone
+    assert passes[:3] == [2, 1, 1]  # together, then each alone
