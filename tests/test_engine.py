@@ -6,6 +6,8 @@ import asyncio
 import gc
 import json
 import shutil
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -130,17 +132,29 @@ def test_nf4_base_gives_what_peft_gives_on_the_same_nf4_model(lora, tiny_base):
         nf4.close()
 
 
+def wait_for(condition: Callable[[], bool], seconds: float = 60) -> None:
+    """Poll CONDITION until it holds; fail after SECONDS."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
 def passes_wider_than(rows: int) -> int:
     """Forward passes so far (all engines of this process) that held more than ROWS rows."""
     samples = {s.labels.get("le"): s.value for s in BATCH_SIZE.collect()[0].samples if s.name.endswith("_bucket")}
     return samples["+Inf"] - samples[str(float(rows))]
 
 
-def test_mixed_batch_gives_each_request_what_it_gets_alone(engine, lora):
+def test_mixed_batch_gives_each_request_what_it_gets_alone(engine, lora, monkeypatch):
     adapters = [None, lora(1), lora(2, r=8, lora_alpha=4, target_modules="all-linear", use_rslora=True), lora(4)]
     jobs = [(a, p, GREEDY, 0.02 * i) for i, (a, p) in enumerate((a, p) for a in adapters for p in PROMPTS)]
     alone = [generate(engine, [job[:3] + (0,)])[0] for job in jobs]
     assert len(set(alone)) > len(PROMPTS)  # the adapters really change the answers
+    # The first decoding step is held until every request has arrived, so the later ones join a running batch.
+    gate, decode = threading.Event(), engine._decode
+    monkeypatch.setattr(engine, "_decode", lambda: (gate.wait(60), decode()))
+    threading.Thread(target=lambda: (wait_for(lambda: engine.running() == len(jobs)), gate.set()), daemon=True).start()
     wide = passes_wider_than(4)
     assert generate(engine, jobs) == alone  # staggered: requests join a batch that is already running
     assert passes_wider_than(4) > wide  # they did share passes: rows of several adapters in one
