@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -74,6 +75,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, make_adapt
         "cached": [make_adapter(4)],
         "fragile": [make_adapter(5)],
         "extra": [make_adapter(6)],
+        "burst": [make_adapter(7), make_adapter(8), make_adapter(9)],
     }
     registry = registry_with(root / "registry", folders)
     engine = TransformersEngine(tiny_base, model_id="tiny-llama", quantize="none", max_loaded=4, max_batch=8)
@@ -87,7 +89,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, make_adapt
         stale_after=0,  # any failed read makes /readyz say so: no waiting in tests
         settle=3600,  # a half-done stage change is held until its other half comes
     )
-    app = create_app(engine, catalog, Tenants(None), Settings(max_tokens_cap=64, max_body_bytes=MAX_BODY))
+    app = create_app(engine, catalog, Tenants(None), Settings(max_tokens_cap=512, max_body_bytes=MAX_BODY))
     with serving(app) as url:
         yield Served(url, registry, app, folders)
 
@@ -190,6 +192,31 @@ def test_a_promotion_caught_half_way_keeps_the_previous_holder(served: Served, c
     assert quick.lookup("swap", lambda name: True) == v2  # no prod: the latest
     with pytest.raises(AdapterNotFound, match="holds stage 'prod'"):
         quick.lookup("swap#prod", lambda name: True)
+
+
+def test_a_burst_of_promotions_only_ever_shows_versions_that_held_prod(served: Served) -> None:
+    registry = served.registry
+    promoted = {"burst@v1.0.0", "burst@v1.1.0"}  # burst@v1.2.0, the latest, is never promoted
+    seen: list[tuple[str | None, str | None]] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            seen.append((served.bare("burst"), served.bare("burst#prod")))
+
+    registry.promote("burst@v1.0.0", "prod")
+    wait_for(lambda: served.bare("burst#prod") == "burst@v1.0.0", 10, "the first promotion")
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        for i in range(40):
+            registry.promote(f"burst@v1.{(i + 1) % 2}.0", "prod")
+    finally:
+        stop.set()
+        watcher.join()
+    wrong = [pair for pair in seen if not set(pair) <= promoted]
+    assert not wrong, wrong
+    assert {version for pair in seen for version in pair} == promoted  # the watch saw the burst, both ways
 
 
 @pytest.mark.parametrize("damage", ["flip a bit", "truncate", "delete"])
@@ -298,7 +325,7 @@ def test_admin_load_says_loaded_only_when_the_adapter_is_in_memory(
     engine = served.app.state.server.engine
     step = engine._step
 
-    def slow_step(*args: Any) -> None:  # a fault point: each batch step takes 0.1 s, so the streams outlast the test
+    def slow_step(*args: Any) -> None:  # a fault point: each step takes 0.1 s, so the streams outlast the test by far
         step(*args)
         time.sleep(0.1)
 
@@ -308,7 +335,7 @@ def test_admin_load_says_loaded_only_when_the_adapter_is_in_memory(
     busy = ["alpha@v1.0.0", "swap@v1.0.0", "swap@v1.1.0", "cached@v1.0.0"]  # every place: max_loaded is 4
     with contextlib.ExitStack() as streams:
         for model in busy:
-            body = {"model": model, "prompt": PROMPT, "max_tokens": 64, "ignore_eos": True, "stream": True}
+            body = {"model": model, "prompt": PROMPT, "max_tokens": 500, "ignore_eos": True, "stream": True}
             response = streams.enter_context(
                 httpx.stream("POST", f"{served.url}/v1/completions", json=body, timeout=60)
             )

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -304,14 +305,12 @@ def test_serve_refuses_bad_options_in_one_line(cli: Any, registry: Registry, tmp
     taken.close()
 
 
-def test_sigterm_lets_a_running_stream_finish_then_exits_0(
-    registry: Registry, make_adapter: Any, tiny_base: Path, tmp_path: Path
-) -> None:
-    registry.add("drain", make_adapter(1))
-    args = ["serve", "--base", str(tiny_base), "--port", "0"]  # the default quantization: NF4, bitsandbytes runs here
+@contextmanager
+def _server_process(command: list[str], cwd: Path) -> Iterator[tuple[subprocess.Popen, str, list[str]]]:
+    """Start `adapters serve` as python COMMAND; yields the process, its URL and its output lines as they come."""
     server = subprocess.Popen(
-        [sys.executable, "-m", "adapterctl.cli", *args],
-        cwd=registry.root,
+        [sys.executable, *command],
+        cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -325,8 +324,20 @@ def test_sigterm_lets_a_running_stream_finish_then_exits_0(
             lambda: [line for line in lines if " at http://" in line] or server.poll() is not None, 120, "start"
         )
         assert server.poll() is None, "".join(lines)
-        url = started[0].split(" at ")[1].split("/v1")[0]
-        assert "open mode" in started[0] and "(quantize nf4)" in "".join(lines)
+        yield server, started[0].split(" at ")[1].split("/v1")[0], lines
+    finally:
+        if server.poll() is None:
+            server.kill()
+        reader.join()
+
+
+def test_sigterm_lets_a_running_stream_finish_then_exits_0(
+    registry: Registry, make_adapter: Any, tiny_base: Path, tmp_path: Path
+) -> None:
+    registry.add("drain", make_adapter(1))
+    args = ["serve", "--base", str(tiny_base), "--port", "0"]  # the default quantization: NF4, bitsandbytes runs here
+    with _server_process(["-m", "adapterctl.cli", *args], registry.root) as (server, url, lines):
+        assert "open mode" in lines[-1] and "(quantize nf4)" in "".join(lines)
         body = {"model": "drain", "prompt": PROMPT, "max_tokens": 300, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
             lines_iter = response.iter_lines()
@@ -338,10 +349,6 @@ def test_sigterm_lets_a_running_stream_finish_then_exits_0(
         assert server.wait(60) == 0
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"{url}/healthz")
-    finally:
-        if server.poll() is None:
-            server.kill()
-        reader.join()
     log = "".join(lines)
     assert "Draining: 1 requests running" in log  # the stream was still running when the signal came
     assert "model=drain@v1.0.0 status=200" in log and "completion_tokens=300" in log
@@ -373,43 +380,25 @@ def test_requests_cut_at_shutdown_get_an_error_event_and_the_exit_code_says_so(
     hold.touch()
     drain = "0" if stop == "drain time" else "600"
     args = ["serve", "--base", str(tiny_base), "--quantize", "none", "--port", "0", "--drain-seconds", drain]
-    server = subprocess.Popen(
-        [sys.executable, "-c", _HELD, str(hold), *args],
-        cwd=registry.root,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(iter(server.stdout.readline, "")))
-    reader.start()
     try:
-        started = wait_for(
-            lambda: [line for line in lines if " at http://" in line] or server.poll() is not None, 120, "start"
-        )
-        assert server.poll() is None, "".join(lines)
-        url = started[0].split(" at ")[1].split("/v1")[0]
-        body = {"model": "drain", "prompt": PROMPT, "max_tokens": 300, "ignore_eos": True, "stream": True}
-        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
-            stream = response.iter_lines()
-            assert next(line for line in stream if line.startswith("data: "))  # generating, then held
-            server.send_signal(signal.SIGTERM)
-            if stop == "second signal":
-                wait_for(lambda: any("Draining: 1 requests running" in line for line in lines), 30, "draining")
+        with _server_process(["-c", _HELD, str(hold), *args], registry.root) as (server, url, lines):
+            body = {"model": "drain", "prompt": PROMPT, "max_tokens": 300, "ignore_eos": True, "stream": True}
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+                stream = response.iter_lines()
+                assert next(line for line in stream if line.startswith("data: "))  # generating, then held
                 server.send_signal(signal.SIGTERM)
-            rest = [line for line in stream if line.startswith("data: ")]
-        hold.unlink()  # the engine may stop now
-        assert len(rest) == 1 and "[DONE]" not in rest[0], rest  # the error event is the last
-        error = json.loads(rest[0].removeprefix("data: "))["error"]
-        why = "its drain time of 0 s ran out" if stop == "drain time" else "a second stop signal came"
-        assert error["message"] == f"The server stopped before this request finished: {why}."
-        assert server.wait(60) == 11
+                if stop == "second signal":
+                    wait_for(lambda: any("Draining: 1 requests running" in line for line in lines), 30, "draining")
+                    server.send_signal(signal.SIGTERM)
+                rest = [line for line in stream if line.startswith("data: ")]
+            hold.unlink()  # the engine may stop now
+            assert rest and all("[DONE]" not in line and '"finish_reason":"length"' not in line for line in rest)
+            error = json.loads(rest[-1].removeprefix("data: "))["error"]  # cut mid-way, the error event last
+            why = "its drain time of 0 s ran out" if stop == "drain time" else "a second stop signal came"
+            assert error["message"] == f"The server stopped before this request finished: {why}."
+            assert server.wait(60) == 11
     finally:
         hold.unlink(missing_ok=True)
-        if server.poll() is None:
-            server.kill()
-        reader.join()
     log = "".join(lines)
     assert "Ignoring the tag 'drain@v01.0.0'" in log
     assert "Error: Stopped with 1 requests cut before they finished" in log
