@@ -191,7 +191,9 @@ class Catalog:
                     self._fetch(version, path)
                 except ServeError:
                     raise
-                except (AdaptersError, OSError) as exc:
+                except Exception as exc:  # a request fails, never the server: whatever the registry holds
+                    if not isinstance(exc, (AdaptersError, OSError)):
+                        log.exception("Fetching the files of %s failed.", version.ref)
                     raise self._unfetchable(version, exc) from None
         spec = AdapterSpec(version.name, str(version.version), path)
         self.check(spec)

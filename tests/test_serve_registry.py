@@ -151,19 +151,28 @@ def test_malformed_and_foreign_tags_are_ignored_with_one_warning(
 
 
 def test_a_version_tag_without_its_files_is_a_422_naming_no_server_path(served: Served) -> None:
-    git = served.registry.git
+    git, root = served.registry.git, served.registry.root
     git.run("tag", "-a", "ghost@v1.0.0", "-m", "a version tag on a commit without adapters/ghost.dvc")
+    (root / "adapters" / "garbled.dvc").write_text("outs: [[[\n")  # a pointer file edited into nonsense
+    git.run("add", "adapters/garbled.dvc")
+    git.run("commit", "-q", "-m", "garbled pointer")
+    git.run("tag", "-a", "garbled@v1.0.0", "-m", "a version whose .dvc file is not YAML")
+    git.run("rm", "-q", "adapters/garbled.dvc")
+    git.run("commit", "-q", "-m", "remove the garbled pointer")
     try:
-        assert served.post("/admin/refresh").json()["adapters"]["ghost"] == "ghost@v1.0.0"
-        response = served.complete("ghost")
-        assert response.status_code == 422, response.text
-        error = response.json()["error"]
-        assert error["code"] == "adapter_rejected" and error["message"].startswith("ghost@v1.0.0 cannot be served")
-        assert "/tmp" not in error["message"] and str(served.registry.root) not in error["message"]
-        assert served.post("/admin/load", model="ghost").status_code == 422
+        refreshed = served.post("/admin/refresh").json()["adapters"]
+        assert refreshed["ghost"] == "ghost@v1.0.0" and refreshed["garbled"] == "garbled@v1.0.0"
+        for name in ("ghost", "garbled"):
+            response = served.complete(name)
+            assert response.status_code == 422, response.text
+            error = response.json()["error"]
+            assert error["code"] == "adapter_rejected"
+            assert error["message"].startswith(f"{name}@v1.0.0 cannot be served")
+            assert "/tmp" not in error["message"] and str(root) not in error["message"]
+            assert served.post("/admin/load", model=name).status_code == 422
         assert served.complete("alpha").status_code == 200
     finally:
-        git.run("tag", "-d", "ghost@v1.0.0")
+        git.run("tag", "-d", "ghost@v1.0.0", "garbled@v1.0.0")
         served.post("/admin/refresh")
 
 
