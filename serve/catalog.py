@@ -15,8 +15,8 @@ from core.cache import locked
 from core.errors import AdaptersError, InvalidName, NotFound
 from registry import folder
 from registry.git import Tag
-from registry.names import Ref, check_name
-from registry.refs import Adapter, AdapterVersion, State
+from registry.names import Ref, Version, check_name
+from registry.refs import REGISTER_TAG, Adapter, AdapterVersion, State
 from registry.repo import Registry
 from registry.store import file_md5
 from serve.engine import AdapterSpec
@@ -108,23 +108,23 @@ class Catalog:
                 self.refresh()
 
     def _read(self) -> State:
-        """The registry's state, without the tags that merely look like ours (each warned about once)."""
-        tags = self.registry.git.tags()
+        """The registry's state, read from its tags less those that merely look like ours."""
+        return State([tag for tag in self.registry.git.tags() if self._usable(tag)])
+
+    def _usable(self, tag: Tag) -> bool:
+        """False, with one warning per tag, for a version tag that names no valid adapter or version."""
+        if tag.name in self._ignored:
+            return False
+        match = REGISTER_TAG.fullmatch(tag.name)
         try:
-            return _valid_state(tags)
-        except Exception:  # one malformed tag must not hide the others: find it
-            pass
-        good = []
-        for tag in tags:
-            try:
-                _valid_state([tag])
-            except Exception as exc:
-                if tag.name not in self._ignored:
-                    self._ignored.add(tag.name)
-                    log.warning("Ignoring the tag %r, which is not a valid version or stage tag: %s", tag.name, exc)
-                continue
-            good.append(tag)
-        return State(good)
+            if match:
+                check_name(match["name"])
+                Version.parse(match["version"])
+        except InvalidName as exc:  # `git tag -a alpha@v01.0.0` by hand, or another tool's tags
+            self._ignored.add(tag.name)
+            log.warning("Ignoring the tag %r, which is not a valid version tag: %s", tag.name, exc)
+            return False
+        return True
 
     def _settled(self, new: State) -> State:
         """NEW, but an adapter whose newest stage tag unassigns keeps its previous stages for up to SETTLE seconds.
@@ -264,14 +264,6 @@ class Catalog:
                 f"{spec.key} has LoRA rank {summary['rank']}, above this server's maximum of {self.max_rank} "
                 "(--max-rank)."
             )
-
-
-def _valid_state(tags: list[Tag]) -> State:
-    """The state TAGS describe; InvalidName when one of them holds a malformed version or adapter name."""
-    state = State(tags)
-    for name in state.adapters:
-        check_name(name)
-    return state
 
 
 def _one_line(exc: BaseException) -> str:
