@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 import socket
@@ -10,6 +11,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
@@ -23,7 +25,7 @@ from serve import docs
 from serve.catalog import Catalog
 from serve.dependencies import Server, Settings
 from serve.engine import Engine
-from serve.errors import BadRequest, ServeError
+from serve.errors import BadRequest, PayloadTooLarge, ServeError, Unavailable
 from serve.metrics import REQUEST_SECONDS, REQUESTS
 from serve.routers import admin, health, openai, vllm
 from serve.tenants import Tenants
@@ -35,6 +37,7 @@ _QUIET = {"/healthz", "/readyz", "/health", "/metrics"}  # probes and scrapes: c
 def create_app(engine: Engine, catalog: Catalog, tenants: Tenants, settings: Settings) -> FastAPI:
     """An app serving ENGINE's base model and CATALOG's adapters to TENANTS."""
     parts = Server(engine, catalog, tenants, settings)
+    catalog.in_memory = lambda key: key in engine.loaded()  # files already in memory are not read, so not re-checked
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -42,7 +45,7 @@ def create_app(engine: Engine, catalog: Catalog, tenants: Tenants, settings: Set
         try:
             yield
         finally:
-            await _drain(parts)
+            _close(parts)
 
     app = FastAPI(
         title="adapters",
@@ -54,52 +57,81 @@ def create_app(engine: Engine, catalog: Catalog, tenants: Tenants, settings: Set
     )
     app.state.server = parts
     docs.install(app)
+    app.state.flights = flights = _Flights()
     for router in (openai.router, admin.router, health.router, vllm.router):
         app.include_router(router)
     app.add_exception_handler(ServeError, _serve_error)
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _crash)
-    app.add_middleware(_Observe)
+    app.add_middleware(_Observe, flights=flights, max_body=settings.max_body_bytes)
     return app
 
 
-def run(app: FastAPI, listener: socket.socket) -> None:
-    """Serve APP on LISTENER until SIGTERM or SIGINT, then drain: running requests (streams too) finish first."""
-    parts: Server = app.state.server
-    config = uvicorn.Config(
-        app, log_config=None, access_log=False, timeout_graceful_shutdown=int(parts.settings.drain_seconds)
-    )
-    # uvicorn raises the signal it drained on once more after shutting down; handled by then, the exit is 0.
+def run(app: FastAPI, listener: socket.socket) -> int:
+    """Serve APP on LISTENER until SIGTERM or SIGINT, then drain; returns how many requests the drain had to cut.
+
+    Running requests (streams too) may finish for drain_seconds; a second signal, or the end of that time,
+    cuts the rest, each with an error.
+    """
+    config = uvicorn.Config(app, log_config=None, access_log=False)
+    # uvicorn raises the signal it drained on once more after shutting down; handled by then, the exit is ours.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    _Uvicorn(config, parts).run(sockets=[listener])
+    server = _Uvicorn(config, app.state.server, app.state.flights)
+    server.run(sockets=[listener])
+    return server.cut
 
 
 class _Uvicorn(uvicorn.Server):
-    """uvicorn's server that marks the app draining the moment a stop signal arrives (so /readyz says 503)."""
+    """uvicorn's server with this server's drain: /readyz says 503 at the first signal, a second one cuts."""
 
-    def __init__(self, config: uvicorn.Config, parts: Server) -> None:
+    def __init__(self, config: uvicorn.Config, parts: Server, flights: _Flights) -> None:
         super().__init__(config)
         self.parts = parts
+        self.flights = flights
+        self.forced = False
+        self.cut = 0
 
     def handle_exit(self, sig: int, frame: Any) -> None:
+        self.forced = self.parts.draining  # a second signal
         self.parts.draining = True
         super().handle_exit(sig, frame)
 
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """Stop accepting, let running requests finish until drain_seconds or a second signal, cut the rest."""
+        for server in self.servers:
+            server.close()
+        for sock in sockets or []:
+            sock.close()
+        for connection in list(self.server_state.connections):
+            connection.shutdown()  # idle ones close now, busy ones after their response
+        seconds = self.parts.settings.drain_seconds
+        if self.flights.running:
+            log.info(
+                "Draining: %d requests running; waiting up to %g s for them (--drain-seconds), "
+                "a second signal cuts them now.",
+                len(self.flights.running),
+                seconds,
+            )
+        deadline = time.monotonic() + seconds
+        while self.flights.running and not self.forced and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.flights.running:
+            why = "a second stop signal came" if self.forced else f"its drain time of {seconds:g} s ran out"
+            self.cut = self.flights.cut(f"The server stopped before this request finished: {why}.")
+            log.warning("Cut %d running requests with an error event or a 503: %s.", self.cut, why)
+        deadline = time.monotonic() + 5  # the cut requests' last bytes, then their connections close
+        while (self.flights.running or self.server_state.connections) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await self.lifespan.shutdown()
 
-async def _drain(parts: Server) -> None:
-    """Turn new generations away, let running ones finish (up to drain_seconds), then stop the engine."""
+
+def _close(parts: Server) -> None:
+    """Turn new generations away and stop the engine and the registry thread (requests have drained by now)."""
     parts.draining = True
-    deadline = time.monotonic() + parts.settings.drain_seconds
-    while parts.engine.running() and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
     if parts.engine.running():
-        log.warning(
-            "Stopping with %d generations still running after %.0f s.",
-            parts.engine.running(),
-            parts.settings.drain_seconds,
-        )
+        log.warning("Stopping with %d generations still running.", parts.engine.running())
     parts.engine.close()
     parts.catalog.close()
 
@@ -128,6 +160,8 @@ async def _invalid_request(request: Request, exc: Exception) -> JSONResponse:
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     """Routing errors (no such path, wrong method) in the same shape as every other error."""
     assert isinstance(exc, HTTPException)
+    if isinstance(exc, _BodyTooLarge):
+        return _error(exc.status_code, exc.error.body())
     body = {"error": {"message": str(exc.detail), "type": "invalid_request_error", "param": None, "code": None}}
     return _error(exc.status_code, body, exc.headers)
 
@@ -136,11 +170,46 @@ async def _crash(request: Request, exc: Exception) -> JSONResponse:
     return _error(500, ServeError(f"Internal server error ({type(exc).__name__}); see the server log.").body())
 
 
-class _Observe:
-    """Gives each request an id (X-Request-ID), counts it in Prometheus and writes its one log line."""
+class _BodyTooLarge(HTTPException):
+    """A body over the limit, noticed while the app reads it: FastAPI lets only HTTPException through unchanged."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, error: PayloadTooLarge) -> None:
+        super().__init__(error.status, str(error))
+        self.error = error
+
+
+@dataclass(eq=False)
+class _Flight:
+    """One request in progress: its task, and how far its response has gone."""
+
+    task: asyncio.Task[Any]
+    reason: str | None = None  # why the shutdown cut it
+    started: bool = False
+    streaming: bool = False
+    finished: bool = False
+
+
+class _Flights:
+    """The requests in progress, so that a shutdown can cut those still running, each with an error."""
+
+    def __init__(self) -> None:
+        self.running: dict[asyncio.Task[Any], _Flight] = {}
+
+    def cut(self, reason: str) -> int:
+        """Cancel every running request; each answers REASON as a 503 or, streaming, as a last error event."""
+        for flight in self.running.values():
+            flight.reason = reason
+            flight.task.cancel()
+        return len(self.running)
+
+
+class _Observe:
+    """Gives each request an id (X-Request-ID), bounds its body, counts it in Prometheus and writes its log line."""
+
+    def __init__(self, app: ASGIApp, flights: _Flights, max_body: int) -> None:
         self.app = app
+        self.flights = flights
+        self.max_body = max_body
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -149,17 +218,46 @@ class _Observe:
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         started, status = time.perf_counter(), 500
+        flight = _Flight(asyncio.current_task())  # type: ignore[arg-type]
+        too_large = PayloadTooLarge(
+            f"The request body is larger than this server's limit of {self.max_body} bytes (--max-body-bytes)."
+        )
+        received = 0
+
+        async def bounded_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body:  # checked as it arrives: a huge body is never held whole
+                raise _BodyTooLarge(too_large)
+            return message
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                flight.started = True
+                flight.streaming = (
+                    dict(message.get("headers", [])).get(b"content-type", b"").startswith(b"text/event-stream")
+                )
                 message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", request_id.encode())]}
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                flight.finished = True
             await send(message)
 
+        self.flights.running[flight.task] = flight
         try:
-            await self.app(scope, receive, send_with_id)
+            if _content_length(scope) > self.max_body:  # refused before a byte of it is read
+                await JSONResponse(too_large.body(), status_code=too_large.status)(scope, receive, send_with_id)
+            else:
+                await self.app(scope, bounded_receive, send_with_id)
+        except asyncio.CancelledError:
+            if flight.reason is None:
+                raise
+            flight.task.uncancel()
+            await _cut(flight, send_with_id)
         finally:
+            del self.flights.running[flight.task]
             status = state.get("status", status)  # a stream cut by its client says 499 here, its status line 200
             seconds = time.perf_counter() - started
             endpoint = getattr(scope.get("route"), "path", "other")  # route templates: bounded label values
@@ -170,12 +268,42 @@ class _Observe:
                     "request_id=%s %s %s tenant=%s model=%s status=%d prompt_tokens=%d completion_tokens=%d "
                     "seconds=%.3f",
                     request_id,
-                    scope["method"],
-                    scope["path"],
-                    state.get("tenant", "-"),
-                    state.get("model", "-"),
+                    _field(scope["method"]),
+                    _field(scope["path"]),
+                    _field(state.get("tenant", "-")),
+                    _field(state.get("model", "-")),
                     status,
                     state.get("prompt_tokens", 0),
                     state.get("completion_tokens", 0),
                     seconds,
                 )
+
+
+async def _cut(flight: _Flight, send: Send) -> None:
+    """End a request the shutdown cancelled: a 503 if nothing was sent yet, else a last error event."""
+    error = Unavailable(flight.reason or "The server stopped.")
+    if not flight.started:
+        await JSONResponse(error.body(), status_code=error.status)({"type": "http"}, _nothing, send)
+    elif not flight.finished:
+        event = f"data: {json.dumps(error.body(), separators=(',', ':'))}\n\n" if flight.streaming else ""
+        await send({"type": "http.response.body", "body": event.encode(), "more_body": False})
+
+
+async def _nothing() -> Message:
+    return {"type": "http.disconnect"}
+
+
+def _content_length(scope: Scope) -> int:
+    """The Content-Length the client announced (0 when absent or unreadable: the body is counted as it comes)."""
+    for name, value in scope.get("headers", []):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return 0
+    return 0
+
+
+def _field(value: str) -> str:
+    """VALUE as one log field: backslashes, spaces, control and non-ASCII characters escaped, so one line it stays."""
+    return value.encode("unicode_escape").decode("ascii").replace(" ", "\\x20")

@@ -3,28 +3,47 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import shutil
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
-from registry import folder
-from core.errors import AdaptersError, InvalidName, NotFound
-from registry.names import Ref
-from registry.refs import AdapterVersion, State
-from registry.repo import Registry
-from serve.engine import AdapterSpec
-from serve.errors import AdapterNotFound, AdapterRejected, ServeError
 from core.cache import locked
+from core.errors import AdaptersError, InvalidName, NotFound
+from registry import folder
+from registry.git import Tag
+from registry.names import Ref, Version, check_name
+from registry.refs import REGISTER_TAG, Adapter, AdapterVersion, State
+from registry.repo import Registry
+from registry.store import file_md5
+from serve.engine import AdapterSpec
+from serve.errors import AdapterNotFound, AdapterRejected, RegistryUnavailable, ServeError, Unavailable
 
 log = logging.getLogger("serve")
 
 
 class Catalog:
-    """Resolves references against the registry's tags, which a background thread re-reads every INTERVAL seconds."""
+    """Resolves references against the registry's tags, which a background thread re-reads every INTERVAL seconds.
+
+    STALE_AFTER: seconds the registry may stay unreadable before /readyz says so. SETTLE: seconds an adapter
+    whose newest stage tag is an unassign keeps its previous view, while the assign that completes the
+    promotion or rollback is on its way.
+    """
 
     def __init__(
-        self, registry: Registry, cache: Path, *, base_id: str, fingerprint: str, max_rank: int, interval: float = 0.5
+        self,
+        registry: Registry,
+        cache: Path,
+        *,
+        base_id: str,
+        fingerprint: str,
+        max_rank: int,
+        interval: float = 0.5,
+        stale_after: float = 10.0,
+        settle: float = 5.0,
     ) -> None:
         self.registry = registry
         self.cache = cache
@@ -32,10 +51,20 @@ class Catalog:
         self.fingerprint = fingerprint
         self.max_rank = max_rank
         self.interval = interval
-        self.state: State = registry.state()
-        self._checked: dict[Path, AdapterSpec] = {}  # folders already validated; a version's files never change
+        self.stale_after = stale_after
+        self.settle = settle
+        self.in_memory: Callable[[str], bool] = lambda key: False  # the app points this at the engine
+        self._checked: dict[Path, AdapterSpec] = {}  # folders whose adapter passed `check`
+        self._hashes: dict[Path, list[dict[str, str]]] = {}  # folder -> its files' md5s as the registry records them
+        self._ignored: set[str] = set()  # malformed tags, warned about once
+        self._half: dict[str, float] = {}  # adapter -> when its half-done stage change was first seen
+        self._failure: str | None = None
+        self._failing_since = 0.0
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.state = State([])
+        self.refresh()
 
     def start(self) -> None:
         """Follow the registry in a background thread, so promote and rollback reach running servers."""
@@ -49,19 +78,70 @@ class Catalog:
             self._thread.join()
 
     def refresh(self) -> None:
-        """Re-read the registry's tags now (one git call)."""
-        self.state = self.registry.state()
+        """Re-read the registry's tags now (one git call); RegistryUnavailable when it cannot be read."""
+        with self._lock:
+            try:
+                state = self._read()
+            except Exception as exc:  # a folder gone, git failing, anything: keep serving the last state read
+                reason = _one_line(exc)
+                if reason != self._failure:  # once per distinct failure, not twice a second
+                    log.warning("Cannot re-read the registry, serving what it held before: %s", reason)
+                if self._failure is None:
+                    self._failing_since = time.monotonic()
+                self._failure = reason
+                raise RegistryUnavailable(f"Cannot read the adapter registry: {self._public(reason)}") from None
+            if self._failure is not None:
+                log.warning("The registry is readable again.")
+            self._failure = None
+            self.state = self._settled(state)
+
+    def unreadable(self) -> str | None:
+        """Why the registry has not been readable for more than STALE_AFTER seconds, or None."""
+        if self._failure is None or time.monotonic() - self._failing_since < self.stale_after:
+            return None
+        seconds = time.monotonic() - self._failing_since
+        return f"The adapter registry has not been readable for {seconds:.0f} s: {self._public(self._failure)}"
 
     def _follow(self) -> None:
-        failing = None
         while not self._stop.wait(self.interval):
-            try:
+            with contextlib.suppress(Exception):  # refresh logged it; nothing may end this thread
                 self.refresh()
-                failing = None
-            except AdaptersError as exc:  # keep serving the last state read; say so once per distinct failure
-                if str(exc) != failing:
-                    log.warning("Cannot re-read the registry, serving what it held before: %s", exc)
-                failing = str(exc)
+
+    def _read(self) -> State:
+        """The registry's state, read from its tags less those that merely look like ours."""
+        return State([tag for tag in self.registry.git.tags() if self._usable(tag)])
+
+    def _usable(self, tag: Tag) -> bool:
+        """False, with one warning per tag, for a version tag that names no valid adapter or version."""
+        if tag.name in self._ignored:
+            return False
+        match = REGISTER_TAG.fullmatch(tag.name)
+        try:
+            if match:
+                check_name(match["name"])
+                Version.parse(match["version"])
+        except InvalidName as exc:  # `git tag -a alpha@v01.0.0` by hand, or another tool's tags
+            self._ignored.add(tag.name)
+            log.warning("Ignoring the tag %r, which is not a valid version tag: %s", tag.name, exc)
+            return False
+        return True
+
+    def _settled(self, new: State) -> State:
+        """NEW, but an adapter whose newest stage tag unassigns keeps its previous stages for up to SETTLE seconds.
+
+        Promote and rollback unassign the previous holder, then assign the new one: between the two tags the
+        stage has no holder and a bare name would fall back to the latest version, which nobody promoted.
+        """
+        now = time.monotonic()
+        for name, adapter in new.adapters.items():
+            if not adapter.events or adapter.events[-1].assign:
+                self._half.pop(name, None)
+                continue
+            since = self._half.setdefault(name, now)
+            before = self.state.adapters.get(name)
+            if before is not None and now - since < self.settle:
+                new.adapters[name] = Adapter(name, adapter.versions, before.events)
+        return new
 
     def names(self, allowed: Callable[[str], bool]) -> dict[str, AdapterVersion]:
         """Each adapter the caller may use, with the version its bare name means now."""
@@ -91,28 +171,81 @@ class Catalog:
         if version is None:
             return None
         spec = self._checked.get(self.folder(version))
-        return spec or await asyncio.to_thread(self.materialize, version)
+        if spec is not None and self.in_memory(spec.key):
+            return spec  # its files are not read again while it stays in memory
+        return await asyncio.to_thread(self.materialize, version)
 
     def folder(self, version: AdapterVersion) -> Path:
         """Where VERSION's files live in the cache; the commit in the name keeps registries sharing a cache apart."""
         return self.cache / version.name / f"{version.version}-{version.commit[:12]}"
 
     def materialize(self, version: AdapterVersion) -> AdapterSpec:
-        """Write VERSION's files into the cache once (from the DVC remote if need be), then check them."""
+        """VERSION's files in the cache, checked against the registry's hashes (fetched again if not), then checked."""
         path = self.folder(version)
-        if not path.is_dir():
+        hashes = self._hashes.get(path)
+        if hashes is None or self._damaged(path, hashes):
             # One writer at a time, across threads and processes; DVC's checkout writes a staging folder
             # and renames it, so a folder that exists is complete.
             with locked(self.cache / ".materialize.lock"):
-                if not path.is_dir():
-                    try:
-                        self.registry.checkout(version, path)
-                    except AdaptersError as exc:
-                        raise ServeError(f"Cannot fetch the files of {version.ref}: {exc}") from None
+                try:
+                    self._fetch(version, path)
+                except ServeError:
+                    raise
+                except Exception as exc:  # a request fails, never the server: whatever the registry holds
+                    if not isinstance(exc, (AdaptersError, OSError)):
+                        log.exception("Fetching the files of %s failed.", version.ref)
+                    raise self._unfetchable(version, exc) from None
         spec = AdapterSpec(version.name, str(version.version), path)
         self.check(spec)
         self._checked[path] = spec
         return spec
+
+    def _fetch(self, version: AdapterVersion, path: Path) -> None:
+        """Make PATH hold exactly VERSION's files: a missing, truncated or altered one means a fresh copy."""
+        hashes = self._hashes.get(path)
+        if hashes is None:
+            hashes = self._hashes[path] = self.registry.files(version)[0]
+        damaged = self._damaged(path, hashes) if path.is_dir() else None
+        if path.is_dir() and not damaged:
+            return
+        if damaged:
+            log.warning("%s: %s in the cache at %s; fetching a fresh copy.", version.ref, "; ".join(damaged), path)
+            broken = path.with_name(f".{path.name}.broken")
+            shutil.rmtree(broken, ignore_errors=True)
+            path.rename(broken)  # a request reading the old files keeps its open handles
+            shutil.rmtree(broken, ignore_errors=True)
+        self.registry.checkout(version, path)
+        damaged = self._damaged(path, hashes)
+        if damaged:
+            raise AdapterRejected(
+                f"{version.ref} cannot be served: its files do not match the registry's hashes even when fetched "
+                f"again ({'; '.join(damaged)})."
+            )
+
+    @staticmethod
+    def _damaged(path: Path, hashes: list[dict[str, str]]) -> list[str]:
+        """What is wrong with the files at PATH against HASHES: one phrase per missing or altered file."""
+        damaged = []
+        for entry in hashes:
+            try:
+                if file_md5(path / entry["relpath"]) != entry["md5"]:
+                    damaged.append(f"{entry['relpath']} does not match its md5 {entry['md5']}")
+            except OSError:
+                damaged.append(f"{entry['relpath']} is missing")
+        return damaged
+
+    def _unfetchable(self, version: AdapterVersion, exc: Exception) -> ServeError:
+        """The answer to a request whose files cannot be had: 503 while the registry is unreadable, else 422."""
+        reason = self._public(_one_line(exc))
+        if isinstance(exc, OSError):
+            return Unavailable(f"The files of {version.ref} cannot be read now ({reason}); try again later.")
+        return AdapterRejected(f"{version.ref} cannot be served: {reason}")
+
+    def _public(self, message: str) -> str:
+        """MESSAGE without this server's folders, which mean nothing to a client."""
+        for where, name in ((self.cache, "the server's cache"), (self.registry.root, "the registry")):
+            message = message.replace(f"{where}/", "").replace(str(where), name)
+        return message
 
     def check(self, spec: AdapterSpec) -> None:
         """Refuse an adapter this server cannot apply: safetensors only, the same base weights, rank in bounds."""
@@ -131,3 +264,7 @@ class Catalog:
                 f"{spec.key} has LoRA rank {summary['rank']}, above this server's maximum of {self.max_rank} "
                 "(--max-rank)."
             )
+
+
+def _one_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

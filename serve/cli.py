@@ -25,6 +25,12 @@ class ServeOptionError(AdaptersError):
     exit_code = 2
 
 
+class RequestsCut(AdaptersError):
+    """The server stopped with requests still running: the drain time ran out or a second signal came."""
+
+    exit_code = 11
+
+
 @click.command()
 @click.option("--base", help="Local HF model folder or Hub id. Default: the embedded SmolLM2-135M-Instruct.")
 @click.option(
@@ -53,6 +59,27 @@ class ServeOptionError(AdaptersError):
     help="Prompt plus completion tokens per request (the model's own limit if lower); bounds memory per batch row.",
 )
 @click.option(
+    "--drain-seconds",
+    type=click.FloatRange(min=0),
+    default=120,
+    show_default=True,
+    help="On SIGTERM, how long running requests may take to finish; the rest are cut with an error.",
+)
+@click.option(
+    "--stale-after",
+    type=click.FloatRange(min=0),
+    default=10,
+    show_default=True,
+    help="Seconds the registry may stay unreadable before /readyz says 503.",
+)
+@click.option(
+    "--max-body-bytes",
+    type=click.IntRange(min=1024),
+    default=4 * 1024 * 1024,
+    show_default=True,
+    help="Largest request body; a larger one is refused (413) before it is read.",
+)
+@click.option(
     "--tenants",
     "tenants_file",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -75,6 +102,9 @@ def serve(
     max_tokens_cap: int,
     max_rank: int,
     max_context: int,
+    drain_seconds: float,
+    stale_after: float,
+    max_body_bytes: int,
     tenants_file: Path | None,
     registry_dir: Path | None,
 ) -> None:
@@ -112,15 +142,25 @@ def serve(
     except (OSError, ValueError, RuntimeError, ImportError) as exc:
         raise BaseModelError(f"Cannot load {model.name} with --quantize {quantize}: {exc}") from None
     catalog = Catalog(
-        registry, home() / "serve", base_id=runtime.model_id, fingerprint=runtime.fingerprint, max_rank=max_rank
+        registry,
+        home() / "serve",
+        base_id=runtime.model_id,
+        fingerprint=runtime.fingerprint,
+        max_rank=max_rank,
+        stale_after=stale_after,
     )
-    settings = Settings(max_tokens_cap=max_tokens_cap)
+    settings = Settings(max_tokens_cap=max_tokens_cap, drain_seconds=drain_seconds, max_body_bytes=max_body_bytes)
     app = create_app(runtime, catalog, tenants, settings)
     address = f"http://{host}:{listener.getsockname()[1]}"
     mode = f"tenants from {tenants_file}" if tenants_file else "open mode: no API keys, 127.0.0.1 only"
     click.echo(f"Serving {runtime.model_id} and the adapters of {registry.root} at {address}/v1 ({mode}).", err=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run(app, listener)
+    cut = run(app, listener)
+    if cut:
+        raise RequestsCut(
+            f"Stopped with {cut} requests cut before they finished (each got an error); "
+            "give them more time with --drain-seconds, or send a single signal."
+        )
 
 
 def _listen(host: str, port: int) -> socket.socket:

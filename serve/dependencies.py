@@ -22,7 +22,9 @@ class Settings:
     max_tokens_cap: int = 2048
     """Most tokens one request may generate (a tenant's own max_tokens can only lower it)."""
     drain_seconds: float = 120.0
-    """On shutdown, how long to wait for running generations before closing the engine."""
+    """On shutdown, how long running requests may take to finish before they are cut with an error."""
+    max_body_bytes: int = 4 * 1024 * 1024
+    """The largest request body read; a larger one is a 413 before it is parsed."""
 
 
 @dataclass

@@ -77,3 +77,17 @@ class Unavailable(ServeError):
 
     status = 503
     kind = "server_error"
+
+
+class RegistryUnavailable(Unavailable):
+    """The adapter registry cannot be read (its folder gone, git failing)."""
+
+    exit_code = 5
+
+
+class PayloadTooLarge(ServeError):
+    """A request body over the server's size limit, refused before it is read whole."""
+
+    status = 413
+    kind = "invalid_request_error"
+    code = "request_too_large"

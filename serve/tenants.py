@@ -18,7 +18,7 @@ from core.cache import write_atomic
 from core.errors import AdaptersError
 from core.hashing import SHA256
 from registry.names import check_name
-from serve.errors import TooManyRequests, Unauthorized
+from serve.errors import TooManyRequests, Unauthorized, Unavailable
 
 log = logging.getLogger("serve")
 _HEADER = "# API keys of the adapter server, stored as sha256 hashes only; `adapters tenants add` writes entries.\n"
@@ -60,14 +60,20 @@ def new_key() -> str:
 
 
 class Tenants:
-    """The tenants file of a running server, re-read when it changes; without a file the server is open."""
+    """The tenants file of a running server, re-read when it changes; without a file the server is open.
+
+    A file that cannot be used (unreadable, invalid, or without a single key) fails closed: every key is
+    refused with a 503, and /readyz says why, until the file is fixed. A revocation is never outlived by
+    the keys read before it.
+    """
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self._by_hash: dict[str, Tenant] = {}
-        self._stamp: tuple[int, int] | None = None
+        self._stamp: tuple[int, ...] | None = None
+        self._problem: str | None = None
         if path is not None:
-            self._by_hash = parse(read(path), path)
+            self._by_hash = _keys(path)
             self._stamp = _stamp(path)
 
     @property
@@ -76,15 +82,28 @@ class Tenants:
         return self.path is None
 
     def authenticate(self, key: str | None) -> Tenant:
-        """The tenant KEY belongs to; Unauthorized when it is missing or unknown."""
+        """The tenant KEY belongs to; Unauthorized when it is missing or unknown, Unavailable while the file is bad."""
         if self.path is None:
             return OPEN
+        keys = self._current()
+        if self._problem is not None:
+            raise Unavailable("The server cannot use its tenants file, so it accepts no key until it is fixed.")
         if not key:
             raise Unauthorized("Missing API key: send it as the header `Authorization: Bearer KEY`.")
-        tenant = self._current().get(hash_key(key))
+        tenant = keys.get(hash_key(key))
         if tenant is None:
             raise Unauthorized("Incorrect API key provided.")
         return tenant
+
+    def problem(self) -> str | None:
+        """Why the tenants file cannot be used now (no server path in it), or None."""
+        if self.path is None:
+            return None
+        self._current()
+        if self._problem is None:
+            return None
+        reason = self._problem.replace(str(self.path), "the tenants file")
+        return f"Every key is refused until the tenants file is fixed: {reason}"
 
     def _current(self) -> dict[str, Tenant]:
         """The keys as the file holds them now: a tenant added while the server runs can call at once."""
@@ -92,16 +111,31 @@ class Tenants:
         try:
             stamp = _stamp(self.path)
             if stamp != self._stamp:
-                self._stamp = stamp  # a broken file is reported once, not on every request
-                self._by_hash = parse(read(self.path), self.path)
-        except (OSError, TenantsFileError) as exc:  # a half-edited file must not lock everyone out
-            log.warning("Keeping the tenants read before: %s", exc)
+                self._stamp = stamp  # a broken file is read and reported once, not on every request
+                self._by_hash, self._problem = {}, None
+                self._by_hash = _keys(self.path)
+        except (OSError, TenantsFileError) as exc:  # fail closed: the bad edit may have been a revocation
+            self._stamp = None if isinstance(exc, OSError) else self._stamp
+            if str(exc) != self._problem:
+                log.error("The tenants file cannot be used, so every key is refused until it is fixed: %s", exc)
+            self._by_hash, self._problem = {}, str(exc)
         return self._by_hash
 
 
-def _stamp(path: Path) -> tuple[int, int]:
+def _keys(path: Path) -> dict[str, Tenant]:
+    """The keys of the tenants file at PATH; one without any would refuse everyone, admin included, so is an error."""
+    by_hash = parse(read(path), path)
+    if not by_hash:
+        raise TenantsFileError(
+            f"{path} holds no keys, so every request would be refused: add one with "
+            "`adapters tenants add NAME` or `adapters tenants admin`."
+        )
+    return by_hash
+
+
+def _stamp(path: Path) -> tuple[int, ...]:
     info = path.stat()
-    return info.st_mtime_ns, info.st_size
+    return info.st_ino, info.st_mtime_ns, info.st_ctime_ns, info.st_size
 
 
 def read(path: Path) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -247,15 +249,51 @@ def test_admin_loads_and_unloads_adapters(hosted: Hosted) -> None:
     assert hosted.post("/admin/load", "admin", model="tiny-llama").status_code == 400
 
 
+def test_a_tenants_file_that_cannot_be_used_refuses_every_key_until_it_is_fixed(
+    hosted: Hosted, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="serve")
+    path = hosted.tenants_file
+    original = path.read_text()
+    data = yaml.safe_load(original)
+    revoked = yaml.safe_dump({**data, "tenants": {k: v for k, v in data["tenants"].items() if k != "globex"}})
+    try:
+        # An edit that revokes globex, with a YAML typo: the revocation must not be lost, so no key works.
+        path.write_text(revoked + "extra: [unclosed\n")
+        for who in ("globex", "acme", "admin"):
+            refused = hosted.get("/v1/models", who)
+            assert refused.status_code == 503, (who, refused.text)
+            assert refused.json()["error"]["message"].startswith("The server cannot use its tenants file")
+        ready = hosted.get("/readyz", None)
+        reason = ready.json()["error"]["message"]
+        assert ready.status_code == 503 and reason.startswith("Every key is refused until the tenants file is fixed")
+        assert str(path) not in reason
+        path.write_text(revoked)  # fixed: the revocation holds, the others work again
+        assert hosted.get("/v1/models", "globex").status_code == 401
+        assert hosted.get("/v1/models", "acme").status_code == 200
+        assert hosted.get("/readyz", None).status_code == 200
+        path.write_text("")  # emptied: every key gone, the admin's too; said loudly, not a silent lock-out
+        assert hosted.get("/admin/loaded", "admin").status_code == 503
+        assert "holds no keys" in hosted.get("/readyz", None).json()["error"]["message"]
+    finally:
+        path.write_text(original)
+    assert hosted.get("/v1/models", "globex").status_code == 200
+    logged = [r.getMessage() for r in caplog.records if "every key is refused until it is fixed" in r.getMessage()]
+    assert len(logged) == 2 and "holds no keys" in logged[1]  # once per bad state, not once per request
+
+
 def test_serve_refuses_bad_options_in_one_line(cli: Any, registry: Registry, tmp_path: Path) -> None:
     bad_file = tmp_path / "bad.yaml"
     bad_file.write_text("tenants:\n  acme:\n    key_sha256: abc\n    adapters: ['*']\n")
+    empty_file = tmp_path / "empty.yaml"
+    empty_file.write_text("# every key removed\n")
     taken = socket.create_server(("127.0.0.1", 0))
     cases = [
         (["--host", "0.0.0.0"], "listens on 127.0.0.1 only, not 0.0.0.0"),
         (["--tenants", str(tmp_path / "none.yaml")], "No tenants file at"),
         (["--tenants", str(bad_file), "--host", "0.0.0.0"], "the key hash must be 64 lowercase hex digits"),
         (["--port", str(taken.getsockname()[1])], "Cannot listen on 127.0.0.1"),
+        (["--tenants", str(empty_file)], "holds no keys, so every request would be refused"),
     ]
     for args, message in cases:
         result = cli("serve", "--registry", str(registry.root), *args, cwd=tmp_path)
@@ -267,14 +305,12 @@ def test_serve_refuses_bad_options_in_one_line(cli: Any, registry: Registry, tmp
     taken.close()
 
 
-def test_sigterm_lets_a_running_stream_finish_then_exits_0(
-    registry: Registry, make_adapter: Any, tiny_base: Path, tmp_path: Path
-) -> None:
-    registry.add("drain", make_adapter(1))
-    args = ["serve", "--base", str(tiny_base), "--port", "0"]  # the default quantization: NF4, bitsandbytes runs here
+@contextmanager
+def _server_process(command: list[str], cwd: Path) -> Iterator[tuple[subprocess.Popen, str, list[str]]]:
+    """Start `adapters serve` as python COMMAND; yields the process, its URL and its output lines as they come."""
     server = subprocess.Popen(
-        [sys.executable, "-m", "adapterctl.cli", *args],
-        cwd=registry.root,
+        [sys.executable, *command],
+        cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -288,8 +324,20 @@ def test_sigterm_lets_a_running_stream_finish_then_exits_0(
             lambda: [line for line in lines if " at http://" in line] or server.poll() is not None, 120, "start"
         )
         assert server.poll() is None, "".join(lines)
-        url = started[0].split(" at ")[1].split("/v1")[0]
-        assert "open mode" in started[0] and "(quantize nf4)" in "".join(lines)
+        yield server, started[0].split(" at ")[1].split("/v1")[0], lines
+    finally:
+        if server.poll() is None:
+            server.kill()
+        reader.join()
+
+
+def test_sigterm_lets_a_running_stream_finish_then_exits_0(
+    registry: Registry, make_adapter: Any, tiny_base: Path, tmp_path: Path
+) -> None:
+    registry.add("drain", make_adapter(1))
+    args = ["serve", "--base", str(tiny_base), "--port", "0"]  # the default quantization: NF4, bitsandbytes runs here
+    with _server_process(["-m", "adapterctl.cli", *args], registry.root) as (server, url, lines):
+        assert "open mode" in lines[-1] and "(quantize nf4)" in "".join(lines)
         body = {"model": "drain", "prompt": PROMPT, "max_tokens": 300, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
             lines_iter = response.iter_lines()
@@ -301,10 +349,56 @@ def test_sigterm_lets_a_running_stream_finish_then_exits_0(
         assert server.wait(60) == 0
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"{url}/healthz")
-    finally:
-        if server.poll() is None:
-            server.kill()
-        reader.join()
     log = "".join(lines)
-    assert "Waiting for connections to close" in log  # the stream was still running when the signal came
+    assert "Draining: 1 requests running" in log  # the stream was still running when the signal came
     assert "model=drain@v1.0.0 status=200" in log and "completion_tokens=300" in log
+
+
+# The batch loop stalls after each step while a row is running and the file argv[1] exists: a stream is held
+# mid-way for as long as a test needs, whatever the machine's speed.
+_HELD = """
+import pathlib, sys, time
+from serve.transformers_engine import TransformersEngine
+hold, step = pathlib.Path(sys.argv[1]), TransformersEngine._step
+def held(self, *args):
+    step(self, *args)
+    while self._running and hold.exists():
+        time.sleep(0.01)
+TransformersEngine._step = held
+from adapterctl.cli import main
+main(sys.argv[2:])
+"""
+
+
+@pytest.mark.parametrize("stop", ["drain time", "second signal"])
+def test_requests_cut_at_shutdown_get_an_error_event_and_the_exit_code_says_so(
+    stop: str, registry: Registry, make_adapter: Any, tiny_base: Path, tmp_path: Path
+) -> None:
+    registry.add("drain", make_adapter(1))
+    registry.git.run("tag", "-a", "drain@v01.0.0", "-m", "malformed: ignored, not a reason to refuse to start")
+    hold = tmp_path / "hold"
+    hold.touch()
+    drain = "0" if stop == "drain time" else "600"
+    args = ["serve", "--base", str(tiny_base), "--quantize", "none", "--port", "0", "--drain-seconds", drain]
+    try:
+        with _server_process(["-c", _HELD, str(hold), *args], registry.root) as (server, url, lines):
+            body = {"model": "drain", "prompt": PROMPT, "max_tokens": 300, "ignore_eos": True, "stream": True}
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+                stream = response.iter_lines()
+                assert next(line for line in stream if line.startswith("data: "))  # generating, then held
+                server.send_signal(signal.SIGTERM)
+                if stop == "second signal":
+                    wait_for(lambda: any("Draining: 1 requests running" in line for line in lines), 30, "draining")
+                    server.send_signal(signal.SIGTERM)
+                rest = [line for line in stream if line.startswith("data: ")]
+            hold.unlink()  # the engine may stop now
+            assert rest and all("[DONE]" not in line and '"finish_reason":"length"' not in line for line in rest)
+            error = json.loads(rest[-1].removeprefix("data: "))["error"]  # cut mid-way, the error event last
+            why = "its drain time of 0 s ran out" if stop == "drain time" else "a second stop signal came"
+            assert error["message"] == f"The server stopped before this request finished: {why}."
+            assert server.wait(60) == 11
+    finally:
+        hold.unlink(missing_ok=True)
+    log = "".join(lines)
+    assert "Ignoring the tag 'drain@v01.0.0'" in log
+    assert "Error: Stopped with 1 requests cut before they finished" in log

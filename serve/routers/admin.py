@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Depends
 
 from serve.dependencies import AdminDep, ServerDep, admin
-from serve.errors import BadRequest
+from serve.errors import BadRequest, Unavailable
 from serve.schemas import AdapterRequest
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(admin)])
@@ -16,12 +16,22 @@ router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(admin)
 
 @router.post("/load")
 async def load(body: AdapterRequest, tenant: AdminDep, parts: ServerDep) -> dict[str, Any]:
-    """Load an adapter version now (fetching its files if need be), ahead of its first request."""
+    """Load an adapter version now (fetching its files if need be), ahead of its first request.
+
+    `loaded` is true only when the version is in memory now; `already` says it was before this call.
+    """
     spec = await parts.catalog.resolve(body.model, tenant.may_use)
     if spec is None:
         raise BadRequest("The base model is always loaded; name an adapter.", param="model")
-    loaded = await parts.engine.load(spec)
-    return {"model": spec.key, "loaded": loaded, "adapters": parts.engine.loaded()}
+    already = spec.key in parts.engine.loaded()
+    await parts.engine.load(spec)
+    adapters = parts.engine.loaded()
+    if spec.key not in adapters:
+        raise Unavailable(
+            f"{spec.key} is read but not in memory: every place (--max-loaded) holds an adapter that running "
+            "requests use. It is loaded when one frees; call again to see."
+        )
+    return {"model": spec.key, "loaded": True, "already": already, "adapters": adapters}
 
 
 @router.post("/unload")

@@ -1,4 +1,4 @@
-"""Probes and metrics: liveness, readiness (false while draining), Prometheus."""
+"""Probes and metrics: liveness, readiness (false while draining or blind to registry or keys), Prometheus."""
 
 from __future__ import annotations
 
@@ -23,9 +23,12 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(parts: ServerDep) -> dict[str, str]:
-    """The model is loaded and the server takes requests; 503 while it drains."""
+    """The model is loaded and the server takes requests; 503 while it drains, or cannot read its registry or keys."""
     if parts.draining:
         raise Unavailable("The server is draining: it finishes running requests and takes no new ones.")
+    problem = parts.catalog.unreadable() or parts.tenants.problem()
+    if problem:
+        raise Unavailable(problem)
     return {"status": "ready", "model": parts.engine.model_id}
 
 
