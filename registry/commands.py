@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from core.errors import IntegrityError
 from registry import hub as hub_api
 from registry import report, sync
 from registry.names import BUMPS
@@ -203,15 +204,37 @@ def rollback(name: str, stage: str, to: str | None) -> None:
 @click.command()
 @click.argument("names", nargs=-1)
 @click.option("--remote", help="Remote to push to. Default: the default remote.")
-def push(names: tuple[str, ...], remote: str | None) -> None:
-    """Upload adapter files, then the branch and version/stage tags (all adapters, or NAMES)."""
-    result = sync.push(Registry.find(), list(names), remote)
+@click.option("--verify", is_flag=True, help="Hash every file on the remote and upload again any that rotted.")
+def push(names: tuple[str, ...], remote: str | None, verify: bool) -> None:
+    """Upload adapter files the remote lacks, then the branch and version/stage tags (all adapters, or NAMES)."""
+    result = sync.push(Registry.find(), list(names), remote, verify=verify)
     if not result.tags and not result.branch_updated and not result.files:
         click.echo(f"Everything is already on {result.remote}.")
         return
     click.echo(f"Pushed to {result.remote}: {result.files} files, {len(result.tags)} tags.")
+    for ref in result.repaired:
+        click.echo(f"  repaired {ref}")
     for tag in result.tags:
         click.echo(f"  {tag}")
+
+
+@click.command()
+@click.option("--remote", "check_remote", is_flag=True, help="Also hash every published file on the remote.")
+@click.option("--from", "remote", help="Remote to check. Default: the default remote.")
+@_json_option
+def verify(check_remote: bool, remote: str | None, as_json: bool) -> None:
+    """Check every adapter file against its hash, here (and on the remote); say what is wrong and what fixes it."""
+    checked, problems = sync.verify(Registry.find(), remote, check_remote)
+    if as_json:
+        _print_json({"checked": checked, "problems": [vars(p) for p in problems]})
+    else:
+        for p in problems:
+            where = "here" if p.where == "here" else f"on {p.where}"
+            click.echo(f"{p.ref}: {p.file} {p.problem} {where}; fix: {p.fix}")
+        where = "here and on the remote" if check_remote else "here"
+        click.echo(f"{checked} versions checked {where}: {len(problems) or 'no'} problem{'s' * (len(problems) != 1)}.")
+    if problems:
+        raise SystemExit(IntegrityError.exit_code)
 
 
 @click.command()
@@ -263,4 +286,21 @@ def hub_pull(source: str, name: str, version: str | None) -> None:
         click.echo(f"{source} (Hub commit {result.commit[:8]}) is already {result.version.ref}; nothing changed.")
 
 
-COMMANDS = [init, remote, clone, add, list_, log, show, diff, checkout, status, promote, rollback, push, pull, hub]
+COMMANDS = [
+    init,
+    remote,
+    clone,
+    add,
+    list_,
+    log,
+    show,
+    diff,
+    checkout,
+    status,
+    verify,
+    promote,
+    rollback,
+    push,
+    pull,
+    hub,
+]

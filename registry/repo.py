@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,10 +14,19 @@ import yaml
 
 from core.cache import locked
 from registry import folder, store
-from core.errors import Conflict, IntegrityError, NotFound, RegistryError
-from registry.git import Git, toplevel
-from registry.names import BUMPS, FIRST_VERSION, Ref, Version, check_name, check_stage, version_ref
-from registry.refs import ROLLBACK_PREFIX, AdapterVersion, State
+from core.errors import Conflict, IntegrityError, InvalidName, NotFound, RegistryError
+from registry.git import Git, NewTag, Tag, toplevel
+from registry.names import (
+    BUMPS,
+    FIRST_VERSION,
+    Ref,
+    Version,
+    check_message,
+    check_name,
+    check_stage,
+    version_ref,
+)
+from registry.refs import AdapterVersion, State, tag_adapter, with_action
 
 ADAPTERS_DIR = "adapters"
 PROJECT_FILE = "dvc.yaml"
@@ -38,6 +48,7 @@ class Registry:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.git = Git(root)
+        self._warned: set[str] = set()
 
     @classmethod
     def find(cls, path: Path | None = None) -> Registry:
@@ -97,9 +108,20 @@ class Registry:
         ):
             yield
 
-    def state(self) -> State:
-        """Every version and stage, read from the tags."""
-        return State(self.git.tags())
+    def state(self, tags: list[Tag] | None = None) -> State:
+        """Every version and stage, read from the tags (default: this repository's); skipped tags are warned of once."""
+        state = State(self.git.tags() if tags is None else tags, self._has_pointers)
+        fresh = {tag: why for tag, why in state.skipped.items() if tag not in self._warned}
+        if fresh:
+            self._warned.update(fresh)
+            listed = "; ".join(f"{tag} ({why})" for tag, why in sorted(fresh.items())[:5])
+            more = f" and {len(fresh) - 5} more" if len(fresh) > 5 else ""
+            print(f"Warning: ignoring tags that are not adapter versions: {listed}{more}.", file=sys.stderr)
+        return state
+
+    def _has_pointers(self, tags: list[Tag]) -> list[bool]:
+        """Whether each register tag's commit holds adapters/NAME.dvc, in one git call."""
+        return self.git.exist_many([f"{t.commit}:{ADAPTERS_DIR}/{tag_adapter(t.name)}.dvc" for t in tags])
 
     def dvcfile(self, version: AdapterVersion) -> str:
         """The pointer file of VERSION as committed."""
@@ -128,12 +150,14 @@ class Registry:
     ) -> AdapterVersion:
         """Register the adapter folder SOURCE as a new immutable version of NAME; META joins its recorded summary."""
         check_name(name)
+        message = check_message(message)
         summary = folder.check(source)
         workspace = self.root / ADAPTERS_DIR / name
         if source.resolve() == workspace.resolve():
             raise RegistryError(f"{source} is the registry's own copy; register the folder training wrote instead.")
         with self.lock():
-            adapter = self.state().adapters.get(name)
+            state = self.state()
+            adapter = state.adapters.get(name) or state.deprecated.get(name)
             number = self._next_version(name, adapter, version, bump)
             tag = version_ref(name, number)
             with self._restoring(name):
@@ -148,8 +172,8 @@ class Registry:
                 self.git.run("add", *paths, PROJECT_FILE)
                 subject = f"Register {tag}" + (f": {message}" if message else "")
                 self.git.run("commit", "--quiet", "-m", subject, "--", *paths, PROJECT_FILE)
-            commit = self.git.run("rev-parse", "HEAD").strip()
-            self.git.tag(tag, commit, message or f"Register {tag}", _next_date(adapter))
+                commit = self.git.run("rev-parse", "HEAD").strip()
+                self.git.tag(tag, commit, message or f"Register {tag}", _next_date(adapter))
             return self.state().resolve(tag)
 
     def _next_version(self, name: str, adapter: Any, version: str | None, bump: str | None) -> Version:
@@ -160,10 +184,15 @@ class Registry:
         if version:
             number = Version.parse(version)
         elif adapter:
-            number = adapter.latest.version.bump(bump or "minor")
+            number = adapter.taken[-1].bump(bump or "minor")
+            if not number.fits():
+                raise InvalidName(
+                    f"{version_ref(name, adapter.taken[-1])} has no next {bump or 'minor'} version "
+                    "(each part is at most 999999); give --version or another --bump."
+                )
         else:
             number = FIRST_VERSION
-        if adapter and adapter.version(number):
+        if adapter and number in adapter.taken:
             raise Conflict(
                 f"{version_ref(name, number)} already exists and versions are immutable; "
                 "register with --bump or another --version."
@@ -182,6 +211,8 @@ class Registry:
         try:
             yield
         except BaseException:
+            if self.git.head() != head:  # committed, but the tag failed: no commit without its version
+                self.git.run("update-ref", *(["HEAD", head] if head else ["-d", "HEAD"]))
             shutil.rmtree(workspace, ignore_errors=True)
             if backup.exists():
                 backup.rename(workspace)
@@ -214,10 +245,12 @@ class Registry:
     def promote(self, ref: str, stage: str, message: str | None = None) -> tuple[AdapterVersion, AdapterVersion | None]:
         """Assign STAGE to the version REF means; returns it and the version that held the stage before."""
         check_stage(stage)
+        message = check_message(message)
         with self.lock():
             state = self.state()
             version = state.resolve(Ref.parse(ref))
-            return version, self._assign(state, version, stage, message or f"Promote {version.ref} to {stage}")
+            text = message or f"Promote {version.ref} to {stage}"
+            return version, self._assign(state, version, stage, text, "promote")
 
     def rollback(self, name: str, stage: str, to: str | None = None) -> tuple[AdapterVersion, AdapterVersion]:
         """Give STAGE back to the version that held it before (or TO); returns (now, was)."""
@@ -240,22 +273,27 @@ class Registry:
                 target = adapter.version(history[-2])
             if target.version == current.version:
                 raise Conflict(f"{target.ref} already holds {stage}.")
-            message = f"{ROLLBACK_PREFIX}{name}#{stage} from {current.version} to {target.version}"
-            self._assign(state, target, stage, message)
+            message = f"Roll back {name}#{stage} from {current.version} to {target.version}"
+            self._assign(state, target, stage, message, "rollback")
             return target, current
 
-    def _assign(self, state: State, version: AdapterVersion, stage: str, message: str) -> AdapterVersion | None:
-        """Tag VERSION with STAGE, first unassigning the version that held it, so exactly one holds a stage."""
+    def _assign(
+        self, state: State, version: AdapterVersion, stage: str, message: str, action: str
+    ) -> AdapterVersion | None:
+        """Tag VERSION with STAGE and unassign the version that held it, both in one ref transaction."""
         adapter = state.adapter(version.name)
         previous = adapter.stages().get(stage)
         if previous and previous.version == version.version:
             return previous
         date, counter = _next_date(adapter), adapter.last_counter
+        tags = []
         if previous:
             counter += 1
-            self.git.tag(f"{version.name}#{stage}!#{counter}", previous.commit, f"Unassign {stage} ({message})", date)
+            unassign = with_action(f"Unassign {stage} from {previous.ref} ({message})", "unassign")
+            tags.append(NewTag(f"{version.name}#{stage}!#{counter}", previous.commit, unassign, date))
             date += 1
-        self.git.tag(f"{version.name}#{stage}#{counter + 1}", version.commit, message, date)
+        tags.append(NewTag(f"{version.name}#{stage}#{counter + 1}", version.commit, with_action(message, action), date))
+        self.git.create_tags(tags)
         return previous
 
     def checkout(self, ref: str | AdapterVersion, output: Path, remote: str | None = None) -> AdapterVersion:
@@ -294,7 +332,8 @@ class Registry:
                 if objects.missing_locally(md5):
                     # DVC drops a download whose hash is wrong, so absent and corrupt look alike here.
                     raise IntegrityError(
-                        "its files are missing or corrupt on the DVC remote; push them again from a clone that has them"
+                        "its files are missing or corrupt on the DVC remote; in a clone that has them "
+                        "(`adapters verify` there says so), `adapters push --verify` uploads them again"
                     )
                 objects.verify(md5)
             except IntegrityError as exc:

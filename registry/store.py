@@ -213,6 +213,41 @@ class Store:
         absent = {h.value for h in status.new | status.missing}
         return {md5 for md5, files in members.items() if md5 in absent or absent.intersection(files)}
 
+    def _odb(self, on_remote: bool, remote: str | None) -> Any:
+        """The local cache, or REMOTE's object store (None: the default remote)."""
+        if not on_remote:
+            return self._cache
+        try:
+            return self._repo.cloud.get_remote_odb(remote, "push")
+        except Exception as exc:  # as in _transfer
+            raise RemoteError(f"opening the DVC remote failed: {_first_line(exc)}") from exc
+
+    def audit(self, md5: str, on_remote: bool = False, remote: str | None = None) -> list[tuple[str, str, str]]:
+        """(file, object, "missing" or "corrupt") for each bad copy of a folder object's files, here or on REMOTE.
+
+        Every byte is read and hashed, so this finds what an existence check cannot: a copy that rotted.
+        """
+        odb = self._odb(on_remote, remote)
+        try:
+            if _object_md5(odb, md5) != md5.removesuffix(".dir"):
+                return [("file list", md5, "corrupt" if odb.exists(md5) else "missing")]
+            with odb.fs.open(odb.oid_to_path(md5), mode="rb") as handle:
+                entries = json.loads(handle.read())
+            return [
+                (e["relpath"], e["md5"], "corrupt" if odb.exists(e["md5"]) else "missing")
+                for e in entries
+                if _object_md5(odb, e["md5"]) != e["md5"]
+            ]
+        except (OSError, ValueError) as exc:
+            raise RemoteError(f"reading adapter files failed: {_first_line(exc)}") from exc
+
+    def discard(self, md5s: Iterable[str], on_remote: bool = False, remote: str | None = None) -> None:
+        """Delete these (corrupt) objects here or on REMOTE, so the next transfer copies them again."""
+        odb = self._odb(on_remote, remote)
+        for md5 in set(md5s):
+            if odb.exists(md5):
+                odb.delete(md5)
+
     def materialize(self, md5: str, dest: Path) -> None:
         """Write a verified copy of a folder object to DEST; DEST appears only when complete."""
         entries = self.verify(md5)
@@ -239,6 +274,18 @@ class Store:
     def checkout(self, pointers: list[Path]) -> None:
         """Make the workspace folders of these .dvc pointer files match them (from the local cache)."""
         self._repo.checkout(targets=[str(p) for p in pointers], force=True)
+
+
+def _object_md5(odb: Any, md5: str) -> str | None:
+    """The MD5 of an object's bytes as the store holds them (read in blocks), or None when it lacks it."""
+    digest = hashlib.md5()
+    try:
+        with odb.fs.open(odb.oid_to_path(md5), mode="rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    except FileNotFoundError:
+        return None
+    return digest.hexdigest()
 
 
 def _first_line(exc: BaseException) -> str:

@@ -14,7 +14,7 @@ from registry import store
 from core.errors import Conflict, NotFound, RegistryError, RemoteError
 from registry.git import Git, Tag
 from registry.names import Ref, check_name, version_ref
-from registry.refs import ASSIGN_TAG, REGISTER_TAG, AdapterVersion, State
+from registry.refs import ASSIGN_TAG, REGISTER_TAG, AdapterVersion, State, tag_adapter
 from registry.repo import ADAPTERS_DIR, PROJECT_FILE, Registry
 
 # Remote tags are fetched here first, so a clash with a local tag is seen before anything changes.
@@ -75,10 +75,41 @@ class PushResult:
     tags: list[str] = field(default_factory=list)
     files: int = 0
     branch_updated: bool = False
+    repaired: list[str] = field(default_factory=list)
+    """Versions whose remote copies were missing or corrupt and were uploaded again."""
 
 
-def push(registry: Registry, names: list[str], remote: str | None = None) -> PushResult:
-    """Upload the objects of every version the remote lacks, then push the branch and tags in one atomic git push."""
+def _push_objects(
+    registry: Registry, objects: store.Store, state: State, remote_refs: dict[str, str], remote: str, verify: bool
+) -> tuple[int, list[str]]:
+    """Upload what the remote lacks (or, with VERIFY, holds corrupt) of every version and the branch tip.
+
+    Every version, published ones too, so a remote that lost files gets them back; new versions must be
+    complete here (fetched if need be), and what goes up is verified first.
+    """
+    versions = [v for a in [*state.adapters.values(), *state.deprecated.values()] for v in a.versions]
+    new = {v.ref for v in versions if f"refs/tags/{v.tag}" not in remote_refs}
+    pointers = registry.pointers(versions) + registry.tree_pointers("HEAD")
+    registry.ensure_objects(objects, [p for p in pointers if p[0] in new], None)
+    present = [(label, md5) for label, md5 in pointers if not objects.missing_locally(md5)]
+    lacking = objects.remote_missing([md5 for _, md5 in present], remote)
+    if verify:
+        for _, md5 in present:
+            bad = objects.audit(md5, on_remote=True, remote=remote)
+            objects.discard([oid for _, oid, problem in bad if problem == "corrupt"], on_remote=True, remote=remote)
+            if bad:
+                lacking.add(md5)
+    upload = [(label, md5) for label, md5 in present if md5 in lacking]
+    registry.ensure_objects(objects, upload, None)  # verified here before it goes up
+    repaired = sorted({label for label, md5 in upload if label not in new and "@" in label})
+    return objects.push([md5 for _, md5 in upload], remote), repaired
+
+
+def push(registry: Registry, names: list[str], remote: str | None = None, verify: bool = False) -> PushResult:
+    """Upload the objects of every version the remote lacks, then push the branch and tags in one atomic git push.
+
+    VERIFY hashes every object on the remote first, so rotted copies are replaced too.
+    """
     for name in names:
         check_name(name)
     with registry.lock():
@@ -97,20 +128,12 @@ def push(registry: Registry, names: list[str], remote: str | None = None) -> Pus
                     "Run `adapters pull` to renumber the local one."
                 )
         unpushed = [t for t in local.values() if f"refs/tags/{t.name}" not in remote_refs]
-        selected = [t for t in unpushed if not names or _tag_name(t) in names]
-        # Objects of every version not yet on the remote: the branch's commits point at them too.
-        new_versions = [
-            v for a in state.adapters.values() for v in a.versions if f"refs/tags/{v.tag}" not in remote_refs
-        ]
+        selected = [t for t in unpushed if not names or tag_adapter(t.name) in names]
         result = PushResult(remote)
-        pointers = registry.pointers(new_versions)
         head = registry.git.head()
         if head:
             with store.opened(registry.root) as objects:
-                registry.ensure_objects(objects, pointers, None)
-                # The branch tip's files too: cheap when present, and it repairs a remote that lost some.
-                tip = [md5 for _, md5 in registry.tree_pointers(head)]
-                result.files = objects.push([md5 for _, md5 in pointers] + tip, remote)
+                result.files, result.repaired = _push_objects(registry, objects, state, remote_refs, remote, verify)
         refspecs = [f"refs/tags/{t.name}:refs/tags/{t.name}" for t in selected]
         if head and remote_refs.get(f"refs/heads/{branch}") != head:
             refspecs.insert(0, f"refs/heads/{branch}:refs/heads/{branch}")
@@ -134,11 +157,6 @@ def push(registry: Registry, names: list[str], remote: str | None = None) -> Pus
         return result
 
 
-def _tag_name(tag: Tag) -> str:
-    match = REGISTER_TAG.fullmatch(tag.name) or ASSIGN_TAG.fullmatch(tag.name)
-    return match["name"]
-
-
 @dataclass
 class PullResult:
     """What a pull brought."""
@@ -159,7 +177,7 @@ def pull(registry: Registry, refs: list[str], remote: str | None = None) -> Pull
         git = registry.git
         branch = git.branch()
         git.run(
-            "fetch", "--quiet", "--no-tags", remote,
+            "fetch", "--quiet", "--no-tags", "--prune", remote,
             f"+refs/heads/{branch}:refs/remotes/{remote}/{branch}",
             f"+refs/tags/*:{_REMOTE_TAGS}/{remote}/*",
             remote=True,
@@ -168,7 +186,7 @@ def pull(registry: Registry, refs: list[str], remote: str | None = None) -> Pull
         ours = {t.name: t for t in git.tags()}
         result = PullResult(remote)
         # The state after the pull: remote tags win a clash; clashing local tags get new numbers below.
-        merged = State([*theirs.values(), *(t for n, t in ours.items() if n not in theirs)])
+        merged = registry.state([*theirs.values(), *(t for n, t in ours.items() if n not in theirs)])
         wanted = [merged.resolve(r) for r in parsed] or _defaults(merged)
         remote_branch = f"refs/remotes/{remote}/{branch}"
         has_remote_branch = git.ok("rev-parse", "--verify", "--quiet", remote_branch)
@@ -180,21 +198,72 @@ def pull(registry: Registry, refs: list[str], remote: str | None = None) -> Pull
         with store.opened(registry.root) as objects:
             result.files = registry.ensure_objects(objects, registry.pointers(wanted) + tip, remote)
         # Everything needed is here and verified: now change refs and the workspace.
+        known = {t.name for t in merged.tags}
         for name, tag in theirs.items():
+            if name not in known:
+                continue  # outside the grammar, or another artifact's: not ours to copy
             mine = ours.get(name)
             if mine and mine.commit != tag.commit:  # numbered against every tag so far, renumbered ones too
-                result.renumbered[name] = _renumber(git, mine, State([*theirs.values(), *git.tags()]))
+                result.renumbered[name] = _renumber(git, mine, registry.state([*theirs.values(), *git.tags()]))
             if not mine or mine.commit != tag.commit:
-                git.run("update-ref", f"refs/tags/{name}", f"{_REMOTE_TAGS}/{remote}/{name}")
                 result.new_tags.append(name)
+        # One transaction: a stage's unassignment and its new assignment arrive together, or neither does.
+        git.run(
+            "update-ref", "--stdin", input="".join(f"update refs/tags/{n} {theirs[n].sha}\n" for n in result.new_tags)
+        )
         if has_remote_branch:
-            result.merged = _merge(registry, remote_branch, State(git.tags()))
+            result.merged = _merge(registry, remote_branch, registry.state())
         targets = [registry.root / ADAPTERS_DIR / f"{name}.dvc" for name, _ in registry.tree_pointers("HEAD")]
         if targets:
             with store.opened(registry.root) as objects:
                 objects.checkout(targets)
         result.versions = sorted(v.ref for v in wanted)
         return result
+
+
+@dataclass
+class Problem:
+    """One bad copy found by `adapters verify`: which version, where, which file, what is wrong, what fixes it."""
+
+    ref: str
+    where: str
+    file: str
+    problem: str
+    fix: str
+
+
+def verify(registry: Registry, remote: str | None, on_remote: bool) -> tuple[int, list[Problem]]:
+    """Hash every object of every version here (and, ON_REMOTE, on the remote); returns (versions checked, problems).
+
+    A corrupt local copy is removed, so the next pull fetches a sound one. Versions whose files were never
+    fetched here are not problems; on the remote, only published versions are checked.
+    """
+    with registry.lock():
+        state = registry.state()
+        versions = [v for a in [*state.adapters.values(), *state.deprecated.values()] for v in a.versions]
+        remote = resolve_remote(registry, remote) if on_remote else remote
+        published = set(registry.git.remote_refs(remote)) if on_remote else set()
+        pointers = registry.pointers(versions)
+        problems: list[Problem] = []
+        with store.opened(registry.root) as objects:
+            sound = set()
+            for ref, md5 in pointers:
+                if objects.missing_locally(md5) == [md5]:
+                    continue  # never fetched here: nothing to check
+                bad = objects.audit(md5)
+                objects.discard([oid for _, oid, problem in bad if problem == "corrupt"])
+                problems += [Problem(ref, "here", f, what, f"adapters pull {ref}") for f, _, what in bad]
+                if not bad:
+                    sound.add(md5)
+            for version, (ref, md5) in zip(versions, pointers, strict=True):
+                if f"refs/tags/{version.tag}" not in published:
+                    continue
+                fix = "adapters push --verify" + ("" if md5 in sound else f", in a clone that has {ref}")
+                problems += [
+                    Problem(ref, remote, f, what, fix)
+                    for f, _, what in objects.audit(md5, on_remote=True, remote=remote)
+                ]
+        return len(versions), problems
 
 
 def _defaults(state: State) -> list[AdapterVersion]:
@@ -208,7 +277,7 @@ def _defaults(state: State) -> list[AdapterVersion]:
 
 def _renumber(git: Git, tag: Tag, state: State) -> str:
     """Give a local, unpushed tag that clashes with the remote's a free name, so no version is lost."""
-    adapter = state.adapter(_tag_name(tag))
+    adapter = state.adapter(tag_adapter(tag.name))
     register = REGISTER_TAG.fullmatch(tag.name)
     if register:
         new = version_ref(adapter.name, adapter.latest.version.bump("patch"))

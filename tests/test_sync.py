@@ -163,16 +163,58 @@ def test_a_corrupt_object_on_the_remote_fails_pull_and_changes_nothing(
     result = cli("pull", cwd=mate)
     assert result.exit_code == 8
     assert result.stderr.strip() == (
-        "Error: support@v1.1.0: its files are missing or corrupt on the DVC remote; "
-        "push them again from a clone that has them; nothing was changed."
+        "Error: support@v1.1.0: its files are missing or corrupt on the DVC remote; in a clone that has them "
+        "(`adapters verify` there says so), `adapters push --verify` uploads them again; nothing was changed."
     )
     assert _git(mate, "rev-parse", "HEAD") == head
     assert sha_tree(mate / "adapters" / "support") == sha_tree(make_adapter(1))
     assert not any(p.name == weights[2:] for p in (mate / ".dvc" / "cache").rglob("*"))  # the bad copy was not kept
-    # A push from a clone that has the good copy repairs the remote.
-    assert cli("push", cwd=registry.root).exit_code == 0  # re-uploads what the branch's versions lack
+    # The advice works: a clone that has the good copy says what the remote lacks, and a push uploads it again.
+    verified = cli("verify", "--remote", cwd=registry.root)
+    assert verified.exit_code == 8
+    assert verified.output == (
+        "support@v1.1.0: adapter_model.safetensors missing on origin; fix: adapters push --verify\n"
+        "2 versions checked here and on the remote: 1 problem.\n"
+    )
+    repaired = cli("push", "--verify", cwd=registry.root)
+    assert repaired.output == "Pushed to origin: 1 files, 0 tags.\n  repaired support@v1.1.0\n"
     assert cli("pull", cwd=mate).exit_code == 0
     assert sha_tree(mate / "adapters" / "support") == sha_tree(make_adapter(2))
+
+
+def test_a_flipped_byte_on_the_remote_is_found_by_verify_and_repaired_by_push_verify(
+    registry: Registry, make_adapter, tmp_path: Path, cli
+) -> None:
+    registry.add("support", make_adapter(1))
+    assert cli("push", cwd=registry.root).exit_code == 0
+    weights = hashlib.md5((make_adapter(1) / "adapter_model.safetensors").read_bytes()).hexdigest()
+    stored = tmp_path / "origin.git" / "dvc" / "files" / "md5" / weights[:2] / weights[2:]
+    stored.chmod(0o644)
+    stored.write_bytes(b"\0" + stored.read_bytes()[1:])  # one flipped byte, same size
+    stored.chmod(0o444)  # as DVC left it: rot does not change a file's mode
+    assert cli("status", cwd=registry.root).output == "In sync with origin.\n"  # existence checks cannot see it
+    assert cli("verify", cwd=registry.root).output == "1 versions checked here: no problems.\n"
+    verified = cli("verify", "--remote", "--json", cwd=registry.root)
+    assert verified.exit_code == 8
+    assert json.loads(verified.output) == {
+        "checked": 1,
+        "problems": [
+            {
+                "ref": "support@v1.0.0",
+                "where": "origin",
+                "file": "adapter_model.safetensors",
+                "problem": "corrupt",
+                "fix": "adapters push --verify",
+            }
+        ],
+    }
+    assert cli("push", cwd=registry.root).output == "Everything is already on origin.\n"
+    repaired = cli("push", "--verify", cwd=registry.root)
+    assert repaired.output == "Pushed to origin: 1 files, 0 tags.\n  repaired support@v1.0.0\n"
+    assert hashlib.md5(stored.read_bytes()).hexdigest() == weights
+    assert cli("verify", "--remote", cwd=registry.root).output == (
+        "1 versions checked here and on the remote: no problems.\n"
+    )
 
 
 def test_objects_missing_on_the_remote_fail_pull_with_a_clear_error(
@@ -188,6 +230,11 @@ def test_objects_missing_on_the_remote_fail_pull_with_a_clear_error(
     assert "support@v1.0.0: its files are missing or corrupt on the DVC remote" in result.stderr
     status = json.loads(cli("status", "--json", cwd=registry.root).output)
     assert status["missing_on_remote"] == ["support@v1.0.0"]
+    # The version is published already; push still uploads what the remote lost.
+    pushed = cli("push", cwd=registry.root)
+    assert pushed.output == "Pushed to origin: 5 files, 0 tags.\n  repaired support@v1.0.0\n"  # 4 files + their list
+    assert json.loads(cli("status", "--json", cwd=registry.root).output)["missing_on_remote"] == []
+    assert cli("clone", str(tmp_path / "origin.git"), str(tmp_path / "mate2"), cwd=tmp_path).exit_code == 0
 
 
 def test_two_concurrent_pushers_one_wins_the_other_pulls_and_no_version_is_lost(
