@@ -6,7 +6,9 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,8 +23,14 @@ if TYPE_CHECKING:
     from dvc.repo import Repo
 
 
+_DIR_MD5 = re.compile(r"^- md5: ([0-9a-f]{32}\.dir)$", re.MULTILINE)
+
+
 def dir_md5(dvcfile: str) -> str:
     """The .dir hash a NAME.dvc pointer file records for its folder."""
+    found = _DIR_MD5.findall(dvcfile)
+    if len(found) == 1:  # the layout DVC writes, read without a YAML parse (registries hold thousands)
+        return found[0]
     data = yaml.safe_load(dvcfile) or {}
     outs = data.get("outs") or [{}]
     md5 = outs[0].get("md5", "")
@@ -31,12 +39,31 @@ def dir_md5(dvcfile: str) -> str:
     return md5
 
 
-def file_md5(path: Path) -> str:
-    """MD5 of a file, as DVC addresses its objects."""
+PROGRESS = True
+"""Progress bars on stderr when it is a terminal; commands writing --json turn them off."""
+_BIG = 64 << 20  # bytes: a file this large takes about a second to hash or copy
+
+
+def _progress_shown() -> bool:
+    return PROGRESS and sys.stderr.isatty()
+
+
+def _bar(desc: str, total: int, unit: str = "B") -> Any:
+    """A tqdm bar on stderr for a person watching a long step (bytes of big files, or files); else a silent one."""
+    from tqdm import tqdm
+
+    quiet = not _progress_shown() or (unit == "B" and total < _BIG)
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B", leave=False, disable=quiet)
+
+
+def file_md5(path: Path, bar: Any = None) -> str:
+    """MD5 of a file, as DVC addresses its objects (BAR, if given, advances by the bytes read)."""
     digest = hashlib.md5()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
+            if bar is not None:
+                bar.update(len(block))
     return digest.hexdigest()
 
 
@@ -47,6 +74,8 @@ def _dvc_repo_class() -> type[Repo]:
     # DVC's own messages would repeat what our commands print, or say it in DVC's terms.
     for name in ("dvc", "dvc_data", "dvc_objects"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
+    # ... but its progress bars (hashing and copying in `add` and checkouts) help a person at a terminal.
+    logging.getLogger("dvc.progress").setLevel(logging.INFO if _progress_shown() else logging.CRITICAL)
     return Repo
 
 
@@ -88,6 +117,14 @@ def configure_remote(root: Path, name: str, url: str, options: dict[str, str], d
             conf["core"]["remote"] = name
 
 
+def remove_remote(root: Path, name: str) -> None:
+    """Drop DVC remote NAME from the committed config (and as the default)."""
+    with _repo(root) as repo, repo.config.edit("repo") as conf:
+        conf["remote"].pop(name, None)
+        if conf["core"].get("remote") == name:
+            del conf["core"]["remote"]
+
+
 def remotes(root: Path) -> tuple[dict[str, dict[str, Any]], str | None]:
     """The DVC remotes and the default one."""
     with _repo(root) as repo:
@@ -123,9 +160,15 @@ class Store:
     def __init__(self, repo: Repo) -> None:
         self._repo = repo
         self._cache = repo.cache.local
+        self._listings: dict[str, list[dict[str, str]]] = {}
 
     def listing(self, md5: str) -> list[dict[str, str]]:
         """The files of a .dir object in the local cache: [{'relpath', 'md5'}]; IntegrityError if absent or broken."""
+        if md5 not in self._listings:
+            self._listings[md5] = self._read_listing(md5)
+        return self._listings[md5]
+
+    def _read_listing(self, md5: str) -> list[dict[str, str]]:
         path = Path(self._cache.oid_to_path(md5))
         try:
             entries = json.loads(path.read_text())
@@ -147,25 +190,32 @@ class Store:
         """Check every file of a folder object against its hash; a bad one is removed from the cache and reported."""
         entries = self.listing(md5)
         cache = self._cache
-        for entry in entries:
-            path = Path(cache.oid_to_path(entry["md5"]))
-            if not path.exists():
-                raise IntegrityError(f"{entry['relpath']} ({entry['md5']}) is missing")
-            if file_md5(path) != entry["md5"]:
-                # Drop both so the next pull fetches them again instead of trusting the folder object.
-                path.unlink()
-                Path(cache.oid_to_path(md5)).unlink(missing_ok=True)
-                raise IntegrityError(
-                    f"{entry['relpath']} does not match its hash {entry['md5']} (corrupt copy removed)"
-                )
+        paths = [Path(cache.oid_to_path(entry["md5"])) for entry in entries]
+        total = sum(p.stat().st_size for p in paths if p.exists())
+        with _bar("Checking hashes", total) as bar:
+            for entry, path in zip(entries, paths, strict=True):
+                self._check_file(md5, entry, path, bar)
         return entries
+
+    def _check_file(self, md5: str, entry: dict[str, str], path: Path, bar: Any) -> None:
+        """One file of folder object MD5 against its hash; a bad one is removed and reported."""
+        if not path.exists():
+            raise IntegrityError(f"{entry['relpath']} ({entry['md5']}) is missing")
+        if file_md5(path, bar) != entry["md5"]:
+            # Drop both so the next pull fetches them again instead of trusting the folder object.
+            path.unlink()
+            Path(self._cache.oid_to_path(md5)).unlink(missing_ok=True)
+            self._listings.pop(md5, None)
+            raise IntegrityError(f"{entry['relpath']} does not match its hash {entry['md5']} (corrupt copy removed)")
 
     def _transfer(self, direction: str, md5s: Iterable[str], remote: str | None) -> int:
         """Copy objects to ("push") or from ("pull") REMOTE, skipping those already there; returns how many moved.
 
         No remote index: DVC's cached list of remote contents would hide objects the remote has lost since.
         """
+        from dvc_data.callbacks import TqdmCallback
         from dvc_data.hashfile.transfer import transfer
+        from fsspec.callbacks import DEFAULT_CALLBACK
 
         wanted = _hash_infos(md5s)
         if not wanted:
@@ -174,7 +224,10 @@ class Store:
             odb = self._repo.cloud.get_remote_odb(remote, direction)
             cache = self._cache
             source, dest = (cache, odb) if direction == "push" else (odb, cache)
-            result = transfer(source, dest, wanted, jobs=odb.fs.jobs, cache_odb=cache)
+            verb = "Uploading" if direction == "push" else "Downloading"
+            with _bar(f"{verb} adapter files", len(wanted), unit="file") as bar:
+                callback = TqdmCallback(progress_bar=bar) if not bar.disable else DEFAULT_CALLBACK
+                result = transfer(source, dest, wanted, jobs=odb.fs.jobs, cache_odb=cache, callback=callback)
         except Exception as exc:  # DVC raises many unrelated types for one cause: the remote said no
             raise RemoteError(f"{direction} of adapter files failed: {_first_line(exc)}") from exc
         if result.failed and direction == "push":
@@ -245,6 +298,7 @@ class Store:
         """Delete these (corrupt) objects here or on REMOTE, so the next transfer copies them again."""
         odb = self._odb(on_remote, remote)
         for md5 in set(md5s):
+            self._listings.pop(md5, None)
             if odb.exists(md5):
                 odb.delete(md5)
 
@@ -255,10 +309,13 @@ class Store:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         try:
-            for entry in entries:
-                target = staging / entry["relpath"]
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(self._cache.oid_to_path(entry["md5"]), target)
+            sources = [Path(self._cache.oid_to_path(entry["md5"])) for entry in entries]
+            with _bar(f"Writing {dest.name}", sum(p.stat().st_size for p in sources)) as bar:
+                for entry, source in zip(entries, sources, strict=True):
+                    target = staging / entry["relpath"]
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(source, target)
+                    bar.update(source.stat().st_size)
             os.replace(staging, dest)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -270,6 +327,22 @@ class Store:
             if entry["relpath"] == relpath:
                 return Path(self._cache.oid_to_path(entry["md5"])).read_bytes()
         return None
+
+    def changed(self, md5: str, folder: Path) -> list[str]:
+        """Files of FOLDER that differ from folder object MD5: edited, missing or added (hashes cached by DVC)."""
+        from dvc_data.hashfile.hash import hash_file
+        from dvc_objects.fs import localfs
+
+        expected = {e["relpath"]: e["md5"] for e in self.listing(md5)}
+        present = {p.relative_to(folder).as_posix(): p for p in folder.rglob("*") if p.is_file()}
+        changed = []
+        for relpath in sorted(set(expected) | set(present)):
+            if relpath in expected and relpath in present:
+                _, info = hash_file(str(present[relpath]), localfs, "md5", state=self._repo.state)
+                if info.value == expected[relpath]:
+                    continue
+            changed.append(relpath)
+        return changed
 
     def checkout(self, pointers: list[Path]) -> None:
         """Make the workspace folders of these .dvc pointer files match them (from the local cache)."""

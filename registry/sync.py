@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,17 +26,27 @@ _LOST_RACE = re.compile(
 FETCH_FIRST = "{remote} has versions or commits this registry lacks; run `adapters pull`, then push again."
 
 
-def set_remote(registry: Registry, name: str, url: str, dvc_url: str | None, options: dict[str, str]) -> str:
-    """Add (or re-point) git remote NAME and its DVC remote; the first one becomes DVC's default."""
+def set_remote(
+    registry: Registry, name: str, url: str, dvc_url: str | None, options: dict[str, str], create: bool = False
+) -> str:
+    """Add (or re-point) git remote NAME and its DVC remote; the first one becomes DVC's default.
+
+    A folder URL must hold a git repository already, so a typo never becomes a new empty remote; CREATE
+    makes an empty bare one there.
+    """
     dvc_url = dvc_url or store.default_dvc_url(url)
     if not dvc_url:
         raise RegistryError(
             f"{url} is not a local folder; give its DVC storage with --dvc (for example s3://bucket/path)."
         )
     path = store.local_path(url)
-    if path and not path.exists():
+    if path and create:
+        if path.exists() and any(path.iterdir()):
+            raise Conflict(f"{path} already exists and is not empty; drop --create to use the repository there.")
         branch = registry.git.branch()
         subprocess.run(["git", "init", "--quiet", "--bare", f"--initial-branch={branch}", str(path)], check=True)
+    elif path and not _is_repository(path):
+        raise NotFound(f"{url} is not a git repository; check the path, or pass --create to make an empty one there.")
     if name in registry.git.remotes():
         registry.git.run("remote", "set-url", name, url)
     else:
@@ -44,6 +55,30 @@ def set_remote(registry: Registry, name: str, url: str, dvc_url: str | None, opt
     store.configure_remote(registry.root, name, dvc_url, options, default=default in (None, name))
     registry.git.commit_paths(f"Add remote {name}", ".dvc/config")
     return dvc_url
+
+
+def _is_repository(path: Path) -> bool:
+    """True when PATH itself is a git repository (bare, or a work tree's top), not merely inside one."""
+    if not path.is_dir():
+        return False
+    try:
+        git_dir = Path(Git(path).run("rev-parse", "--absolute-git-dir").strip())
+    except RegistryError:
+        return False
+    return git_dir.resolve() in (path.resolve(), (path / ".git").resolve())
+
+
+def remove_remote(registry: Registry, name: str) -> None:
+    """Forget remote NAME here: its git remote, its remote-tag cache and its DVC entry (committed)."""
+    with registry.lock():
+        if name not in registry.git.remotes() and name not in store.remotes(registry.root)[0]:
+            raise NotFound(f"No remote named {name!r}; `adapters remote -v` lists them.")
+        if name in registry.git.remotes():
+            registry.git.run("remote", "remove", name)
+        cached = registry.git.run("for-each-ref", "--format=%(refname)", f"{_REMOTE_TAGS}/{name}").split()
+        registry.git.run("update-ref", "--stdin", input="".join(f"delete {ref}\n" for ref in cached))
+        store.remove_remote(registry.root, name)
+        registry.git.commit_paths(f"Remove remote {name}", ".dvc/config")
 
 
 def list_remotes(registry: Registry) -> list[dict[str, object]]:
@@ -169,8 +204,11 @@ class PullResult:
     merged: str = "up to date"
 
 
-def pull(registry: Registry, refs: list[str], remote: str | None = None) -> PullResult:
-    """Fetch refs, then the objects of the requested versions; hashes are verified before the workspace changes."""
+def pull(registry: Registry, refs: list[str], remote: str | None = None, force: bool = False) -> PullResult:
+    """Fetch refs, then the objects of the requested versions; hashes are verified before the workspace changes.
+
+    Local edits in a workspace folder the pull would replace are refused (FORCE discards them), as git does.
+    """
     parsed = [Ref.parse(r) for r in refs]
     with registry.lock():
         remote = resolve_remote(registry, remote)
@@ -190,14 +228,18 @@ def pull(registry: Registry, refs: list[str], remote: str | None = None) -> Pull
         wanted = [merged.resolve(r) for r in parsed] or _defaults(merged)
         remote_branch = f"refs/remotes/{remote}/{branch}"
         has_remote_branch = git.ok("rev-parse", "--verify", "--quiet", remote_branch)
-        tip = (
-            registry.tree_pointers(remote_branch if has_remote_branch else "HEAD")
-            if git.head() or has_remote_branch
-            else []
-        )
+        here = dict(registry.tree_pointers("HEAD")) if git.head() else {}
+        tip = dict(registry.tree_pointers(remote_branch)) if has_remote_branch else here
+        resuming = registry.pull_mark.exists()
         with store.opened(registry.root) as objects:
-            result.files = registry.ensure_objects(objects, registry.pointers(wanted) + tip, remote)
+            # Of the branch tip, only what this pull will check out: the rest was verified when it arrived.
+            changed_tip = [(n, md5) for n, md5 in tip.items() if _stale(registry, n, md5, here, resuming or force)]
+            result.files = registry.ensure_objects(objects, registry.pointers(wanted) + changed_tip, remote)
+            if not force and not resuming:
+                moving = {n: md5 for n, md5 in here.items() if tip.get(n, md5) != md5}
+                _refuse_local_changes(registry.local_changes(objects, moving))
         # Everything needed is here and verified: now change refs and the workspace.
+        registry.pull_mark.write_text(remote)
         known = {t.name for t in merged.tags}
         for name, tag in theirs.items():
             if name not in known:
@@ -213,12 +255,34 @@ def pull(registry: Registry, refs: list[str], remote: str | None = None) -> Pull
         )
         if has_remote_branch:
             result.merged = _merge(registry, remote_branch, registry.state())
-        targets = [registry.root / ADAPTERS_DIR / f"{name}.dvc" for name, _ in registry.tree_pointers("HEAD")]
+        after = dict(registry.tree_pointers("HEAD")) if git.head() else {}
+        # Only the folders whose version changed (or that are absent): the cost follows what the pull moved.
+        targets = [
+            registry.root / ADAPTERS_DIR / f"{name}.dvc"
+            for name, md5 in after.items()
+            if _stale(registry, name, md5, here, resuming or force)
+        ]
         if targets:
             with store.opened(registry.root) as objects:
                 objects.checkout(targets)
+        registry.pull_mark.unlink()
         result.versions = sorted(v.ref for v in wanted)
         return result
+
+
+def _stale(registry: Registry, name: str, md5: str, here: dict[str, str], every: bool) -> bool:
+    """Whether the workspace folder of NAME must be (re)written to hold MD5: changed, absent, or EVERY."""
+    return every or here.get(name) != md5 or not (registry.root / ADAPTERS_DIR / name).is_dir()
+
+
+def _refuse_local_changes(changes: dict[str, list[str]]) -> None:
+    """Conflict naming the edited files a pull would overwrite, as git refuses to."""
+    if changes:
+        files = [f for name in sorted(changes) for f in changes[name]]
+        raise Conflict(
+            f"Your local changes to {', '.join(files)} would be overwritten by pull; copy them elsewhere "
+            "(and `adapters add` them), or run `adapters pull --force` to discard them. Nothing was changed."
+        )
 
 
 @dataclass
@@ -347,14 +411,24 @@ def clone(url: str, directory: Path | None, refs: list[str]) -> tuple[Registry, 
     directory = directory or Path(Path(urlparse(url).path).name.removesuffix(".git") or "registry")
     if directory.exists() and any(directory.iterdir()):
         raise Conflict(f"{directory} already exists and is not empty.")
-    proc = subprocess.run(["git", "clone", "--quiet", url, str(directory)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RemoteError(f"git clone {url} failed: {proc.stderr.strip().splitlines()[-1:]}")
-    git = Git(directory)
-    if git.head() is None:  # the remote's HEAD names a branch it lacks: take the one it has
-        branches = git.run("branch", "-r", "--format=%(refname:lstrip=3)").split()
-        if branches:
-            branch = "main" if "main" in branches else branches[0]
-            git.run("checkout", "--quiet", "-B", branch, f"origin/{branch}")
-    registry = Registry.find(directory)
-    return registry, pull(registry, refs)
+    existed = directory.exists()
+    try:
+        proc = subprocess.run(["git", "clone", "--quiet", url, str(directory)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RemoteError(f"git clone {url} failed: {(proc.stderr.strip().splitlines() or ['no message'])[-1]}")
+        git = Git(directory)
+        if git.head() is None:  # the remote's HEAD names a branch it lacks: take the one it has
+            branches = git.run("branch", "-r", "--format=%(refname:lstrip=3)").split()
+            if branches:
+                branch = "main" if "main" in branches else branches[0]
+                git.run("checkout", "--quiet", "-B", branch, f"origin/{branch}")
+        registry = Registry.around(directory)
+        if registry is None:
+            raise RegistryError(f"{url} is not an adapter repository (no .dvc/ and adapters/); nothing was kept.")
+        return registry, pull(registry, refs)
+    except BaseException:
+        # A failed clone leaves nothing behind, as git's own does.
+        shutil.rmtree(directory, ignore_errors=True)
+        if existed:
+            directory.mkdir()
+        raise

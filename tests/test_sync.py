@@ -53,10 +53,13 @@ def test_push_then_clone_gives_byte_exact_versions(registry: Registry, make_adap
     assert cli("status", "--json", cwd=mate).exit_code == 0
     assert json.loads(cli("status", "--json", cwd=mate).output) == {
         "remote": "origin",
+        "remote_state": "known",
         "unpushed_tags": [],
         "missing_locally": [],
         "missing_on_remote": [],
         "remote_only_tags": [],
+        "modified": [],
+        "interrupted_pull": False,
     }
 
 
@@ -308,11 +311,21 @@ def test_train_inside_a_registry_registers_the_new_version(
     result = cli("train", "people", *args, "-m", "first run", cwd=registry.root)
     assert result.exit_code == 0, result.output
     assert f"Registered people@v1.0.0 in {registry.root}." in result.output
-    assert cli("train", "people", *args, "--overwrite", cwd=registry.root).exit_code == 0
+    again = cli("train", "people", *args, "--seed", "7", cwd=registry.root)  # the same command, the next version
+    assert again.exit_code == 0, again.output
+    assert "runs/people held people@v1.0.0, already registered; training the next version there." in again.output
+    assert f"Registered people@v1.1.0 in {registry.root}." in again.output
     log = json.loads(cli("log", "people", "--json", cwd=registry.root).output)
     assert [v["ref"] for v in log["versions"]] == ["people@v1.1.0", "people@v1.0.0"]
     assert log["versions"][1]["message"] == "first run"
     assert log["versions"][0]["metrics"]["eval_loss_after"] is not None
+    # A run that was never registered is never deleted: training refuses, as outside a registry.
+    unregistered = cli("train", "people", *args, "--seed", "8", "--no-register", "-o", "runs/mine", cwd=registry.root)
+    assert unregistered.exit_code == 0, unregistered.output
+    before = sha_tree(registry.root / "runs" / "mine")
+    refused = cli("train", "people", *args, "-o", "runs/mine", cwd=registry.root)
+    assert refused.exit_code == 4 and "runs/mine already exists and is not empty" in refused.stderr
+    assert sha_tree(registry.root / "runs" / "mine") == before
 
 
 def test_dvc_artifacts_get_reads_the_same_repository(registry: Registry, make_adapter, tmp_path: Path) -> None:
