@@ -100,7 +100,7 @@ def grow(registry: Path, work: Path, versions: int) -> None:
     for minor in range(VERSIONS_PER_ADAPTER):
         for name in names:
             (registry / "adapters" / f"{name}.dvc").write_text(
-                pointer.replace("version: 1.0.0", f"version: 1.{minor}.0")
+                pointer.replace("version: 1.0.0", f"version: 1.{minor}.0").replace("path: seed", f"path: {name}")
             )
         if minor == 0:
             ignore = registry / "adapters" / ".gitignore"

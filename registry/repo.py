@@ -369,6 +369,17 @@ class Registry:
         texts = self.git.show_many([f"{v.commit}:{ADAPTERS_DIR}/{v.name}.dvc" for v in versions])
         return [(v.ref, store.dir_md5(t)) for v, t in zip(versions, texts, strict=True) if t]
 
+    def tree_blobs(self, rev: str) -> dict[str, str]:
+        """{NAME: blob id of adapters/NAME.dvc} at REV, in one call: equal ids mean the same version, unread."""
+        out = self.git.run("ls-tree", rev, f"{ADAPTERS_DIR}/")
+        rows = (line.split("\t", 1) for line in out.splitlines())
+        return {Path(path).stem: meta.split()[2] for meta, path in rows if path.endswith(".dvc")}
+
+    def blob_pointers(self, blobs: dict[str, str]) -> dict[str, str]:
+        """{NAME: folder object} for the pointer-file blobs {NAME: blob id}, read in one call."""
+        texts = self.git.show_many(list(blobs.values()))
+        return {name: store.dir_md5(t) for name, t in zip(blobs, texts, strict=True) if t}
+
     def tree_pointers(self, rev: str) -> list[tuple[str, str]]:
         """(NAME, folder object) for every adapter the pointer files at REV name: what a checkout of REV holds."""
         names = self.git.run("ls-tree", "--name-only", rev, f"{ADAPTERS_DIR}/").split()

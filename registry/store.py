@@ -92,8 +92,24 @@ def _repo(root: Path) -> Iterator[Repo]:
 @contextmanager
 def opened(root: Path) -> Iterator[Store]:
     """The DVC store of the repository at ROOT, closed afterwards."""
-    with _repo(root) as repo:
-        yield Store(repo)
+    objects = Store(root)
+    try:
+        yield objects
+    finally:
+        objects.close()
+
+
+def _config(root: Path) -> dict[str, Any]:
+    """DVC's committed and local config, merged, read without importing DVC (a command's start stays fast)."""
+    from configobj import ConfigObj
+
+    merged: dict[str, Any] = {}
+    for name in ("config", "config.local"):
+        path = root / ".dvc" / name
+        if path.is_file():
+            for section, values in ConfigObj(str(path)).items():
+                merged.setdefault(section, {}).update(values)
+    return merged
 
 
 def init(root: Path) -> None:
@@ -127,9 +143,13 @@ def remove_remote(root: Path, name: str) -> None:
 
 def remotes(root: Path) -> tuple[dict[str, dict[str, Any]], str | None]:
     """The DVC remotes and the default one."""
-    with _repo(root) as repo:
-        conf = repo.config
-        return {name: dict(value) for name, value in conf["remote"].items()}, conf["core"].get("remote")
+    conf = _config(root)
+    found = {}
+    for section, values in conf.items():
+        match = re.fullmatch(r'remote\s+"(.+)"', section)
+        if match:
+            found[match[1]] = dict(values)
+    return found, (conf.get("core") or {}).get("remote")
 
 
 def local_path(url: str) -> Path | None:
@@ -157,10 +177,35 @@ def _hash_infos(md5s: Iterable[str]) -> list[Any]:
 class Store:
     """DVC's view of one repository: its local object cache and its remotes. Nothing else touches DVC."""
 
-    def __init__(self, repo: Repo) -> None:
-        self._repo = repo
-        self._cache = repo.cache.local
+    def __init__(self, root: Path) -> None:
+        self._root = root
+        self._opened: Repo | None = None
+        cache_dir = (_config(root).get("cache") or {}).get("dir")
+        self._files = (root / ".dvc" / cache_dir if cache_dir else root / ".dvc" / "cache") / "files" / "md5"
         self._listings: dict[str, list[dict[str, str]]] = {}
+
+    @property
+    def _repo(self) -> Repo:
+        """DVC itself, opened on first need: reading and checking the local cache does without it."""
+        if self._opened is None:
+            self._opened = _dvc_repo_class()(str(self._root))
+        return self._opened
+
+    @property
+    def _cache(self) -> Any:
+        return self._repo.cache.local
+
+    def close(self) -> None:
+        """Close DVC if it was opened."""
+        if self._opened is not None:
+            self._opened.close()
+
+    def _path(self, md5: str) -> Path:
+        """Where the local cache keeps object MD5 (DVC 3's layout: files/md5/ab/cdef...)."""
+        return self._files / md5[:2] / md5[2:]
+
+    def _has(self, md5: str) -> bool:
+        return self._path(md5).is_file()
 
     def listing(self, md5: str) -> list[dict[str, str]]:
         """The files of a .dir object in the local cache: [{'relpath', 'md5'}]; IntegrityError if absent or broken."""
@@ -169,7 +214,7 @@ class Store:
         return self._listings[md5]
 
     def _read_listing(self, md5: str) -> list[dict[str, str]]:
-        path = Path(self._cache.oid_to_path(md5))
+        path = self._path(md5)
         try:
             entries = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
@@ -181,16 +226,14 @@ class Store:
 
     def missing_locally(self, md5: str) -> list[str]:
         """Files of a folder object that the local cache lacks (the folder object itself included)."""
-        cache = self._cache
-        if not cache.exists(md5):
+        if not self._has(md5):
             return [md5]
-        return [e["md5"] for e in self.listing(md5) if not cache.exists(e["md5"])]
+        return [e["md5"] for e in self.listing(md5) if not self._has(e["md5"])]
 
     def verify(self, md5: str) -> list[dict[str, str]]:
         """Check every file of a folder object against its hash; a bad one is removed from the cache and reported."""
         entries = self.listing(md5)
-        cache = self._cache
-        paths = [Path(cache.oid_to_path(entry["md5"])) for entry in entries]
+        paths = [self._path(entry["md5"]) for entry in entries]
         total = sum(p.stat().st_size for p in paths if p.exists())
         with _bar("Checking hashes", total) as bar:
             for entry, path in zip(entries, paths, strict=True):
@@ -204,7 +247,7 @@ class Store:
         if file_md5(path, bar) != entry["md5"]:
             # Drop both so the next pull fetches them again instead of trusting the folder object.
             path.unlink()
-            Path(self._cache.oid_to_path(md5)).unlink(missing_ok=True)
+            self._path(md5).unlink(missing_ok=True)
             self._listings.pop(md5, None)
             raise IntegrityError(f"{entry['relpath']} does not match its hash {entry['md5']} (corrupt copy removed)")
 
@@ -239,23 +282,23 @@ class Store:
 
         Files go first and each folder object last, so a remote that has a folder object has all its files.
         """
-        md5s = sorted(m for m in set(md5s) if self._cache.exists(m))
+        md5s = sorted(m for m in set(md5s) if self._has(m))
         files = {entry["md5"] for md5 in md5s for entry in self.listing(md5)}
         return self._transfer("push", files, remote) + self._transfer("push", md5s, remote)
 
     def fetch(self, md5s: Iterable[str], remote: str | None) -> int:
         """Download folder objects and their files into the local cache; returns files moved."""
         md5s = sorted(set(md5s))
-        moved = self._transfer("pull", [m for m in md5s if not self._cache.exists(m)], remote)
-        files = {entry["md5"] for md5 in md5s if self._cache.exists(md5) for entry in self.listing(md5)}
-        return moved + self._transfer("pull", [f for f in files if not self._cache.exists(f)], remote)
+        moved = self._transfer("pull", [m for m in md5s if not self._has(m)], remote)
+        files = {entry["md5"] for md5 in md5s if self._has(md5) for entry in self.listing(md5)}
+        return moved + self._transfer("pull", [f for f in files if not self._has(f)], remote)
 
     def remote_missing(self, md5s: Iterable[str], remote: str | None) -> set[str]:
         """Which of these folder objects REMOTE lacks, whole or in part (files known from the local cache)."""
         from dvc_data.hashfile.status import compare_status
 
         md5s = sorted(set(md5s))
-        members = {md5: [e["md5"] for e in self.listing(md5)] if self._cache.exists(md5) else [] for md5 in md5s}
+        members = {md5: [e["md5"] for e in self.listing(md5)] if self._has(md5) else [] for md5 in md5s}
         every = _hash_infos([*md5s, *(f for files in members.values() for f in files)])
         try:
             status = compare_status(
@@ -309,7 +352,7 @@ class Store:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         try:
-            sources = [Path(self._cache.oid_to_path(entry["md5"])) for entry in entries]
+            sources = [self._path(entry["md5"]) for entry in entries]
             with _bar(f"Writing {dest.name}", sum(p.stat().st_size for p in sources)) as bar:
                 for entry, source in zip(entries, sources, strict=True):
                     target = staging / entry["relpath"]
@@ -325,7 +368,7 @@ class Store:
         """One file of a folder object from the local cache, or None when the folder has no such file."""
         for entry in self.listing(md5):
             if entry["relpath"] == relpath:
-                return Path(self._cache.oid_to_path(entry["md5"])).read_bytes()
+                return self._path(entry["md5"]).read_bytes()
         return None
 
     def changed(self, md5: str, folder: Path) -> list[str]:
@@ -344,9 +387,20 @@ class Store:
             changed.append(relpath)
         return changed
 
-    def checkout(self, pointers: list[Path]) -> None:
-        """Make the workspace folders of these .dvc pointer files match them (from the local cache)."""
-        self._repo.checkout(targets=[str(p) for p in pointers], force=True)
+    def place(self, md5: str, folder: Path) -> None:
+        """Make FOLDER hold exactly folder object MD5 (verified), swapped in whole: a workspace checkout of one adapter.
+
+        Our own copy rather than DVC's checkout, which reads every pointer file of the repository first.
+        """
+        fresh = folder.parent / f".{folder.name}.incoming"
+        shutil.rmtree(fresh, ignore_errors=True)
+        self.materialize(md5, fresh)
+        old = folder.parent / f".{folder.name}.outgoing"
+        shutil.rmtree(old, ignore_errors=True)
+        if folder.exists():
+            folder.rename(old)
+        fresh.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _object_md5(odb: Any, md5: str) -> str | None:

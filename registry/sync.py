@@ -228,15 +228,20 @@ def pull(registry: Registry, refs: list[str], remote: str | None = None, force: 
         wanted = [merged.resolve(r) for r in parsed] or _defaults(merged)
         remote_branch = f"refs/remotes/{remote}/{branch}"
         has_remote_branch = git.ok("rev-parse", "--verify", "--quiet", remote_branch)
-        here = dict(registry.tree_pointers("HEAD")) if git.head() else {}
-        tip = dict(registry.tree_pointers(remote_branch)) if has_remote_branch else here
+        # Pointer files are compared by blob id: only those that differ are read, so the cost follows the change.
+        here = registry.tree_blobs("HEAD") if git.head() else {}
+        tip = registry.tree_blobs(remote_branch) if has_remote_branch else here
         resuming = registry.pull_mark.exists()
         with store.opened(registry.root) as objects:
             # Of the branch tip, only what this pull will check out: the rest was verified when it arrived.
-            changed_tip = [(n, md5) for n, md5 in tip.items() if _stale(registry, n, md5, here, resuming or force)]
-            result.files = registry.ensure_objects(objects, registry.pointers(wanted) + changed_tip, remote)
+            changed_tip = registry.blob_pointers(
+                {n: blob for n, blob in tip.items() if _stale(registry, n, blob, here, resuming or force)}
+            )
+            result.files = registry.ensure_objects(
+                objects, registry.pointers(wanted) + list(changed_tip.items()), remote
+            )
             if not force and not resuming:
-                moving = {n: md5 for n, md5 in here.items() if tip.get(n, md5) != md5}
+                moving = registry.blob_pointers({n: blob for n, blob in here.items() if tip.get(n, blob) != blob})
                 _refuse_local_changes(registry.local_changes(objects, moving))
         # Everything needed is here and verified: now change refs and the workspace.
         registry.pull_mark.write_text(remote)
@@ -254,25 +259,23 @@ def pull(registry: Registry, refs: list[str], remote: str | None = None, force: 
             "update-ref", "--stdin", input="".join(f"update refs/tags/{n} {theirs[n].sha}\n" for n in result.new_tags)
         )
         if has_remote_branch:
-            result.merged = _merge(registry, remote_branch, registry.state())
-        after = dict(registry.tree_pointers("HEAD")) if git.head() else {}
+            result.merged = _merge(registry, remote_branch)
+        after = registry.tree_blobs("HEAD") if git.head() else {}
         # Only the folders whose version changed (or that are absent): the cost follows what the pull moved.
-        targets = [
-            registry.root / ADAPTERS_DIR / f"{name}.dvc"
-            for name, md5 in after.items()
-            if _stale(registry, name, md5, here, resuming or force)
-        ]
-        if targets:
-            with store.opened(registry.root) as objects:
-                objects.checkout(targets)
+        targets = registry.blob_pointers(
+            {name: blob for name, blob in after.items() if _stale(registry, name, blob, here, resuming or force)}
+        )
+        with store.opened(registry.root) as objects:
+            for name, md5 in targets.items():
+                objects.place(md5, registry.root / ADAPTERS_DIR / name)
         registry.pull_mark.unlink()
         result.versions = sorted(v.ref for v in wanted)
         return result
 
 
-def _stale(registry: Registry, name: str, md5: str, here: dict[str, str], every: bool) -> bool:
-    """Whether the workspace folder of NAME must be (re)written to hold MD5: changed, absent, or EVERY."""
-    return every or here.get(name) != md5 or not (registry.root / ADAPTERS_DIR / name).is_dir()
+def _stale(registry: Registry, name: str, blob: str, here: dict[str, str], every: bool) -> bool:
+    """Whether the workspace folder of NAME must be (re)written for pointer BLOB: changed, absent, or EVERY."""
+    return every or here.get(name) != blob or not (registry.root / ADAPTERS_DIR / name).is_dir()
 
 
 def _refuse_local_changes(changes: dict[str, list[str]]) -> None:
@@ -356,7 +359,7 @@ def _renumber(git: Git, tag: Tag, state: State) -> str:
     return new
 
 
-def _merge(registry: Registry, remote_branch: str, state: State) -> str:
+def _merge(registry: Registry, remote_branch: str) -> str:
     """Bring the remote branch in: fast-forward, or merge with registry files resolved from the tags."""
     git = registry.git
     head = git.head()
@@ -381,7 +384,7 @@ def _merge(registry: Registry, remote_branch: str, state: State) -> str:
             (registry.root / path).write_text("".join(f"{line}\n" for line in dict.fromkeys(lines)))
         elif path.startswith(f"{ADAPTERS_DIR}/") and path.endswith(".dvc"):
             name = Path(path).stem
-            latest = state.adapter(name).latest
+            latest = registry.state().adapter(name).latest
             (registry.root / path).write_text(registry.dvcfile(latest))
         else:
             git.ok("merge", "--abort")

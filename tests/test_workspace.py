@@ -69,7 +69,7 @@ def test_a_pull_killed_after_moving_the_branch_is_reported_and_finished_by_the_n
     registry: Registry, make_adapter, tmp_path: Path, cli
 ) -> None:
     mate = _two_clones(registry, make_adapter, tmp_path, cli)
-    child = _killed(mate, "registry.store:Store.checkout", 1, "before", "pull")
+    child = _killed(mate, "registry.store:Store.place", 1, "before", "pull")
     assert child.returncode == -signal.SIGKILL, child.stderr  # the branch moved, the files did not
     assert _git(mate, "tag").split() == ["support@v1.0.0", "support@v1.1.0"]
     assert sha_tree(mate / "adapters" / "support") == sha_tree(make_adapter(1))
