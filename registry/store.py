@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 
 import yaml
 
+from core.cache import write_atomic
 from core.errors import IntegrityError, RegistryError, RemoteError
 
 if TYPE_CHECKING:
@@ -183,6 +184,8 @@ class Store:
         cache_dir = (_config(root).get("cache") or {}).get("dir")
         self._files = (root / ".dvc" / cache_dir if cache_dir else root / ".dvc" / "cache") / "files" / "md5"
         self._listings: dict[str, list[dict[str, str]]] = {}
+        self._hashes: dict[str, list[Any]] | None = None
+        self._hashes_dirty = False
 
     @property
     def _repo(self) -> Repo:
@@ -196,9 +199,11 @@ class Store:
         return self._repo.cache.local
 
     def close(self) -> None:
-        """Close DVC if it was opened."""
+        """Close DVC if it was opened, and keep what was learnt about workspace files."""
         if self._opened is not None:
             self._opened.close()
+        if self._hashes_dirty:
+            write_atomic(self._hashes_file, json.dumps(self._hashes))
 
     def _path(self, md5: str) -> Path:
         """Where the local cache keeps object MD5 (DVC 3's layout: files/md5/ab/cdef...)."""
@@ -295,18 +300,27 @@ class Store:
 
     def remote_missing(self, md5s: Iterable[str], remote: str | None) -> set[str]:
         """Which of these folder objects REMOTE lacks, whole or in part (files known from the local cache)."""
-        from dvc_data.hashfile.status import compare_status
-
         md5s = sorted(set(md5s))
         members = {md5: [e["md5"] for e in self.listing(md5)] if self._has(md5) else [] for md5 in md5s}
-        every = _hash_infos([*md5s, *(f for files in members.values() for f in files)])
-        try:
-            status = compare_status(
-                self._cache, self._repo.cloud.get_remote_odb(remote, "status"), every, check_deleted=False
-            )
-        except Exception as exc:  # as in _transfer
-            raise RemoteError(f"checking the DVC remote failed: {_first_line(exc)}") from exc
-        absent = {h.value for h in status.new | status.missing}
+        every = {*md5s, *(f for files in members.values() for f in files)}
+        found, default = remotes(self._root)
+        folder = local_path((found.get(remote or default or "") or {}).get("url", "s3://"))
+        if folder is not None:  # a folder remote is read as one, without starting DVC
+            files = (self._root / ".dvc" / folder if not folder.is_absolute() else folder) / "files" / "md5"
+            absent = {md5 for md5 in every if not (files / md5[:2] / md5[2:]).is_file()}
+        else:
+            from dvc_data.hashfile.status import compare_status
+
+            try:
+                status = compare_status(
+                    self._cache,
+                    self._repo.cloud.get_remote_odb(remote, "status"),
+                    _hash_infos(every),
+                    check_deleted=False,
+                )
+            except Exception as exc:  # as in _transfer
+                raise RemoteError(f"checking the DVC remote failed: {_first_line(exc)}") from exc
+            absent = {h.value for h in status.new | status.missing}
         return {md5 for md5, files in members.items() if md5 in absent or absent.intersection(files)}
 
     def _odb(self, on_remote: bool, remote: str | None) -> Any:
@@ -372,20 +386,43 @@ class Store:
         return None
 
     def changed(self, md5: str, folder: Path) -> list[str]:
-        """Files of FOLDER that differ from folder object MD5: edited, missing or added (hashes cached by DVC)."""
-        from dvc_data.hashfile.hash import hash_file
-        from dvc_objects.fs import localfs
+        """Files of FOLDER that differ from folder object MD5: edited, missing or added.
 
+        A file whose size, modification time and inode are as when last hashed is not read again.
+        """
         expected = {e["relpath"]: e["md5"] for e in self.listing(md5)}
         present = {p.relative_to(folder).as_posix(): p for p in folder.rglob("*") if p.is_file()}
         changed = []
         for relpath in sorted(set(expected) | set(present)):
-            if relpath in expected and relpath in present:
-                _, info = hash_file(str(present[relpath]), localfs, "md5", state=self._repo.state)
-                if info.value == expected[relpath]:
-                    continue
+            if (
+                relpath in expected
+                and relpath in present
+                and self._workspace_md5(present[relpath]) == expected[relpath]
+            ):
+                continue
             changed.append(relpath)
         return changed
+
+    @property
+    def _hashes_file(self) -> Path:
+        return self._root / ".dvc" / "tmp" / "adapters-hashes.json"  # DVC's own tmp/ is never committed
+
+    def _workspace_md5(self, path: Path, known: str | None = None) -> str:
+        """The MD5 of a workspace file, from the stat-keyed record when the file is unchanged (KNOWN: just written)."""
+        if self._hashes is None:
+            try:
+                self._hashes = json.loads(self._hashes_file.read_text())
+            except (OSError, ValueError):
+                self._hashes = {}
+        stat = path.stat()
+        signature = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+        record = self._hashes.get(str(path))
+        if known is None and record and record[:3] == signature:
+            return record[3]
+        md5 = known or file_md5(path)
+        self._hashes[str(path)] = [*signature, md5]
+        self._hashes_dirty = True
+        return md5
 
     def place(self, md5: str, folder: Path) -> None:
         """Make FOLDER hold exactly folder object MD5 (verified), swapped in whole: a workspace checkout of one adapter.
@@ -401,6 +438,8 @@ class Store:
             folder.rename(old)
         fresh.rename(folder)
         shutil.rmtree(old, ignore_errors=True)
+        for entry in self.listing(md5):  # written from verified objects: record their hashes, unread
+            self._workspace_md5(folder / entry["relpath"], known=entry["md5"])
 
 
 def _object_md5(odb: Any, md5: str) -> str | None:
