@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import shutil
 import sys
 import time
@@ -13,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from core.cache import locked
+from core.cache import locked, write_atomic
 from registry import folder, store
 from core.errors import Conflict, IntegrityError, InvalidName, NotFound, RegistryError
 from registry.git import Git, NewTag, Tag, toplevel
@@ -122,8 +123,20 @@ class Registry:
         return state
 
     def _has_pointers(self, tags: list[Tag]) -> list[bool]:
-        """Whether each register tag's commit holds adapters/NAME.dvc, in one git call."""
-        return self.git.exist_many([f"{t.commit}:{ADAPTERS_DIR}/{tag_adapter(t.name)}.dvc" for t in tags])
+        """Whether each register tag's commit holds adapters/NAME.dvc: asked of git once per tag object, then
+        remembered (a tag object never changes), so reading a large registry's state stays cheap."""
+        record = self.git.git_dir / "adapters-tag-pointers.json"
+        try:
+            known: dict[str, bool] = json.loads(record.read_text())
+        except (OSError, ValueError):
+            known = {}
+        unknown = [i for i, t in enumerate(tags) if not t.sha or t.sha not in known]
+        specs = [f"{tags[i].commit}:{ADAPTERS_DIR}/{tag_adapter(tags[i].name)}.dvc" for i in unknown]
+        fresh = dict(zip(unknown, self.git.exist_many(specs), strict=True))
+        if any(tags[i].sha for i in unknown):
+            known.update((tags[i].sha, ok) for i, ok in fresh.items() if tags[i].sha)
+            write_atomic(record, json.dumps(known))
+        return [fresh[i] if i in fresh else known[t.sha] for i, t in enumerate(tags)]
 
     def dvcfile(self, version: AdapterVersion) -> str:
         """The pointer file of VERSION as committed."""
