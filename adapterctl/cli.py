@@ -21,9 +21,12 @@ class _Cli(click.Group):
         except AdaptersError as exc:
             click.secho(f"Error: {exc}", err=True, fg="red")
             ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:  # what a command had begun was undone on the way out, as for any error
+            click.secho("Interrupted.", err=True, fg="red")
+            ctx.exit(130)
 
 
-@click.group(cls=_Cli)
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="adapterctl")
 def main() -> None:
     """Train, version and serve LoRA adapters for large language models."""

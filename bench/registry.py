@@ -1,6 +1,8 @@
-"""Registry costs, measured side by side in one run: push time and bytes moved, `adapters list`, CLI start-up.
+"""Registry costs, measured side by side in one run: push time and bytes moved, `adapters list`, CLI start-up,
+and how `pull REF`, a no-op pull, `checkout REF`, `status` and `list` grow with the registry's size.
 
-Usage: python bench/registry.py [--adapters 20] [--versions 3] [--mb 2.0] [--list-versions 500] [--json out.json]
+Usage: python bench/registry.py [--adapters 20] [--versions 3] [--mb 2.0] [--list-versions 500]
+                                [--scale 50,250,1000] [--json out.json]
 
 Adapters are synthetic but real in form: a safetensors file of LoRA-shaped tensors (about --mb MB each),
 adapter_config.json, lineage.json and a model card, registered with `adapters add` into a repository
@@ -83,6 +85,62 @@ def median_time(command: list[str], cwd: Path, runs: int) -> float:
     return statistics.median(times)
 
 
+VERSIONS_PER_ADAPTER = 5
+
+
+def grow(registry: Path, work: Path, versions: int) -> None:
+    """A registry of VERSIONS versions over VERSIONS/5 adapters, cheaply: one real adapter's pointer file is
+    reused by every name (the same DVC objects), one commit and one tag per version, as `adapters add` makes."""
+    seed = work / "seed-adapter"
+    make_adapter(seed, 0, 0.1)
+    adapters("add", "seed", str(seed), cwd=registry)
+    pointer = (registry / "adapters" / "seed.dvc").read_text()
+    names = [f"adapter-{i:03d}" for i in range(max(1, versions // VERSIONS_PER_ADAPTER))]
+    tags = []
+    for minor in range(VERSIONS_PER_ADAPTER):
+        for name in names:
+            (registry / "adapters" / f"{name}.dvc").write_text(
+                pointer.replace("version: 1.0.0", f"version: 1.{minor}.0").replace("path: seed", f"path: {name}")
+            )
+        if minor == 0:
+            ignore = registry / "adapters" / ".gitignore"
+            ignore.write_text(ignore.read_text() + "".join(f"/{name}\n" for name in names))
+            project = registry / "dvc.yaml"
+            project.write_text(
+                project.read_text()
+                + "".join(f"  {name}:\n    path: adapters/{name}\n    type: model\n" for name in names)
+            )
+        subprocess.run(["git", "add", "-A", "adapters", "dvc.yaml"], cwd=registry, env=ENV, check=True)
+        subprocess.run(["git", "commit", "-qm", f"Register round {minor}"], cwd=registry, env=ENV, check=True)
+        tags += [(f"{name}@v1.{minor}.0", minor) for name in names]
+    start = int(time.time())
+    for number, (tag, _) in enumerate(tags):
+        date = {**ENV, "GIT_COMMITTER_DATE": f"{start + number} +0000"}
+        commit = f"HEAD~{VERSIONS_PER_ADAPTER - 1 - int(tag.rsplit('.', 2)[1])}"
+        subprocess.run(["git", "tag", "-a", tag, commit, "-m", "bench"], cwd=registry, env=date, check=True)
+
+
+def scale(work: Path, versions: int, mb: float) -> dict[str, float]:
+    """Seconds for pull of one new version into a clone holding the rest, a no-op pull, checkout, status, list."""
+    registry, origin, mate = work / "registry", work / "origin.git", work / "mate"
+    adapters("init", str(registry), cwd=work)
+    adapters("remote", "add", "origin", str(origin), "--create", cwd=registry)
+    grow(registry, work, versions)
+    adapters("push", cwd=registry)
+    adapters("clone", str(origin), str(mate), cwd=work)
+    make_adapter(work / "new", 10**6, mb)
+    adapters("add", "adapter-000", str(work / "new"), cwd=registry)
+    adapters("push", cwd=registry)
+    ref = f"adapter-000@v1.{VERSIONS_PER_ADAPTER}.0"
+    return {
+        "pull_one_s": adapters("pull", ref, cwd=mate),
+        "pull_noop_s": adapters("pull", ref, cwd=mate),
+        "checkout_s": adapters("checkout", ref, "-o", str(work / "out"), cwd=mate),
+        "status_s": adapters("status", cwd=mate),
+        "list_s": adapters("list", cwd=mate),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--adapters", type=int, default=20)
@@ -90,14 +148,33 @@ def main() -> None:
     parser.add_argument("--mb", type=float, default=2.0, help="Approximate size of one adapter version.")
     parser.add_argument("--list-versions", type=int, default=500)
     parser.add_argument("--runs", type=int, default=7, help="Runs per start-up measurement.")
+    parser.add_argument("--scale", default="50,250,1000", help="Registry sizes (versions) for the scale table.")
+    parser.add_argument("--scale-only", action="store_true", help="Only the scale table.")
     parser.add_argument("--json", type=Path, help="Also write the figures here.")
     args = parser.parse_args()
+    sizes = [int(n) for n in args.scale.split(",") if n]
+    scaled = {}
+    for size in sizes:
+        with tempfile.TemporaryDirectory(prefix="bench-registry-scale-") as tmp:
+            scaled[size] = scale(Path(tmp), size, args.mb)
+        print(f"scale {size}: {scaled[size]}", file=sys.stderr)
+    if sizes:
+        columns = list(next(iter(scaled.values())))
+        print("| versions | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns))
+        for size, row in scaled.items():
+            print(f"| {size} | " + " | ".join(f"{row[c]:.2f}" for c in columns) + " |")
+        ratio = scaled[sizes[-1]]["pull_one_s"] / scaled[sizes[0]]["pull_one_s"]
+        print(f"pull of one version at {sizes[-1]} versions vs {sizes[0]}: {ratio:.2f}x")
+    if args.scale_only:
+        if args.json:
+            args.json.write_text(json.dumps({"scale": scaled}, indent=2))
+        return
 
     with tempfile.TemporaryDirectory(prefix="bench-registry-") as tmp:
         work = Path(tmp)
         registry, origin = work / "registry", work / "origin.git"
         adapters("init", str(registry), cwd=work)
-        adapters("remote", "add", "origin", str(origin), cwd=registry)
+        adapters("remote", "add", "origin", str(origin), "--create", cwd=registry)
         total, seed = 0, 0
         for _ in range(args.versions):
             for index in range(args.adapters):
@@ -131,7 +208,7 @@ def main() -> None:
         for extra in range(max(0, args.list_versions - existing)):
             name = f"adapter-{extra % args.adapters:02d}"
             tag = f"{name}@v9.{extra // args.adapters}.0"
-            commit = commits[extra % len(commits)]
+            commit = commits[0]  # the tip holds every adapter's pointer file: a tag elsewhere may name none
             subprocess.run(["git", "tag", "-a", tag, commit, "-m", "bench"], cwd=registry, env=ENV, check=True)
         listed = json.loads(
             subprocess.run(
@@ -145,6 +222,7 @@ def main() -> None:
         help_only = median_time([sys.executable, "-m", "adapterctl.cli", "--help"], registry, args.runs)
 
     figures: dict[str, Any] = {
+        "scale": scaled,
         "versions_first_push": count,
         "first_push_s": first_push,
         "first_push_bytes": first_bytes,

@@ -108,7 +108,7 @@ def main() -> None:
 
         _step("2. An adapter repository (git + DVC) with a local remote")
         _run("init", str(registry), cwd=work)
-        _run("remote", "add", "origin", str(origin), cwd=registry)
+        _run("remote", "add", "origin", str(origin), "--create", cwd=registry)
 
         _step("3. Train inside it: each run is registered as a new version")
         for version, length, message in (

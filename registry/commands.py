@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 from typing import Any
 
 import click
+from click.shell_completion import CompletionItem
 
+from core.errors import IntegrityError, RegistryError
 from registry import hub as hub_api
-from registry import report, sync
+from registry import report, store, sync
 from registry.names import BUMPS
+from registry.refs import State
 from registry.repo import Registry
 
 _json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -20,17 +25,51 @@ def _print_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2))
 
 
+def _state_here() -> State | None:
+    """The registry around the current folder, quietly: completion must never fail or print."""
+    registry = Registry.around(Path.cwd())
+    if registry is None:
+        return None
+    with contextlib.redirect_stderr(io.StringIO()):
+        return registry.state()
+
+
+def complete_names(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[CompletionItem]:
+    """Shell completion: adapter names in the registry here."""
+    state = _state_here()
+    return [CompletionItem(name) for name in (state.adapters if state else []) if name.startswith(incomplete)]
+
+
+def complete_refs(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[CompletionItem]:
+    """Shell completion: NAME, NAME@latest, NAME@vX.Y.Z and NAME#STAGE for every adapter here."""
+    state = _state_here()
+    refs = []
+    for name, adapter in (state.adapters if state else {}).items():
+        refs += [name, f"{name}@latest", *(v.ref for v in adapter.versions), *(f"{name}#{s}" for s in adapter.stages())]
+    return [CompletionItem(ref) for ref in refs if ref.startswith(incomplete)]
+
+
 @click.command()
 @click.argument("path", type=click.Path(path_type=Path), default=".")
 def init(path: Path) -> None:
     """Make PATH (default: here) an adapter repository: git, DVC, adapters/, a default DVC remote."""
+    if path.exists() and not path.is_dir():
+        raise RegistryError(f"{path} is a file; give a folder (new or existing) to make an adapter repository.")
     registry, done = Registry.init(path)
     click.echo(f"Adapter repository at {registry.root}: {', '.join(done) if done else 'already set up'}.")
 
 
-@click.group()
-def remote() -> None:
-    """Git and DVC remotes, configured together."""
+@click.group(invoke_without_command=True)
+@click.option("-v", "--verbose", is_flag=True, help="With URLs (as `remote list`).")
+@click.pass_context
+def remote(ctx: click.Context, verbose: bool) -> None:
+    """Git and DVC remotes, configured together; alone, the remotes' names (-v: with URLs)."""
+    if ctx.invoked_subcommand is None:
+        if verbose:
+            ctx.invoke(remote_list, as_json=False)
+        else:
+            for row in sync.list_remotes(Registry.find()):
+                click.echo(row["name"])
 
 
 @remote.command("add")
@@ -38,11 +77,20 @@ def remote() -> None:
 @click.argument("url")
 @click.option("--dvc", "dvc_url", help="DVC storage URL (s3://bucket/path or a folder). Default: URL/dvc for a folder.")
 @click.option("--endpoint-url", help="S3-compatible endpoint for the DVC storage.")
-def remote_add(name: str, url: str, dvc_url: str | None, endpoint_url: str | None) -> None:
+@click.option("--create", is_flag=True, help="URL is a folder: create an empty bare repository there.")
+def remote_add(name: str, url: str, dvc_url: str | None, endpoint_url: str | None, create: bool) -> None:
     """Add remote NAME: git refs go to URL, adapter files to its DVC storage."""
     options = {"endpointurl": endpoint_url} if endpoint_url else {}
-    stored = sync.set_remote(Registry.find(), name, url, dvc_url, options)
+    stored = sync.set_remote(Registry.find(), name, url, dvc_url, options, create=create)
     click.echo(f"Remote {name}: git {url}, DVC {stored}.")
+
+
+@remote.command("remove")
+@click.argument("name")
+def remote_remove(name: str) -> None:
+    """Forget remote NAME (its git remote and its DVC storage entry); nothing on the remote is deleted."""
+    sync.remove_remote(Registry.find(), name)
+    click.echo(f"Removed remote {name}.")
 
 
 @remote.command("list")
@@ -69,7 +117,7 @@ def clone(url: str, directory: Path | None) -> None:
 
 
 @click.command()
-@click.argument("name")
+@click.argument("name", shell_complete=complete_names)
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--version", help="Version X.Y.Z. Default: the next after the latest (1.0.0 first).")
 @click.option("--bump", type=click.Choice(BUMPS), help="Which part to increase. Default: minor.")
@@ -95,11 +143,12 @@ def list_(as_json: bool) -> None:
 
 
 @click.command()
-@click.argument("name")
+@click.argument("name", required=False, shell_complete=complete_names)
+@click.option("-n", "--max-count", type=click.IntRange(min=1), help="Show at most this many versions.")
 @_json_option
-def log(name: str, as_json: bool) -> None:
-    """Versions of NAME, newest first, with metrics, and its stage history."""
-    data = report.log(Registry.find(), name)
+def log(name: str | None, max_count: int | None, as_json: bool) -> None:
+    """Versions of NAME (default: of every adapter), newest first, with metrics, and the stage history."""
+    data = report.log(Registry.find(), name, max_count)
     if as_json:
         return _print_json(data)
     for row in data["versions"]:
@@ -113,12 +162,13 @@ def log(name: str, as_json: bool) -> None:
         click.echo("Stage history:")
     for event in data["stage_history"]:
         click.echo(
-            f"  {event['date']}  {event['stage']:<10} {event['action']:<9} {event['version']}  {event['author']}"
+            f"  {event['date']}  {event['adapter'] + '#' + event['stage']:<20} {event['action']:<9} "
+            f"{event['version']}  {event['author']}"
         )
 
 
 @click.command()
-@click.argument("ref")
+@click.argument("ref", shell_complete=complete_refs)
 @_json_option
 def show(ref: str, as_json: bool) -> None:
     """Show the version REF means (NAME, NAME@vX.Y.Z, NAME#STAGE, NAME@latest)."""
@@ -130,29 +180,32 @@ def show(ref: str, as_json: bool) -> None:
 
 
 @click.command()
-@click.argument("left")
-@click.argument("right")
+@click.argument("left", shell_complete=complete_refs)
+@click.argument("right", shell_complete=complete_refs)
 @_json_option
 def diff(left: str, right: str, as_json: bool) -> None:
-    """Compare two versions: config, hyper-parameters, metrics, lineage, file hashes."""
+    """Compare two versions: config, hyper-parameters, metrics, lineage, file hashes; exit 1 when they differ."""
     data = report.diff(Registry.find(), left, right)
     if as_json:
-        return _print_json(data)
-    click.echo(f"--- {data['left']}\n+++ {data['right']}")
-    for section in ("config", "hyperparameters", "metrics", "lineage", "files"):
-        for key, (a, b) in data[section].items():
-            click.echo(f"{section}.{key}: {json.dumps(a)} -> {json.dumps(b)}")
+        _print_json(data)
+    else:
+        click.echo(f"--- {data['left']}\n+++ {data['right']}")
+        for section in report.DIFF_SECTIONS:
+            for key, (a, b) in data[section].items():
+                click.echo(f"{section}.{key}: {json.dumps(a)} -> {json.dumps(b)}")
+    if any(data[section] for section in report.DIFF_SECTIONS):
+        raise SystemExit(1)  # as `git diff --exit-code`: 1 when the versions differ
 
 
 @click.command()
-@click.argument("ref")
+@click.argument("ref", shell_complete=complete_refs)
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Folder to write. Default: ./NAME-vX.Y.Z.")
 def checkout(ref: str, output: Path | None) -> None:
     """Write the exact files of version REF to a folder (fetched from the remote when needed)."""
     registry = Registry.find()
     version = registry.state().resolve(ref)
     target = output or Path(f"{version.name}-{version.version}")
-    registry.checkout(version.ref, target)
+    registry.checkout(version, target)
     click.echo(f"{version.ref} written to {target}.")
 
 
@@ -165,22 +218,28 @@ def status(remote: str | None, as_json: bool) -> None:
     if as_json:
         return _print_json(data)
     labels = {
+        "modified": "modified here (adapters pull --force discards)",
         "unpushed_tags": "not pushed",
         "missing_locally": "files not here (adapters pull)",
-        "missing_on_remote": "files missing on the remote",
+        "missing_on_remote": "files missing on the remote (adapters push)",
         "remote_only_tags": "only on the remote (adapters pull)",
     }
     clean = True
+    if data["interrupted_pull"]:
+        clean = False
+        click.echo("A pull was interrupted: run `adapters pull` to finish it.")
     for key, label in labels.items():
         for item in data[key]:
             clean = False
             click.echo(f"{label}: {item}")
-    if clean:
+    if data["remote_state"] == "unknown":
+        click.echo(f"{data['remote']}: unknown ({data['remote_error']})")
+    elif clean:
         click.echo(f"In sync with {data['remote']}.")
 
 
 @click.command()
-@click.argument("ref")
+@click.argument("ref", shell_complete=complete_refs)
 @click.option("--stage", required=True, help="Stage to assign, e.g. prod or staging.")
 @click.option("-m", "--message", help="Why.")
 def promote(ref: str, stage: str, message: str | None) -> None:
@@ -191,7 +250,7 @@ def promote(ref: str, stage: str, message: str | None) -> None:
 
 
 @click.command()
-@click.argument("name")
+@click.argument("name", shell_complete=complete_names)
 @click.option("--stage", required=True, help="Stage to roll back.")
 @click.option("--to", "to", help="Version to return to. Default: the one that held the stage before.")
 def rollback(name: str, stage: str, to: str | None) -> None:
@@ -201,25 +260,49 @@ def rollback(name: str, stage: str, to: str | None) -> None:
 
 
 @click.command()
-@click.argument("names", nargs=-1)
+@click.argument("names", nargs=-1, shell_complete=complete_names)
 @click.option("--remote", help="Remote to push to. Default: the default remote.")
-def push(names: tuple[str, ...], remote: str | None) -> None:
-    """Upload adapter files, then the branch and version/stage tags (all adapters, or NAMES)."""
-    result = sync.push(Registry.find(), list(names), remote)
+@click.option("--verify", is_flag=True, help="Hash every file on the remote and upload again any that rotted.")
+def push(names: tuple[str, ...], remote: str | None, verify: bool) -> None:
+    """Upload adapter files the remote lacks, then the branch and version/stage tags (all adapters, or NAMES)."""
+    result = sync.push(Registry.find(), list(names), remote, verify=verify)
     if not result.tags and not result.branch_updated and not result.files:
         click.echo(f"Everything is already on {result.remote}.")
         return
     click.echo(f"Pushed to {result.remote}: {result.files} files, {len(result.tags)} tags.")
+    for ref in result.repaired:
+        click.echo(f"  repaired {ref}")
     for tag in result.tags:
         click.echo(f"  {tag}")
 
 
 @click.command()
-@click.argument("refs", nargs=-1)
+@click.option("--remote", "check_remote", is_flag=True, help="Also hash every published file on the remote.")
+@click.option("--from", "remote", help="Remote to check. Default: the default remote.")
+@_json_option
+def verify(check_remote: bool, remote: str | None, as_json: bool) -> None:
+    """Check every adapter file against its hash, here (and on the remote); say what is wrong and what fixes it."""
+    store.PROGRESS = not as_json
+    checked, problems = sync.verify(Registry.find(), remote, check_remote)
+    if as_json:
+        _print_json({"checked": checked, "problems": [vars(p) for p in problems]})
+    else:
+        for p in problems:
+            where = "here" if p.where == "here" else f"on {p.where}"
+            click.echo(f"{p.ref}: {p.file} {p.problem} {where}; fix: {p.fix}")
+        where = "here and on the remote" if check_remote else "here"
+        click.echo(f"{checked} versions checked {where}: {len(problems) or 'no'} problem{'s' * (len(problems) != 1)}.")
+    if problems:
+        raise SystemExit(IntegrityError.exit_code)
+
+
+@click.command()
+@click.argument("refs", nargs=-1, shell_complete=complete_refs)
 @click.option("--remote", help="Remote to pull from. Default: the default remote.")
-def pull(refs: tuple[str, ...], remote: str | None) -> None:
+@click.option("--force", is_flag=True, help="Discard local edits in adapters/NAME folders the pull replaces.")
+def pull(refs: tuple[str, ...], remote: str | None, force: bool) -> None:
     """Fetch refs, then the files of REFS (default: every stage head and latest version), hashes checked."""
-    result = sync.pull(Registry.find(), list(refs), remote)
+    result = sync.pull(Registry.find(), list(refs), remote, force=force)
     for old, new in result.renumbered.items():
         click.echo(f"{old} was also registered on {result.remote}; yours is now {new}.")
     click.echo(
@@ -235,7 +318,7 @@ def hub() -> None:
 
 
 @hub.command("push")
-@click.argument("ref")
+@click.argument("ref", shell_complete=complete_refs)
 @click.option("--repo-id", required=True, help="Hub repository ORG/NAME; created when missing.")
 @click.option("--private", is_flag=True, help="Create the repository private.")
 @click.option("--stages", is_flag=True, help="Also point a branch per stage the version holds (prod, ...) at it.")
@@ -263,4 +346,21 @@ def hub_pull(source: str, name: str, version: str | None) -> None:
         click.echo(f"{source} (Hub commit {result.commit[:8]}) is already {result.version.ref}; nothing changed.")
 
 
-COMMANDS = [init, remote, clone, add, list_, log, show, diff, checkout, status, promote, rollback, push, pull, hub]
+COMMANDS = [
+    init,
+    remote,
+    clone,
+    add,
+    list_,
+    log,
+    show,
+    diff,
+    checkout,
+    status,
+    verify,
+    promote,
+    rollback,
+    push,
+    pull,
+    hub,
+]

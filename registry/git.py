@@ -7,7 +7,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.errors import RegistryError, RemoteError
+from core.errors import Conflict, RegistryError, RemoteError
 
 # for-each-ref fields, separated by a byte that never occurs in names, dates or messages.
 _SEP = "\x1f"
@@ -38,6 +38,18 @@ class Tag:
     author: str
     email: str
     message: str
+    sha: str = ""
+    """The tag object itself."""
+
+
+@dataclass(frozen=True)
+class NewTag:
+    """An annotated tag to create: NAME at COMMIT with MESSAGE, dated DATE (seconds since the epoch)."""
+
+    name: str
+    commit: str
+    message: str
+    date: int
 
 
 class Git:
@@ -46,12 +58,13 @@ class Git:
     def __init__(self, root: Path) -> None:
         self.root = root
 
-    def run(self, *args: str, env: dict[str, str] | None = None, remote: bool = False) -> str:
-        """Run `git ARGS` and return stdout; a failure raises with git's own last words."""
+    def run(self, *args: str, env: dict[str, str] | None = None, remote: bool = False, input: str = "") -> str:
+        """Run `git ARGS` (INPUT on stdin) and return stdout; a failure raises with git's own last words."""
         proc = subprocess.run(
             ["git", *args],
             cwd=self.root,
             capture_output=True,
+            input=input.encode(),
             env={**os.environ, **(env or {})},
         )
         if proc.returncode != 0:
@@ -95,13 +108,36 @@ class Git:
             fields = record.strip("\n").split(_SEP)
             if len(fields) != 8 or fields[1] != "tag":
                 continue  # lightweight tags carry no author or date: not ours
-            ref, _, commit, _, date, author, email, message = fields
-            tags.append(Tag(ref[len(namespace) + 1 :], commit, int(date or 0), author, email, message.strip()))
+            ref, _, commit, sha, date, author, email, message = fields
+            tags.append(Tag(ref[len(namespace) + 1 :], commit, int(date or 0), author, email, message.strip(), sha))
         return tags
 
     def tag(self, name: str, commit: str, message: str, date: int) -> None:
         """Create annotated tag NAME at COMMIT, dated DATE (seconds), so tag order is strict."""
-        self.run("tag", "-a", name, commit, "-m", message, env={"GIT_COMMITTER_DATE": f"{date} +0000"})
+        self.create_tags([NewTag(name, commit, message, date)])
+
+    def create_tags(self, tags: list[NewTag]) -> None:
+        """Create annotated TAGS all at once: every tag object first, then every ref in one transaction.
+
+        A reader (or a kill) sees none of them or all of them, never a stage unassigned but not yet reassigned.
+        """
+        ident = self.run("var", "GIT_COMMITTER_IDENT").strip().rsplit(" ", 2)[0]
+        updates = []
+        for tag in tags:
+            body = (
+                f"object {tag.commit}\ntype commit\ntag {tag.name}\ntagger {ident} {tag.date} +0000\n\n{tag.message}\n"
+            )
+            updates.append(f"create refs/tags/{tag.name} {self.run('mktag', input=body).strip()}\n")
+        try:
+            self.run("update-ref", "--stdin", input="start\n" + "".join(updates) + "commit\n")
+        except RegistryError as exc:
+            if "reference already exists" in str(exc):
+                raise Conflict(f"{', '.join(t.name for t in tags)}: a tag of that name already exists.") from None
+            raise
+
+    def delete_tags(self, names: list[str]) -> None:
+        """Delete tags NAMES in one transaction."""
+        self.run("update-ref", "--stdin", input="".join(f"delete refs/tags/{name}\n" for name in names))
 
     def remotes(self) -> list[str]:
         """Names of the configured remotes."""
@@ -139,6 +175,13 @@ class Git:
             texts.append(data[pos : pos + size].decode())
             pos += size + 1
         return texts
+
+    def exist_many(self, specs: list[str]) -> list[bool]:
+        """Whether each REV:PATH object exists, in one `git cat-file --batch-check` call."""
+        if not specs:
+            return []
+        out = self.run("cat-file", "--batch-check", input="\n".join(specs) + "\n")
+        return [not line.endswith(" missing") for line in out.splitlines()]
 
     def remote_refs(self, remote: str) -> dict[str, str]:
         """Refs on REMOTE (branches and tags) mapped to the commits they point at, tags peeled."""

@@ -35,6 +35,13 @@ def check_stage(stage: str) -> str:
     return stage
 
 
+def check_message(message: str | None) -> str | None:
+    """Return MESSAGE if it is one line of printable text (or None), else raise InvalidName."""
+    if message is not None and (not message.isprintable() or not message.strip()):
+        raise InvalidName("A message must be one non-empty line of printable text (no newlines or control characters).")
+    return message.strip() if message is not None else None
+
+
 @dataclass(frozen=True, order=True)
 class Version:
     """A semantic version X.Y.Z; tags spell it vX.Y.Z."""
@@ -50,6 +57,10 @@ class Version:
         if not match:
             raise InvalidName(f"Version {text!r} is not allowed; use X.Y.Z, for example 1.2.0.")
         return cls(*(int(part) for part in match.groups()))
+
+    def fits(self) -> bool:
+        """True when every part is within what a version may spell (six digits)."""
+        return all(part <= 999999 for part in (self.major, self.minor, self.patch))
 
     def bump(self, part: str) -> Version:
         """The next version after this one for a major, minor or patch change."""

@@ -3,15 +3,39 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from core.errors import NotFound
+from core.errors import InvalidName, NotFound
 from registry.git import Tag
-from registry.names import Ref, Version, version_ref
+from registry.names import Ref, Version, check_name, check_stage, version_ref
 
-REGISTER_TAG = re.compile(r"(?P<name>[a-z0-9][a-z0-9_-]*)@(?P<version>v\d+\.\d+\.\d+)")
-ASSIGN_TAG = re.compile(r"(?P<name>[a-z0-9][a-z0-9_-]*)#(?P<stage>[a-z][a-z0-9_-]*)(?P<cancel>!?)#(?P<counter>\d+)")
-ROLLBACK_PREFIX = "Roll back "
+REGISTER_TAG = re.compile(r"(?P<name>[^@#!]+)@(?P<version>v[0-9.]+)(?P<cancel>!?)(?:#(?P<counter>\d+))?")
+DEPRECATE_TAG = re.compile(r"(?P<name>[^@#!]+)@deprecated(?:#(?P<counter>\d+))?")
+ASSIGN_TAG = re.compile(r"(?P<name>[^@#!]+)#(?P<stage>[^@#!]+)(?P<cancel>!?)(?:#(?P<counter>\d+))?")
+# What a command did is written by the command as the last line of the tag's message, after a blank line;
+# user messages are one printable line, so they can never forge it.
+ACTION_TRAILER = "Adapters-Action: "
+ACTIONS = ("register", "promote", "rollback", "unassign")
+
+
+def with_action(message: str, action: str) -> str:
+    """A tag message: the human line, then the machine-written action trailer."""
+    return f"{message}\n\n{ACTION_TRAILER}{action}"
+
+
+def split_action(message: str) -> tuple[str, str | None]:
+    """(the human text, the recorded action or None) of a tag message."""
+    head, sep, last = message.rpartition("\n\n")
+    if sep and last.startswith(ACTION_TRAILER) and last[len(ACTION_TRAILER) :] in ACTIONS:
+        return head.strip(), last[len(ACTION_TRAILER) :]
+    return message, None
+
+
+def tag_adapter(tag: str) -> str | None:
+    """The adapter name a tag in the registry's grammar belongs to, else None."""
+    match = REGISTER_TAG.fullmatch(tag) or DEPRECATE_TAG.fullmatch(tag) or ASSIGN_TAG.fullmatch(tag)
+    return match["name"] if match else None
 
 
 @dataclass(frozen=True)
@@ -46,11 +70,12 @@ class StageEvent:
     author: str
     message: str
     assign: bool
+    action: str | None = None
 
     @property
     def rollback(self) -> bool:
-        """True for assignments written by `adapters rollback`."""
-        return self.assign and self.message.startswith(ROLLBACK_PREFIX)
+        """True for assignments written by `adapters rollback` (read from the tag's action trailer)."""
+        return self.assign and self.action == "rollback"
 
 
 @dataclass
@@ -60,6 +85,9 @@ class Adapter:
     name: str
     versions: list[AdapterVersion] = field(default_factory=list)
     events: list[StageEvent] = field(default_factory=list)
+    retired: list[Version] = field(default_factory=list)
+    """Versions deregistered with `gto deprecate NAME VERSION`: hidden, but their numbers stay taken."""
+    deprecated_at: int | None = None
 
     @property
     def latest(self) -> AdapterVersion:
@@ -103,8 +131,13 @@ class Adapter:
     @property
     def last_date(self) -> int:
         """The date of this adapter's newest tag."""
-        dates = [v.date for v in self.versions] + [e.date for e in self.events]
+        dates = [v.date for v in self.versions] + [e.date for e in self.events] + [self.deprecated_at or 0]
         return max(dates, default=0)
+
+    @property
+    def taken(self) -> list[Version]:
+        """Every version number with a tag, deregistered ones included, lowest first."""
+        return sorted({*(v.version for v in self.versions), *self.retired})
 
     @property
     def last_counter(self) -> int:
@@ -112,50 +145,87 @@ class Adapter:
         return max((e.counter for e in self.events), default=0)
 
 
-def is_registry_tag(name: str) -> bool:
-    """True for tags that register a version or assign or unassign a stage."""
-    return bool(REGISTER_TAG.fullmatch(name) or ASSIGN_TAG.fullmatch(name))
-
-
 class State:
-    """The registry as its tags describe it."""
+    """The registry as its tags describe it; tags outside the grammar, or for other artifacts, are skipped."""
 
-    def __init__(self, tags: list[Tag]) -> None:
-        self.tags = [t for t in tags if is_registry_tag(t.name)]
-        """The version and stage tags it was read from."""
+    def __init__(self, tags: list[Tag], has_pointer: Callable[[list[Tag]], list[bool]] | None = None) -> None:
+        self.skipped: dict[str, str] = {}
+        """Tags that look like registry tags but were ignored, with why."""
         self.adapters: dict[str, Adapter] = {}
-        by_commit: dict[tuple[str, str], Version] = {}
+        self.deprecated: dict[str, Adapter] = {}
+        """Adapters deprecated with `gto deprecate NAME`: hidden until a new version is registered."""
+        registers: list[tuple[Tag, str, Version, bool]] = []
+        assigns: list[tuple[Tag, re.Match[str]]] = []
+        deprecations: list[tuple[Tag, str]] = []
         for tag in tags:
             match = REGISTER_TAG.fullmatch(tag.name)
-            if match:
-                version = Version.parse(match["version"])
-                adapter = self.adapters.setdefault(match["name"], Adapter(match["name"]))
-                adapter.versions.append(
-                    AdapterVersion(match["name"], version, tag.commit, tag.name, tag.date, tag.author, tag.message)
-                )
-                by_commit[(match["name"], tag.commit)] = version
-        for tag in tags:
-            match = ASSIGN_TAG.fullmatch(tag.name)
-            if not match or (match["name"], tag.commit) not in by_commit:
+            try:
+                if match:
+                    version = Version.parse(match["version"])
+                    registers.append((tag, check_name(match["name"]), version, bool(match["cancel"])))
+                elif match := DEPRECATE_TAG.fullmatch(tag.name):
+                    deprecations.append((tag, check_name(match["name"])))
+                elif match := ASSIGN_TAG.fullmatch(tag.name):
+                    check_name(match["name"])
+                    check_stage(match["stage"])
+                    assigns.append((tag, match))
+                elif "@" in tag.name or "#" in tag.name:
+                    self.skipped[tag.name] = "not in the registry's tag grammar"
+            except InvalidName:
+                self.skipped[tag.name] = "not in the registry's tag grammar"
+        live = [r for r in registers if not r[3]]
+        if has_pointer:
+            found = has_pointer([tag for tag, *_ in live])
+            for (tag, *_), ok in zip(live, found, strict=True):
+                if not ok:
+                    self.skipped[tag.name] = "its commit holds no adapter (another artifact, or files removed)"
+            live = [r for r, ok in zip(live, found, strict=True) if ok]
+        adapters: dict[str, Adapter] = {}
+        by_commit: dict[tuple[str, str], Version] = {}
+        for tag, name, version, _ in live:
+            text, _ = split_action(tag.message)
+            adapter = adapters.setdefault(name, Adapter(name))
+            adapter.versions.append(AdapterVersion(name, version, tag.commit, tag.name, tag.date, tag.author, text))
+            by_commit[(name, tag.commit)] = version
+        for _tag, name, version, _ in (r for r in registers if r[3]):
+            if name in adapters:
+                adapters[name].retired.append(version)
+                adapters[name].versions = [v for v in adapters[name].versions if v.version != version]
+        for tag, match in assigns:
+            name = match["name"]
+            if (name, tag.commit) not in by_commit:
+                self.skipped[tag.name] = "assigns a stage to a commit with no registered adapter version"
                 continue
-            self.adapters[match["name"]].events.append(
+            text, action = split_action(tag.message)
+            adapters[name].events.append(
                 StageEvent(
-                    match["name"],
+                    name,
                     match["stage"],
-                    by_commit[(match["name"], tag.commit)],
+                    by_commit[(name, tag.commit)],
                     tag.commit,
                     tag.name,
                     tag.date,
-                    int(match["counter"]),
+                    int(match["counter"] or 0),
                     tag.author,
-                    tag.message,
+                    text,
                     not match["cancel"],
+                    action,
                 )
             )
-        for adapter in self.adapters.values():
+        for tag, name in deprecations:
+            if name in adapters:
+                adapters[name].deprecated_at = max(tag.date, adapters[name].deprecated_at or 0)
+        self.tags = [t for t in tags if t.name not in self.skipped and tag_adapter(t.name) in adapters]
+        """The registry tags it was read from (deprecated adapters' included)."""
+        for name, adapter in sorted(adapters.items()):
             adapter.versions.sort(key=lambda v: v.version)
             adapter.events.sort(key=lambda e: (e.date, e.counter))
-        self.adapters = dict(sorted(self.adapters.items()))
+            # As GTO reads it: deprecated while the deprecation is its newest event.
+            newest = max([v.date for v in adapter.versions] + [e.date for e in adapter.events], default=None)
+            if newest is None or (adapter.deprecated_at is not None and adapter.deprecated_at >= newest):
+                self.deprecated[name] = adapter
+            else:
+                self.adapters[name] = adapter
 
     def adapter(self, name: str) -> Adapter:
         """The adapter called NAME; NotFound if it has no versions."""

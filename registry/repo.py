@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
+import json
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -11,12 +14,21 @@ from typing import Any
 
 import yaml
 
-from core.cache import locked
+from core.cache import locked, write_atomic
 from registry import folder, store
-from core.errors import Conflict, IntegrityError, NotFound, RegistryError
-from registry.git import Git, toplevel
-from registry.names import BUMPS, FIRST_VERSION, Ref, Version, check_name, check_stage, version_ref
-from registry.refs import ROLLBACK_PREFIX, AdapterVersion, State
+from core.errors import Conflict, IntegrityError, InvalidName, NotFound, RegistryError
+from registry.git import Git, NewTag, Tag, toplevel
+from registry.names import (
+    BUMPS,
+    FIRST_VERSION,
+    Ref,
+    Version,
+    check_message,
+    check_name,
+    check_stage,
+    version_ref,
+)
+from registry.refs import AdapterVersion, State, tag_adapter, with_action
 
 ADAPTERS_DIR = "adapters"
 PROJECT_FILE = "dvc.yaml"
@@ -38,6 +50,7 @@ class Registry:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.git = Git(root)
+        self._warned: set[str] = set()
 
     @classmethod
     def find(cls, path: Path | None = None) -> Registry:
@@ -95,11 +108,35 @@ class Registry:
         with locked(
             self.git.git_dir / "adapters.lock", waiting="Waiting for another adapters command in this repository..."
         ):
+            self._recover()
             yield
 
-    def state(self) -> State:
-        """Every version and stage, read from the tags."""
-        return State(self.git.tags())
+    def state(self, tags: list[Tag] | None = None) -> State:
+        """Every version and stage, read from the tags (default: this repository's); skipped tags are warned of once."""
+        state = State(self.git.tags() if tags is None else tags, self._has_pointers)
+        fresh = {tag: why for tag, why in state.skipped.items() if tag not in self._warned}
+        if fresh:
+            self._warned.update(fresh)
+            listed = "; ".join(f"{tag} ({why})" for tag, why in sorted(fresh.items())[:5])
+            more = f" and {len(fresh) - 5} more" if len(fresh) > 5 else ""
+            print(f"Warning: ignoring tags that are not adapter versions: {listed}{more}.", file=sys.stderr)
+        return state
+
+    def _has_pointers(self, tags: list[Tag]) -> list[bool]:
+        """Whether each register tag's commit holds adapters/NAME.dvc: asked of git once per tag object, then
+        remembered (a tag object never changes), so reading a large registry's state stays cheap."""
+        record = self.git.git_dir / "adapters-tag-pointers.json"
+        try:
+            known: dict[str, bool] = json.loads(record.read_text())
+        except (OSError, ValueError):
+            known = {}
+        unknown = [i for i, t in enumerate(tags) if not t.sha or t.sha not in known]
+        specs = [f"{tags[i].commit}:{ADAPTERS_DIR}/{tag_adapter(tags[i].name)}.dvc" for i in unknown]
+        fresh = dict(zip(unknown, self.git.exist_many(specs), strict=True))
+        if any(tags[i].sha for i in unknown):
+            known.update((tags[i].sha, ok) for i, ok in fresh.items() if tags[i].sha)
+            write_atomic(record, json.dumps(known))
+        return [fresh[i] if i in fresh else known[t.sha] for i, t in enumerate(tags)]
 
     def dvcfile(self, version: AdapterVersion) -> str:
         """The pointer file of VERSION as committed."""
@@ -128,12 +165,14 @@ class Registry:
     ) -> AdapterVersion:
         """Register the adapter folder SOURCE as a new immutable version of NAME; META joins its recorded summary."""
         check_name(name)
+        message = check_message(message)
         summary = folder.check(source)
         workspace = self.root / ADAPTERS_DIR / name
         if source.resolve() == workspace.resolve():
             raise RegistryError(f"{source} is the registry's own copy; register the folder training wrote instead.")
         with self.lock():
-            adapter = self.state().adapters.get(name)
+            state = self.state()
+            adapter = state.adapters.get(name) or state.deprecated.get(name)
             number = self._next_version(name, adapter, version, bump)
             tag = version_ref(name, number)
             with self._restoring(name):
@@ -143,14 +182,44 @@ class Registry:
                 data = yaml.safe_load(pointer.read_text())
                 data["meta"] = {"adapter": name, "version": str(number)[1:], **summary, **(meta or {})}
                 pointer.write_text(yaml.safe_dump(data, sort_keys=False))
-                self._declare(name)
                 paths = [str(p.relative_to(self.root)) for p in (pointer, workspace.parent / ".gitignore")]
-                self.git.run("add", *paths, PROJECT_FILE)
                 subject = f"Register {tag}" + (f": {message}" if message else "")
-                self.git.run("commit", "--quiet", "-m", subject, "--", *paths, PROJECT_FILE)
-            commit = self.git.run("rev-parse", "HEAD").strip()
-            self.git.tag(tag, commit, message or f"Register {tag}", _next_date(adapter))
+                commit = self._commit_registration(name, paths, subject)
+                self.git.tag(tag, commit, message or f"Register {tag}", _next_date(adapter))
+            self._declare_in_workspace(name)
             return self.state().resolve(tag)
+
+    def _commit_registration(self, name: str, paths: list[str], subject: str) -> str:
+        """Commit PATHS and NAME's declaration in dvc.yaml, and nothing else; returns the commit.
+
+        Built in a private index from HEAD, so other staged or unstaged edits (dvc.yaml's included) are
+        neither committed nor touched; the real index then learns the committed versions of these paths.
+        """
+        head = self.git.head()
+        project = _declared(self.git.show("HEAD", PROJECT_FILE) if head else None, name)
+        blobs = {path: self.git.run("hash-object", "-w", "--", path).strip() for path in paths}
+        blobs[PROJECT_FILE] = self.git.run("hash-object", "-w", "--stdin", input=project).strip()
+        index = self.git.git_dir / "adapters-index"
+        env = {"GIT_INDEX_FILE": str(index)}
+        try:
+            self.git.run("read-tree", *([head] if head else ["--empty"]), env=env)
+            entries = "".join(f"100644 {blob}\t{path}\n" for path, blob in blobs.items())
+            self.git.run("update-index", "--add", "--index-info", input=entries, env=env)
+            tree = self.git.run("write-tree", env=env).strip()
+        finally:
+            index.unlink(missing_ok=True)
+        commit = self.git.run("commit-tree", tree, *(["-p", head] if head else []), "-m", subject).strip()
+        self.git.run("update-ref", "HEAD", commit, *([head] if head else []))
+        self.git.run("update-index", "--add", "--index-info", input=entries)
+        return commit
+
+    def _declare_in_workspace(self, name: str) -> None:
+        """Add NAME's declaration to the work tree's dvc.yaml too, keeping its comments and other edits."""
+        path = self.root / PROJECT_FILE
+        text = path.read_text() if path.exists() else None
+        updated = _declared(text, name)
+        if updated != text:
+            path.write_text(updated)
 
     def _next_version(self, name: str, adapter: Any, version: str | None, bump: str | None) -> Version:
         if version and bump:
@@ -160,10 +229,15 @@ class Registry:
         if version:
             number = Version.parse(version)
         elif adapter:
-            number = adapter.latest.version.bump(bump or "minor")
+            number = adapter.taken[-1].bump(bump or "minor")
+            if not number.fits():
+                raise InvalidName(
+                    f"{version_ref(name, adapter.taken[-1])} has no next {bump or 'minor'} version "
+                    "(each part is at most 999999); give --version or another --bump."
+                )
         else:
             number = FIRST_VERSION
-        if adapter and adapter.version(number):
+        if adapter and number in adapter.taken:
             raise Conflict(
                 f"{version_ref(name, number)} already exists and versions are immutable; "
                 "register with --bump or another --version."
@@ -172,52 +246,74 @@ class Registry:
 
     @contextmanager
     def _restoring(self, name: str) -> Iterator[None]:
-        """Put the workspace and index back as they were if registering fails part-way."""
+        """Put the workspace, index and branch back as they were if registering fails part-way.
+
+        A mark file records what is under way, so a registration killed outright is undone by the next command.
+        """
         workspace = self.root / ADAPTERS_DIR / name
         backup = workspace.parent / f".{name}.previous"
-        shutil.rmtree(backup, ignore_errors=True)
+        self._add_mark.write_text(f"{name}\n{self.git.head() or ''}\n")
         if workspace.exists():
             workspace.rename(backup)
-        head = self.git.head()
         try:
             yield
         except BaseException:
-            shutil.rmtree(workspace, ignore_errors=True)
-            if backup.exists():
-                backup.rename(workspace)
-            if head and self.git.head() == head:
-                tracked = [f"{ADAPTERS_DIR}/{name}.dvc", f"{ADAPTERS_DIR}/.gitignore", PROJECT_FILE]
-                for path in tracked:
-                    if self.git.ok("cat-file", "-e", f"HEAD:{path}"):
-                        self.git.run("checkout", "HEAD", "--", path)
-                    else:
-                        self.git.ok("rm", "--cached", "--quiet", "--", path)
-                        (self.root / path).unlink(missing_ok=True)
+            self._undo_add()
             raise
         shutil.rmtree(backup, ignore_errors=True)
+        self._add_mark.unlink()
 
-    def _declare(self, name: str) -> None:
-        """Declare NAME under `artifacts:` in dvc.yaml so `dvc artifacts get` and GTO know it.
+    @property
+    def _add_mark(self) -> Path:
+        return self.git.git_dir / "adapters-add-in-progress"
 
-        Only where it lives: what each version holds is recorded once, with the version (`adapters show`).
-        """
-        path = self.root / PROJECT_FILE
-        data = (yaml.safe_load(path.read_text()) if path.exists() else None) or {}
-        data.setdefault("artifacts", {})[name] = {
-            "path": f"{ADAPTERS_DIR}/{name}",
-            "type": "model",
-            "desc": "LoRA adapter",
-            "labels": ["lora", "peft"],
-        }
-        path.write_text(yaml.safe_dump(data, sort_keys=False))
+    def _undo_add(self) -> None:
+        """Undo the registration the mark file describes: branch, index entries and workspace as before."""
+        name, head = self._add_mark.read_text().split("\n")[:2]
+        workspace = self.root / ADAPTERS_DIR / name
+        backup = workspace.parent / f".{name}.previous"
+        if self.git.head() != (head or None):  # committed, but no tag: no commit without its version
+            self.git.run("update-ref", *(["HEAD", head] if head else ["-d", "HEAD"]))
+        if backup.exists():
+            shutil.rmtree(workspace, ignore_errors=True)
+            backup.rename(workspace)
+        elif not (head and self.git.ok("cat-file", "-e", f"HEAD:{ADAPTERS_DIR}/{name}.dvc")):
+            shutil.rmtree(workspace, ignore_errors=True)  # a first version: there was no folder before
+        for path in [f"{ADAPTERS_DIR}/{name}.dvc", f"{ADAPTERS_DIR}/.gitignore"]:  # dvc.yaml is only touched after
+            if head and self.git.ok("cat-file", "-e", f"HEAD:{path}"):
+                self.git.run("checkout", "HEAD", "--", path)
+            else:
+                self.git.ok("rm", "--cached", "--quiet", "--", path)
+                (self.root / path).unlink(missing_ok=True)
+        self._add_mark.unlink()
+
+    def _recover(self) -> None:
+        """Finish what a killed command left: a registration whose tag exists is kept, any other is undone."""
+        if not self._add_mark.exists():
+            return
+        name, head = self._add_mark.read_text().split("\n")[:2]
+        now = self.git.head()
+        tagged = (
+            now
+            and now != (head or None)
+            and any(t.commit == now and tag_adapter(t.name) == name for t in self.git.tags())
+        )
+        if tagged:
+            shutil.rmtree(self.root / ADAPTERS_DIR / f".{name}.previous", ignore_errors=True)
+            self._declare_in_workspace(name)
+            self._add_mark.unlink()
+        else:
+            self._undo_add()
 
     def promote(self, ref: str, stage: str, message: str | None = None) -> tuple[AdapterVersion, AdapterVersion | None]:
         """Assign STAGE to the version REF means; returns it and the version that held the stage before."""
         check_stage(stage)
+        message = check_message(message)
         with self.lock():
             state = self.state()
             version = state.resolve(Ref.parse(ref))
-            return version, self._assign(state, version, stage, message or f"Promote {version.ref} to {stage}")
+            text = message or f"Promote {version.ref} to {stage}"
+            return version, self._assign(state, version, stage, text, "promote")
 
     def rollback(self, name: str, stage: str, to: str | None = None) -> tuple[AdapterVersion, AdapterVersion]:
         """Give STAGE back to the version that held it before (or TO); returns (now, was)."""
@@ -240,29 +336,38 @@ class Registry:
                 target = adapter.version(history[-2])
             if target.version == current.version:
                 raise Conflict(f"{target.ref} already holds {stage}.")
-            message = f"{ROLLBACK_PREFIX}{name}#{stage} from {current.version} to {target.version}"
-            self._assign(state, target, stage, message)
+            message = f"Roll back {name}#{stage} from {current.version} to {target.version}"
+            self._assign(state, target, stage, message, "rollback")
             return target, current
 
-    def _assign(self, state: State, version: AdapterVersion, stage: str, message: str) -> AdapterVersion | None:
-        """Tag VERSION with STAGE, first unassigning the version that held it, so exactly one holds a stage."""
+    def _assign(
+        self, state: State, version: AdapterVersion, stage: str, message: str, action: str
+    ) -> AdapterVersion | None:
+        """Tag VERSION with STAGE and unassign the version that held it, both in one ref transaction."""
         adapter = state.adapter(version.name)
         previous = adapter.stages().get(stage)
         if previous and previous.version == version.version:
             return previous
         date, counter = _next_date(adapter), adapter.last_counter
+        tags = []
         if previous:
             counter += 1
-            self.git.tag(f"{version.name}#{stage}!#{counter}", previous.commit, f"Unassign {stage} ({message})", date)
+            unassign = with_action(f"Unassign {stage} from {previous.ref} ({message})", "unassign")
+            tags.append(NewTag(f"{version.name}#{stage}!#{counter}", previous.commit, unassign, date))
             date += 1
-        self.git.tag(f"{version.name}#{stage}#{counter + 1}", version.commit, message, date)
+        tags.append(NewTag(f"{version.name}#{stage}#{counter + 1}", version.commit, with_action(message, action), date))
+        self.git.create_tags(tags)
         return previous
 
     def checkout(self, ref: str | AdapterVersion, output: Path, remote: str | None = None) -> AdapterVersion:
         """Write the exact files of REF to OUTPUT, fetching them from the DVC remote when missing locally."""
         version = ref if isinstance(ref, AdapterVersion) else self.state().resolve(Ref.parse(ref))
-        if output.exists() and any(output.iterdir()):
-            raise Conflict(f"{output} already exists and is not empty; choose another -o folder.")
+        if output.exists() and (not output.is_dir() or any(output.iterdir())):
+            kind = "is not empty" if output.is_dir() else "is a file"
+            raise Conflict(f"{output} already exists and {kind}; choose another -o folder.")
+        blocking = next((p for p in output.parents if p.exists() and not p.is_dir()), None)
+        if blocking:
+            raise Conflict(f"{blocking} is a file, so {output} cannot be created; choose another -o folder.")
         output.parent.mkdir(parents=True, exist_ok=True)
         if output.exists():
             output.rmdir()
@@ -277,6 +382,17 @@ class Registry:
         texts = self.git.show_many([f"{v.commit}:{ADAPTERS_DIR}/{v.name}.dvc" for v in versions])
         return [(v.ref, store.dir_md5(t)) for v, t in zip(versions, texts, strict=True) if t]
 
+    def tree_blobs(self, rev: str) -> dict[str, str]:
+        """{NAME: blob id of adapters/NAME.dvc} at REV, in one call: equal ids mean the same version, unread."""
+        out = self.git.run("ls-tree", rev, f"{ADAPTERS_DIR}/")
+        rows = (line.split("\t", 1) for line in out.splitlines())
+        return {Path(path).stem: meta.split()[2] for meta, path in rows if path.endswith(".dvc")}
+
+    def blob_pointers(self, blobs: dict[str, str]) -> dict[str, str]:
+        """{NAME: folder object} for the pointer-file blobs {NAME: blob id}, read in one call."""
+        texts = self.git.show_many(list(blobs.values()))
+        return {name: store.dir_md5(t) for name, t in zip(blobs, texts, strict=True) if t}
+
     def tree_pointers(self, rev: str) -> list[tuple[str, str]]:
         """(NAME, folder object) for every adapter the pointer files at REV name: what a checkout of REV holds."""
         names = self.git.run("ls-tree", "--name-only", rev, f"{ADAPTERS_DIR}/").split()
@@ -284,17 +400,47 @@ class Registry:
         texts = self.git.show_many([f"{rev}:{p}" for p in paths])
         return [(Path(p).stem, store.dir_md5(t)) for p, t in zip(paths, texts, strict=True) if t]
 
+    def registered_as(self, name: str, folder: Path) -> AdapterVersion | None:
+        """The version of NAME whose files are exactly FOLDER's, if one is (newest first)."""
+        adapter = self.state().adapters.get(name)
+        if adapter is None or not folder.is_dir():
+            return None
+        versions = list(reversed(adapter.versions))
+        with store.opened(self.root) as objects:
+            for version, (_, md5) in zip(versions, self.pointers(versions), strict=True):
+                if not objects.missing_locally(md5) and not objects.changed(md5, folder):
+                    return version
+        return None
+
+    @property
+    def pull_mark(self) -> Path:
+        """Present while a pull is moving refs and files: a pull killed then is finished by the next one."""
+        return self.git.git_dir / "adapters-pull-in-progress"
+
+    def local_changes(self, objects: store.Store, pointers: dict[str, str]) -> dict[str, list[str]]:
+        """Files edited, added or removed in each workspace folder adapters/NAME, against POINTERS {NAME: object}."""
+        changes = {}
+        for name, md5 in pointers.items():
+            folder = self.root / ADAPTERS_DIR / name
+            if folder.is_dir() and not objects.missing_locally(md5):
+                changed = objects.changed(md5, folder)
+                if changed:
+                    changes[name] = [f"{ADAPTERS_DIR}/{name}/{f}" for f in changed]
+        return changes
+
     def ensure_objects(self, objects: store.Store, wanted: list[tuple[str, str]], remote: str | None) -> int:
         """Fetch the (label, folder object) pairs the local cache lacks, then verify all; returns files fetched."""
         fetched = 0
-        for label, md5 in wanted:
+        first_label = {md5: label for label, md5 in reversed(wanted)}  # each object once, under its first label
+        for md5, label in first_label.items():
             try:
                 if objects.missing_locally(md5):
                     fetched += objects.fetch([md5], remote)
                 if objects.missing_locally(md5):
                     # DVC drops a download whose hash is wrong, so absent and corrupt look alike here.
                     raise IntegrityError(
-                        "its files are missing or corrupt on the DVC remote; push them again from a clone that has them"
+                        "its files are missing or corrupt on the DVC remote; in a clone that has them "
+                        "(`adapters verify` there says so), `adapters push --verify` uploads them again"
                     )
                 objects.verify(md5)
             except IntegrityError as exc:
@@ -312,6 +458,25 @@ class Registry:
                 raw = objects.read(md5, name)
                 docs[name] = yaml.safe_load(raw) if raw else {}
         return entries, docs
+
+
+def _declared(text: str | None, name: str) -> str:
+    """TEXT of a dvc.yaml with NAME declared under `artifacts:`, comments and layout kept (round-trip YAML).
+
+    Only where it lives: what each version holds is recorded once, with the version (`adapters show`).
+    """
+    from ruamel.yaml import YAML
+
+    yaml_rt = YAML()
+    data = yaml_rt.load(text or "") or {}
+    wanted = {"path": f"{ADAPTERS_DIR}/{name}", "type": "model", "desc": "LoRA adapter", "labels": ["lora", "peft"]}
+    artifacts = data.setdefault("artifacts", {})
+    if artifacts.get(name) == wanted and text is not None:
+        return text
+    artifacts[name] = wanted
+    out = io.StringIO()
+    yaml_rt.dump(data, out)
+    return out.getvalue()
 
 
 def _replace_folder(source: Path, dest: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from core.cache import utc
+from core.errors import RemoteError
 from registry import store
 from registry.names import Ref, check_name
 from registry.refs import AdapterVersion, State
@@ -40,18 +41,21 @@ def listing(registry: Registry) -> list[dict[str, Any]]:
     ]
 
 
-def log(registry: Registry, name: str) -> dict[str, Any]:
-    """Every version of NAME (newest first) with its metrics, and the stage history."""
+def log(registry: Registry, name: str | None, limit: int | None = None) -> dict[str, Any]:
+    """Every version of NAME, or of every adapter (newest first, at most LIMIT), with metrics, and stage history."""
     state = registry.state()
-    adapter = state.adapter(check_name(name))
-    versions = list(reversed(adapter.versions))
+    adapters = [state.adapter(check_name(name))] if name else list(state.adapters.values())
+    versions = sorted((v for a in adapters for v in a.versions), key=lambda v: (v.date, v.version), reverse=True)
+    versions = versions[:limit]
     rows = []
     for version, meta in zip(versions, registry.metas(versions), strict=True):
         rows.append(
             {**_version(version, state), "metrics": meta.get("metrics", {}), "base_model": meta.get("base_model")}
         )
-    events = [
+    events = sorted((e for a in adapters for e in a.events), key=lambda e: (e.date, e.counter), reverse=True)
+    history = [
         {
+            "adapter": e.name,
             "stage": e.stage,
             "action": ("rollback" if e.rollback else "promote") if e.assign else "unassign",
             "version": str(e.version),
@@ -60,9 +64,9 @@ def log(registry: Registry, name: str) -> dict[str, Any]:
             "tag": e.tag,
             "message": e.message,
         }
-        for e in reversed(adapter.events)
+        for e in events[:limit]
     ]
-    return {"name": name, "versions": rows, "stage_history": events}
+    return {"name": name, "versions": rows, "stage_history": history}
 
 
 def show(registry: Registry, ref: str) -> dict[str, Any]:
@@ -70,6 +74,9 @@ def show(registry: Registry, ref: str) -> dict[str, Any]:
     state = registry.state()
     version = state.resolve(Ref.parse(ref))
     return {**_version(version, state), "requested": ref, **registry.meta(version)}
+
+
+DIFF_SECTIONS = ("config", "hyperparameters", "metrics", "lineage", "files")
 
 
 def diff(registry: Registry, left: str, right: str) -> dict[str, Any]:
@@ -105,23 +112,40 @@ def _changes(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> dict[str
 
 
 def status(registry: Registry, remote: str | None) -> dict[str, Any]:
-    """Versions not yet pushed, and versions whose files are missing locally or on the remote."""
+    """Unpushed versions, files missing here or on the remote, local edits; the remote "unknown" when unreachable."""
     state = registry.state()
     versions = [v for adapter in state.adapters.values() for v in adapter.versions]
     remote = resolve_remote(registry, remote)
-    remote_refs = registry.git.remote_refs(remote)
+    try:
+        remote_refs: dict[str, str] | None = registry.git.remote_refs(remote)
+    except RemoteError as exc:
+        remote_refs, unreachable = None, str(exc)
     tags = [t.name for t in state.tags]
     pointers = dict(zip(versions, (md5 for _, md5 in registry.pointers(versions)), strict=True))
+    here = dict(registry.tree_pointers("HEAD")) if registry.git.head() else {}
     with store.opened(registry.root) as objects:
-        local_missing = [v.ref for v, md5 in pointers.items() if objects.missing_locally(md5)]
-        published = [(v, md5) for v, md5 in pointers.items() if f"refs/tags/{v.tag}" in remote_refs]
+        absent = {md5 for md5 in set(pointers.values()) if objects.missing_locally(md5)}
+        local_missing = [v.ref for v, md5 in pointers.items() if md5 in absent]
+        modified = [f for files in registry.local_changes(objects, here).values() for f in files]
+        published = [(v, md5) for v, md5 in pointers.items() if f"refs/tags/{v.tag}" in (remote_refs or {})]
         gone = objects.remote_missing([md5 for _, md5 in published], remote) if published else set()
-    return {
+    data: dict[str, Any] = {
         "remote": remote,
-        "unpushed_tags": sorted(t for t in tags if f"refs/tags/{t}" not in remote_refs),
+        "remote_state": "known" if remote_refs is not None else "unknown",
+        "unpushed_tags": [],
         "missing_locally": local_missing,
         "missing_on_remote": [v.ref for v, md5 in published if md5 in gone],
-        "remote_only_tags": sorted(
-            r.removeprefix("refs/tags/") for r in remote_refs if r.startswith("refs/tags/") and r[10:] not in tags
-        ),
+        "remote_only_tags": [],
+        "modified": modified,
+        "interrupted_pull": registry.pull_mark.exists(),
     }
+    if remote_refs is None:
+        data["remote_error"] = unreachable
+        return data
+    data["unpushed_tags"] = sorted(t for t in tags if f"refs/tags/{t}" not in remote_refs)
+    data["remote_only_tags"] = sorted(
+        r.removeprefix("refs/tags/")
+        for r in remote_refs
+        if r.startswith("refs/tags/") and r[10:] not in tags and not state.skipped.get(r[10:])
+    )
+    return data

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,7 @@ from registry import store
 from core.errors import Conflict, NotFound, RegistryError, RemoteError
 from registry.git import Git, Tag
 from registry.names import Ref, check_name, version_ref
-from registry.refs import ASSIGN_TAG, REGISTER_TAG, AdapterVersion, State
+from registry.refs import ASSIGN_TAG, REGISTER_TAG, AdapterVersion, State, tag_adapter
 from registry.repo import ADAPTERS_DIR, PROJECT_FILE, Registry
 
 # Remote tags are fetched here first, so a clash with a local tag is seen before anything changes.
@@ -25,17 +26,27 @@ _LOST_RACE = re.compile(
 FETCH_FIRST = "{remote} has versions or commits this registry lacks; run `adapters pull`, then push again."
 
 
-def set_remote(registry: Registry, name: str, url: str, dvc_url: str | None, options: dict[str, str]) -> str:
-    """Add (or re-point) git remote NAME and its DVC remote; the first one becomes DVC's default."""
+def set_remote(
+    registry: Registry, name: str, url: str, dvc_url: str | None, options: dict[str, str], create: bool = False
+) -> str:
+    """Add (or re-point) git remote NAME and its DVC remote; the first one becomes DVC's default.
+
+    A folder URL must hold a git repository already, so a typo never becomes a new empty remote; CREATE
+    makes an empty bare one there.
+    """
     dvc_url = dvc_url or store.default_dvc_url(url)
     if not dvc_url:
         raise RegistryError(
             f"{url} is not a local folder; give its DVC storage with --dvc (for example s3://bucket/path)."
         )
     path = store.local_path(url)
-    if path and not path.exists():
+    if path and create:
+        if path.exists() and any(path.iterdir()):
+            raise Conflict(f"{path} already exists and is not empty; drop --create to use the repository there.")
         branch = registry.git.branch()
         subprocess.run(["git", "init", "--quiet", "--bare", f"--initial-branch={branch}", str(path)], check=True)
+    elif path and not _is_repository(path):
+        raise NotFound(f"{url} is not a git repository; check the path, or pass --create to make an empty one there.")
     if name in registry.git.remotes():
         registry.git.run("remote", "set-url", name, url)
     else:
@@ -44,6 +55,30 @@ def set_remote(registry: Registry, name: str, url: str, dvc_url: str | None, opt
     store.configure_remote(registry.root, name, dvc_url, options, default=default in (None, name))
     registry.git.commit_paths(f"Add remote {name}", ".dvc/config")
     return dvc_url
+
+
+def _is_repository(path: Path) -> bool:
+    """True when PATH itself is a git repository (bare, or a work tree's top), not merely inside one."""
+    if not path.is_dir():
+        return False
+    try:
+        git_dir = Path(Git(path).run("rev-parse", "--absolute-git-dir").strip())
+    except RegistryError:
+        return False
+    return git_dir.resolve() in (path.resolve(), (path / ".git").resolve())
+
+
+def remove_remote(registry: Registry, name: str) -> None:
+    """Forget remote NAME here: its git remote, its remote-tag cache and its DVC entry (committed)."""
+    with registry.lock():
+        if name not in registry.git.remotes() and name not in store.remotes(registry.root)[0]:
+            raise NotFound(f"No remote named {name!r}; `adapters remote -v` lists them.")
+        if name in registry.git.remotes():
+            registry.git.run("remote", "remove", name)
+        cached = registry.git.run("for-each-ref", "--format=%(refname)", f"{_REMOTE_TAGS}/{name}").split()
+        registry.git.run("update-ref", "--stdin", input="".join(f"delete {ref}\n" for ref in cached))
+        store.remove_remote(registry.root, name)
+        registry.git.commit_paths(f"Remove remote {name}", ".dvc/config")
 
 
 def list_remotes(registry: Registry) -> list[dict[str, object]]:
@@ -75,10 +110,41 @@ class PushResult:
     tags: list[str] = field(default_factory=list)
     files: int = 0
     branch_updated: bool = False
+    repaired: list[str] = field(default_factory=list)
+    """Versions whose remote copies were missing or corrupt and were uploaded again."""
 
 
-def push(registry: Registry, names: list[str], remote: str | None = None) -> PushResult:
-    """Upload the objects of every version the remote lacks, then push the branch and tags in one atomic git push."""
+def _push_objects(
+    registry: Registry, objects: store.Store, state: State, remote_refs: dict[str, str], remote: str, verify: bool
+) -> tuple[int, list[str]]:
+    """Upload what the remote lacks (or, with VERIFY, holds corrupt) of every version and the branch tip.
+
+    Every version, published ones too, so a remote that lost files gets them back; new versions must be
+    complete here (fetched if need be), and what goes up is verified first.
+    """
+    versions = [v for a in [*state.adapters.values(), *state.deprecated.values()] for v in a.versions]
+    new = {v.ref for v in versions if f"refs/tags/{v.tag}" not in remote_refs}
+    pointers = registry.pointers(versions) + registry.tree_pointers("HEAD")
+    registry.ensure_objects(objects, [p for p in pointers if p[0] in new], None)
+    present = [(label, md5) for label, md5 in pointers if not objects.missing_locally(md5)]
+    lacking = objects.remote_missing([md5 for _, md5 in present], remote)
+    if verify:
+        for _, md5 in present:
+            bad = objects.audit(md5, on_remote=True, remote=remote)
+            objects.discard([oid for _, oid, problem in bad if problem == "corrupt"], on_remote=True, remote=remote)
+            if bad:
+                lacking.add(md5)
+    upload = [(label, md5) for label, md5 in present if md5 in lacking]
+    registry.ensure_objects(objects, upload, None)  # verified here before it goes up
+    repaired = sorted({label for label, md5 in upload if label not in new and "@" in label})
+    return objects.push([md5 for _, md5 in upload], remote), repaired
+
+
+def push(registry: Registry, names: list[str], remote: str | None = None, verify: bool = False) -> PushResult:
+    """Upload the objects of every version the remote lacks, then push the branch and tags in one atomic git push.
+
+    VERIFY hashes every object on the remote first, so rotted copies are replaced too.
+    """
     for name in names:
         check_name(name)
     with registry.lock():
@@ -97,20 +163,12 @@ def push(registry: Registry, names: list[str], remote: str | None = None) -> Pus
                     "Run `adapters pull` to renumber the local one."
                 )
         unpushed = [t for t in local.values() if f"refs/tags/{t.name}" not in remote_refs]
-        selected = [t for t in unpushed if not names or _tag_name(t) in names]
-        # Objects of every version not yet on the remote: the branch's commits point at them too.
-        new_versions = [
-            v for a in state.adapters.values() for v in a.versions if f"refs/tags/{v.tag}" not in remote_refs
-        ]
+        selected = [t for t in unpushed if not names or tag_adapter(t.name) in names]
         result = PushResult(remote)
-        pointers = registry.pointers(new_versions)
         head = registry.git.head()
         if head:
             with store.opened(registry.root) as objects:
-                registry.ensure_objects(objects, pointers, None)
-                # The branch tip's files too: cheap when present, and it repairs a remote that lost some.
-                tip = [md5 for _, md5 in registry.tree_pointers(head)]
-                result.files = objects.push([md5 for _, md5 in pointers] + tip, remote)
+                result.files, result.repaired = _push_objects(registry, objects, state, remote_refs, remote, verify)
         refspecs = [f"refs/tags/{t.name}:refs/tags/{t.name}" for t in selected]
         if head and remote_refs.get(f"refs/heads/{branch}") != head:
             refspecs.insert(0, f"refs/heads/{branch}:refs/heads/{branch}")
@@ -134,11 +192,6 @@ def push(registry: Registry, names: list[str], remote: str | None = None) -> Pus
         return result
 
 
-def _tag_name(tag: Tag) -> str:
-    match = REGISTER_TAG.fullmatch(tag.name) or ASSIGN_TAG.fullmatch(tag.name)
-    return match["name"]
-
-
 @dataclass
 class PullResult:
     """What a pull brought."""
@@ -151,15 +204,18 @@ class PullResult:
     merged: str = "up to date"
 
 
-def pull(registry: Registry, refs: list[str], remote: str | None = None) -> PullResult:
-    """Fetch refs, then the objects of the requested versions; hashes are verified before the workspace changes."""
+def pull(registry: Registry, refs: list[str], remote: str | None = None, force: bool = False) -> PullResult:
+    """Fetch refs, then the objects of the requested versions; hashes are verified before the workspace changes.
+
+    Local edits in a workspace folder the pull would replace are refused (FORCE discards them), as git does.
+    """
     parsed = [Ref.parse(r) for r in refs]
     with registry.lock():
         remote = resolve_remote(registry, remote)
         git = registry.git
         branch = git.branch()
         git.run(
-            "fetch", "--quiet", "--no-tags", remote,
+            "fetch", "--quiet", "--no-tags", "--prune", remote,
             f"+refs/heads/{branch}:refs/remotes/{remote}/{branch}",
             f"+refs/tags/*:{_REMOTE_TAGS}/{remote}/*",
             remote=True,
@@ -168,33 +224,113 @@ def pull(registry: Registry, refs: list[str], remote: str | None = None) -> Pull
         ours = {t.name: t for t in git.tags()}
         result = PullResult(remote)
         # The state after the pull: remote tags win a clash; clashing local tags get new numbers below.
-        merged = State([*theirs.values(), *(t for n, t in ours.items() if n not in theirs)])
+        merged = registry.state([*theirs.values(), *(t for n, t in ours.items() if n not in theirs)])
         wanted = [merged.resolve(r) for r in parsed] or _defaults(merged)
         remote_branch = f"refs/remotes/{remote}/{branch}"
         has_remote_branch = git.ok("rev-parse", "--verify", "--quiet", remote_branch)
-        tip = (
-            registry.tree_pointers(remote_branch if has_remote_branch else "HEAD")
-            if git.head() or has_remote_branch
-            else []
-        )
+        # Pointer files are compared by blob id: only those that differ are read, so the cost follows the change.
+        here = registry.tree_blobs("HEAD") if git.head() else {}
+        tip = registry.tree_blobs(remote_branch) if has_remote_branch else here
+        resuming = registry.pull_mark.exists()
         with store.opened(registry.root) as objects:
-            result.files = registry.ensure_objects(objects, registry.pointers(wanted) + tip, remote)
+            # Of the branch tip, only what this pull will check out: the rest was verified when it arrived.
+            changed_tip = registry.blob_pointers(
+                {n: blob for n, blob in tip.items() if _stale(registry, n, blob, here, resuming or force)}
+            )
+            result.files = registry.ensure_objects(
+                objects, registry.pointers(wanted) + list(changed_tip.items()), remote
+            )
+            if not force and not resuming:
+                moving = registry.blob_pointers({n: blob for n, blob in here.items() if tip.get(n, blob) != blob})
+                _refuse_local_changes(registry.local_changes(objects, moving))
         # Everything needed is here and verified: now change refs and the workspace.
+        registry.pull_mark.write_text(remote)
+        known = {t.name for t in merged.tags}
         for name, tag in theirs.items():
+            if name not in known:
+                continue  # outside the grammar, or another artifact's: not ours to copy
             mine = ours.get(name)
             if mine and mine.commit != tag.commit:  # numbered against every tag so far, renumbered ones too
-                result.renumbered[name] = _renumber(git, mine, State([*theirs.values(), *git.tags()]))
+                result.renumbered[name] = _renumber(git, mine, registry.state([*theirs.values(), *git.tags()]))
             if not mine or mine.commit != tag.commit:
-                git.run("update-ref", f"refs/tags/{name}", f"{_REMOTE_TAGS}/{remote}/{name}")
                 result.new_tags.append(name)
+        # One transaction: a stage's unassignment and its new assignment arrive together, or neither does.
+        git.run(
+            "update-ref", "--stdin", input="".join(f"update refs/tags/{n} {theirs[n].sha}\n" for n in result.new_tags)
+        )
         if has_remote_branch:
-            result.merged = _merge(registry, remote_branch, State(git.tags()))
-        targets = [registry.root / ADAPTERS_DIR / f"{name}.dvc" for name, _ in registry.tree_pointers("HEAD")]
-        if targets:
-            with store.opened(registry.root) as objects:
-                objects.checkout(targets)
+            result.merged = _merge(registry, remote_branch)
+        after = registry.tree_blobs("HEAD") if git.head() else {}
+        # Only the folders whose version changed (or that are absent): the cost follows what the pull moved.
+        targets = registry.blob_pointers(
+            {name: blob for name, blob in after.items() if _stale(registry, name, blob, here, resuming or force)}
+        )
+        with store.opened(registry.root) as objects:
+            for name, md5 in targets.items():
+                objects.place(md5, registry.root / ADAPTERS_DIR / name)
+        registry.pull_mark.unlink()
         result.versions = sorted(v.ref for v in wanted)
         return result
+
+
+def _stale(registry: Registry, name: str, blob: str, here: dict[str, str], every: bool) -> bool:
+    """Whether the workspace folder of NAME must be (re)written for pointer BLOB: changed, absent, or EVERY."""
+    return every or here.get(name) != blob or not (registry.root / ADAPTERS_DIR / name).is_dir()
+
+
+def _refuse_local_changes(changes: dict[str, list[str]]) -> None:
+    """Conflict naming the edited files a pull would overwrite, as git refuses to."""
+    if changes:
+        files = [f for name in sorted(changes) for f in changes[name]]
+        raise Conflict(
+            f"Your local changes to {', '.join(files)} would be overwritten by pull; copy them elsewhere "
+            "(and `adapters add` them), or run `adapters pull --force` to discard them. Nothing was changed."
+        )
+
+
+@dataclass
+class Problem:
+    """One bad copy found by `adapters verify`: which version, where, which file, what is wrong, what fixes it."""
+
+    ref: str
+    where: str
+    file: str
+    problem: str
+    fix: str
+
+
+def verify(registry: Registry, remote: str | None, on_remote: bool) -> tuple[int, list[Problem]]:
+    """Hash every object of every version here (and, ON_REMOTE, on the remote); returns (versions checked, problems).
+
+    A corrupt local copy is removed, so the next pull fetches a sound one. Versions whose files were never
+    fetched here are not problems; on the remote, only published versions are checked.
+    """
+    with registry.lock():
+        state = registry.state()
+        versions = [v for a in [*state.adapters.values(), *state.deprecated.values()] for v in a.versions]
+        remote = resolve_remote(registry, remote) if on_remote else remote
+        published = set(registry.git.remote_refs(remote)) if on_remote else set()
+        pointers = registry.pointers(versions)
+        problems: list[Problem] = []
+        with store.opened(registry.root) as objects:
+            sound = set()
+            for ref, md5 in pointers:
+                if objects.missing_locally(md5) == [md5]:
+                    continue  # never fetched here: nothing to check
+                bad = objects.audit(md5)
+                objects.discard([oid for _, oid, problem in bad if problem == "corrupt"])
+                problems += [Problem(ref, "here", f, what, f"adapters pull {ref}") for f, _, what in bad]
+                if not bad:
+                    sound.add(md5)
+            for version, (ref, md5) in zip(versions, pointers, strict=True):
+                if f"refs/tags/{version.tag}" not in published:
+                    continue
+                fix = "adapters push --verify" + ("" if md5 in sound else f", in a clone that has {ref}")
+                problems += [
+                    Problem(ref, remote, f, what, fix)
+                    for f, _, what in objects.audit(md5, on_remote=True, remote=remote)
+                ]
+        return len(versions), problems
 
 
 def _defaults(state: State) -> list[AdapterVersion]:
@@ -208,7 +344,7 @@ def _defaults(state: State) -> list[AdapterVersion]:
 
 def _renumber(git: Git, tag: Tag, state: State) -> str:
     """Give a local, unpushed tag that clashes with the remote's a free name, so no version is lost."""
-    adapter = state.adapter(_tag_name(tag))
+    adapter = state.adapter(tag_adapter(tag.name))
     register = REGISTER_TAG.fullmatch(tag.name)
     if register:
         new = version_ref(adapter.name, adapter.latest.version.bump("patch"))
@@ -223,7 +359,7 @@ def _renumber(git: Git, tag: Tag, state: State) -> str:
     return new
 
 
-def _merge(registry: Registry, remote_branch: str, state: State) -> str:
+def _merge(registry: Registry, remote_branch: str) -> str:
     """Bring the remote branch in: fast-forward, or merge with registry files resolved from the tags."""
     git = registry.git
     head = git.head()
@@ -248,7 +384,7 @@ def _merge(registry: Registry, remote_branch: str, state: State) -> str:
             (registry.root / path).write_text("".join(f"{line}\n" for line in dict.fromkeys(lines)))
         elif path.startswith(f"{ADAPTERS_DIR}/") and path.endswith(".dvc"):
             name = Path(path).stem
-            latest = state.adapter(name).latest
+            latest = registry.state().adapter(name).latest
             (registry.root / path).write_text(registry.dvcfile(latest))
         else:
             git.ok("merge", "--abort")
@@ -278,14 +414,24 @@ def clone(url: str, directory: Path | None, refs: list[str]) -> tuple[Registry, 
     directory = directory or Path(Path(urlparse(url).path).name.removesuffix(".git") or "registry")
     if directory.exists() and any(directory.iterdir()):
         raise Conflict(f"{directory} already exists and is not empty.")
-    proc = subprocess.run(["git", "clone", "--quiet", url, str(directory)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RemoteError(f"git clone {url} failed: {proc.stderr.strip().splitlines()[-1:]}")
-    git = Git(directory)
-    if git.head() is None:  # the remote's HEAD names a branch it lacks: take the one it has
-        branches = git.run("branch", "-r", "--format=%(refname:lstrip=3)").split()
-        if branches:
-            branch = "main" if "main" in branches else branches[0]
-            git.run("checkout", "--quiet", "-B", branch, f"origin/{branch}")
-    registry = Registry.find(directory)
-    return registry, pull(registry, refs)
+    existed = directory.exists()
+    try:
+        proc = subprocess.run(["git", "clone", "--quiet", url, str(directory)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RemoteError(f"git clone {url} failed: {(proc.stderr.strip().splitlines() or ['no message'])[-1]}")
+        git = Git(directory)
+        if git.head() is None:  # the remote's HEAD names a branch it lacks: take the one it has
+            branches = git.run("branch", "-r", "--format=%(refname:lstrip=3)").split()
+            if branches:
+                branch = "main" if "main" in branches else branches[0]
+                git.run("checkout", "--quiet", "-B", branch, f"origin/{branch}")
+        registry = Registry.around(directory)
+        if registry is None:
+            raise RegistryError(f"{url} is not an adapter repository (no .dvc/ and adapters/); nothing was kept.")
+        return registry, pull(registry, refs)
+    except BaseException:
+        # A failed clone leaves nothing behind, as git's own does.
+        shutil.rmtree(directory, ignore_errors=True)
+        if existed:
+            directory.mkdir()
+        raise

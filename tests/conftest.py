@@ -231,7 +231,7 @@ def registry(tmp_path: Path) -> Any:
     from registry.sync import set_remote
 
     reg, _ = Registry.init(tmp_path / "registry")
-    set_remote(reg, "origin", str(tmp_path / "origin.git"), None, {})
+    set_remote(reg, "origin", str(tmp_path / "origin.git"), None, {}, create=True)
     return reg
 
 

@@ -3,7 +3,7 @@
     python tests/killpoint.py MODULE:ATTRIBUTE.PATH N before|after ARGS...
 
 The kill lands just before that call runs or just after it returns, so a test knows exactly what was and
-was not done; the exit status -9 shows that it landed.
+was not done; the exit status -9 shows that it landed. KILLPOINT_SIGNAL=SIGINT sends Ctrl-C's signal instead.
 """
 
 from __future__ import annotations
@@ -25,16 +25,17 @@ def arm(target: str, nth: int, when: str) -> None:
         owner = getattr(owner, part)
     original = getattr(owner, name)
     calls = 0
+    signum = getattr(signal, os.environ.get("KILLPOINT_SIGNAL", "SIGKILL"))
 
     @functools.wraps(original)
     def killing(*args: Any, **kwargs: Any) -> Any:
         nonlocal calls
         calls += 1
         if calls == nth and when == "before":
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), signum)
         result = original(*args, **kwargs)
         if calls == nth and when == "after":
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), signum)
         return result
 
     setattr(owner, name, killing)

@@ -71,7 +71,14 @@ def test_init_inside_an_existing_git_repository_keeps_its_history_and_uses_its_o
 
 def test_remote_add_configures_git_and_dvc_together(registry: Registry, tmp_path: Path, cli) -> None:
     result = cli(
-        "remote", "add", "backup", str(tmp_path / "backup.git"), "--dvc", str(tmp_path / "store"), cwd=registry.root
+        "remote",
+        "add",
+        "backup",
+        str(tmp_path / "backup.git"),
+        "--dvc",
+        str(tmp_path / "store"),
+        "--create",
+        cwd=registry.root,
     )
     assert result.exit_code == 0, result.output
     rows = {r["name"]: r for r in json.loads(cli("remote", "list", "--json", cwd=registry.root).output)}

@@ -135,7 +135,7 @@ def s3_registry(tmp_path: Path, moto_endpoint: str) -> Iterator[tuple[Registry, 
     proxy = Proxy(moto_endpoint)
     reg, _ = Registry.init(tmp_path / "registry")
     prefix = f"s3://{BUCKET}/{tmp_path.name}"
-    set_remote(reg, "origin", str(tmp_path / "origin.git"), prefix, {"endpointurl": proxy.url})
+    set_remote(reg, "origin", str(tmp_path / "origin.git"), prefix, {"endpointurl": proxy.url}, create=True)
     yield reg, proxy
     proxy.close()
 
@@ -197,11 +197,54 @@ def test_a_push_killed_part_way_leaves_no_remote_ref_and_completes_when_re_run(
 def test_an_unreachable_s3_endpoint_is_one_clear_error(tmp_path: Path, make_adapter, cli, moto_endpoint: str) -> None:
     registry, _ = Registry.init(tmp_path / "registry")
     dead = f"http://127.0.0.1:{_free_port()}"
-    set_remote(registry, "origin", str(tmp_path / "origin.git"), f"s3://{BUCKET}/x", {"endpointurl": dead})
+    set_remote(registry, "origin", str(tmp_path / "origin.git"), f"s3://{BUCKET}/x", {"endpointurl": dead}, create=True)
     registry.add("support", make_adapter(1))
     result = cli("push", cwd=registry.root)
     assert result.exit_code == 9
-    assert result.stderr.startswith("Error: push of adapter files failed:")
+    assert result.stderr.startswith("Error: checking the DVC remote failed: Could not connect to the endpoint URL")
     assert len(result.stderr.strip().splitlines()) == 1
     ls_remote = subprocess.run(["git", "ls-remote", str(tmp_path / "origin.git")], capture_output=True, text=True)
     assert ls_remote.stdout == ""
+
+
+def _s3_object(endpoint: str, method: str, key: str, body: bytes | None = None) -> bytes:
+    """GET, PUT or DELETE object KEY in the bucket directly on moto (behind DVC's back), with boto3."""
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=endpoint)
+    if method == "GET":
+        return s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+    if method == "PUT":
+        s3.put_object(Bucket=BUCKET, Key=key, Body=body)
+    else:
+        s3.delete_object(Bucket=BUCKET, Key=key)
+    return b""
+
+
+def test_s3_objects_that_rotted_or_vanished_are_found_by_verify_and_pushed_again(
+    s3_registry, make_adapter, tmp_path: Path, cli, moto_endpoint: str
+) -> None:
+    import hashlib
+
+    registry, _ = s3_registry
+    registry.add("support", make_adapter(1))
+    assert cli("push", cwd=registry.root).exit_code == 0
+    md5 = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in make_adapter(1).iterdir()}
+    key = lambda name: f"{tmp_path.name}/files/md5/{md5[name][:2]}/{md5[name][2:]}"  # noqa: E731
+    weights = _s3_object(moto_endpoint, "GET", key("adapter_model.safetensors"))
+    _s3_object(moto_endpoint, "PUT", key("adapter_model.safetensors"), b"\0" + weights[1:])  # one flipped byte
+    _s3_object(moto_endpoint, "DELETE", key("README.md"))
+    verified = cli("verify", "--remote", cwd=registry.root)
+    assert verified.exit_code == 8
+    assert verified.output.splitlines() == [
+        "support@v1.0.0: README.md missing on origin; fix: adapters push --verify",
+        "support@v1.0.0: adapter_model.safetensors corrupt on origin; fix: adapters push --verify",
+        "1 versions checked here and on the remote: 2 problems.",
+    ]
+    repaired = cli("push", "--verify", cwd=registry.root)
+    assert repaired.output == "Pushed to origin: 2 files, 0 tags.\n  repaired support@v1.0.0\n"
+    assert _s3_object(moto_endpoint, "GET", key("adapter_model.safetensors")) == weights
+    assert cli("verify", "--remote", cwd=registry.root).exit_code == 0
+    mate = tmp_path / "mate"
+    assert cli("clone", str(tmp_path / "origin.git"), str(mate), cwd=tmp_path).exit_code == 0
+    assert sha_tree(mate / "adapters" / "support") == sha_tree(make_adapter(1))

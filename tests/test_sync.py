@@ -53,10 +53,13 @@ def test_push_then_clone_gives_byte_exact_versions(registry: Registry, make_adap
     assert cli("status", "--json", cwd=mate).exit_code == 0
     assert json.loads(cli("status", "--json", cwd=mate).output) == {
         "remote": "origin",
+        "remote_state": "known",
         "unpushed_tags": [],
         "missing_locally": [],
         "missing_on_remote": [],
         "remote_only_tags": [],
+        "modified": [],
+        "interrupted_pull": False,
     }
 
 
@@ -163,16 +166,58 @@ def test_a_corrupt_object_on_the_remote_fails_pull_and_changes_nothing(
     result = cli("pull", cwd=mate)
     assert result.exit_code == 8
     assert result.stderr.strip() == (
-        "Error: support@v1.1.0: its files are missing or corrupt on the DVC remote; "
-        "push them again from a clone that has them; nothing was changed."
+        "Error: support@v1.1.0: its files are missing or corrupt on the DVC remote; in a clone that has them "
+        "(`adapters verify` there says so), `adapters push --verify` uploads them again; nothing was changed."
     )
     assert _git(mate, "rev-parse", "HEAD") == head
     assert sha_tree(mate / "adapters" / "support") == sha_tree(make_adapter(1))
     assert not any(p.name == weights[2:] for p in (mate / ".dvc" / "cache").rglob("*"))  # the bad copy was not kept
-    # A push from a clone that has the good copy repairs the remote.
-    assert cli("push", cwd=registry.root).exit_code == 0  # re-uploads what the branch's versions lack
+    # The advice works: a clone that has the good copy says what the remote lacks, and a push uploads it again.
+    verified = cli("verify", "--remote", cwd=registry.root)
+    assert verified.exit_code == 8
+    assert verified.output == (
+        "support@v1.1.0: adapter_model.safetensors missing on origin; fix: adapters push --verify\n"
+        "2 versions checked here and on the remote: 1 problem.\n"
+    )
+    repaired = cli("push", "--verify", cwd=registry.root)
+    assert repaired.output == "Pushed to origin: 1 files, 0 tags.\n  repaired support@v1.1.0\n"
     assert cli("pull", cwd=mate).exit_code == 0
     assert sha_tree(mate / "adapters" / "support") == sha_tree(make_adapter(2))
+
+
+def test_a_flipped_byte_on_the_remote_is_found_by_verify_and_repaired_by_push_verify(
+    registry: Registry, make_adapter, tmp_path: Path, cli
+) -> None:
+    registry.add("support", make_adapter(1))
+    assert cli("push", cwd=registry.root).exit_code == 0
+    weights = hashlib.md5((make_adapter(1) / "adapter_model.safetensors").read_bytes()).hexdigest()
+    stored = tmp_path / "origin.git" / "dvc" / "files" / "md5" / weights[:2] / weights[2:]
+    stored.chmod(0o644)
+    stored.write_bytes(b"\0" + stored.read_bytes()[1:])  # one flipped byte, same size
+    stored.chmod(0o444)  # as DVC left it: rot does not change a file's mode
+    assert cli("status", cwd=registry.root).output == "In sync with origin.\n"  # existence checks cannot see it
+    assert cli("verify", cwd=registry.root).output == "1 versions checked here: no problems.\n"
+    verified = cli("verify", "--remote", "--json", cwd=registry.root)
+    assert verified.exit_code == 8
+    assert json.loads(verified.output) == {
+        "checked": 1,
+        "problems": [
+            {
+                "ref": "support@v1.0.0",
+                "where": "origin",
+                "file": "adapter_model.safetensors",
+                "problem": "corrupt",
+                "fix": "adapters push --verify",
+            }
+        ],
+    }
+    assert cli("push", cwd=registry.root).output == "Everything is already on origin.\n"
+    repaired = cli("push", "--verify", cwd=registry.root)
+    assert repaired.output == "Pushed to origin: 1 files, 0 tags.\n  repaired support@v1.0.0\n"
+    assert hashlib.md5(stored.read_bytes()).hexdigest() == weights
+    assert cli("verify", "--remote", cwd=registry.root).output == (
+        "1 versions checked here and on the remote: no problems.\n"
+    )
 
 
 def test_objects_missing_on_the_remote_fail_pull_with_a_clear_error(
@@ -188,6 +233,11 @@ def test_objects_missing_on_the_remote_fail_pull_with_a_clear_error(
     assert "support@v1.0.0: its files are missing or corrupt on the DVC remote" in result.stderr
     status = json.loads(cli("status", "--json", cwd=registry.root).output)
     assert status["missing_on_remote"] == ["support@v1.0.0"]
+    # The version is published already; push still uploads what the remote lost.
+    pushed = cli("push", cwd=registry.root)
+    assert pushed.output == "Pushed to origin: 5 files, 0 tags.\n  repaired support@v1.0.0\n"  # 4 files + their list
+    assert json.loads(cli("status", "--json", cwd=registry.root).output)["missing_on_remote"] == []
+    assert cli("clone", str(tmp_path / "origin.git"), str(tmp_path / "mate2"), cwd=tmp_path).exit_code == 0
 
 
 def test_two_concurrent_pushers_one_wins_the_other_pulls_and_no_version_is_lost(
@@ -261,11 +311,21 @@ def test_train_inside_a_registry_registers_the_new_version(
     result = cli("train", "people", *args, "-m", "first run", cwd=registry.root)
     assert result.exit_code == 0, result.output
     assert f"Registered people@v1.0.0 in {registry.root}." in result.output
-    assert cli("train", "people", *args, "--overwrite", cwd=registry.root).exit_code == 0
+    again = cli("train", "people", *args, "--seed", "7", cwd=registry.root)  # the same command, the next version
+    assert again.exit_code == 0, again.output
+    assert "runs/people held people@v1.0.0, already registered; training the next version there." in again.output
+    assert f"Registered people@v1.1.0 in {registry.root}." in again.output
     log = json.loads(cli("log", "people", "--json", cwd=registry.root).output)
     assert [v["ref"] for v in log["versions"]] == ["people@v1.1.0", "people@v1.0.0"]
     assert log["versions"][1]["message"] == "first run"
     assert log["versions"][0]["metrics"]["eval_loss_after"] is not None
+    # A run that was never registered is never deleted: training refuses, as outside a registry.
+    unregistered = cli("train", "people", *args, "--seed", "8", "--no-register", "-o", "runs/mine", cwd=registry.root)
+    assert unregistered.exit_code == 0, unregistered.output
+    before = sha_tree(registry.root / "runs" / "mine")
+    refused = cli("train", "people", *args, "-o", "runs/mine", cwd=registry.root)
+    assert refused.exit_code == 4 and "runs/mine already exists and is not empty" in refused.stderr
+    assert sha_tree(registry.root / "runs" / "mine") == before
 
 
 def test_dvc_artifacts_get_reads_the_same_repository(registry: Registry, make_adapter, tmp_path: Path) -> None:

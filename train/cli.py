@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import shutil
 import inspect
 import json
 import textwrap
@@ -76,6 +77,14 @@ def train(name: str, target_modules: str, no_register: bool, message: str | None
     from registry.repo import Registry
 
     registry = None if no_register else Registry.around(Path.cwd())
+    output = args.output
+    if registry and not args.overwrite and output.is_dir() and any(output.iterdir()):
+        # The last run's folder is in the way of the next version; once registered it is safe in the
+        # registry and can go. An unregistered run is never deleted: training refuses as before.
+        held = registry.registered_as(name, output)
+        if held:
+            shutil.rmtree(output)
+            click.echo(f"{output} held {held.ref}, already registered; training the next version there.")
     from train.trainer import train as run_training
 
     result = run_training(args, echo=click.echo)

@@ -1,0 +1,149 @@
+"""The workspace like git keeps it: pull never silently drops local edits, status sees them, kills leave no mess."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import ROOT, sha_tree
+
+from registry.repo import Registry
+
+KILLPOINT = Path(__file__).with_name("killpoint.py")
+
+
+def _git(root: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout
+
+
+def _killed(root: Path, point: str, nth: int, when: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(KILLPOINT), point, str(nth), when, *args],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+def _two_clones(registry: Registry, make_adapter, tmp_path: Path, cli) -> Path:
+    """support@v1.0.0 pushed and cloned as 'mate'; then support@v1.1.0 pushed from the first clone."""
+    registry.add("support", make_adapter(1))
+    assert cli("push", cwd=registry.root).exit_code == 0
+    mate = tmp_path / "mate"
+    assert cli("clone", str(tmp_path / "origin.git"), str(mate), cwd=tmp_path).exit_code == 0
+    registry.add("support", make_adapter(2))
+    assert cli("push", cwd=registry.root).exit_code == 0
+    return mate
+
+
+def test_pull_refuses_to_overwrite_local_edits_and_force_discards_them(
+    registry: Registry, make_adapter, tmp_path: Path, cli
+) -> None:
+    mate = _two_clones(registry, make_adapter, tmp_path, cli)
+    card = mate / "adapters" / "support" / "README.md"
+    card.chmod(0o644)
+    card.write_text("my notes\n")
+    status = cli("status", cwd=mate)
+    assert "modified here (adapters pull --force discards): adapters/support/README.md\n" in status.output
+    head = _git(mate, "rev-parse", "HEAD")
+    refused = cli("pull", cwd=mate)
+    assert refused.exit_code == 7
+    assert refused.stderr == (
+        "Error: Your local changes to adapters/support/README.md would be overwritten by pull; copy them elsewhere "
+        "(and `adapters add` them), or run `adapters pull --force` to discard them. Nothing was changed.\n"
+    )
+    assert card.read_text() == "my notes\n" and _git(mate, "rev-parse", "HEAD") == head
+    assert _git(mate, "tag") == "support@v1.0.0\n"
+    forced = cli("pull", "--force", cwd=mate)
+    assert forced.exit_code == 0, forced.output
+    assert sha_tree(mate / "adapters" / "support") == sha_tree(make_adapter(2))
+    assert cli("status", cwd=mate).output == "In sync with origin.\n"
+
+
+def test_a_pull_killed_after_moving_the_branch_is_reported_and_finished_by_the_next(
+    registry: Registry, make_adapter, tmp_path: Path, cli
+) -> None:
+    mate = _two_clones(registry, make_adapter, tmp_path, cli)
+    child = _killed(mate, "registry.store:Store.place", 1, "before", "pull")
+    assert child.returncode == -signal.SIGKILL, child.stderr  # the branch moved, the files did not
+    assert _git(mate, "tag").split() == ["support@v1.0.0", "support@v1.1.0"]
+    assert sha_tree(mate / "adapters" / "support") == sha_tree(make_adapter(1))
+    status = cli("status", cwd=mate)
+    assert status.output.startswith("A pull was interrupted: run `adapters pull` to finish it.\n")
+    finished = cli("pull", cwd=mate)  # the old files are not edits: the pull finishes instead of refusing
+    assert finished.exit_code == 0, finished.output
+    assert sha_tree(mate / "adapters" / "support") == sha_tree(make_adapter(2))
+    assert cli("status", cwd=mate).output == "In sync with origin.\n"
+
+
+def test_status_works_offline_and_says_the_remote_is_unknown(
+    registry: Registry, make_adapter, tmp_path: Path, cli
+) -> None:
+    registry.add("support", make_adapter(1))
+    assert cli("push", cwd=registry.root).exit_code == 0
+    registry.add("support", make_adapter(2))
+    (tmp_path / "origin.git").rename(tmp_path / "elsewhere.git")  # the remote is out of reach
+    status = cli("status", "--json", cwd=registry.root)
+    assert status.exit_code == 0, status.output
+    data = json.loads(status.stdout)
+    assert data["remote_state"] == "unknown" and data["remote_error"].startswith("git ls-remote failed: ")
+    assert data["unpushed_tags"] == [] and data["missing_locally"] == [] and data["modified"] == []
+    text = cli("status", cwd=registry.root)
+    assert text.exit_code == 0 and text.output.startswith("origin: unknown (git ls-remote failed: ")
+
+
+def _on_a_terminal(*args: str, cwd: Path) -> str:
+    """Run `adapters ARGS` with stderr on a pseudo-terminal, as a person at a shell; returns what it showed there."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+    import threading
+
+    master, child_end = pty.openpty()
+    fcntl.ioctl(child_end, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))  # a terminal has a size
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "adapterctl.cli", *args],
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=child_end,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    os.close(child_end)
+    shown = bytearray()
+
+    def drain() -> None:
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # the child closed its end
+                return
+            if not chunk:
+                return
+            shown.extend(chunk)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    assert proc.wait(timeout=120) == 0
+    reader.join(timeout=10)
+    os.close(master)
+    return shown.decode(errors="replace")
+
+
+def test_transfers_show_progress_on_a_terminal_and_nothing_in_a_pipe(
+    registry: Registry, make_adapter, tmp_path: Path, cli
+) -> None:
+    from conftest import adapters_cli
+
+    registry.add("support", make_adapter(1))
+    assert "Uploading adapter files" in _on_a_terminal("push", cwd=registry.root)
+    origin = str(tmp_path / "origin.git")
+    assert "Downloading adapter files" in _on_a_terminal("clone", origin, str(tmp_path / "a"), cwd=tmp_path)
+    piped = adapters_cli("clone", origin, str(tmp_path / "b"), cwd=tmp_path)
+    assert piped.returncode == 0 and piped.stderr == ""
+    assert sha_tree(tmp_path / "a" / "adapters" / "support") == sha_tree(make_adapter(1))
