@@ -74,15 +74,23 @@ def broken(source: Path, dest: Path, name: str) -> Path:
 
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory: pytest.TempPathFactory, make_adapter: Any) -> Registry:
-    """A registry with good adapters, one whose weights overflow, and names whose files the tests break in the cache."""
+    """A registry with good adapters, one whose weights overflow, and BROKEN's adapters, registered as an older
+    `adapters add` that checked less would have registered them (its config and weight checks switched off)."""
+    from registry import folder
+
     root = tmp_path_factory.mktemp("faults")
     folders = {
         "good-a": [make_adapter(1)],
         "good-b": [make_adapter(2)],
         "overflow": [reweighted(make_adapter(3), root / "overflow", _huge)],
-        **{name: [make_adapter(4)] for name in BROKEN},
     }
-    return registry_with(root / "registry", folders)
+    registry = registry_with(root / "registry", folders)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(folder, "lora_settings", lambda config, where: None)
+        patch.setattr(folder, "_check_weights", lambda path, settings: None)
+        for name in BROKEN:
+            registry.add(name, broken(make_adapter(4), root / f"broken-{name}", name))
+    return registry
 
 
 @dataclass
@@ -101,8 +109,7 @@ class Served:
 def served(
     request: pytest.FixtureRequest, adapters: Registry, tiny_base: Path, tmp_path_factory: Any
 ) -> Iterator[Served]:
-    """A server on the tiny base, unquantized and NF4; BROKEN's versions hold broken files in its cache, as if they
-    had been registered before `adapters add` checked what it checks now."""
+    """A server on the tiny base, unquantized and NF4, serving the registry's good and broken adapters."""
     from serve.app import create_app
     from serve.catalog import Catalog
     from serve.dependencies import Settings
@@ -114,10 +121,6 @@ def served(
     catalog = Catalog(
         adapters, cache, base_id=engine.model_id, fingerprint=engine.fingerprint, max_rank=engine.max_rank
     )
-    state = adapters.state()
-    for name in BROKEN:
-        good = adapters.root / "adapters" / name  # the registry's own copy of the good files
-        broken(good, catalog.folder(state.resolve(name)), name)
     app = create_app(engine, catalog, Tenants(None), Settings(max_tokens_cap=512))
     with serving(app) as url:
         yield Served(url, app)
@@ -288,9 +291,11 @@ def test_a_prompt_too_long_for_the_context_is_refused_without_tokenizing(served:
     encode = served.engine.encode
     monkeypatch.setattr(served.engine, "encode", lambda text: (encoded.append(len(text)), encode(text))[1])
     limit = served.engine.prompt_characters
-    for prompt in ("x" * (limit + 1), "fox " * (50 << 18)):  # just over the bound, and 50 MB
-        status, error = call(served.url, greedy("good-a", prompt=prompt))
-        assert status == 400 and f"{len(prompt)} characters" in error and f"over {limit} characters" in error
+    prompt = "x" * (limit + 1)  # just over the bound
+    status, error = call(served.url, greedy("good-a", prompt=prompt))
+    assert status == 400 and f"{len(prompt)} characters" in error and f"over {limit} characters" in error
+    status, error = call(served.url, greedy("good-a", prompt="fox " * (50 << 18)))  # 50 MB: over the body limit
+    assert status == 413 and "bytes" in error
     chat = {"model": "tiny-llama", "messages": [{"role": "user", "content": "y" * limit}] * 2}
     assert call(served.url, chat, chat=True)[0] == 400
     assert encoded == []  # none was tokenized
@@ -400,8 +405,10 @@ def test_a_broken_folder_planted_after_registering_is_still_refused(served: Serv
     from serve.engine import AdapterSpec
     from serve.errors import AdapterRejected
 
-    folder = Path(served.app.state.server.catalog.cache) / "direct"
-    shutil.copytree(next(Path(served.app.state.server.catalog.cache).glob("rank-zero/*")), folder)
+    catalog = served.app.state.server.catalog
+    folder = Path(catalog.cache) / "direct"
+    shutil.rmtree(folder, ignore_errors=True)
+    catalog.registry.checkout("rank-zero", folder)
     with pytest.raises(AdapterRejected, match="'r' is 0"):
         asyncio.run(served.engine.load(AdapterSpec("direct", "v1.0.0", folder)))  # past the catalog, to the engine
     healthy(served.url)
