@@ -337,7 +337,8 @@ def test_sigterm_lets_a_running_stream_finish_then_exits_0(
     registry.add("drain", make_adapter(1))
     args = ["serve", "--base", str(tiny_base), "--port", "0"]  # the default quantization: NF4, bitsandbytes runs here
     with _server_process(["-m", "adapterctl.cli", *args], registry.root) as (server, url, lines):
-        assert "open mode" in lines[-1] and "(quantize nf4)" in "".join(lines)
+        assert "open mode" in next(line for line in lines if " at http://" in line)
+        assert "(quantize nf4)" in "".join(lines)
         body = {"model": "drain", "prompt": PROMPT, "max_tokens": 300, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
             lines_iter = response.iter_lines()
