@@ -15,6 +15,7 @@ from registry.refs import AdapterVersion, State
 from registry.repo import Registry
 from serve.engine import AdapterSpec
 from serve.errors import AdapterNotFound, AdapterRejected, ServeError
+from serve.fidelity import Fidelity
 from core.cache import locked
 
 log = logging.getLogger("serve")
@@ -24,7 +25,15 @@ class Catalog:
     """Resolves references against the registry's tags, which a background thread re-reads every INTERVAL seconds."""
 
     def __init__(
-        self, registry: Registry, cache: Path, *, base_id: str, fingerprint: str, max_rank: int, interval: float = 0.5
+        self,
+        registry: Registry,
+        cache: Path,
+        *,
+        base_id: str,
+        fingerprint: str,
+        max_rank: int,
+        interval: float = 0.5,
+        fidelity: Fidelity | None = None,
     ) -> None:
         self.registry = registry
         self.cache = cache
@@ -32,6 +41,7 @@ class Catalog:
         self.fingerprint = fingerprint
         self.max_rank = max_rank
         self.interval = interval
+        self.fidelity = fidelity  # judges each adapter against the server's precision; None: not judged
         self.state: State = registry.state()
         self._checked: dict[Path, AdapterSpec] = {}  # folders already validated; a version's files never change
         self._stop = threading.Event()
@@ -131,3 +141,5 @@ class Catalog:
                 f"{spec.key} has LoRA rank {summary['rank']}, above this server's maximum of {self.max_rank} "
                 "(--max-rank)."
             )
+        if self.fidelity is not None:
+            self.fidelity.admit(spec.key, summary)

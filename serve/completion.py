@@ -121,6 +121,8 @@ async def generate(
             await server.engine.load(spec)  # load errors are a 422 now, not a broken stream later
         generation = Generation(prompt_ids, spec, sampling)
         server.engine.submit(generation)
+        if server.catalog.fidelity is not None:
+            server.catalog.fidelity.count(spec.key if spec else None)
     except BaseException:
         release()
         raise

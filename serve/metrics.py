@@ -19,3 +19,8 @@ CACHE_HITS = Counter("adapters_adapter_cache_hits_total", "Requests whose adapte
 LOADED = Gauge("adapters_loaded_adapters", "Adapters loaded in the engine now.")
 RUNNING = Gauge("adapters_running_requests", "Generations running or waiting in the engine now.")
 BATCH_SIZE = Histogram("adapters_batch_size", "Rows in each forward pass.", buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+FIDELITY_REQUESTS = Counter(
+    "adapters_fidelity_requests_total",
+    "Generation requests by the fidelity class of their adapter on this server's precision (base: no adapter).",
+    ["fidelity"],
+)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,13 @@ from train.config import TrainArgs
 from train.trainer import train
 
 KEYS = ["name", "age", "city", "job"]
+HELDOUT = (EXAMPLES / "pirate_heldout.txt").read_text().splitlines()
+_PIRATE = re.compile(r"\b(arr+|matey|ahoy|yo ho|me hearty|scallywag)\b", re.IGNORECASE)
+
+
+def in_pirate_voice(text: str) -> bool:
+    """Whether an answer carries the pirate style the example dataset teaches (the base model never talks so)."""
+    return bool(_PIRATE.search(text))
 
 
 def _is_contact_json(text: str) -> bool:
