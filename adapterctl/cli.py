@@ -9,7 +9,7 @@ import click
 from registry.commands import COMMANDS
 from core.errors import AdaptersError
 from serve.cli import serve, tenants
-from train.cli import models, train
+from train.cli import evaluate, models, train
 
 
 class _Cli(click.Group):
@@ -34,6 +34,7 @@ def main() -> None:
 
 main.add_command(train)
 main.add_command(models)
+main.add_command(evaluate)
 main.add_command(serve)
 main.add_command(tenants)
 for command in COMMANDS:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from core.precision import Precision
 
 if TYPE_CHECKING:
     from huggingface_hub import ModelCardData
@@ -57,3 +59,33 @@ model = PeftModel.from_pretrained(base, "{source}"{pinned})
 def render(data: ModelCardData, body: str) -> str:
     """A whole card: the YAML metadata header, then the Markdown body."""
     return f"---\n{data.to_yaml()}\n---\n{body}"
+
+
+def precision_section(precision: dict[str, Any] | None, fidelity: dict[str, Any] | None) -> str:
+    """A Markdown section: the base precision the adapter was trained against and its measured fidelity."""
+    trained = Precision.from_lineage(precision)
+    lines = ["## Precision", ""]
+    if not trained.known:
+        lines.append("The precision of the base it was trained against is not recorded (unknown).")
+    else:
+        lines += [
+            f"Trained against the base held as **{trained.describe()}**. An adapter learns a correction to the",
+            f"exact weights it saw: serve it on the same precision (`adapters serve --quantize {trained.quantize}`).",
+        ]
+    figures = (fidelity or {}).get("precisions") or {}
+    if figures:
+        lines += [
+            "",
+            f"Fidelity: the share of its eval-loss improvement kept on each serving precision "
+            f"({fidelity.get('eval_examples')} eval examples, measured when it was trained).",
+            "",
+            "| precision | base loss | adapter loss | fidelity |",
+            "|---|---|---|---|",
+        ]
+        for quantize, row in figures.items():
+            share = row.get("fidelity")
+            lines.append(
+                f"| {quantize} | {row.get('base_loss', 'n/a')} | {row.get('adapter_loss', 'n/a')} | "
+                f"{'n/a' if share is None else f'{share:.0%}'} |"
+            )
+    return "\n".join(lines) + "\n"

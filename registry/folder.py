@@ -12,6 +12,7 @@ from typing import Any
 
 from core.base import FINGERPRINT
 from core.errors import RegistryError
+from core.precision import Precision
 
 # Formats that unpickle (and so can run code) when loaded; a registry never accepts them.
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz"}
@@ -56,6 +57,9 @@ def check(folder: Path) -> dict[str, Any]:
         "target_modules": config.get("target_modules"),
         "dataset_sha256": (lineage.get("dataset") or {}).get("sha256"),
         "metrics": lineage.get("metrics") or {},
+        # What the adapter was trained against and how much of its effect survives elsewhere ("unknown" if unsaid).
+        "precision": Precision.from_lineage(lineage.get("precision")).to_lineage(),
+        "fidelity": lineage.get("fidelity") if isinstance(lineage.get("fidelity"), dict) else None,
     }
 
 

@@ -16,7 +16,7 @@ from core.base import HUB_ID
 from core.cache import utc
 from core.hashing import SHA256, sha256_file
 from registry import folder
-from registry.card import METHODS, card_data, peft_snippet, render
+from registry.card import METHODS, card_data, peft_snippet, precision_section, render
 from core.errors import AuthError, Conflict, IntegrityError, InvalidName, NotFound, RegistryError, RemoteError
 from registry.folder import InvalidAdapter
 from registry.names import Ref, check_name
@@ -162,7 +162,8 @@ def model_card(version: AdapterVersion, meta: dict[str, Any], lineage: dict[str,
 A {METHODS.get(method, method)} adapter for `{base_name}` (rank {meta.get("rank")}, alpha {meta.get("alpha")},
 target modules {_value(meta.get("target_modules"))}): version {tag} of `{version.name}` in an adapter registry.
 
-{table}## Use it
+{table}{precision_section(meta.get("precision"), meta.get("fidelity"))}
+## Use it
 
 With PEFT:
 

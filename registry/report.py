@@ -6,6 +6,7 @@ from typing import Any
 
 from core.cache import utc
 from core.errors import RemoteError
+from core.precision import Precision
 from registry import store
 from registry.names import Ref, check_name
 from registry.refs import AdapterVersion, State
@@ -29,6 +30,7 @@ def _version(version: AdapterVersion, state: State) -> dict[str, Any]:
 def listing(registry: Registry) -> list[dict[str, Any]]:
     """One row per adapter: latest version, version count, stage heads."""
     state = registry.state()
+    latest = registry.metas([adapter.latest for adapter in state.adapters.values()]) if state.adapters else []
     return [
         {
             "name": name,
@@ -36,8 +38,9 @@ def listing(registry: Registry) -> list[dict[str, Any]]:
             "versions": len(adapter.versions),
             "stages": {stage: str(v.version) for stage, v in adapter.stages().items()},
             "updated": utc(adapter.last_date),
+            "precision": Precision.from_lineage(meta.get("precision")).quantize,  # of the latest version
         }
-        for name, adapter in state.adapters.items()
+        for (name, adapter), meta in zip(state.adapters.items(), latest, strict=True)
     ]
 
 

@@ -21,6 +21,7 @@ from registry.repo import Registry
 from registry.store import file_md5
 from serve.engine import AdapterSpec
 from serve.errors import AdapterNotFound, AdapterRejected, RegistryUnavailable, ServeError, Unavailable
+from serve.fidelity import Fidelity
 
 log = logging.getLogger("serve")
 
@@ -44,6 +45,7 @@ class Catalog:
         interval: float = 0.5,
         stale_after: float = 10.0,
         settle: float = 5.0,
+        fidelity: Fidelity | None = None,
     ) -> None:
         self.registry = registry
         self.cache = cache
@@ -61,6 +63,7 @@ class Catalog:
         self._failure: str | None = None
         self._failing_since = 0.0
         self._lock = threading.Lock()
+        self.fidelity = fidelity  # judges each adapter against the server's precision; None: not judged
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.state = State([])
@@ -264,6 +267,8 @@ class Catalog:
                 f"{spec.key} has LoRA rank {summary['rank']}, above this server's maximum of {self.max_rank} "
                 "(--max-rank)."
             )
+        if self.fidelity is not None:
+            self.fidelity.admit(spec.key, summary)
 
 
 def _one_line(exc: BaseException) -> str:

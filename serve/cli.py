@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from core.errors import AdaptersError, BaseModelError
+from core.precision import default_quantize
 from registry.repo import Registry
 from serve.tenants import Tenants, add_tenant, set_admin
 
@@ -91,6 +92,11 @@ class RequestsCut(AdaptersError):
     type=click.Path(file_okay=False, path_type=Path),
     help="Adapter repository to serve. Default: the one around the current folder.",
 )
+@click.option(
+    "--strict-fidelity",
+    is_flag=True,
+    help="Refuse (422) adapters trained on another base precision unless measured to keep their effect on this one.",
+)
 def serve(
     base: str | None,
     quantize: str | None,
@@ -107,6 +113,7 @@ def serve(
     max_body_bytes: int,
     tenants_file: Path | None,
     registry_dir: Path | None,
+    strict_fidelity: bool,
 ) -> None:
     """Serve the base model and every adapter of the registry through an OpenAI-compatible API."""
     registry = Registry.find(registry_dir)
@@ -123,11 +130,12 @@ def serve(
     from serve.app import create_app, run
     from serve.catalog import Catalog
     from serve.dependencies import Settings
+    from serve.fidelity import Fidelity
     from serve.transformers_engine import TransformersEngine
     from core.base import home, resolve_base
 
     model = resolve_base(base)
-    quantize = quantize or _default_quantize()
+    quantize = quantize or default_quantize()
     click.echo(f"Loading {model.name} (quantize {quantize})...", err=True)
     try:
         runtime = TransformersEngine(
@@ -141,6 +149,7 @@ def serve(
         )
     except (OSError, ValueError, RuntimeError, ImportError) as exc:
         raise BaseModelError(f"Cannot load {model.name} with --quantize {quantize}: {exc}") from None
+    fidelity = Fidelity(runtime.precision, strict=strict_fidelity)
     catalog = Catalog(
         registry,
         home() / "serve",
@@ -148,6 +157,7 @@ def serve(
         fingerprint=runtime.fingerprint,
         max_rank=max_rank,
         stale_after=stale_after,
+        fidelity=fidelity,
     )
     settings = Settings(max_tokens_cap=max_tokens_cap, drain_seconds=drain_seconds, max_body_bytes=max_body_bytes)
     app = create_app(runtime, catalog, tenants, settings)
@@ -176,15 +186,6 @@ def _listen(host: str, port: int) -> socket.socket:
             f"Cannot listen on {host}:{port}: {exc.strerror or exc}; choose another --port."
         ) from None
     return listener
-
-
-def _default_quantize() -> str:
-    """nf4 where bitsandbytes imports (it runs on CPU too), else the weights as saved."""
-    try:
-        import bitsandbytes  # noqa: F401
-    except Exception:  # a broken native library raises anything from OSError to RuntimeError
-        return "none"
-    return "nf4"
 
 
 @click.group()

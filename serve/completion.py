@@ -247,6 +247,8 @@ async def generate(
             generation = Generation(prompt_ids[p], spec, sampling)
             server.engine.submit(generation)
             generations.append(generation)
+        if server.catalog.fidelity is not None:
+            server.catalog.fidelity.count(spec.key if spec else None)
     except BaseException:
         for generation in generations:
             generation.cancel()

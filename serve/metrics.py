@@ -35,3 +35,8 @@ VLLM_LORA = Gauge(
     "Adapters of running and waiting requests; the value is when it was read (vLLM's name and labels).",
     ["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
 )
+FIDELITY_REQUESTS = Counter(
+    "adapters_fidelity_requests_total",
+    "Generation requests by the fidelity class of their adapter on this server's precision (base: no adapter).",
+    ["fidelity"],
+)

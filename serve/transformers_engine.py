@@ -23,7 +23,7 @@ from serve.kvcache import RowCache
 from serve.lora import AdapterWeights, Rows, install, plan, read_adapter, uninstall, wrap_linears
 from serve.textstream import TextStream
 from core.base import fingerprint
-from core.precision import quantization_config
+from core.precision import Precision, quantization_config
 
 log = logging.getLogger("serve")
 
@@ -69,6 +69,7 @@ class TransformersEngine(Engine):
         max_context: int = 2048,
     ) -> None:
         self.model_id = model_id
+        self.precision = Precision.of(quantize, "float32")  # the base weights as adapters see them
         self.max_rank = max_rank
         self.max_loaded = max_loaded
         self.max_batch = max_batch

@@ -1,8 +1,9 @@
-"""On the real embedded SmolLM2-135M-Instruct: a short QLoRA run visibly changes held-out answers."""
+"""On the real embedded SmolLM2-135M-Instruct: short QLoRA runs visibly change held-out answers, served too."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,13 @@ from train.config import TrainArgs
 from train.trainer import train
 
 KEYS = ["name", "age", "city", "job"]
+HELDOUT = (EXAMPLES / "pirate_heldout.txt").read_text().splitlines()
+_PIRATE = re.compile(r"\b(arr+|matey|ahoy|yo ho|me hearty|scallywag)\b", re.IGNORECASE)
+
+
+def in_pirate_voice(text: str) -> bool:
+    """Whether an answer carries the pirate style the example dataset teaches (the base model never talks so)."""
+    return bool(_PIRATE.search(text))
 
 
 def _is_contact_json(text: str) -> bool:
@@ -48,3 +56,52 @@ def test_qlora_on_the_embedded_model_teaches_one_line_json(tmp_path: Path, embed
     exact = sum(a == r["completion"] for (_, a), r in zip(answers, heldout)) / len(answers)
     print(f"valid contact JSON: base {base_rate:.0%}, adapter {adapter_rate:.0%}; exact matches {exact:.0%}")
     assert adapter_rate >= 0.8 and adapter_rate - base_rate >= 0.5
+
+
+@pytest.mark.slow
+def test_a_style_adapter_trained_and_served_with_the_defaults_keeps_its_style(
+    tmp_path: Path, embedded_base: Path
+) -> None:
+    """README's plain path: `adapters train` with its default precision, `adapters serve` with its own."""
+    import httpx
+    import openai
+    from serving import registry_with, serving
+
+    from core.precision import default_quantize
+    from serve.app import create_app
+    from serve.catalog import Catalog
+    from serve.dependencies import Settings
+    from serve.fidelity import Fidelity
+    from serve.tenants import Tenants
+    from serve.transformers_engine import TransformersEngine
+
+    # Only the schedule is set (a short run); the precision and everything else are the defaults.
+    args = TrainArgs(
+        name="pirate", data=EXAMPLES / "pirate.jsonl", max_steps=30, lr=1e-3, batch_size=8, seq_len=256,
+        output=tmp_path / "pirate",
+    )  # fmt: skip
+    train(args, echo=print)
+    lineage = json.loads((tmp_path / "pirate" / "lineage.json").read_text())
+    registry = registry_with(tmp_path / "registry", {"pirate": [tmp_path / "pirate"]})
+
+    quantize = default_quantize()
+    assert lineage["precision"]["quantize"] == quantize == "nf4"  # bitsandbytes runs here: both sides use NF4
+    engine = TransformersEngine(embedded_base, model_id="smollm2", quantize=quantize, max_batch=8)
+    catalog = Catalog(
+        registry, tmp_path / "cache", base_id="smollm2", fingerprint=engine.fingerprint, max_rank=64,
+        fidelity=Fidelity(engine.precision),
+    )  # fmt: skip
+    with serving(create_app(engine, catalog, Tenants(None), Settings())) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        answers = [
+            client.chat.completions.create(
+                model="pirate", messages=[{"role": "user", "content": q}], max_tokens=40, temperature=0
+            )
+            .choices[0]
+            .message.content
+            for q in HELDOUT[:5]
+        ]
+        models = {m["id"]: m for m in httpx.get(f"{url}/v1/models").json()["data"]}
+    print(answers, lineage["fidelity"])
+    assert models["pirate"]["fidelity"]["class"] == "match"
+    assert sum(in_pirate_voice(a) for a in answers) >= 4

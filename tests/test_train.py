@@ -23,7 +23,7 @@ from core.base import fingerprint
 from train.config import TrainArgs
 from train.trainer import train
 
-FAST = dict(lr=5e-3, batch_size=4, seq_len=64, eval_fraction=0.25, rank=8, alpha=16)
+FAST = dict(lr=5e-3, batch_size=4, seq_len=64, eval_fraction=0.25, rank=8, alpha=16, qlora=False)
 
 
 def _args(tmp_path: Path, base: Path, data: Path, **overrides) -> TrainArgs:

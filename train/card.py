@@ -12,7 +12,8 @@ from typing import Any
 
 from core.base import BaseModel
 from core.cache import utc
-from registry.card import METHODS, card_data, peft_snippet, render
+from core.precision import Precision
+from registry.card import METHODS, card_data, peft_snippet, precision_section, render
 from train.config import TrainArgs
 from train.data import Examples
 
@@ -50,6 +51,8 @@ def lineage(
     metrics: dict[str, Any],
     counts: dict[str, int],
     resumed_from_step: int | None,
+    precision: Precision,
+    fidelity: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The record that lets anyone tell exactly what went into an adapter."""
     return {
@@ -57,6 +60,8 @@ def lineage(
         "created_at": utc(),
         "method": "qlora" if args.qlora else "lora",
         "base_model": {"name": base.name, "hub_id": base.hub_id, "fingerprint": base_fingerprint},
+        "precision": precision.to_lineage(),
+        "fidelity": fidelity,
         "dataset": {
             "file": examples.path.name,
             "sha256": examples.sha256,
@@ -107,6 +112,7 @@ A {METHODS[record["method"]]} adapter for `{base_id}`, trained on `{dataset["fil
 
 ![training loss]({LOSS_PLOT})
 
+{precision_section(record.get("precision"), record.get("fidelity"))}
 ## Use it
 
 {peft_snippet(base_id, "path/to/this/folder")}

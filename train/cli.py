@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 
+from core.precision import QUANTIZE
 from train.config import TrainArgs
 
 # Options that are not plain values of TrainArgs: short names, and a list typed as one comma-separated string.
@@ -45,6 +46,8 @@ def _options(command: Callable[..., Any]) -> Callable[..., Any]:
         kind = hints[spec.name]
         if spec.name in _LISTS:
             option = click.option(*names, default=",".join(spec.default_factory()), show_default=True, help=help_text)
+        elif kind is bool and spec.default:
+            option = click.option(f"{flag}/--no-{flag[2:]}", default=True, show_default=True, help=help_text)
         elif kind is bool:
             option = click.option(*names, is_flag=True, help=help_text)
         elif spec.default is dataclasses.MISSING:
@@ -127,3 +130,60 @@ def prepare(base: str | None) -> None:
 
     model = resolve_base(base)
     click.echo(f"{model.name}: {model.path} ({fingerprint(model.path)})")
+
+
+@click.command("eval")
+@click.argument("ref")
+@click.option(
+    "--quantize",
+    type=click.Choice(QUANTIZE),
+    help="Base precision to check the adapter on. Default: what `adapters serve` loads (nf4 where bitsandbytes runs).",
+)
+@click.option(
+    "--data",
+    "dataset",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="JSONL dataset. Default: the adapter's training file (by name, here or at the repository root, its sha256 "
+    "checked), of which its eval split is scored.",
+)
+@click.option("--base", help="Base model. Default: the embedded SmolLM2-135M-Instruct.")
+@click.option("--limit", type=click.IntRange(min=1), default=32, show_default=True, help="Examples scored.")
+@click.option(
+    "--samples", type=click.IntRange(min=0), default=3, show_default=True, help="Prompts answered side by side."
+)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True, help="Per answer.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def evaluate(
+    ref: str,
+    quantize: str | None,
+    dataset: Path | None,
+    base: str | None,
+    limit: int,
+    samples: int,
+    max_new_tokens: int,
+    as_json: bool,
+) -> None:
+    """Eval loss and greedy answers of base vs adapter REF on the base precision you will serve it on."""
+    from core.precision import default_quantize
+    from registry.repo import Registry
+
+    registry = Registry.find()
+    from train.fidelity import evaluate as run_eval
+
+    result = run_eval(registry, ref, quantize or default_quantize(), dataset, base, limit, samples, max_new_tokens)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    data = result["dataset"]
+    recorded = result["recorded_fidelity"]
+    click.echo(
+        f"{result['ref']} (trained against {result['trained_precision']}) on a {result['quantize']} base, "
+        f"{data['examples']} examples ({data['split']}) of {data['file']}:"
+    )
+    click.echo(
+        f"  eval loss: base {result['base_loss']:.4f}, adapter {result['adapter_loss']:.4f} "
+        f"(improvement {result['improvement']:.4f}); recorded fidelity on {result['quantize']}: "
+        + ("n/a" if recorded is None else f"{recorded:.0%}")
+    )
+    for sample in result["samples"]:
+        click.echo(f"\nQ: {sample['prompt']}\n  base:    {sample['base']}\n  adapter: {sample['adapter']}")

@@ -10,12 +10,22 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from core.base import BaseModel
+from core.errors import BaseModelError
+from core.precision import quantization_config
 
 
-def load(base: BaseModel, adapter: Path) -> tuple[PeftModel, Any]:
-    """The base model with the adapter attached (switchable off), and its tokenizer, ready for generation."""
+def load(base: BaseModel, adapter: Path, quantize: str = "none") -> tuple[PeftModel, Any]:
+    """The base held as QUANTIZE says (float32 compute, as served) with the adapter attached, and its tokenizer."""
     tokenizer = AutoTokenizer.from_pretrained(base.path, padding_side="left")
-    model = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32, use_safetensors=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            base.path,
+            dtype=torch.float32,
+            use_safetensors=True,
+            quantization_config=quantization_config(quantize, torch.float32),
+        )
+    except (OSError, ValueError, RuntimeError, ImportError) as exc:
+        raise BaseModelError(f"Cannot load {base.name} with --quantize {quantize}: {exc}".splitlines()[0]) from None
     return PeftModel.from_pretrained(model, adapter).eval(), tokenizer
 
 

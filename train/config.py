@@ -22,8 +22,8 @@ class TrainArgs:
     """Folder for the finished adapter; default: ./runs/NAME."""
     base: str | None = None
     """Base model: a local HF folder or a Hub id; default (None): the embedded SmolLM2-135M-Instruct."""
-    qlora: bool = False
-    """Load the base in 4-bit NF4 (double quantization) through bitsandbytes; train the adapter in higher precision."""
+    qlora: bool = True
+    """Train against the base in 4-bit NF4, as `adapters serve` loads it; --no-qlora: the weights as saved."""
     rank: int = 8
     """LoRA rank r."""
     alpha: int = 16
@@ -54,6 +54,8 @@ class TrainArgs:
     """Recompute activations in the backward pass: less memory, slower steps."""
     overwrite: bool = False
     """Replace an existing finished adapter in the output folder."""
+    fidelity_examples: int = 16
+    """Eval examples on which the adapter's effect is measured on nf4, int8 and none after training; 0 skips."""
 
     def __post_init__(self) -> None:
         check_name(self.name)
@@ -71,6 +73,7 @@ class TrainArgs:
             "seq-len": self.seq_len >= 8,
             "eval-fraction": 0 <= self.eval_fraction < 1,
             "save-steps": self.save_steps >= 1,
+            "fidelity-examples": self.fidelity_examples >= 0,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -79,6 +82,6 @@ class TrainArgs:
     def hyperparameters(self) -> dict[str, Any]:
         """The settings that shape the weights (no paths), as recorded in lineage and checked on resume."""
         values = asdict(self)
-        for key in ("name", "data", "output", "overwrite"):
+        for key in ("name", "data", "output", "overwrite", "fidelity_examples"):
             values.pop(key)
         return values

@@ -28,10 +28,10 @@ from transformers import (
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from core.errors import BaseModelError, DataError, TrainingError, TrainingInterrupted
-from train import card, data
+from train import card, data, fidelity
 from core.base import BaseModel, fingerprint, resolve_base
 from core.cache import home, locked
-from core.precision import quantization_config
+from core.precision import Precision, quantization_config
 from train.config import TrainArgs
 
 RUN_FILE = "run.json"  # inside the partial folder: the settings a resume must match
@@ -59,17 +59,23 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def training_precision(qlora: bool) -> Precision:
+    """The form of the base weights a run trains against: NF4 for QLoRA, as saved for LoRA."""
+    # bf16 pays off on GPUs; on CPUs fp32 matmuls are faster and numerically safer.
+    return Precision.of("nf4" if qlora else "none", "bfloat16" if device() == "cuda" else "float32")
+
+
 def load_base_model(base: BaseModel, qlora: bool, gradient_checkpointing: bool = False) -> PreTrainedModel:
     """Load the base model in full precision for LoRA, or in 4-bit NF4 with double quantization for QLoRA."""
-    # bf16 pays off on GPUs; on CPUs fp32 matmuls are faster and numerically safer.
-    dtype = torch.bfloat16 if device() == "cuda" else torch.float32
+    dtype = getattr(torch, training_precision(qlora).compute_dtype)
     options: dict[str, Any] = {"dtype": dtype, "use_safetensors": True, "device_map": {"": device()}}
     if qlora:
         options["quantization_config"] = quantization_config("nf4", dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(base.path, **options)
-    except (OSError, ValueError, KeyError) as exc:
-        raise BaseModelError(f"Cannot load base model {base.name}: {exc}".splitlines()[0]) from None
+    except (OSError, ValueError, KeyError, ImportError, RuntimeError) as exc:
+        hint = " (QLoRA needs bitsandbytes; --no-qlora trains plain LoRA)" if qlora else ""
+        raise BaseModelError(f"Cannot load base model {base.name}{hint}: {exc}".splitlines()[0]) from None
     if not qlora:
         return model
     # bitsandbytes repacks NF4 weights for a CPU inference kernel the first time a layer runs in eval mode
@@ -294,6 +300,12 @@ def _train(args: TrainArgs, echo: Callable[[str], None], output: Path, partial: 
     # Cite the base by Hub id when known; no vocabulary lookup on the Hub (embeddings are never trained here).
     model.peft_config["default"].base_model_name_or_path = base.hub_id or base.name
     model.save_pretrained(staging, save_embedding_layers=False)
+    precision = training_precision(args.qlora)
+    measured = None
+    if args.fidelity_examples and eval_set:
+        echo(f"Measuring the adapter's effect on each serving precision ({args.fidelity_examples} eval examples)...")
+        measured = fidelity.measure(base, staging, precision, eval_set[: args.fidelity_examples])
+        echo(fidelity.summary(measured))
     metrics = {
         "train_loss": result.training_loss,
         "eval_loss_before": run["eval_loss_before"],
@@ -308,6 +320,8 @@ def _train(args: TrainArgs, echo: Callable[[str], None], output: Path, partial: 
         metrics,
         counts={"train": len(train_set), "eval": len(eval_set), "trainable": trainable, "total": total},
         resumed_from_step=resumed_from_step,
+        precision=precision,
+        fidelity=measured,
     )
     card.write(staging, lineage, trainer.state.log_history)
     if output.exists():

@@ -54,4 +54,9 @@ async def refresh(tenant: AdminDep, parts: ServerDep) -> dict[str, Any]:
 @router.get("/loaded")
 async def loaded(parts: ServerDep) -> dict[str, Any]:
     """The adapter versions in memory (least recently used first) and the generations running."""
-    return {"loaded": parts.engine.loaded(), "running": parts.engine.running()}
+    loaded = parts.engine.loaded()
+    answer: dict[str, Any] = {"loaded": loaded, "running": parts.engine.running()}
+    if parts.catalog.fidelity is not None:  # each loaded adapter's fidelity class on this server's precision
+        verdicts = {key: parts.catalog.fidelity.verdict(key) for key in loaded}
+        answer["fidelity"] = {key: v.to_dict() for key, v in verdicts.items() if v is not None}
+    return answer

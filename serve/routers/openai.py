@@ -56,7 +56,7 @@ def _entry(parts: Server, model: str, version: AdapterVersion | None) -> dict[st
     """A model object as OpenAI lists it; an adapter also names its parent and the version it means now."""
     if version is None:
         return {"id": model, "object": "model", "created": parts.started, "owned_by": "adapters"}
-    return {
+    entry = {
         "id": model,
         "object": "model",
         "created": version.date,
@@ -64,3 +64,6 @@ def _entry(parts: Server, model: str, version: AdapterVersion | None) -> dict[st
         "parent": parts.engine.model_id,
         "version": version.ref,
     }
+    if parts.catalog.fidelity is not None:  # the base precision it was trained against, next to this server's
+        entry["fidelity"] = parts.catalog.fidelity.describe(parts.catalog.registry, [version])[version.ref]
+    return entry
