@@ -242,7 +242,7 @@ def test_eval_scores_base_and_adapter_on_the_chosen_precision(
         "--max-new-tokens", "4", "--json", cwd=registry.root,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    report = json.loads(result.output)
+    report = json.loads(result.stdout)
     lineage = json.loads((trained["lora"] / "lineage.json").read_text())
     assert report["ref"] == "people@v1.0.0" and report["trained_precision"] == "none"
     assert report["dataset"]["split"] == "eval" and report["dataset"]["examples"] == 3
