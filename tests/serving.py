@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,6 +19,8 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from registry.repo import Registry
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @contextmanager
@@ -95,3 +100,29 @@ def metric(url: str, name: str, **labels: str) -> float:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 return sample.value
     return 0.0
+
+
+@contextmanager
+def server_process(command: list[str], cwd: Path) -> Iterator[tuple[subprocess.Popen, str, list[str]]]:
+    """Start `adapters serve` as python COMMAND; yields the process, its URL and its output lines as they come."""
+    server = subprocess.Popen(
+        [sys.executable, *command],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(server.stdout.readline, "")))
+    reader.start()
+    try:
+        started = wait_for(
+            lambda: [line for line in lines if " at http://" in line] or server.poll() is not None, 120, "start"
+        )
+        assert server.poll() is None, "".join(lines)
+        yield server, started[0].split(" at ")[1].split("/v1")[0], lines
+    finally:
+        if server.poll() is None:
+            server.kill()
+        reader.join()

@@ -6,10 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import shutil
-import subprocess
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,8 +17,7 @@ from typing import Any
 import httpx
 import pytest
 import torch
-from conftest import ROOT
-from serving import crafted, events, registry_with, reweighted, serving, wait_for
+from serving import crafted, events, registry_with, reweighted, server_process, serving, wait_for
 
 from registry.repo import Registry
 
@@ -369,23 +365,8 @@ def test_adapters_add_refuses_an_adapter_no_engine_can_serve(
 def test_an_nf4_server_process_survives_an_empty_prompt(registry: Registry, make_adapter: Any, tiny_base: Path) -> None:
     registry.add("nf4", make_adapter(1))
     args = ["serve", "--base", str(tiny_base), "--port", "0"]  # the default quantization: NF4
-    server = subprocess.Popen(
-        [sys.executable, "-m", "adapterctl.cli", *args],
-        cwd=registry.root,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(iter(server.stdout.readline, "")))
-    reader.start()
-    try:
-        started = wait_for(
-            lambda: [line for line in lines if " at http://" in line] or server.poll() is not None, 120, "start"
-        )
-        assert server.poll() is None and "(quantize nf4)" in "".join(lines), "".join(lines)
-        url = started[0].split(" at ")[1].split("/v1")[0]
+    with server_process(["-m", "adapterctl.cli", *args], registry.root) as (server, url, lines):
+        assert "(quantize nf4)" in "".join(lines), "".join(lines)
         base = tiny_base.name  # the base model's id: its folder's name
         for model in (base, "nf4"):
             status, error = call(url, greedy(model, prompt=""))
@@ -393,10 +374,6 @@ def test_an_nf4_server_process_survives_an_empty_prompt(registry: Registry, make
         assert server.poll() is None  # an empty prompt once ended this process (SIGFPE in the 4-bit matmul)
         healthy(url, base)
         assert call(url, greedy("nf4"))[0] == 200
-    finally:
-        server.terminate()
-        server.wait(60)
-        reader.join()
     assert "status=400" in "".join(lines)
 
 

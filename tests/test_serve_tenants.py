@@ -5,14 +5,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +18,7 @@ import httpx
 import openai
 import pytest
 import yaml
-from conftest import ROOT
-from serving import metric, registry_with, serving, wait_for
+from serving import metric, registry_with, server_process, serving, wait_for
 
 from registry.repo import Registry
 
@@ -305,38 +300,12 @@ def test_serve_refuses_bad_options_in_one_line(cli: Any, registry: Registry, tmp
     taken.close()
 
 
-@contextmanager
-def _server_process(command: list[str], cwd: Path) -> Iterator[tuple[subprocess.Popen, str, list[str]]]:
-    """Start `adapters serve` as python COMMAND; yields the process, its URL and its output lines as they come."""
-    server = subprocess.Popen(
-        [sys.executable, *command],
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(iter(server.stdout.readline, "")))
-    reader.start()
-    try:
-        started = wait_for(
-            lambda: [line for line in lines if " at http://" in line] or server.poll() is not None, 120, "start"
-        )
-        assert server.poll() is None, "".join(lines)
-        yield server, started[0].split(" at ")[1].split("/v1")[0], lines
-    finally:
-        if server.poll() is None:
-            server.kill()
-        reader.join()
-
-
 def test_sigterm_lets_a_running_stream_finish_then_exits_0(
     registry: Registry, make_adapter: Any, tiny_base: Path, tmp_path: Path
 ) -> None:
     registry.add("drain", make_adapter(1))
     args = ["serve", "--base", str(tiny_base), "--port", "0"]  # the default quantization: NF4, bitsandbytes runs here
-    with _server_process(["-m", "adapterctl.cli", *args], registry.root) as (server, url, lines):
+    with server_process(["-m", "adapterctl.cli", *args], registry.root) as (server, url, lines):
         assert "open mode" in next(line for line in lines if " at http://" in line)
         assert "(quantize nf4)" in "".join(lines)
         body = {"model": "drain", "prompt": PROMPT, "max_tokens": 300, "ignore_eos": True, "stream": True}
@@ -382,7 +351,7 @@ def test_requests_cut_at_shutdown_get_an_error_event_and_the_exit_code_says_so(
     drain = "0" if stop == "drain time" else "600"
     args = ["serve", "--base", str(tiny_base), "--quantize", "none", "--port", "0", "--drain-seconds", drain]
     try:
-        with _server_process(["-c", _HELD, str(hold), *args], registry.root) as (server, url, lines):
+        with server_process(["-c", _HELD, str(hold), *args], registry.root) as (server, url, lines):
             body = {"model": "drain", "prompt": PROMPT, "max_tokens": 300, "ignore_eos": True, "stream": True}
             with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
                 stream = response.iter_lines()
