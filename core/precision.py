@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 from typing import Any
+
+# bitsandbytes' CPU backend says on import that an optional kernel, fetched from a model hub by the `kernels`
+# package, is missing (nothing is fetched at run time here; its built-in kernel is used), and its 8-bit matmul
+# says on every call that float32 inputs are cast to float16, as it is designed to: neither is news to a user.
+for _noisy in ("bitsandbytes.backends.cpu.ops", "bitsandbytes.autograd._functions"):
+    logging.getLogger(_noisy).setLevel(logging.ERROR)
 
 # The settings `--quantize` names; training with --qlora uses "nf4", plain LoRA uses "none".
 QUANTIZE = ("nf4", "int8", "none")
