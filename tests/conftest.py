@@ -245,3 +245,14 @@ def assert_checks_out(cli: Callable[..., Any], clone: Path, ref: str, expected: 
     result = cli("checkout", ref, "-o", str(out), cwd=clone)
     assert result.exit_code == 0, result.output
     assert sha_tree(out) == sha_tree(expected)
+
+
+def two_clones(registry: Any, make_adapter: Callable[[int], Path], tmp_path: Path, cli: Callable[..., Any]) -> Path:
+    """support@v1.0.0 pushed and cloned as 'mate'; then support@v1.1.0 pushed from the first clone."""
+    registry.add("support", make_adapter(1))
+    assert cli("push", cwd=registry.root).exit_code == 0
+    mate = tmp_path / "mate"
+    assert cli("clone", str(tmp_path / "origin.git"), str(mate), cwd=tmp_path).exit_code == 0
+    registry.add("support", make_adapter(2))
+    assert cli("push", cwd=registry.root).exit_code == 0
+    return mate

@@ -11,7 +11,7 @@ import sys
 import threading
 from pathlib import Path
 
-from conftest import ROOT, adapters_cli, assert_checks_out, sha_tree
+from conftest import ROOT, adapters_cli, assert_checks_out, sha_tree, two_clones
 
 from registry import sync
 from registry.repo import Registry
@@ -151,12 +151,7 @@ def test_pull_on_a_fresh_clone_fetches_only_what_was_asked(
 def test_a_corrupt_object_on_the_remote_fails_pull_and_changes_nothing(
     registry: Registry, make_adapter, tmp_path: Path, cli
 ) -> None:
-    registry.add("support", make_adapter(1))
-    assert cli("push", cwd=registry.root).exit_code == 0
-    mate = tmp_path / "mate"
-    assert cli("clone", str(tmp_path / "origin.git"), str(mate), cwd=tmp_path).exit_code == 0
-    registry.add("support", make_adapter(2))
-    assert cli("push", cwd=registry.root).exit_code == 0
+    mate = two_clones(registry, make_adapter, tmp_path, cli)
     weights = hashlib.md5((make_adapter(2) / "adapter_model.safetensors").read_bytes()).hexdigest()
     stored = tmp_path / "origin.git" / "dvc" / "files" / "md5" / weights[:2] / weights[2:]
     stored.chmod(0o644)

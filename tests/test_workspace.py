@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ROOT, sha_tree
+from conftest import ROOT, sha_tree, two_clones
 
 from registry.repo import Registry
 
@@ -30,21 +30,10 @@ def _killed(root: Path, point: str, nth: int, when: str, *args: str) -> subproce
     )
 
 
-def _two_clones(registry: Registry, make_adapter, tmp_path: Path, cli) -> Path:
-    """support@v1.0.0 pushed and cloned as 'mate'; then support@v1.1.0 pushed from the first clone."""
-    registry.add("support", make_adapter(1))
-    assert cli("push", cwd=registry.root).exit_code == 0
-    mate = tmp_path / "mate"
-    assert cli("clone", str(tmp_path / "origin.git"), str(mate), cwd=tmp_path).exit_code == 0
-    registry.add("support", make_adapter(2))
-    assert cli("push", cwd=registry.root).exit_code == 0
-    return mate
-
-
 def test_pull_refuses_to_overwrite_local_edits_and_force_discards_them(
     registry: Registry, make_adapter, tmp_path: Path, cli
 ) -> None:
-    mate = _two_clones(registry, make_adapter, tmp_path, cli)
+    mate = two_clones(registry, make_adapter, tmp_path, cli)
     card = mate / "adapters" / "support" / "README.md"
     card.chmod(0o644)
     card.write_text("my notes\n")
@@ -68,7 +57,7 @@ def test_pull_refuses_to_overwrite_local_edits_and_force_discards_them(
 def test_a_pull_killed_after_moving_the_branch_is_reported_and_finished_by_the_next(
     registry: Registry, make_adapter, tmp_path: Path, cli
 ) -> None:
-    mate = _two_clones(registry, make_adapter, tmp_path, cli)
+    mate = two_clones(registry, make_adapter, tmp_path, cli)
     child = _killed(mate, "registry.store:Store.place", 1, "before", "pull")
     assert child.returncode == -signal.SIGKILL, child.stderr  # the branch moved, the files did not
     assert _git(mate, "tag").split() == ["support@v1.0.0", "support@v1.1.0"]
