@@ -256,3 +256,24 @@ def two_clones(registry: Any, make_adapter: Callable[[int], Path], tmp_path: Pat
     registry.add("support", make_adapter(2))
     assert cli("push", cwd=registry.root).exit_code == 0
     return mate
+
+
+def git(root: Path, *args: str) -> str:
+    """The output of a git command run in ROOT (it must succeed)."""
+    return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout
+
+
+KILLPOINT = Path(__file__).with_name("killpoint.py")
+
+
+def killed_at(
+    root: Path, point: str, nth: int, when: str, *args: str, signum: str = "SIGKILL"
+) -> subprocess.CompletedProcess:
+    """Run `adapters ARGS` in ROOT, sent SIGNUM at the NTH call of POINT (module:attr), WHEN "before" or "after" it."""
+    return subprocess.run(
+        [sys.executable, str(KILLPOINT), point, str(nth), when, *args],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "KILLPOINT_SIGNAL": signum},
+    )

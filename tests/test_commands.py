@@ -10,32 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, sha_tree
+from conftest import ROOT, git, killed_at, sha_tree
 
 from registry.repo import Registry
-
-KILLPOINT = Path(__file__).with_name("killpoint.py")
-
-
-def _git(root: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout
-
-
-def _at(
-    root: Path, point: str, nth: int, when: str, *args: str, signum: str = "SIGKILL"
-) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(KILLPOINT), point, str(nth), when, *args],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "KILLPOINT_SIGNAL": signum},
-    )
 
 
 def _clean(root: Path) -> None:
     """Nothing half done: no stray folders, the index and the tracked files as HEAD has them."""
-    assert _git(root, "status", "--porcelain") == ""
+    assert git(root, "status", "--porcelain") == ""
     assert not [p.name for p in (root / "adapters").iterdir() if p.name.endswith(".previous")]
     assert not (root / ".git" / "adapters-add-in-progress").exists()
 
@@ -43,15 +25,15 @@ def _clean(root: Path) -> None:
 def test_ctrl_c_while_registering_exits_130_and_leaves_nothing_half_done(registry: Registry, make_adapter, cli) -> None:
     root = registry.root
     registry.add("support", make_adapter(1))
-    before = _git(root, "rev-parse", "HEAD")
+    before = git(root, "rev-parse", "HEAD")
     for point, nth, when in [
         ("registry.store:track", 1, "after"),  # the new files are in the workspace and the DVC cache
         ("registry.git:Git.create_tags", 1, "before"),  # committed, not yet tagged
     ]:
-        child = _at(root, point, nth, when, "add", "support", str(make_adapter(2)), signum="SIGINT")
+        child = killed_at(root, point, nth, when, "add", "support", str(make_adapter(2)), signum="SIGINT")
         assert child.returncode == 130, child.stderr
         assert child.stderr.endswith("Interrupted.\n")
-        assert _git(root, "rev-parse", "HEAD") == before and _git(root, "tag") == "support@v1.0.0\n"
+        assert git(root, "rev-parse", "HEAD") == before and git(root, "tag") == "support@v1.0.0\n"
         assert sha_tree(root / "adapters" / "support") == sha_tree(make_adapter(1))
         _clean(root)
 
@@ -66,7 +48,7 @@ def test_a_registration_killed_at_any_step_is_undone_or_kept_whole_by_the_next_c
     for nth in range(1, 40):
         copy = tmp_path / f"kill-{nth}"
         shutil.copytree(registry.root, copy, symlinks=True)
-        child = _at(copy, "registry.git:Git.run", nth, "before", "add", "support", str(make_adapter(2)))
+        child = killed_at(copy, "registry.git:Git.run", nth, "before", "add", "support", str(make_adapter(2)))
         if child.returncode == 0:
             break
         assert child.returncode == -signal.SIGKILL, child.stderr
@@ -74,7 +56,7 @@ def test_a_registration_killed_at_any_step_is_undone_or_kept_whole_by_the_next_c
         # The next command that takes the lock finds the registration whole or not at all.
         assert cli("promote", "support@v1.0.0", "--stage", "prod", cwd=copy).exit_code == 0
         _clean(copy)
-        tags = _git(copy, "tag").split()
+        tags = git(copy, "tag").split()
         expected = make_adapter(2) if "support@v1.1.0" in tags else make_adapter(1)
         assert sha_tree(copy / "adapters" / "support") == sha_tree(expected), nth
         added = cli("add", "support", str(make_adapter(3)), cwd=copy)
@@ -93,7 +75,7 @@ def test_remote_add_refuses_a_path_that_is_not_a_repository_unless_asked_to_crea
     assert refused.stderr == (
         f"Error: {typo} is not a git repository; check the path, or pass --create to make an empty one there.\n"
     )
-    assert not typo.exists() and "backup" not in _git(root, "remote").split()
+    assert not typo.exists() and "backup" not in git(root, "remote").split()
     inside = tmp_path / "registry" / "adapters"  # a folder inside a repository is not one
     assert cli("remote", "add", "backup", str(inside), cwd=root).exit_code == 6
     created = cli("remote", "add", "backup", str(typo), "--create", cwd=root)
@@ -108,7 +90,7 @@ def test_remote_add_refuses_a_path_that_is_not_a_repository_unless_asked_to_crea
     assert cli("remote", "remove", "backup", cwd=root).output == "Removed remote backup.\n"
     assert cli("remote", cwd=root).output == "origin\n"
     assert "backup" not in (root / ".dvc" / "config").read_text()
-    assert _git(root, "status", "--porcelain") == ""
+    assert git(root, "status", "--porcelain") == ""
     assert cli("remote", "remove", "backup", cwd=root).exit_code == 6
 
 
@@ -165,8 +147,8 @@ def test_a_file_where_a_folder_is_wanted_is_one_clear_line(
 def test_clone_of_a_repository_that_is_not_a_registry_leaves_nothing_behind(tmp_path: Path, cli) -> None:
     plain = tmp_path / "plain"
     plain.mkdir()
-    _git(plain, "init", "--quiet")
-    _git(plain, "commit", "--quiet", "--allow-empty", "-m", "code")
+    git(plain, "init", "--quiet")
+    git(plain, "commit", "--quiet", "--allow-empty", "-m", "code")
     result = cli("clone", str(plain), str(tmp_path / "copy"), cwd=tmp_path)
     assert result.exit_code == 5
     assert result.stderr == f"Error: {plain} is not an adapter repository (no .dvc/ and adapters/); nothing was kept.\n"
@@ -180,16 +162,16 @@ def test_registering_keeps_dvc_yaml_comments_and_commits_none_of_your_other_edit
     registry.add("support", make_adapter(1))
     project = root / "dvc.yaml"
     project.write_text("# Adapters of the support team.\n" + project.read_text())
-    _git(root, "commit", "--quiet", "-am", "Comment dvc.yaml")
+    git(root, "commit", "--quiet", "-am", "Comment dvc.yaml")
     (root / "notes.md").write_text("draft\n")
-    _git(root, "add", "notes.md")  # staged, not for the registration commit
+    git(root, "add", "notes.md")  # staged, not for the registration commit
     edited = project.read_text() + "params:\n- params.yaml\n"  # a user's unrelated, uncommitted edit
     project.write_text(edited)
     assert cli("add", "contacts", str(make_adapter(2)), cwd=root).exit_code == 0
-    committed = _git(root, "show", "HEAD:dvc.yaml")
+    committed = git(root, "show", "HEAD:dvc.yaml")
     assert committed.startswith("# Adapters of the support team.\n")
     assert "contacts:" in committed and "params" not in committed
-    assert _git(root, "show", "--name-only", "--format=", "HEAD").split() == [
+    assert git(root, "show", "--name-only", "--format=", "HEAD").split() == [
         "adapters/.gitignore",
         "adapters/contacts.dvc",
         "dvc.yaml",
@@ -197,4 +179,4 @@ def test_registering_keeps_dvc_yaml_comments_and_commits_none_of_your_other_edit
     workspace = project.read_text()
     assert workspace.startswith("# Adapters of the support team.\n") and "params:\n- params.yaml\n" in workspace
     assert "contacts:" in workspace
-    assert sorted(_git(root, "status", "--porcelain").splitlines()) == [" M dvc.yaml", "A  notes.md"]
+    assert sorted(git(root, "status", "--porcelain").splitlines()) == [" M dvc.yaml", "A  notes.md"]

@@ -11,15 +11,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, adapters_cli, sha_tree, start_adapters
+from conftest import ROOT, adapters_cli, git, sha_tree, start_adapters
 
 from core.errors import Conflict, NotFound
 from registry.folder import InvalidAdapter
 from registry.repo import Registry
-
-
-def _git(root: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout
 
 
 def _gto_show(root: Path) -> dict:
@@ -37,27 +33,27 @@ def test_init_sets_up_git_dvc_and_adapters_folder_and_is_idempotent(tmp_path: Pa
     assert result.exit_code == 0, result.output
     root = tmp_path / "reg"
     assert (root / ".dvc" / "config").is_file() and (root / "adapters" / "README.md").is_file()
-    assert "Initialise the adapter registry" in _git(root, "log", "--oneline")
-    head = _git(root, "rev-parse", "HEAD")
+    assert "Initialise the adapter registry" in git(root, "log", "--oneline")
+    head = git(root, "rev-parse", "HEAD")
     again = cli("init", cwd=root)
     assert again.exit_code == 0 and "already set up" in again.output
-    assert _git(root, "rev-parse", "HEAD") == head
-    assert _git(root, "status", "--porcelain") == ""
+    assert git(root, "rev-parse", "HEAD") == head
+    assert git(root, "status", "--porcelain") == ""
 
 
 def test_init_inside_an_existing_git_repository_keeps_its_history_and_uses_its_origin(tmp_path: Path, cli) -> None:
     project = tmp_path / "project"
     project.mkdir()
-    _git(project, "init", "-q", "-b", "main")
+    git(project, "init", "-q", "-b", "main")
     (project / "train.py").write_text("print('hi')\n")
-    _git(project, "add", "train.py")
-    _git(project, "commit", "-qm", "code")
-    _git(tmp_path, "init", "-q", "--bare", "-b", "main", "origin.git")
-    _git(project, "remote", "add", "origin", str(tmp_path / "origin.git"))
+    git(project, "add", "train.py")
+    git(project, "commit", "-qm", "code")
+    git(tmp_path, "init", "-q", "--bare", "-b", "main", "origin.git")
+    git(project, "remote", "add", "origin", str(tmp_path / "origin.git"))
     result = cli("init", cwd=project)
     assert result.exit_code == 0, result.output
     assert f"DVC remote 'origin' -> {tmp_path / 'origin.git' / 'dvc'}" in result.output
-    assert _git(project, "log", "--format=%s").split("\n")[:2] == ["Initialise the adapter registry", "code"]
+    assert git(project, "log", "--format=%s").split("\n")[:2] == ["Initialise the adapter registry", "code"]
     listed = cli("remote", "list", "--json", cwd=project)
     assert json.loads(listed.output) == [
         {
@@ -106,8 +102,8 @@ def test_add_registers_an_immutable_version_that_dvc_and_gto_understand(registry
     assert project["artifacts"]["support"]["type"] == "model"
     pointer = yaml.safe_load((root / "adapters" / "support.dvc").read_text())
     assert pointer["outs"][0]["md5"].endswith(".dir") and pointer["meta"]["version"] == "1.0.0"
-    assert _git(root, "cat-file", "-t", "support@v1.0.0").strip() == "tag"  # annotated, as GTO expects
-    assert _git(root, "status", "--porcelain") == ""
+    assert git(root, "cat-file", "-t", "support@v1.0.0").strip() == "tag"  # annotated, as GTO expects
+    assert git(root, "status", "--porcelain") == ""
     assert "/support" in (root / "adapters" / ".gitignore").read_text()  # files live in DVC, not git
     assert cli("add", "support", str(make_adapter(2)), cwd=root).output.startswith("Registered support@v1.1.0")
     assert cli("add", "support", str(make_adapter(3)), "--bump", "major", cwd=root).output.startswith(
@@ -142,15 +138,15 @@ def test_add_refuses_an_invalid_folder_and_changes_nothing(
     registry: Registry, make_adapter, tmp_path: Path, cli, breakage, message: str
 ) -> None:
     cli("add", "support", str(make_adapter(1)), cwd=registry.root)
-    head = _git(registry.root, "rev-parse", "HEAD")
+    head = git(registry.root, "rev-parse", "HEAD")
     broken = tmp_path / "broken"
     shutil.copytree(make_adapter(2), broken)
     breakage(broken)
     result = cli("add", "support", str(broken), cwd=registry.root)
     assert result.exit_code == 2
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
-    assert _git(registry.root, "rev-parse", "HEAD") == head
-    assert _git(registry.root, "tag", "--list", "support@*").split() == ["support@v1.0.0"]
+    assert git(registry.root, "rev-parse", "HEAD") == head
+    assert git(registry.root, "tag", "--list", "support@*").split() == ["support@v1.0.0"]
     assert sha_tree(registry.root / "adapters" / "support") == sha_tree(make_adapter(1))
 
 
@@ -158,7 +154,7 @@ def test_a_failure_while_registering_restores_the_workspace(
     registry: Registry, make_adapter, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     registry.add("support", make_adapter(1))
-    head = _git(registry.root, "rev-parse", "HEAD")
+    head = git(registry.root, "rev-parse", "HEAD")
 
     def broken_dvc(*_: object) -> None:
         raise OSError("disk full")
@@ -166,8 +162,8 @@ def test_a_failure_while_registering_restores_the_workspace(
     monkeypatch.setattr("registry.store.track", broken_dvc)
     with pytest.raises(OSError, match="disk full"):
         registry.add("support", make_adapter(2))
-    assert _git(registry.root, "rev-parse", "HEAD") == head
-    assert _git(registry.root, "status", "--porcelain") == ""
+    assert git(registry.root, "rev-parse", "HEAD") == head
+    assert git(registry.root, "status", "--porcelain") == ""
     assert sha_tree(registry.root / "adapters" / "support") == sha_tree(make_adapter(1))
     assert [v.ref for v in registry.state().adapter("support").versions] == ["support@v1.0.0"]
 

@@ -3,30 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import killed_at
 
 from registry.repo import Registry
-
-KILLPOINT = Path(__file__).with_name("killpoint.py")
 
 
 def _killed_at(root: Path, nth: int, when: str, *args: str) -> subprocess.CompletedProcess:
     """Run `adapters ARGS` in ROOT, SIGKILLed at the NTH git call (every step a command takes goes through one)."""
-    return subprocess.run(
-        [sys.executable, str(KILLPOINT), "registry.git:Git.run", str(nth), when, *args],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    return killed_at(root, "registry.git:Git.run", nth, when, *args)
 
 
 def _holder(root: Path, ref: str) -> str:

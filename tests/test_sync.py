@@ -4,24 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
-from conftest import ROOT, adapters_cli, assert_checks_out, sha_tree, two_clones
+from conftest import adapters_cli, assert_checks_out, git, killed_at, sha_tree, two_clones
 
 from registry import sync
 from registry.repo import Registry
-
-
-KILLPOINT = Path(__file__).with_name("killpoint.py")
-
-
-def _git(root: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout
 
 
 def _tree_bytes(folder: Path) -> int:
@@ -29,7 +21,7 @@ def _tree_bytes(folder: Path) -> int:
 
 
 def _remote_tags(origin: Path) -> list[str]:
-    return sorted(_git(origin, "tag", "--list").split())
+    return sorted(git(origin, "tag", "--list").split())
 
 
 def test_push_then_clone_gives_byte_exact_versions(registry: Registry, make_adapter, tmp_path: Path, cli) -> None:
@@ -101,9 +93,9 @@ def test_a_published_version_cannot_be_changed(registry: Registry, make_adapter,
     registry.add("support", make_adapter(1))
     assert cli("push", cwd=registry.root).exit_code == 0
     # Rewrite history locally: the same version name now points at other files.
-    _git(registry.root, "tag", "-d", "support@v1.0.0")
-    _git(registry.root, "commit", "--allow-empty", "-qm", "other")
-    _git(registry.root, "tag", "-a", "support@v1.0.0", "-m", "forged")
+    git(registry.root, "tag", "-d", "support@v1.0.0")
+    git(registry.root, "commit", "--allow-empty", "-qm", "other")
+    git(registry.root, "tag", "-a", "support@v1.0.0", "-m", "forged")
     result = cli("push", cwd=registry.root)
     assert result.exit_code == 7
     assert "support@v1.0.0 on origin points at another commit; versions are immutable" in result.stderr
@@ -141,7 +133,7 @@ def test_pull_on_a_fresh_clone_fetches_only_what_was_asked(
     registry.promote("support@v1.0.0", "prod")
     assert cli("push", cwd=registry.root).exit_code == 0
     mate = tmp_path / "mate"
-    _git(tmp_path, "clone", "-q", str(tmp_path / "origin.git"), str(mate))
+    git(tmp_path, "clone", "-q", str(tmp_path / "origin.git"), str(mate))
     result = cli("pull", "support#prod", cwd=mate)
     assert result.exit_code == 0, result.output
     missing = json.loads(cli("status", "--json", cwd=mate).output)["missing_locally"]
@@ -157,14 +149,14 @@ def test_a_corrupt_object_on_the_remote_fails_pull_and_changes_nothing(
     stored.chmod(0o644)
     stored.write_bytes(b"\0" + stored.read_bytes()[1:])  # one flipped byte, same size
 
-    head = _git(mate, "rev-parse", "HEAD")
+    head = git(mate, "rev-parse", "HEAD")
     result = cli("pull", cwd=mate)
     assert result.exit_code == 8
     assert result.stderr.strip() == (
         "Error: support@v1.1.0: its files are missing or corrupt on the DVC remote; in a clone that has them "
         "(`adapters verify` there says so), `adapters push --verify` uploads them again; nothing was changed."
     )
-    assert _git(mate, "rev-parse", "HEAD") == head
+    assert git(mate, "rev-parse", "HEAD") == head
     assert sha_tree(mate / "adapters" / "support") == sha_tree(make_adapter(1))
     assert not any(p.name == weights[2:] for p in (mate / ".dvc" / "cache").rglob("*"))  # the bad copy was not kept
     # The advice works: a clone that has the good copy says what the remote lacks, and a push uploads it again.
@@ -355,13 +347,7 @@ def test_a_push_killed_at_any_moment_never_publishes_a_ref_without_its_files(
         (transfer, 2, "after"),  # every object uploaded, the git push not started
     ]
     for point, nth, when in points:
-        child = subprocess.run(
-            [sys.executable, str(KILLPOINT), point, str(nth), when, "push"],
-            cwd=registry.root,
-            capture_output=True,
-            text=True,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-        )
+        child = killed_at(registry.root, point, nth, when, "push")
         assert child.returncode == -signal.SIGKILL, (nth, when, child.stderr)  # the kill landed there
         assert _remote_tags(origin) == []  # refs go last
         status = json.loads(cli("status", "--json", cwd=registry.root).output)

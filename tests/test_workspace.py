@@ -9,25 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ROOT, sha_tree, two_clones
+from conftest import ROOT, git, killed_at, sha_tree, two_clones
 
 from registry.repo import Registry
-
-KILLPOINT = Path(__file__).with_name("killpoint.py")
-
-
-def _git(root: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout
-
-
-def _killed(root: Path, point: str, nth: int, when: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(KILLPOINT), point, str(nth), when, *args],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
 
 
 def test_pull_refuses_to_overwrite_local_edits_and_force_discards_them(
@@ -39,15 +23,15 @@ def test_pull_refuses_to_overwrite_local_edits_and_force_discards_them(
     card.write_text("my notes\n")
     status = cli("status", cwd=mate)
     assert "modified here (adapters pull --force discards): adapters/support/README.md\n" in status.output
-    head = _git(mate, "rev-parse", "HEAD")
+    head = git(mate, "rev-parse", "HEAD")
     refused = cli("pull", cwd=mate)
     assert refused.exit_code == 7
     assert refused.stderr == (
         "Error: Your local changes to adapters/support/README.md would be overwritten by pull; copy them elsewhere "
         "(and `adapters add` them), or run `adapters pull --force` to discard them. Nothing was changed.\n"
     )
-    assert card.read_text() == "my notes\n" and _git(mate, "rev-parse", "HEAD") == head
-    assert _git(mate, "tag") == "support@v1.0.0\n"
+    assert card.read_text() == "my notes\n" and git(mate, "rev-parse", "HEAD") == head
+    assert git(mate, "tag") == "support@v1.0.0\n"
     forced = cli("pull", "--force", cwd=mate)
     assert forced.exit_code == 0, forced.output
     assert sha_tree(mate / "adapters" / "support") == sha_tree(make_adapter(2))
@@ -58,9 +42,9 @@ def test_a_pull_killed_after_moving_the_branch_is_reported_and_finished_by_the_n
     registry: Registry, make_adapter, tmp_path: Path, cli
 ) -> None:
     mate = two_clones(registry, make_adapter, tmp_path, cli)
-    child = _killed(mate, "registry.store:Store.place", 1, "before", "pull")
+    child = killed_at(mate, "registry.store:Store.place", 1, "before", "pull")
     assert child.returncode == -signal.SIGKILL, child.stderr  # the branch moved, the files did not
-    assert _git(mate, "tag").split() == ["support@v1.0.0", "support@v1.1.0"]
+    assert git(mate, "tag").split() == ["support@v1.0.0", "support@v1.1.0"]
     assert sha_tree(mate / "adapters" / "support") == sha_tree(make_adapter(1))
     status = cli("status", cwd=mate)
     assert status.output.startswith("A pull was interrupted: run `adapters pull` to finish it.\n")
