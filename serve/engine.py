@@ -1,24 +1,27 @@
-"""What the HTTP layer needs from an inference engine: token ids and a resolved adapter in, text out."""
+"""What the HTTP layer needs from an inference engine: token ids and a checked adapter in, chunks out.
+
+Every engine (transformers, vLLM, the tests' fake) implements `Engine`; the layer above translates its errors to
+HTTP, records its metrics from what it reports and never reaches inside it.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import math
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+from core.precision import Precision
 from registry.names import version_ref
-
 
 MAX_LOGPROBS = 20  # most likely tokens one position may report, as OpenAI allows
 
 
 @dataclass(frozen=True)
 class AdapterSpec:
-    """One immutable adapter version resolved from the registry, its files on local disk."""
+    """One immutable adapter version resolved and checked by the catalog, its files on local disk."""
 
     name: str
     version: str  # "v1.2.0"
@@ -67,16 +70,20 @@ class Sampling:
             if value is not None and not 0 <= value <= MAX_LOGPROBS:
                 raise ValueError(f"{name} must be between 0 and {MAX_LOGPROBS}, not {value}")
 
+    @property
+    def adjusted(self) -> bool:
+        """Whether logits are changed before a token is picked (penalties, biases or a schema)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias or self.json_schema)
+
 
 @dataclass(frozen=True)
-class EngineStatus:
-    """What an engine reports of its queue at one moment: the layer above records it as metrics."""
+class GenerateRequest:
+    """One generation: REQUEST_ID names it to `abort`, unique among the engine's running ones."""
 
-    running: int  # generations in the batch
-    waiting: int  # generations queued for it
-    running_adapters: tuple[str, ...]  # adapter versions of the running ones
-    waiting_adapters: tuple[str, ...]
-    max_loaded: int  # adapters it keeps in memory at once
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    adapter: AdapterSpec | None
+    sampling: Sampling
 
 
 @dataclass(frozen=True)
@@ -90,81 +97,66 @@ class TokenLogprob:
 
 @dataclass(frozen=True)
 class Chunk:
-    """Text produced since the previous chunk; the last one carries the finish reason."""
+    """What a generation produced since its previous chunk; the last one carries the finish reason."""
 
     text: str
-    finish_reason: str | None = None  # "stop" (EOS or a stop string) or "length"
-    logprobs: tuple[TokenLogprob, ...] = ()  # the tokens generated since the previous chunk, when asked for
+    token_ids: tuple[int, ...] = ()  # the tokens generated since the previous chunk (usage counts these)
+    finish_reason: str | None = None  # "stop" (EOS, a stop string or a stop token) or "length"
+    logprobs: tuple[TokenLogprob, ...] = ()  # of token_ids, when asked for
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # first chunk only, when asked: prompt tokens after the first
 
 
-@dataclass(eq=False)
-class Generation:
-    """One request inside the engine: iterate its chunks; `cancel` frees its batch row."""
+@dataclass(frozen=True)
+class EngineStatus:
+    """What an engine reports of itself at one moment: the layer above records it as metrics."""
 
-    prompt_ids: list[int]
-    adapter: AdapterSpec | None
-    sampling: Sampling
-    completion_tokens: int = 0
-    cancelled: bool = False
-    prompt_logprobs: list[TokenLogprob] | None = None  # set before the first chunk, when asked for
-    _loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop, repr=False)
-    _queue: asyncio.Queue[Chunk | BaseException] = field(default_factory=asyncio.Queue, repr=False)
-
-    @property
-    def adjusted(self) -> bool:
-        """Whether its logits are changed before a token is picked (penalties or biases)."""
-        s = self.sampling
-        return bool(s.presence_penalty or s.frequency_penalty or s.logit_bias or s.json_schema)
-
-    @property
-    def prompt_tokens(self) -> int:
-        """Tokens in the prompt, as `usage` reports them."""
-        return len(self.prompt_ids)
-
-    def publish(self, item: Chunk | BaseException) -> None:
-        """Hand a chunk (or the error that ended the generation) to the request's event loop; any thread."""
-        deliver([(self, item)])
-
-    def cancel(self) -> None:
-        """Stop generating (the client went away); the engine drops the row at its next step."""
-        self.cancelled = True
-
-    async def __aiter__(self) -> AsyncIterator[Chunk]:
-        while True:
-            item = await self._queue.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-            if item.finish_reason is not None:
-                return
+    running: int  # generations in the batch
+    waiting: int  # generations queued for it
+    running_adapters: tuple[str, ...]  # adapter versions of the running ones
+    waiting_adapters: tuple[str, ...]
+    loaded: tuple[str, ...]  # adapter versions in memory, least recently used first
+    max_loaded: int  # adapters it keeps in memory at once
+    loads: int = 0  # adapters installed since the engine started
+    evictions: int = 0  # adapters dropped to make room since the engine started
+    passes: Mapping[int, int] = field(default_factory=dict)  # rows in a forward pass -> passes of that size so far
 
 
-def deliver(items: list[tuple[Generation, Chunk | BaseException]]) -> None:
-    """Hand many generations their chunks with one wake-up of each event loop (a batch step's worth at once)."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Generation, Chunk | BaseException]]] = {}
-    for generation, item in items:
-        by_loop.setdefault(generation._loop, []).append((generation, item))
-    for loop, batch in by_loop.items():
-        try:
-            loop.call_soon_threadsafe(_put_all, batch)
-        except RuntimeError:  # that event loop is closed: nobody reads these generations any more
-            for generation, _ in batch:
-                generation.cancelled = True
+class EngineError(Exception):
+    """A request the engine refuses or could not finish; the HTTP layer translates it."""
 
 
-def _put_all(batch: list[tuple[Generation, Chunk | BaseException]]) -> None:
-    for generation, item in batch:
-        generation._queue.put_nowait(item)
+class InvalidRequest(EngineError):
+    """Input no model could run: empty prompt, token ids outside the vocabulary, a schema it cannot compile."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param  # the request field at fault, when one is
+
+
+class AdapterLoadFailed(EngineError):
+    """An adapter the engine cannot load or apply (the catalog checked it; the runtime still refused it)."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"{key} cannot be served: {reason}")
+        self.key = key
+
+
+class GenerationFailed(EngineError):
+    """The engine failed while running this request (the others keep running)."""
 
 
 class Engine(ABC):
     """A base model serving many adapters; the HTTP layer knows nothing else about the runtime."""
 
+    name: ClassVar[str]  # "transformers", "vllm": what `adapters serve --engine` calls it
     model_id: str  # the base model's id in /v1/models and as a request's `model`
-    fingerprint: str  # "sha256:..." of the base weights; adapters must record the same
+    fingerprint: str  # "sha256:..." of the base weights; the catalog serves adapters that record the same
+    precision: Precision  # the base weights as adapters see them (fidelity is judged against it)
     context_length: int  # prompt plus completion tokens one request may hold
+    vocab_size: int  # token ids lie in [0, vocab_size)
     prompt_characters: int  # a prompt text longer than this cannot fit the context, whatever its tokens
     max_rank: int  # the largest LoRA rank this engine accepts
+    max_loaded: int  # adapters in memory at once
 
     @abstractmethod
     def encode(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
@@ -186,30 +178,53 @@ class Engine(ABC):
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of a chat, rendered with the base model's chat template and an open assistant turn."""
 
+    def check(self, request: GenerateRequest) -> None:
+        """Raise InvalidRequest for input this engine cannot run, before anything is queued or sent."""
+        ids = request.prompt_ids
+        if not ids:
+            raise InvalidRequest("The prompt is empty: it must hold at least one token.", param="prompt")
+        if len(ids) >= self.context_length:
+            raise InvalidRequest(f"The prompt is {len(ids)} tokens; the context holds {self.context_length}.")
+        if not all(isinstance(i, int) and 0 <= i < self.vocab_size for i in ids):
+            raise InvalidRequest(f"The prompt holds token ids outside this model's vocabulary of {self.vocab_size}.")
+        sampling = request.sampling
+        for name, tokens in (
+            ("logit_bias", [t for t, _ in sampling.logit_bias]),
+            ("stop_token_ids", sampling.stop_token_ids),
+        ):
+            if not all(0 <= t < self.vocab_size for t in tokens):
+                raise InvalidRequest(
+                    f"{name} names token ids outside this model's vocabulary of {self.vocab_size}.", param=name
+                )
+
+    @abstractmethod
+    def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
+        """REQUEST's chunks as its batches run (an async generator); `check`s it first.
+
+        Leaving the iteration early, or `abort`, frees its row. A failure of this request alone raises an
+        EngineError from the iteration; other requests keep running.
+        """
+
+    @abstractmethod
+    async def abort(self, request_id: str) -> None:
+        """Stop a running or queued generation now; its iteration ends without a finish reason. Unknown ids: no-op."""
+
     @abstractmethod
     async def load(self, adapter: AdapterSpec) -> bool:
-        """Make ADAPTER ready (off the event loop); True when it was loaded now, False when already loaded."""
+        """Make ADAPTER ready; True when it was loaded now, False when already loaded. AdapterLoadFailed if it can't."""
 
     @abstractmethod
-    def unload(self, key: str) -> bool:
+    async def unload(self, key: str) -> bool:
         """Drop a loaded adapter; False when it is not loaded or a generation is using it."""
 
-    @abstractmethod
-    def loaded(self) -> list[str]:
-        """Keys of the loaded adapters, most recently used last."""
-
-    @abstractmethod
-    def submit(self, generation: Generation) -> None:
-        """Queue GENERATION; its chunks arrive through it as the engine's batches run."""
+    async def loaded(self) -> list[str]:
+        """Keys of the loaded adapters, least recently used first."""
+        return list(self.status().loaded)
 
     @abstractmethod
     def status(self) -> EngineStatus:
-        """Its queue now: running and waiting generations and their adapters."""
+        """Its queue, adapters and counters now (cheap: read at every metrics scrape)."""
 
     @abstractmethod
-    def running(self) -> int:
-        """Generations queued or running."""
-
-    @abstractmethod
-    def close(self) -> None:
-        """Stop the engine's worker; call after draining."""
+    async def close(self) -> None:
+        """Stop the engine; call after draining."""
