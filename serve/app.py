@@ -24,9 +24,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from serve import docs
 from serve.catalog import Catalog
 from serve.dependencies import Server, Settings
-from serve.engine import Engine
-from serve.errors import BadRequest, PayloadTooLarge, ServeError, Unavailable
-from serve.metrics import REQUEST_SECONDS, REQUESTS
+from serve.engine import Engine, EngineError
+from serve.errors import BadRequest, PayloadTooLarge, ServeError, Unavailable, from_engine
+from serve.metrics import ENGINES, REQUEST_SECONDS, REQUESTS
 from serve.routers import admin, health, openai, vllm
 from serve.tenants import Tenants
 
@@ -37,15 +37,18 @@ _QUIET = {"/healthz", "/readyz", "/health", "/metrics"}  # probes and scrapes: c
 def create_app(engine: Engine, catalog: Catalog, tenants: Tenants, settings: Settings) -> FastAPI:
     """An app serving ENGINE's base model and CATALOG's adapters to TENANTS."""
     parts = Server(engine, catalog, tenants, settings)
-    catalog.in_memory = lambda key: key in engine.loaded()  # files already in memory are not read, so not re-checked
+    # Files already in memory are not read, so not re-checked.
+    catalog.in_memory = lambda key: key in engine.status().loaded
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         catalog.start()
+        ENGINES.engines.append(engine)
         try:
             yield
         finally:
-            _close(parts)
+            ENGINES.engines.remove(engine)
+            await _close(parts)
 
     app = FastAPI(
         title="adapters",
@@ -61,6 +64,7 @@ def create_app(engine: Engine, catalog: Catalog, tenants: Tenants, settings: Set
     for router in (openai.router, admin.router, health.router, vllm.router):
         app.include_router(router)
     app.add_exception_handler(ServeError, _serve_error)
+    app.add_exception_handler(EngineError, _engine_error)
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _crash)
@@ -127,12 +131,13 @@ class _Uvicorn(uvicorn.Server):
         await self.lifespan.shutdown()
 
 
-def _close(parts: Server) -> None:
+async def _close(parts: Server) -> None:
     """Turn new generations away and stop the engine and the registry thread (requests have drained by now)."""
     parts.draining = True
-    if parts.engine.running():
-        log.warning("Stopping with %d generations still running.", parts.engine.running())
-    parts.engine.close()
+    status = parts.engine.status()
+    if status.running + status.waiting:
+        log.warning("Stopping with %d generations still running.", status.running + status.waiting)
+    await parts.engine.close()
     parts.catalog.close()
 
 
@@ -143,6 +148,11 @@ def _error(status: int, body: dict[str, Any], headers: dict[str, str] | None = N
 async def _serve_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ServeError)
     return _error(exc.status, exc.body())
+
+
+async def _engine_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, EngineError)
+    return await _serve_error(request, from_engine(exc))
 
 
 async def _invalid_request(request: Request, exc: Exception) -> JSONResponse:

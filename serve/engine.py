@@ -103,7 +103,7 @@ class Chunk:
     token_ids: tuple[int, ...] = ()  # the tokens generated since the previous chunk (usage counts these)
     finish_reason: str | None = None  # "stop" (EOS, a stop string or a stop token) or "length"
     logprobs: tuple[TokenLogprob, ...] = ()  # of token_ids, when asked for
-    prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # first chunk only, when asked: prompt tokens after the first
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # first chunk only, when asked (prompt tokens 2..)
 
 
 @dataclass(frozen=True)
@@ -139,6 +139,7 @@ class AdapterLoadFailed(EngineError):
     def __init__(self, key: str, reason: str) -> None:
         super().__init__(f"{key} cannot be served: {reason}")
         self.key = key
+        self.reason = reason
 
 
 class GenerationFailed(EngineError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from core.errors import AdaptersError
+from serve.engine import AdapterLoadFailed, EngineError, InvalidRequest
 
 
 class ServeError(AdaptersError):
@@ -91,3 +92,12 @@ class PayloadTooLarge(ServeError):
     status = 413
     kind = "invalid_request_error"
     code = "request_too_large"
+
+
+def from_engine(exc: EngineError) -> ServeError:
+    """An engine's error as the HTTP error the client gets."""
+    if isinstance(exc, InvalidRequest):
+        return BadRequest(str(exc), param=exc.param)
+    if isinstance(exc, AdapterLoadFailed):
+        return AdapterRejected(str(exc))
+    return ServeError(str(exc))

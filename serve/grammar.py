@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import threading
 from typing import Any
 
@@ -11,7 +10,7 @@ import llguidance.hf
 import llguidance.torch
 import torch
 
-from serve.errors import BadRequest
+from serve.engine import InvalidRequest
 
 # Whitespace as the model likes it would let a small model pad forever; compact JSON ends.
 _OPTIONS = {"whitespace_flexible": False}
@@ -39,7 +38,7 @@ class Grammars:
         except ValueError as exc:
             error = str(exc)
         if error:
-            raise BadRequest(
+            raise InvalidRequest(
                 f"response_format holds a JSON schema that cannot be used: {error}", param="response_format"
             )
 
@@ -53,22 +52,3 @@ class Grammars:
         mask = llguidance.torch.allocate_token_bitmask(1, self._vocab)
         llguidance.torch.fill_next_token_bitmask(matcher, mask, 0)
         llguidance.torch.apply_token_bitmask_inplace(logits[None], mask)
-
-
-def schema_of(response_format: dict[str, Any] | None) -> str | None:
-    """The JSON schema (as text) that OpenAI's response_format asks the output to match; None for plain text."""
-    kind = (response_format or {}).get("type", "text")
-    if kind == "text":
-        return None
-    if kind == "json_object":
-        return json.dumps({"type": "object"})
-    if kind == "json_schema":
-        schema = ((response_format or {}).get("json_schema") or {}).get("schema")
-        if not isinstance(schema, dict):
-            raise BadRequest(
-                "response_format json_schema needs json_schema.schema, a JSON object.", param="response_format"
-            )
-        return json.dumps(schema)
-    raise BadRequest(
-        f"response_format type {kind!r} is not one of text, json_object, json_schema.", param="response_format"
-    )

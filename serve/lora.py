@@ -11,7 +11,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from registry.folder import LORA_KEY, InvalidAdapter, lora_settings
-from serve.errors import AdapterRejected
+from serve.engine import AdapterLoadFailed
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -186,54 +186,54 @@ def read_adapter(key: str, folder: Path, layers: dict[str, MultiLoRALinear], max
         if not isinstance(config, dict):
             raise ValueError("not a JSON object")
     except (OSError, ValueError) as exc:
-        raise AdapterRejected(f"{key}: unreadable {CONFIG} ({exc}).") from None
+        raise AdapterLoadFailed(key, f"unreadable {CONFIG} ({exc}).") from None
     if config.get("peft_type", "LORA") != "LORA":
-        raise AdapterRejected(f"{key}: peft_type {config.get('peft_type')} is not served; only LoRA adapters are.")
+        raise AdapterLoadFailed(key, f"peft_type {config.get('peft_type')} is not served; only LoRA adapters are.")
     unsupported = [f"{o}={config[o]!r}" for o in _UNSUPPORTED if config.get(o)]
     if config.get("bias", "none") != "none":
         unsupported.append(f"bias={config['bias']!r}")
     if unsupported:
-        raise AdapterRejected(f"{key}: LoRA options {', '.join(unsupported)} are not supported by the server.")
+        raise AdapterLoadFailed(key, f"LoRA options {', '.join(unsupported)} are not supported by the server.")
     try:
         settings = lora_settings(config, CONFIG)
     except InvalidAdapter as exc:
-        raise AdapterRejected(f"{key}: {exc}") from None
+        raise AdapterLoadFailed(key, f"{exc}") from None
     if not (folder / WEIGHTS).is_file():
-        raise AdapterRejected(f"{key}: no {WEIGHTS}; the server loads safetensors weights only.")
+        raise AdapterLoadFailed(key, f"no {WEIGHTS}; the server loads safetensors weights only.")
     halves: dict[str, dict[str, torch.Tensor]] = {}
     try:
         with safe_open(folder / WEIGHTS, framework="pt") as weights:
             for name in weights.keys():  # noqa: SIM118 - safe_open has no __iter__
                 match = LORA_KEY.match(name)
                 if not match:
-                    raise AdapterRejected(f"{key}: tensor {name} is not a LoRA A/B weight of a linear layer.")
+                    raise AdapterLoadFailed(key, f"tensor {name} is not a LoRA A/B weight of a linear layer.")
                 tensor = weights.get_tensor(name)
                 if not tensor.is_floating_point():
-                    raise AdapterRejected(f"{key}: tensor {name} is {tensor.dtype}; LoRA weights must be floats.")
+                    raise AdapterLoadFailed(key, f"tensor {name} is {tensor.dtype}; LoRA weights must be floats.")
                 tensor = tensor.to(torch.float32)
                 if not bool(torch.isfinite(tensor).all()):
-                    raise AdapterRejected(f"{key}: tensor {name} holds NaN or infinite values; the adapter is broken.")
+                    raise AdapterLoadFailed(key, f"tensor {name} holds NaN or infinite values; the adapter is broken.")
                 halves.setdefault(match["module"], {})[match["part"]] = tensor
     except (OSError, SafetensorError) as exc:
-        raise AdapterRejected(f"{key}: unreadable {WEIGHTS} ({exc}).") from None
+        raise AdapterLoadFailed(key, f"unreadable {WEIGHTS} ({exc}).") from None
     pairs = {}
     for module, half in halves.items():
         layer = layers.get(module)
         if layer is None:
-            raise AdapterRejected(f"{key}: it targets {module}, which this base model has no linear layer for.")
+            raise AdapterLoadFailed(key, f"it targets {module}, which this base model has no linear layer for.")
         rank = settings.rank(module)
         if rank > max_rank:
-            raise AdapterRejected(f"{key}: rank {rank} is above this server's maximum rank {max_rank}.")
+            raise AdapterLoadFailed(key, f"rank {rank} is above this server's maximum rank {max_rank}.")
         a, b = half.get("A"), half.get("B")
         d_in, d_out = layer.base_layer.in_features, layer.base_layer.out_features
         if a is None or b is None or a.shape != (rank, d_in) or b.shape != (d_out, rank):
-            raise AdapterRejected(f"{key}: LoRA weights of {module} do not fit a {d_in}x{d_out} layer at rank {rank}.")
+            raise AdapterLoadFailed(key, f"LoRA weights of {module} do not fit a {d_in}x{d_out} layer at rank {rank}.")
         b = b.T * settings.scaling(module)
         if not bool(torch.isfinite(b).all()):
-            raise AdapterRejected(f"{key}: LoRA weights of {module} overflow once scaled by lora_alpha.")
+            raise AdapterLoadFailed(key, f"LoRA weights of {module} overflow once scaled by lora_alpha.")
         pairs[module] = (a.T.contiguous(), b.contiguous())
     if not pairs:
-        raise AdapterRejected(f"{key}: {WEIGHTS} holds no LoRA weights.")
+        raise AdapterLoadFailed(key, f"{WEIGHTS} holds no LoRA weights.")
     return AdapterWeights(key, max(a.shape[1] for a, _ in pairs.values()), pairs)
 
 

@@ -1,8 +1,16 @@
-"""Prometheus metrics of the server (exposed at /metrics)."""
+"""Prometheus metrics of the server (exposed at /metrics): the HTTP layer's own, and each engine's status read at
+every scrape, so every engine reports the same figures."""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import time
+from collections.abc import Iterator
+
+from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from serve.engine import Engine
 
 _LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -12,13 +20,10 @@ REQUEST_SECONDS = Histogram(
     "adapters_request_seconds", "Time from request to last byte.", ["endpoint"], buckets=_LATENCY
 )
 FIRST_TOKEN_SECONDS = Histogram("adapters_time_to_first_token_seconds", "Time to the first token.", buckets=_LATENCY)
-ADAPTER_LOADS = Counter("adapters_adapter_loads_total", "Adapters loaded into the engine.")
-ADAPTER_LOAD_SECONDS = Histogram("adapters_adapter_load_seconds", "Time to load one adapter.", buckets=_LATENCY)
-EVICTIONS = Counter("adapters_adapter_evictions_total", "Adapters evicted from the engine to make room.")
+ADAPTER_LOAD_SECONDS = Histogram(
+    "adapters_adapter_load_seconds", "Time a request waited for its adapter to load.", buckets=_LATENCY
+)
 CACHE_HITS = Counter("adapters_adapter_cache_hits_total", "Requests whose adapter was already loaded.")
-LOADED = Gauge("adapters_loaded_adapters", "Adapters loaded in the engine now.")
-RUNNING = Gauge("adapters_running_requests", "Generations running or waiting in the engine now.")
-BATCH_SIZE = Histogram("adapters_batch_size", "Rows in each forward pass.", buckets=(1, 2, 4, 8, 16, 32, 64, 128))
 
 # Per adapter version and tenant: label values are registry versions and tenants-file names, both bounded.
 MODEL_REQUESTS = Counter("adapters_model_requests_total", "Generation requests answered.", ["model", "tenant"])
@@ -26,17 +31,63 @@ MODEL_TOKENS = Counter("adapters_model_tokens_total", "Tokens processed.", ["mod
 MODEL_SECONDS = Histogram(
     "adapters_model_request_seconds", "Time from request to last token.", ["model"], buckets=_LATENCY
 )
-WAITING = Gauge("adapters_requests_waiting", "Generations queued in the engine, not yet in a batch.")
-# vLLM's names, which LoRA-aware routers (the Gateway API Inference Extension) read as they are.
-VLLM_RUNNING = Gauge("vllm:num_requests_running", "Requests in the engine's batch (vLLM's name).")
-VLLM_WAITING = Gauge("vllm:num_requests_waiting", "Requests waiting for the batch (vLLM's name).")
-VLLM_LORA = Gauge(
-    "vllm:lora_requests_info",
-    "Adapters of running and waiting requests; the value is when it was read (vLLM's name and labels).",
-    ["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
-)
 FIDELITY_REQUESTS = Counter(
     "adapters_fidelity_requests_total",
     "Generation requests by the fidelity class of their adapter on this server's precision (base: no adapter).",
     ["fidelity"],
 )
+
+_BATCH = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class _Engines(Collector):
+    """The engines this process serves with, read at each scrape: queue, adapters in memory, loads, passes."""
+
+    def __init__(self) -> None:
+        self.engines: list[Engine] = []
+
+    def collect(self) -> Iterator[Metric]:
+        statuses = [engine.status() for engine in self.engines]
+        running, waiting = sum(s.running for s in statuses), sum(s.waiting for s in statuses)
+        yield GaugeMetricFamily(
+            "adapters_running_requests", "Generations running or waiting in the engine now.", running + waiting
+        )
+        yield GaugeMetricFamily("adapters_requests_waiting", "Generations queued, not yet in a batch.", waiting)
+        yield GaugeMetricFamily(
+            "adapters_loaded_adapters", "Adapters loaded in the engine now.", sum(len(s.loaded) for s in statuses)
+        )
+        yield CounterMetricFamily(
+            "adapters_adapter_loads", "Adapters loaded into the engine.", sum(s.loads for s in statuses)
+        )
+        yield CounterMetricFamily(
+            "adapters_adapter_evictions",
+            "Adapters evicted from the engine to make room.",
+            sum(s.evictions for s in statuses),
+        )
+        passes: dict[int, int] = {}
+        for status in statuses:
+            for rows, count in status.passes.items():
+                passes[rows] = passes.get(rows, 0) + count
+        buckets = [(str(b), sum(c for rows, c in passes.items() if rows <= b)) for b in _BATCH]
+        yield HistogramMetricFamily(
+            "adapters_batch_size",
+            "Rows in each forward pass.",
+            buckets=[*buckets, ("+Inf", sum(passes.values()))],
+            sum_value=sum(rows * count for rows, count in passes.items()),
+        )
+        # vLLM's names, which LoRA-aware routers (the Gateway API Inference Extension) read as they are.
+        yield GaugeMetricFamily("vllm:num_requests_running", "Requests in the engine's batch (vLLM's name).", running)
+        yield GaugeMetricFamily("vllm:num_requests_waiting", "Requests waiting for the batch (vLLM's name).", waiting)
+        lora = GaugeMetricFamily(
+            "vllm:lora_requests_info",
+            "Adapters of running and waiting requests; the value is when it was read (vLLM's name and labels).",
+            labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
+        )
+        for status in statuses:
+            labels = [",".join(status.running_adapters), ",".join(status.waiting_adapters), str(status.max_loaded)]
+            lora.add_metric(labels, time.time())
+        yield lora
+
+
+ENGINES = _Engines()
+REGISTRY.register(ENGINES)

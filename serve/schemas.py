@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -79,6 +80,24 @@ class _Generate(BaseModel):
         if any(not -100 <= bias <= 100 for _, bias in pairs):
             raise BadRequest("logit_bias values must lie between -100 and 100.", param="logit_bias")
         return pairs
+
+    def schema(self) -> str | None:
+        """The JSON schema (as text) that response_format asks the output to match; None for plain text."""
+        kind = (self.response_format or {}).get("type", "text")
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return json.dumps({"type": "object"})
+        if kind == "json_schema":
+            schema = ((self.response_format or {}).get("json_schema") or {}).get("schema")
+            if not isinstance(schema, dict):
+                raise BadRequest(
+                    "response_format json_schema needs json_schema.schema, a JSON object.", param="response_format"
+                )
+            return json.dumps(schema)
+        raise BadRequest(
+            f"response_format type {kind!r} is not one of text, json_object, json_schema.", param="response_format"
+        )
 
     def reported_logprobs(self) -> int | None:
         """Most likely tokens to report per position, or None for no log-probabilities."""

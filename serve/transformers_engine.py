@@ -6,18 +6,28 @@ import asyncio
 import heapq
 import logging
 import threading
-import time
 from collections import Counter, OrderedDict, deque
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from serve import metrics
-from serve.engine import AdapterSpec, Chunk, Engine, EngineStatus, Generation, Sampling, TokenLogprob, deliver
-from serve.errors import AdapterRejected, BadRequest, ServeError
+from serve.engine import (
+    AdapterLoadFailed,
+    AdapterSpec,
+    Chunk,
+    Engine,
+    EngineError,
+    EngineStatus,
+    GenerateRequest,
+    GenerationFailed,
+    InvalidRequest,
+    Sampling,
+    TokenLogprob,
+)
 from serve.grammar import Grammars
 from serve.kvcache import RowCache
 from serve.lora import AdapterWeights, Rows, install, plan, read_adapter, uninstall, wrap_linears
@@ -26,6 +36,54 @@ from core.base import fingerprint
 from core.precision import Precision, quantization_config
 
 log = logging.getLogger("serve")
+_ABORTED = None  # what `abort` hands a generation's queue: its iteration ends without a finish reason
+
+
+@dataclass(eq=False)
+class Generation:
+    """One request inside the engine: the worker hands its chunks to the request's event loop."""
+
+    request: GenerateRequest
+    completion_tokens: int = 0
+    cancelled: bool = False  # finished, failed or aborted: the worker drops its row at the next step
+    prompt_logprobs: list[TokenLogprob] | None = None  # scored at prefill, sent with the first chunk
+    started: bool = False  # its first chunk is sent
+    _loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop, repr=False)
+    _queue: asyncio.Queue[Chunk | BaseException | None] = field(default_factory=asyncio.Queue, repr=False)
+
+    @property
+    def prompt_ids(self) -> tuple[int, ...]:
+        return self.request.prompt_ids
+
+    @property
+    def adapter(self) -> AdapterSpec | None:
+        return self.request.adapter
+
+    @property
+    def sampling(self) -> Sampling:
+        return self.request.sampling
+
+    def publish(self, item: Chunk | BaseException | None) -> None:
+        """Hand a chunk (or the error that ended the generation) to the request's event loop; any thread."""
+        deliver([(self, item)])
+
+
+def deliver(items: list[tuple[Generation, Chunk | BaseException | None]]) -> None:
+    """Hand many generations their chunks with one wake-up of each event loop (a batch step's worth at once)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Generation, Chunk | BaseException | None]]] = {}
+    for generation, item in items:
+        by_loop.setdefault(generation._loop, []).append((generation, item))
+    for loop, batch in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_all, batch)
+        except RuntimeError:  # that event loop is closed: nobody reads these generations any more
+            for generation, _ in batch:
+                generation.cancelled = True
+
+
+def _put_all(batch: list[tuple[Generation, Chunk | BaseException | None]]) -> None:
+    for generation, item in batch:
+        generation._queue.put_nowait(item)
 
 
 @dataclass(eq=False)
@@ -51,11 +109,13 @@ class _LoadWait:
     """One `load` call waiting for the worker to read its adapter: answered once, whatever happens."""
 
     done: bool = False
-    error: AdapterRejected | None = None
+    error: AdapterLoadFailed | None = None
 
 
 class TransformersEngine(Engine):
     """Runs every request in one batch loop on a worker thread; rows join and leave the batch at any step."""
+
+    name = "transformers"
 
     def __init__(
         self,
@@ -91,6 +151,9 @@ class TransformersEngine(Engine):
         self._users: Counter[str] = Counter()  # generations admitted per adapter: these are never evicted
         # Asked for by `load`, to be read by the worker, with the `load` calls waiting for each.
         self._reading: dict[str, tuple[AdapterSpec, list[_LoadWait]]] = {}
+        self._ids: dict[str, Generation] = {}  # request id -> its generation, queued or running
+        self._loads = self._evictions = 0
+        self._passes: Counter[int] = Counter()  # rows per forward pass -> passes
         self._closed = False
         # Every torch operation runs on the worker thread, model loading included: OpenMP gives each thread
         # that computes its own team of threads, and two teams on the same cores slow every operation down.
@@ -121,8 +184,8 @@ class TransformersEngine(Engine):
             self._rows = Rows()
             self._layers = wrap_linears(self.model, self._rows, self.max_loaded)
             self._cache = RowCache(self.max_batch)
-            self._vocab = int(self.model.get_input_embeddings().num_embeddings)
-            self._grammars = Grammars(self.tokenizer, self._vocab)
+            self.vocab_size = int(self.model.get_input_embeddings().num_embeddings)
+            self._grammars = Grammars(self.tokenizer, self.vocab_size)
             eos = self.model.generation_config.eos_token_id
             self._eos = (set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}) - {None}
         except BaseException as exc:  # the constructor raises it in the caller's thread
@@ -163,63 +226,67 @@ class TransformersEngine(Engine):
     async def load(self, adapter: AdapterSpec) -> bool:
         return await asyncio.to_thread(self._load, adapter)
 
-    def unload(self, key: str) -> bool:
-        with self._cond:
-            if key not in self._loaded or self._users[key]:
-                return False
-            self._unloading.add(key)
-            self._await_sweep()
-            return key not in self._loaded
+    async def unload(self, key: str) -> bool:
+        return await asyncio.to_thread(self._unload, key)
 
-    def loaded(self) -> list[str]:
-        with self._cond:
-            return list(self._loaded)
+    def check(self, request: GenerateRequest) -> None:
+        super().check(request)
+        if request.sampling.json_schema is not None:
+            self._grammars.check(request.sampling.json_schema)
 
-    def submit(self, generation: Generation) -> None:
-        ids = generation.prompt_ids
-        if not ids:
-            raise BadRequest("The prompt is empty: it must hold at least one token.", param="prompt")
-        if len(ids) >= self.context_length:
-            raise BadRequest(f"The prompt is {len(ids)} tokens; the context holds {self.context_length}.")
-        if not all(isinstance(i, int) and 0 <= i < self._vocab for i in ids):
-            raise BadRequest(f"The prompt holds token ids outside this model's vocabulary of {self._vocab}.")
-        sampling = generation.sampling
-        if sampling.json_schema is not None:
-            self._grammars.check(sampling.json_schema)
-        for field, tokens in (
-            ("logit_bias", [t for t, _ in sampling.logit_bias]),
-            ("stop_token_ids", sampling.stop_token_ids),
-        ):
-            if not all(0 <= t < self._vocab for t in tokens):
-                raise BadRequest(
-                    f"{field} names token ids outside this model's vocabulary of {self._vocab}.", param=field
-                )
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
+        self.check(request)
+        generation = Generation(request)
         with self._cond:
+            if request.request_id in self._ids:
+                raise InvalidRequest(f"Request id {request.request_id!r} is already running.")
+            self._ids[request.request_id] = generation
             self._waiting.append(generation)
-            metrics.RUNNING.inc()
             self._cond.notify_all()  # the worker and `load` calls wait on this condition: wake the worker for sure
+        try:
+            while True:
+                item = await generation._queue.get()
+                if item is _ABORTED:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            generation.cancelled = True  # the consumer left (or it ended): the worker drops its row
+            with self._cond:
+                if self._ids.get(request.request_id) is generation:
+                    del self._ids[request.request_id]
+
+    async def abort(self, request_id: str) -> None:
+        with self._cond:
+            generation = self._ids.get(request_id)
+        if generation is not None and not generation.cancelled:
+            generation.cancelled = True
+            generation.publish(_ABORTED)
 
     def status(self) -> EngineStatus:
         with self._cond:
             waiting = list(self._waiting)
             running = [row.generation for row in self._running]
-        return EngineStatus(
-            running=len(running),
-            waiting=len(waiting),
-            running_adapters=tuple(sorted({g.adapter.key for g in running if g.adapter})),
-            waiting_adapters=tuple(sorted({g.adapter.key for g in waiting if g.adapter})),
-            max_loaded=self.max_loaded,
-        )
+            return EngineStatus(
+                running=len(running),
+                waiting=len(waiting),
+                running_adapters=tuple(sorted({g.adapter.key for g in running if g.adapter})),
+                waiting_adapters=tuple(sorted({g.adapter.key for g in waiting if g.adapter})),
+                loaded=tuple(self._loaded),
+                max_loaded=self.max_loaded,
+                loads=self._loads,
+                evictions=self._evictions,
+                passes=dict(self._passes),
+            )
 
-    def running(self) -> int:
-        with self._cond:
-            return len(self._waiting) + len(self._running)
-
-    def close(self) -> None:
+    async def close(self) -> None:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        self._worker.join()
+        await asyncio.to_thread(self._worker.join)
 
     # Adapters: an LRU of installed ones; those in use by a row are never evicted.
 
@@ -238,6 +305,14 @@ class TransformersEngine(Engine):
             raise wait.error
         return True
 
+    def _unload(self, key: str) -> bool:
+        with self._cond:
+            if key not in self._loaded or self._users[key]:
+                return False
+            self._unloading.add(key)
+            self._await_sweep()
+            return key not in self._loaded
+
     def _await_sweep(self) -> None:
         """Wake the worker and wait (holding nothing) until it has applied the queued adapter changes."""
         sweeps = self._sweeps
@@ -246,13 +321,13 @@ class TransformersEngine(Engine):
 
     def _apply_loads(self, reading: dict[str, tuple[AdapterSpec, list[_LoadWait]]]) -> None:
         """Read the adapters `load` asked for and install those that fit; every waiting `load` gets its answer."""
-        errors: dict[str, AdapterRejected] = {}
+        errors: dict[str, AdapterLoadFailed] = {}
         broken: str | None = "the engine failed while loading it; see the server log."  # until the end is reached
         try:
             for key, (adapter, _) in reading.items():  # outside the lock: requests keep arriving meanwhile
                 try:
                     weights = self._read(adapter)
-                except AdapterRejected as exc:
+                except AdapterLoadFailed as exc:
                     errors[key] = exc
                     continue
                 with self._cond:
@@ -263,24 +338,20 @@ class TransformersEngine(Engine):
         finally:
             with self._cond:
                 for key, (_, waits) in reading.items():
-                    error = errors.get(key) or (broken and AdapterRejected(f"{key}: {broken}"))
+                    error = errors.get(key) or (broken and AdapterLoadFailed(key, broken))
                     for wait in waits:
                         wait.done, wait.error = True, error
                 self._cond.notify_all()
 
     def _read(self, adapter: AdapterSpec) -> AdapterWeights:
         """The adapter's weights; any failure to read them is its rejection, never the engine's."""
-        start = time.perf_counter()
         try:
-            weights = read_adapter(adapter.key, adapter.path, self._layers, self.max_rank)
-        except AdapterRejected:
+            return read_adapter(adapter.key, adapter.path, self._layers, self.max_rank)
+        except AdapterLoadFailed:
             raise
         except Exception as exc:
             log.exception("Reading adapter %s failed.", adapter.key)
-            raise AdapterRejected(f"{adapter.key}: its files cannot be read ({type(exc).__name__}: {exc}).") from None
-        metrics.ADAPTER_LOADS.inc()
-        metrics.ADAPTER_LOAD_SECONDS.observe(time.perf_counter() - start)
-        return weights
+            raise AdapterLoadFailed(adapter.key, f"its files cannot be read ({type(exc).__name__}: {exc}).") from None
 
     def _place(self, weights: AdapterWeights) -> bool:
         """Install WEIGHTS, evicting the least recently used idle adapter if full; False when all are busy."""
@@ -292,7 +363,7 @@ class TransformersEngine(Engine):
             if idle is None:
                 return False
             self._evict(idle)
-            metrics.EVICTIONS.inc()
+            self._evictions += 1
         slot = self._slot[weights.key] = heapq.heappop(self._free)  # the lowest: passes read slots up to the highest
         try:
             install(weights, slot, self._layers)
@@ -303,16 +374,15 @@ class TransformersEngine(Engine):
             raise
         self._loaded[weights.key] = tuple(weights.pairs)  # the slots hold the weights now
         self._pending.pop(weights.key, None)
-        metrics.LOADED.set(len(self._loaded))
+        self._loads += 1
         return True
 
     def _evict(self, key: str) -> None:
         slot = self._slot.pop(key)
         uninstall(self._loaded.pop(key), slot, self._layers)
         heapq.heappush(self._free, slot)
-        metrics.LOADED.set(len(self._loaded))
 
-    def _sweep(self) -> dict[str, AdapterRejected]:
+    def _sweep(self) -> dict[str, AdapterLoadFailed]:
         """Apply queued changes to the layers: drop unloaded adapters, install read ones while there is room.
 
         Returns the adapters that failed to install, which leave the pending set.
@@ -330,8 +400,8 @@ class TransformersEngine(Engine):
                 except Exception as exc:
                     log.exception("Installing adapter %s failed.", weights.key)
                     del self._pending[weights.key]
-                    failed[weights.key] = AdapterRejected(
-                        f"{weights.key}: installing it failed ({type(exc).__name__})."
+                    failed[weights.key] = AdapterLoadFailed(
+                        weights.key, f"installing it failed ({type(exc).__name__})."
                     )
         finally:
             self._sweeps += 1  # `unload` waits for this, so it counts even when a change failed
@@ -381,7 +451,6 @@ class TransformersEngine(Engine):
                 break
             if generation.cancelled:
                 self._waiting.remove(generation)
-                metrics.RUNNING.dec()
                 continue
             adapter = generation.adapter
             taken = sum(1 for key in self._loaded if self._users[key]) + len(new)  # places in use or promised
@@ -390,7 +459,6 @@ class TransformersEngine(Engine):
             if adapter is not None and adapter.key not in self._loaded and adapter.key not in new:
                 new[adapter.key] = adapter
             elif adapter is not None and adapter.key in self._loaded:
-                metrics.CACHE_HITS.inc()
                 self._loaded.move_to_end(adapter.key)
             if adapter is not None:
                 self._users[adapter.key] += 1
@@ -412,7 +480,7 @@ class TransformersEngine(Engine):
                     if not self._place(weights):  # a bug: the admission promised it a place
                         raise RuntimeError(f"no place for {key}, which the admission promised one")
             except Exception as exc:  # this adapter's requests fail; the others go on
-                if not isinstance(exc, AdapterRejected):
+                if not isinstance(exc, AdapterLoadFailed):
                     log.exception("Installing adapter %s failed.", key)
                 failed = [g for g in admitted if g.adapter is not None and g.adapter.key == key]
                 admitted[:] = [g for g in admitted if g not in failed]
@@ -466,7 +534,7 @@ class TransformersEngine(Engine):
         for row, length in zip(rows, lengths.tolist(), strict=True):
             row.length = length
         self._running.extend(rows)  # last: until here a failure leaves the batch as it was, to prefill again
-        metrics.BATCH_SIZE.observe(len(rows))
+        self._passes[len(rows)] += 1
         self._advance(rows, logits)
 
     def _decode(self) -> None:
@@ -481,7 +549,7 @@ class TransformersEngine(Engine):
         hidden = self._forward(ids, mask, positions[:, None])
         for row in rows:
             row.length += 1
-        metrics.BATCH_SIZE.observe(len(rows))
+        self._passes[len(rows)] += 1
         self._advance(rows, self._head(hidden[:, -1]))
 
     def _slots(self, rows: list[_Row]) -> list[int | None]:
@@ -510,28 +578,33 @@ class TransformersEngine(Engine):
         """
         finite = torch.isfinite(logits).all(dim=-1).tolist()
         raw = logits  # log-probabilities report the model's own distribution, before penalties and biases
-        if any(row.generation.adjusted for row in rows):
+        if any(row.generation.sampling.adjusted for row in rows):
             logits = logits.clone()
             for i, row in enumerate(rows):
-                if row.generation.adjusted:
+                if row.generation.sampling.adjusted:
                     _adjust(logits[i], row)
                     if row.matcher is not None:
                         self._grammars.restrict(row.matcher, logits[i])
         greedy = logits.argmax(dim=-1).tolist()
-        outbox: list[tuple[Generation, Chunk | BaseException]] = []
+        outbox: list[tuple[Generation, Chunk | BaseException | None]] = []
         for i, row in enumerate(rows):
             generation = row.generation
+            if generation.cancelled:  # aborted while this pass ran: nothing more is sent
+                continue
+            chunk: Chunk | BaseException
             try:
                 if not finite[i]:
                     raise _NonFinite(row.key)
                 chunk = self._next(row, greedy[i], logits[i], raw[i])
+                if not generation.started and generation.prompt_logprobs is not None:
+                    chunk = replace(chunk, prompt_logprobs=tuple(generation.prompt_logprobs))
+                generation.started = True
             except Exception as exc:
-                if not isinstance(exc, ServeError):
+                if not isinstance(exc, EngineError):
                     log.exception("The engine failed one row; its request gets an error.")
-                chunk = exc
-            if isinstance(chunk, Exception) or chunk.text or chunk.finish_reason or chunk.logprobs:
-                outbox.append((generation, chunk))
-            if isinstance(chunk, Exception) or chunk.finish_reason:
+                chunk = _failure(exc)
+            outbox.append((generation, chunk))
+            if isinstance(chunk, BaseException) or chunk.finish_reason:
                 generation.cancelled = True  # finished or failed: the row leaves the batch
         deliver(outbox)
 
@@ -541,25 +614,26 @@ class TransformersEngine(Engine):
         token = greedy if sampling.temperature == 0 else _sample(logits, sampling, row.generator)
         generation.completion_tokens += 1
         row.last = token
-        if generation.adjusted:
+        if sampling.adjusted:
             row.counts = row.counts or {}
             row.counts[token] = row.counts.get(token, 0) + 1
         scored = () if sampling.logprobs is None else tuple(_logprobs(raw[None], [token], sampling.logprobs))
+        ids = (token,)
         if row.matcher is not None:
             row.matcher.consume_token(token)  # the mask let through only tokens the grammar accepts
             if row.matcher.is_stopped():  # the JSON is whole: it ends here, as at end-of-sequence
                 text = "" if token in self._eos else row.stream.push(token)[0]
-                return Chunk(text + row.stream.rest(), "stop", scored)
+                return Chunk(text + row.stream.rest(), ids, "stop", scored)
         if token in sampling.stop_token_ids:
-            return Chunk(row.stream.rest(), "stop", scored)
+            return Chunk(row.stream.rest(), ids, "stop", scored)
         if token in self._eos and not sampling.ignore_eos:
-            return Chunk(row.stream.rest(), "stop", scored)
+            return Chunk(row.stream.rest(), ids, "stop", scored)
         text, stopped = row.stream.push(token)
         if stopped:
-            return Chunk(text, "stop", scored)
+            return Chunk(text, ids, "stop", scored)
         if generation.completion_tokens >= sampling.max_tokens or row.length + 1 >= self.context_length:
-            return Chunk(text + row.stream.rest(), "length", scored)
-        return Chunk(text, None, scored)
+            return Chunk(text + row.stream.rest(), ids, "length", scored)
+        return Chunk(text, ids, None, scored)
 
     def _drop_finished(self) -> None:
         """Free the rows of finished or cancelled generations; the last row moves into each gap."""
@@ -579,20 +653,27 @@ class TransformersEngine(Engine):
         if generation.adapter is not None:
             with self._cond:
                 self._users[generation.adapter.key] -= 1
-        metrics.RUNNING.dec()
 
     def _fail(self, generations: list[Generation], exc: BaseException) -> None:
         """End GENERATIONS with EXC: rows leave the batch, admitted ones not yet in it are released."""
         running = {id(row.generation) for row in self._running}
+        error = _failure(exc)
         for generation in generations:
-            generation.publish(exc)
+            generation.publish(error)
             generation.cancelled = True
             if id(generation) not in running:
                 self._release(generation)
         self._drop_finished()
 
 
-class _NonFinite(ServeError):
+def _failure(exc: BaseException) -> EngineError:
+    """EXC as the engine-neutral error its request raises (the details went to the log)."""
+    if isinstance(exc, EngineError):
+        return exc
+    return GenerationFailed(f"The engine failed on this request ({type(exc).__name__}); see the server log.")
+
+
+class _NonFinite(GenerationFailed):
     """A row's logits hold inf or NaN: its adapter's weights (or the prompt) overflow the model's numbers."""
 
     def __init__(self, adapter: str | None) -> None:

@@ -23,9 +23,9 @@ async def load(body: AdapterRequest, tenant: AdminDep, parts: ServerDep) -> dict
     spec = await parts.catalog.resolve(body.model, tenant.may_use)
     if spec is None:
         raise BadRequest("The base model is always loaded; name an adapter.", param="model")
-    already = spec.key in parts.engine.loaded()
+    already = spec.key in await parts.engine.loaded()
     await parts.engine.load(spec)
-    adapters = parts.engine.loaded()
+    adapters = await parts.engine.loaded()
     if spec.key not in adapters:
         raise Unavailable(
             f"{spec.key} is read but not in memory: every place (--max-loaded) holds an adapter that running "
@@ -40,8 +40,8 @@ async def unload(body: AdapterRequest, tenant: AdminDep, parts: ServerDep) -> di
     version = parts.catalog.lookup(body.model, tenant.may_use)
     if version is None:
         raise BadRequest("The base model cannot be unloaded; name an adapter.", param="model")
-    unloaded = await asyncio.to_thread(parts.engine.unload, version.ref)  # waits for the engine's next step
-    return {"model": version.ref, "unloaded": unloaded, "adapters": parts.engine.loaded()}
+    unloaded = await parts.engine.unload(version.ref)
+    return {"model": version.ref, "unloaded": unloaded, "adapters": await parts.engine.loaded()}
 
 
 @router.post("/refresh")
@@ -54,8 +54,9 @@ async def refresh(tenant: AdminDep, parts: ServerDep) -> dict[str, Any]:
 @router.get("/loaded")
 async def loaded(parts: ServerDep) -> dict[str, Any]:
     """The adapter versions in memory (least recently used first) and the generations running."""
-    loaded = parts.engine.loaded()
-    answer: dict[str, Any] = {"loaded": loaded, "running": parts.engine.running()}
+    status = parts.engine.status()
+    loaded = list(status.loaded)
+    answer: dict[str, Any] = {"loaded": loaded, "running": status.running + status.waiting}
     if parts.catalog.fidelity is not None:  # each loaded adapter's fidelity class on this server's precision
         verdicts = {key: parts.catalog.fidelity.verdict(key) for key in loaded}
         answer["fidelity"] = {key: v.to_dict() for key, v in verdicts.items() if v is not None}

@@ -6,10 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-import time
-
 from serve.dependencies import ServerDep
-from serve.metrics import VLLM_LORA, VLLM_RUNNING, VLLM_WAITING, WAITING
 from serve.errors import Unavailable
 
 router = APIRouter(tags=["health"])
@@ -36,12 +33,4 @@ async def readyz(parts: ServerDep) -> dict[str, str]:
 async def metrics(parts: ServerDep) -> Response:
     """Prometheus metrics: requests, tokens, latency, time to first token, adapter loads and evictions, per adapter
     version and tenant, and the engine's queue (also under vLLM's names, for LoRA-aware routers)."""
-    status = parts.engine.status()
-    WAITING.set(status.waiting)
-    VLLM_RUNNING.set(status.running)
-    VLLM_WAITING.set(status.waiting)
-    VLLM_LORA.clear()  # one sample: the adapters now
-    VLLM_LORA.labels(",".join(status.running_adapters), ",".join(status.waiting_adapters), str(status.max_loaded)).set(
-        time.time()
-    )
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,77 @@
+"""`adapters serve --engine NAME`: the options each engine takes, checked before any model loads, and its build."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from core.errors import AdaptersError
+from serve.engine import Engine
+
+ENGINES = ("transformers", "vllm")
+
+
+class ServeOptionError(AdaptersError):
+    """An option of `adapters serve` that cannot work."""
+
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """What `adapters serve` asks of its engine; None means the engine's default."""
+
+    engine: str
+    quantize: str
+    max_loaded: int
+    max_batch: int
+    max_rank: int
+    max_context: int
+    dtype: str | None = None  # vLLM's compute dtype
+    max_cpu_loras: int | None = None  # vLLM's cache of adapters in host memory
+
+    def check(self, cuda: bool) -> None:
+        """Refuse options the chosen engine does not take, with one line that says what to do."""
+        if self.engine == "transformers":
+            for option, value in (("--dtype", self.dtype), ("--max-cpu-loras", self.max_cpu_loras)):
+                if value is not None:
+                    raise ServeOptionError(f"{option} is an option of the vLLM engine; add --engine vllm or drop it.")
+        elif self.quantize == "int8" or (self.quantize == "nf4" and not cuda):
+            where = "" if cuda else " on a machine without CUDA"
+            raise ServeOptionError(
+                f"The vLLM engine cannot serve a --quantize {self.quantize} base{where}; use --quantize none "
+                "(or --engine transformers, which serves nf4 and int8 bases on CPU)."
+            )
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loaded:
+            raise ServeOptionError(
+                f"--max-cpu-loras ({self.max_cpu_loras}) must be at least --max-loaded ({self.max_loaded})."
+            )
+
+
+def build(path: Path, model_id: str, options: EngineOptions) -> Engine:
+    """The engine OPTIONS name, serving the base model at PATH."""
+    if options.engine == "vllm":
+        from serve.vllm_engine import VLLMEngine
+
+        return VLLMEngine(
+            path,
+            model_id=model_id,
+            quantize=options.quantize,
+            dtype=options.dtype,
+            max_loaded=options.max_loaded,
+            max_cpu_loras=options.max_cpu_loras,
+            max_batch=options.max_batch,
+            max_rank=options.max_rank,
+            max_context=options.max_context,
+        )
+    from serve.transformers_engine import TransformersEngine
+
+    return TransformersEngine(
+        path,
+        model_id=model_id,
+        quantize=options.quantize,
+        max_loaded=options.max_loaded,
+        max_batch=options.max_batch,
+        max_rank=options.max_rank,
+        max_context=options.max_context,
+    )
