@@ -151,7 +151,10 @@ class TransformersEngine(Engine):
         self._users: Counter[str] = Counter()  # generations admitted per adapter: these are never evicted
         # Asked for by `load`, to be read by the worker, with the `load` calls waiting for each.
         self._reading: dict[str, tuple[AdapterSpec, list[_LoadWait]]] = {}
-        self._ids: dict[str, Generation] = {}  # request id -> its generation, queued or running
+        # Request id -> its generation, queued or running. A lock of its own: `abort` and a generation's end run on
+        # the event loop, which must never wait for the worker's lock.
+        self._ids: dict[str, Generation] = {}
+        self._ids_lock = threading.Lock()
         self._loads = self._evictions = 0
         self._passes: Counter[int] = Counter()  # rows per forward pass -> passes
         self._closed = False
@@ -237,10 +240,11 @@ class TransformersEngine(Engine):
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
         self.check(request)
         generation = Generation(request)
-        with self._cond:
+        with self._ids_lock:
             if request.request_id in self._ids:
                 raise InvalidRequest(f"Request id {request.request_id!r} is already running.")
             self._ids[request.request_id] = generation
+        with self._cond:
             self._waiting.append(generation)
             self._cond.notify_all()  # the worker and `load` calls wait on this condition: wake the worker for sure
         try:
@@ -255,12 +259,12 @@ class TransformersEngine(Engine):
                     return
         finally:
             generation.cancelled = True  # the consumer left (or it ended): the worker drops its row
-            with self._cond:
+            with self._ids_lock:
                 if self._ids.get(request.request_id) is generation:
                     del self._ids[request.request_id]
 
     async def abort(self, request_id: str) -> None:
-        with self._cond:
+        with self._ids_lock:
             generation = self._ids.get(request_id)
         if generation is not None and not generation.cancelled:
             generation.cancelled = True
