@@ -135,8 +135,8 @@ def test_mixed_batch_gives_each_request_what_it_gets_alone(engine, lora, monkeyp
     alone = [generate(engine, [job[:3] + (0,)])[0] for job in jobs]
     assert len(set(alone)) > len(PROMPTS)  # the adapters really change the answers
     # The first decoding step is held until every request has arrived, so the later ones join a running batch.
-    gate, decode = threading.Event(), engine._decode
-    monkeypatch.setattr(engine, "_decode", lambda: (gate.wait(60), decode()))
+    gate, decode = threading.Event(), engine._runner.decode
+    monkeypatch.setattr(engine._runner, "decode", lambda: (gate.wait(60), decode()))
 
     def all_in() -> bool:
         status = engine.status()
@@ -364,7 +364,7 @@ def test_the_row_cache_shrinks_to_its_rows_and_a_new_row_starts_clean():
 def test_a_prompt_the_model_fails_on_fails_alone_and_its_batch_is_prefilled_again(engine, monkeypatch, caplog):
     good_ids, bad_ids = engine.encode(PROMPTS[0]), engine.encode(PROMPTS[2])
     poison = next(token for token in bad_ids if token not in good_ids)
-    forward, passes = engine._forward, []
+    forward, passes = engine._runner.forward, []
 
     def failing(ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """A fault point: the model fails on any prompt holding POISON, as it could on an input nobody foresaw."""
@@ -374,7 +374,7 @@ def test_a_prompt_the_model_fails_on_fails_alone_and_its_batch_is_prefilled_agai
         return forward(ids, mask, positions)
 
     alone = generate(engine, [(None, PROMPTS[0], GREEDY, 0)])
-    monkeypatch.setattr(engine, "_forward", failing)
+    monkeypatch.setattr(engine._runner, "forward", failing)
 
     async def run() -> tuple[BaseException | None, str]:
         with engine._cond:  # a fault point: the worker waits until both are queued, so that one prefill takes both

@@ -326,11 +326,12 @@ def test_tokenizing_a_prompt_does_not_hold_the_event_loop(served: Served, monkey
 
 
 def test_a_long_request_gives_its_memory_back(served: Served, monkeypatch: Any) -> None:
-    cache, engine = served.engine._cache, served.engine
+    runner, engine = served.engine._runner, served.engine
+    cache = runner.cache
     held: list[tuple[int, int, int]] = []  # (rows, tokens per row, bytes) the cache holds at each decode step
-    decode = engine._decode
+    decode = runner.decode
     monkeypatch.setattr(
-        engine, "_decode", lambda: (held.append((cache.height, cache.capacity, cache.nbytes())), decode())
+        runner, "decode", lambda: (held.append((cache.height, cache.capacity, cache.nbytes())), decode())
     )
     prompt = "fox " * (engine.context_length - 200)
     assert call(served.url, greedy("good-b", prompt=prompt, max_tokens=100))[0] == 200
