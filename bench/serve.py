@@ -4,7 +4,7 @@ Usage: python bench/serve.py [--quantize nf4] [--tokens 64] [--requests 32] [--r
 
 Adapters: rank 16 on every linear layer of the embedded SmolLM2-135M-Instruct, random weights (their
 outputs are noise, which does not matter for speed; every request generates exactly --tokens tokens).
-The engine is driven in-process, as the HTTP layer drives it: `await engine.load(adapter)`, then submit.
+The engine is driven in-process, as the HTTP layer drives it: `await engine.load(adapter)`, then `engine.generate`.
   (a) --requests concurrent requests on 8 adapters (request i uses adapter i % 8) vs the same requests on the base;
   (b) that vs a naive server: PEFT with the 8 adapters loaded, `set_adapter` + `generate` one request at a time;
   (c) 100 requests on 100 distinct adapters with max_loaded 16 vs 100 requests on 8 adapters, --requests at a time;
@@ -30,7 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from serve.engine import AdapterSpec, Generation, Sampling  # noqa: E402
+from serve.engine import AdapterSpec, GenerateRequest, Sampling  # noqa: E402
 from core.precision import quantization_config  # noqa: E402
 from serve.transformers_engine import TransformersEngine  # noqa: E402
 from core.base import ensure_embedded  # noqa: E402
@@ -76,14 +76,14 @@ async def serve(
                 loaded_at = time.perf_counter()
                 if await engine.load(adapter):
                     loads.append(time.perf_counter() - loaded_at)
-            generation = Generation(engine.encode(prompt(i)), adapter, sampling)
-            engine.submit(generation)
-            waited = None
-            async for _ in generation:
-                if waited is None:  # the first text a client sees
+            request = GenerateRequest(f"bench-{i}", tuple(engine.encode(prompt(i))), adapter, sampling)
+            waited, generated = None, 0
+            async for chunk in engine.generate(request):
+                generated += len(chunk.token_ids)
+                if waited is None and chunk.text:  # the first text a client sees
                     waited = time.perf_counter() - start
                     first_token.append(waited)
-            return generation.completion_tokens
+            return generated
 
     start = time.perf_counter()
     counts = await asyncio.gather(*[one(i, a) for i, a in enumerate(adapters)])
@@ -144,14 +144,14 @@ def main() -> None:
             mixed = asyncio.run(serve(engine, mixed_requests, args.tokens, args.requests))
             mixed_rates.append(mixed["tokens_per_s"])
         base_rate, mixed_rate = statistics.median(base_rates), statistics.median(mixed_rates)
-        engine.close()
+        asyncio.run(engine.close())
 
         engine = TransformersEngine(
             base, model_id="base", quantize=args.quantize, max_loaded=16, max_batch=args.requests
         )
         many = asyncio.run(serve(engine, adapters, args.tokens, args.requests))
         few = asyncio.run(serve(engine, [eight[i % 8] for i in range(100)], args.tokens, args.requests))
-        engine.close()
+        asyncio.run(engine.close())
 
         naive_rate = naive(base, args.quantize, eight, args.tokens)
 

@@ -127,14 +127,14 @@ def serve(
     strict_fidelity: bool,
 ) -> None:
     """Serve the base model and every adapter of the registry through an OpenAI-compatible API."""
-    registry = Registry.find(registry_dir)
     cuda = _cuda()
     if quantize is None:
         quantize = "none" if engine == "vllm" and not cuda else default_quantize()
     options = EngineOptions(
         engine, quantize, max_loaded, max_batch, max_rank, max_context, dtype=dtype, max_cpu_loras=max_cpu_loras
     )
-    options.check(cuda)
+    options.check(cuda)  # before anything is read: a wrong option is the first thing to say
+    registry = Registry.find(registry_dir)
     if tenants_file is not None and not tenants_file.is_file():
         raise ServeOptionError(f"No tenants file at {tenants_file}; create one with `adapters tenants add NAME`.")
     tenants = Tenants(tenants_file)

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from prometheus_client import REGISTRY, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from serve.engine import Engine
 
@@ -68,7 +69,8 @@ class _Engines(Collector):
         for status in statuses:
             for rows, count in status.passes.items():
                 passes[rows] = passes.get(rows, 0) + count
-        buckets = [(str(b), sum(c for rows, c in passes.items() if rows <= b)) for b in _BATCH]
+        # Bucket bounds spelt as a Histogram spells them ("1.0"): dashboards select buckets by these strings.
+        buckets = [(floatToGoString(b), sum(c for rows, c in passes.items() if rows <= b)) for b in _BATCH]
         yield HistogramMetricFamily(
             "adapters_batch_size",
             "Rows in each forward pass.",

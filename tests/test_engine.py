@@ -16,15 +16,14 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from serve.engine import AdapterSpec, Generation, Sampling
-from serve.errors import AdapterRejected
+from engines import GREEDY, Reader, chunks, generate, request, tokens
+
+from serve.engine import AdapterLoadFailed, AdapterSpec, GenerationFailed, Sampling
 from serve.lora import AdapterWeights, MultiLoRALinear, Rows, plan
-from serve.metrics import BATCH_SIZE
 from serve.textstream import TextStream
 from serve.transformers_engine import TransformersEngine
 
 PROMPTS = ["Hello there, how are you", "The capital of France is", "1 2 3 4 5 6 7 8 9 10", "Write a poem"]
-GREEDY = Sampling(max_tokens=12, temperature=0, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
@@ -50,22 +49,7 @@ def lora(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> Callable[
 def engine(tiny_base: Path) -> Iterator[TransformersEngine]:
     built = TransformersEngine(tiny_base, model_id="tiny", quantize="none", max_loaded=4, max_batch=8)
     yield built
-    built.close()
-
-
-def generate(engine: TransformersEngine, jobs: list[tuple[AdapterSpec | None, str, Sampling, float]]) -> list[str]:
-    """Run (adapter, prompt, sampling, start delay) jobs concurrently; the texts in job order."""
-
-    async def one(adapter: AdapterSpec | None, prompt: str, sampling: Sampling, delay: float) -> str:
-        await asyncio.sleep(delay)
-        generation = Generation(engine.encode(prompt), adapter, sampling)
-        engine.submit(generation)
-        return "".join([chunk.text async for chunk in generation])
-
-    async def run() -> list[str]:
-        return await asyncio.gather(*[one(*job) for job in jobs])
-
-    return asyncio.run(run())
+    asyncio.run(built.close())
 
 
 def lora_bytes(engine: TransformersEngine) -> int:
@@ -129,7 +113,7 @@ def test_nf4_base_gives_what_peft_gives_on_the_same_nf4_model(lora, tiny_base):
         expected = [peft_generate(tiny_base, a, PROMPTS[0], GREEDY.max_tokens, "nf4") for a in (None, adapter)]
         assert generate(nf4, [(None, PROMPTS[0], GREEDY, 0), (adapter, PROMPTS[0], GREEDY, 0)]) == expected
     finally:
-        nf4.close()
+        asyncio.run(nf4.close())
 
 
 def wait_for(condition: Callable[[], bool], seconds: float = 60) -> None:
@@ -140,10 +124,9 @@ def wait_for(condition: Callable[[], bool], seconds: float = 60) -> None:
         time.sleep(0.005)
 
 
-def passes_wider_than(rows: int) -> int:
-    """Forward passes so far (all engines of this process) that held more than ROWS rows."""
-    samples = {s.labels.get("le"): s.value for s in BATCH_SIZE.collect()[0].samples if s.name.endswith("_bucket")}
-    return samples["+Inf"] - samples[str(float(rows))]
+def passes_wider_than(engine: TransformersEngine, rows: int) -> int:
+    """ENGINE's forward passes so far that held more than ROWS rows."""
+    return sum(count for width, count in engine.status().passes.items() if width > rows)
 
 
 def test_mixed_batch_gives_each_request_what_it_gets_alone(engine, lora, monkeypatch):
@@ -152,12 +135,17 @@ def test_mixed_batch_gives_each_request_what_it_gets_alone(engine, lora, monkeyp
     alone = [generate(engine, [job[:3] + (0,)])[0] for job in jobs]
     assert len(set(alone)) > len(PROMPTS)  # the adapters really change the answers
     # The first decoding step is held until every request has arrived, so the later ones join a running batch.
-    gate, decode = threading.Event(), engine._decode
-    monkeypatch.setattr(engine, "_decode", lambda: (gate.wait(60), decode()))
-    threading.Thread(target=lambda: (wait_for(lambda: engine.running() == len(jobs)), gate.set()), daemon=True).start()
-    wide = passes_wider_than(4)
+    gate, decode = threading.Event(), engine._runner.decode
+    monkeypatch.setattr(engine._runner, "decode", lambda: (gate.wait(60), decode()))
+
+    def all_in() -> bool:
+        status = engine.status()
+        return status.running + status.waiting == len(jobs)
+
+    threading.Thread(target=lambda: (wait_for(all_in), gate.set()), daemon=True).start()
+    wide = passes_wider_than(engine, 4)
     assert generate(engine, jobs) == alone  # staggered: requests join a batch that is already running
-    assert passes_wider_than(4) > wide  # they did share passes: rows of several adapters in one
+    assert passes_wider_than(engine, 4) > wide  # they did share passes: rows of several adapters in one
 
 
 def test_a_short_request_joins_the_running_batch_and_finishes_first(engine, lora):
@@ -165,18 +153,12 @@ def test_a_short_request_joins_the_running_batch_and_finishes_first(engine, lora
     short = Sampling(max_tokens=3, temperature=0, ignore_eos=True)
 
     async def run() -> tuple[int, int]:
-        first = Generation(engine.encode(PROMPTS[0]), lora(1), long)
-        engine.submit(first)
-        chunks = aiter(first)
-        await anext(chunks)
-        second = Generation(engine.encode(PROMPTS[1]), lora(4), short)
-        engine.submit(second)
-        async for _ in second:
-            pass
-        at_short_end = first.completion_tokens
-        async for _ in chunks:
-            pass
-        return at_short_end, first.completion_tokens
+        first = Reader(engine, request(engine, PROMPTS[0], lora(1), long))
+        await first.started.wait()
+        await chunks(engine, request(engine, PROMPTS[1], lora(4), short))
+        at_short_end = first.tokens  # read as they came: its chunks of the same steps came before the short end
+        await first.result()
+        return at_short_end, first.tokens
 
     at_short_end, total = asyncio.run(run())
     assert at_short_end < 100 and total == 300
@@ -189,7 +171,9 @@ def test_lru_keeps_max_loaded_frees_evicted_adapters_and_never_evicts_one_in_use
         assert asyncio.run(small.load(adapters[0])) is True and asyncio.run(small.load(adapters[0])) is False
         slots = lora_bytes(small)
         expected = [generate(small, [(a, PROMPTS[0], GREEDY, 0)])[0] for a in adapters]
-        assert len(small.loaded()) == 2 and adapters[0].key not in small.loaded()
+        loaded = asyncio.run(small.loaded())
+        assert len(loaded) == 2 and adapters[0].key not in loaded
+        assert small.status().evictions == 3 and small.status().loads == 5
         assert lora_bytes(small) == slots  # five adapters served, memory for two
         gc.collect()
         assert not [o for o in gc.get_objects() if isinstance(o, AdapterWeights)], "read weights are still held"
@@ -197,39 +181,33 @@ def test_lru_keeps_max_loaded_frees_evicted_adapters_and_never_evicts_one_in_use
         long = Sampling(max_tokens=40, temperature=0, ignore_eos=True)
 
         async def third_waits() -> tuple[list[str], int]:
-            holders = [Generation(small.encode(PROMPTS[0]), a, long) for a in adapters[:2]]
-            streams = [aiter(h) for h in holders]
+            holders = [Reader(small, request(small, PROMPTS[0], a, long)) for a in adapters[:2]]
             for holder in holders:
-                small.submit(holder)
-            texts = [(await anext(s)).text for s in streams]  # both run: both places are taken
-            third = Generation(small.encode(PROMPTS[0]), adapters[2], GREEDY)
-            small.submit(third)
-            third_stream = aiter(third)
-            first = await anext(third_stream)
-            done_by_then = max(h.completion_tokens for h in holders)
-            rest = [first.text] + [c.text async for c in third_stream]
-            for i, stream in enumerate(streams):
-                texts[i] += "".join([c.text async for c in stream])
-            return [*texts, "".join(rest)], done_by_then
+                await holder.started.wait()  # both run: both places are taken
+            third = Reader(small, request(small, PROMPTS[0], adapters[2], GREEDY))
+            await third.started.wait()
+            done_by_then = max(h.tokens for h in holders)  # their chunks of earlier steps were read before
+            return [await r.result() for r in (*holders, third)], done_by_then
 
         texts, done_by_then = asyncio.run(third_waits())
         assert done_by_then == long.max_tokens  # its first token came only once a holder had finished
         assert texts[2] == expected[2] and texts[0].startswith(expected[0]) and texts[1].startswith(expected[1])
-        assert len(small.loaded()) == 2
+        assert len(small.status().loaded) == 2
     finally:
-        small.close()
+        asyncio.run(small.close())
 
 
 def test_unload_refuses_an_unknown_key_and_drops_a_loaded_one(engine, lora):
     asyncio.run(engine.load(lora(1)))
-    assert engine.unload(lora(1).key) is True and lora(1).key not in engine.loaded()
-    assert engine.unload("nobody@v1.0.0") is False
+    assert asyncio.run(engine.unload(lora(1).key)) is True and lora(1).key not in asyncio.run(engine.loaded())
+    assert asyncio.run(engine.unload("nobody@v1.0.0")) is False
 
 
 def test_adapters_the_engine_cannot_apply_are_rejected_with_the_reason(engine, lora, tmp_path):
     def rejected(adapter: AdapterSpec) -> str:
-        with pytest.raises(AdapterRejected) as info:
+        with pytest.raises(AdapterLoadFailed) as info:
             asyncio.run(engine.load(adapter))
+        assert info.value.key == adapter.key
         return str(info.value)
 
     assert "rank 128 is above this server's maximum rank 64" in rejected(lora(5, r=128))
@@ -250,17 +228,14 @@ def test_a_failing_adapter_fails_its_request_only(engine, lora, tmp_path):
     (broken / "adapter_config.json").write_text(json.dumps({**config, "r": 2}))  # weights no longer fit
 
     async def run() -> tuple[BaseException | None, str]:
-        bad = Generation(engine.encode(PROMPTS[0]), AdapterSpec("broken", "v1.0.0", broken), GREEDY)
-        good = Generation(engine.encode(PROMPTS[0]), None, GREEDY)
-        engine.submit(bad)
-        engine.submit(good)
+        bad = Reader(engine, request(engine, PROMPTS[0], AdapterSpec("broken", "v1.0.0", broken)))
+        good = Reader(engine, request(engine, PROMPTS[0]))
         error = None
         try:
-            async for _ in bad:
-                pass
-        except AdapterRejected as exc:
+            await bad.result()
+        except AdapterLoadFailed as exc:
             error = exc
-        return error, "".join([c.text async for c in good])
+        return error, await good.result()
 
     error, text = asyncio.run(run())
     assert "do not fit" in str(error) and text
@@ -272,10 +247,9 @@ def test_seed_makes_sampling_reproducible_and_stop_and_length_end_it(engine, lor
     assert first == again
 
     async def finish(sampling: Sampling) -> tuple[str, str | None, int]:
-        generation = Generation(engine.encode(PROMPTS[0]), None, sampling)
-        engine.submit(generation)
-        chunks = [chunk async for chunk in generation]
-        return "".join(c.text for c in chunks), chunks[-1].finish_reason, generation.completion_tokens
+        found = await chunks(engine, request(engine, PROMPTS[0], None, sampling))
+        assert all(c.finish_reason is None for c in found[:-1])
+        return "".join(c.text for c in found), found[-1].finish_reason, tokens(found)
 
     text, reason, count = asyncio.run(finish(GREEDY))
     assert reason == "length" and count == GREEDY.max_tokens
@@ -323,7 +297,7 @@ def test_on_the_embedded_nf4_model_a_mixed_batch_matches_peft_generate(embedded_
     try:
         assert generate(engine, [(a, prompt, sampling, 0.01 * i) for i, a in enumerate([None, *adapters])]) == expected
     finally:
-        engine.close()
+        asyncio.run(engine.close())
 
 
 def test_rank_and_alpha_patterns_and_rslora_are_applied_as_peft_applies_them(engine, lora, tiny_base, tmp_path):
@@ -352,22 +326,17 @@ def test_a_rejected_load_never_holds_a_later_request_or_another_load(engine, lor
     (zero / "adapter_config.json").write_text(json.dumps({**config, "r": 0, "lora_alpha": "sixteen"}))
     spec = AdapterSpec("zero", "v1.0.0", zero)
 
-    async def run() -> tuple[list[BaseException | bool], str]:
-        running = Generation(engine.encode(PROMPTS[2]), lora(2), GREEDY)
-        engine.submit(running)
+    async def run() -> tuple[list[BaseException | bool], list[str]]:
+        running = Reader(engine, request(engine, PROMPTS[2], lora(2)))
+        await asyncio.sleep(0)  # it is queued
         loads = await asyncio.gather(*[engine.load(spec) for _ in range(3)], return_exceptions=True)
-        base = Generation(engine.encode(PROMPTS[0]), None, GREEDY)
-        engine.submit(base)
-        texts = [await asyncio.wait_for(_text(g), 60) for g in (base, running)]  # a held request times out
+        base = Reader(engine, request(engine, PROMPTS[0]))
+        texts = [await asyncio.wait_for(r.result(), 60) for r in (base, running)]  # a held request times out
         return loads, texts
 
     loads, texts = asyncio.run(run())
-    assert all(isinstance(e, AdapterRejected) and "'r' is 0" in str(e) for e in loads), loads
+    assert all(isinstance(e, AdapterLoadFailed) and "'r' is 0" in str(e) for e in loads), loads
     assert texts == generate(engine, [(None, PROMPTS[0], GREEDY, 0), (lora(2), PROMPTS[2], GREEDY, 0)])
-
-
-async def _text(generation: Generation) -> str:
-    return "".join([chunk.text async for chunk in generation])
 
 
 def test_the_row_cache_shrinks_to_its_rows_and_a_new_row_starts_clean():
@@ -392,10 +361,10 @@ def test_the_row_cache_shrinks_to_its_rows_and_a_new_row_starts_clean():
     assert cache.nbytes() == 0 and (cache.height, cache.capacity) == (0, 0)
 
 
-def test_a_prompt_the_model_fails_on_fails_alone_and_its_batch_is_prefilled_again(engine, monkeypatch):
+def test_a_prompt_the_model_fails_on_fails_alone_and_its_batch_is_prefilled_again(engine, monkeypatch, caplog):
     good_ids, bad_ids = engine.encode(PROMPTS[0]), engine.encode(PROMPTS[2])
     poison = next(token for token in bad_ids if token not in good_ids)
-    forward, passes = engine._forward, []
+    forward, passes = engine._runner.forward, []
 
     def failing(ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """A fault point: the model fails on any prompt holding POISON, as it could on an input nobody foresaw."""
@@ -405,19 +374,20 @@ def test_a_prompt_the_model_fails_on_fails_alone_and_its_batch_is_prefilled_agai
         return forward(ids, mask, positions)
 
     alone = generate(engine, [(None, PROMPTS[0], GREEDY, 0)])
-    monkeypatch.setattr(engine, "_forward", failing)
+    monkeypatch.setattr(engine._runner, "forward", failing)
 
     async def run() -> tuple[BaseException | None, str]:
-        good, bad = Generation(good_ids, None, GREEDY), Generation(bad_ids, None, GREEDY)
-        with engine._cond:  # both wait together, so that one prefill takes both
-            engine.submit(good)
-            engine.submit(bad)
+        with engine._cond:  # a fault point: the worker waits until both are queued, so that one prefill takes both
+            good, bad = Reader(engine, request(engine, good_ids)), Reader(engine, request(engine, bad_ids))
+            while engine.status().waiting < 2:
+                await asyncio.sleep(0)
         try:
-            await _text(bad)
-        except RuntimeError as exc:
-            return exc, await _text(good)
-        return None, await _text(good)
+            await bad.result()
+        except GenerationFailed as exc:
+            return exc, await good.result()
+        return None, await good.result()
 
     error, text = asyncio.run(run())
-    assert str(error) == "the model failed on this prompt" and [text] == alone
+    assert str(error) == "The engine failed on this request (RuntimeError); see the server log." and [text] == alone
+    assert "the model failed on this prompt" in caplog.text  # the cause went to the log
     assert passes[:3] == [2, 1, 1]  # together, then each alone

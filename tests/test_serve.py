@@ -306,10 +306,13 @@ def test_metrics_move_and_each_request_writes_one_log_line(
         metric(url, "adapters_tokens_total", kind="completion"),
     )
     first_tokens = metric(url, "adapters_time_to_first_token_seconds_count")
+    single_row_passes = metric(url, "adapters_batch_size_bucket", le="1.0")  # a histogram's own bucket names
     response = served.client.completions.with_raw_response.create(
         model="delta", prompt=PROMPT, max_tokens=5, temperature=0
     )
     completion = response.parse()
+    # Alone in the engine: one pass of one row per token (the prompt's pass gives the first).
+    assert metric(url, "adapters_batch_size_bucket", le="1.0") == single_row_passes + completion.usage.completion_tokens
     loads = metric(url, "adapters_adapter_loads_total")  # after delta's own load, whichever test ran first
     assert metric(url, "adapters_requests_total", **ok) == requests + 1
     assert metric(url, "adapters_tokens_total", kind="completion") == tokens + completion.usage.completion_tokens

@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 import torch
+from engines import chunks, request
 from serving import crafted, events, registry_with, reweighted, server_process, serving, wait_for
 
 from registry.repo import Registry
@@ -157,9 +158,11 @@ def healthy(url: str, base: str = "tiny-llama") -> None:
 
 
 def test_fields_no_engine_can_take_are_400_before_the_engine(served: Served, monkeypatch: Any) -> None:
-    submitted: list[Any] = []
-    submit = served.engine.submit
-    monkeypatch.setattr(served.engine, "submit", lambda generation: (submitted.append(generation), submit(generation)))
+    submitted: list[Any] = []  # what reached the engine: a fault point on its check and its generate
+    engine = served.engine
+    check, generate = engine.check, engine.generate
+    monkeypatch.setattr(engine, "check", lambda request: (submitted.append(request), check(request))[1])
+    monkeypatch.setattr(engine, "generate", lambda request: (submitted.append(request), generate(request))[1])
     chat = {"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     cases = [
         (greedy("good-a", prompt=""), "The prompt is empty: send at least one token of text."),
@@ -189,20 +192,22 @@ def test_a_temperature_below_a_hundredth_samples_at_a_hundredth(served: Served) 
 
 
 def test_an_engine_refuses_what_it_cannot_run_even_past_the_http_checks(served: Served) -> None:
-    from serve.engine import Generation, Sampling
-    from serve.errors import BadRequest
+    from serve.engine import InvalidRequest, Sampling
 
-    async def submit(ids: list[int]) -> str:
-        served.engine.submit(Generation(ids, None, Sampling(max_tokens=2)))
-        return "submitted"
-
+    sampling = Sampling(max_tokens=2)
     for ids, message in (
         ([], "The prompt is empty"),
         ([1 << 40], "token ids outside this model's vocabulary"),
         ([1] * served.engine.context_length, "the context holds"),
     ):
-        with pytest.raises(BadRequest, match=message):
-            asyncio.run(submit(ids))
+        with pytest.raises(InvalidRequest, match=message):
+            served.engine.check(request(served.engine, ids, None, sampling))
+        with pytest.raises(InvalidRequest, match=message):  # generate checks too, before anything is queued
+            asyncio.run(chunks(served.engine, request(served.engine, ids, None, sampling)))
+    biased = Sampling(max_tokens=2, logit_bias=((1 << 40, 1.0),))
+    with pytest.raises(InvalidRequest, match="logit_bias names token ids outside") as info:
+        served.engine.check(request(served.engine, [1], None, biased))
+    assert info.value.param == "logit_bias"
     for bad in ({"seed": 1 << 64}, {"temperature": float("nan")}, {"top_p": 0.0}, {"max_tokens": 0}):
         with pytest.raises(ValueError):
             Sampling(**{"max_tokens": 2, **bad})
@@ -321,11 +326,12 @@ def test_tokenizing_a_prompt_does_not_hold_the_event_loop(served: Served, monkey
 
 
 def test_a_long_request_gives_its_memory_back(served: Served, monkeypatch: Any) -> None:
-    cache, engine = served.engine._cache, served.engine
+    runner, engine = served.engine._runner, served.engine
+    cache = runner.cache
     held: list[tuple[int, int, int]] = []  # (rows, tokens per row, bytes) the cache holds at each decode step
-    decode = engine._decode
+    decode = runner.decode
     monkeypatch.setattr(
-        engine, "_decode", lambda: (held.append((cache.height, cache.capacity, cache.nbytes())), decode())
+        runner, "decode", lambda: (held.append((cache.height, cache.capacity, cache.nbytes())), decode())
     )
     prompt = "fox " * (engine.context_length - 200)
     assert call(served.url, greedy("good-b", prompt=prompt, max_tokens=100))[0] == 200
@@ -379,13 +385,12 @@ def test_an_nf4_server_process_survives_an_empty_prompt(registry: Registry, make
 
 def test_a_broken_folder_planted_after_registering_is_still_refused(served: Served) -> None:
     """The catalog checks a cached folder with the same rules as `adapters add` (the engine once more on reading)."""
-    from serve.engine import AdapterSpec
-    from serve.errors import AdapterRejected
+    from serve.engine import AdapterLoadFailed, AdapterSpec
 
     catalog = served.app.state.server.catalog
     folder = Path(catalog.cache) / "direct"
     shutil.rmtree(folder, ignore_errors=True)
     catalog.registry.checkout("rank-zero", folder)
-    with pytest.raises(AdapterRejected, match="'r' is 0"):
+    with pytest.raises(AdapterLoadFailed, match="'r' is 0"):
         asyncio.run(served.engine.load(AdapterSpec("direct", "v1.0.0", folder)))  # past the catalog, to the engine
     healthy(served.url)

@@ -293,8 +293,8 @@ def test_metrics_per_version_and_tenant_and_the_queue_under_vllms_names(served: 
 
     # The worker is held inside its next decoding step: one request runs, a second one waits behind it.
     gate = threading.Event()
-    decode = served.engine._decode
-    monkeypatch.setattr(served.engine, "_decode", lambda: (gate.wait(60), decode()))
+    decode = served.engine._runner.decode
+    monkeypatch.setattr(served.engine._runner, "decode", lambda: (gate.wait(60), decode()))
     body = {"model": "alpha", "prompt": "x", "max_tokens": 4, "temperature": 0, "ignore_eos": True, "stream": True}
     with ThreadPoolExecutor(1) as pool:
         try:

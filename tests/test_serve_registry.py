@@ -339,7 +339,7 @@ def test_admin_load_says_loaded_only_when_the_adapter_is_in_memory(
         time.sleep(0.1)
 
     monkeypatch.setattr(engine, "_step", slow_step)
-    for model in engine.loaded():
+    for model in engine.status().loaded:
         served.unload(model)
     busy = ["alpha@v1.0.0", "swap@v1.0.0", "swap@v1.1.0", "cached@v1.0.0"]  # every place: max_loaded is 4
     with contextlib.ExitStack() as streams:

@@ -300,6 +300,31 @@ def test_serve_refuses_bad_options_in_one_line(cli: Any, registry: Registry, tmp
     taken.close()
 
 
+def test_serve_refuses_an_option_of_the_other_engine_in_one_line_before_loading_a_model(
+    cli: Any, registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import serve.factory
+
+    built: list[Any] = []  # a fault point: building an engine is where a model would load
+    monkeypatch.setattr(serve.factory, "build", lambda *args: built.append(args))
+    cases = [
+        (["--dtype", "float32"], "--dtype is an option of the vLLM engine; add --engine vllm or drop it."),
+        (["--max-cpu-loras", "16"], "--max-cpu-loras is an option of the vLLM engine; add --engine vllm or drop it."),
+        (["--engine", "vllm", "--quantize", "int8"], "The vLLM engine cannot serve a --quantize int8 base"),
+        (
+            ["--engine", "vllm", "--quantize", "none", "--max-cpu-loras", "4"],
+            "--max-cpu-loras (4) must be at least --max-loaded (8).",
+        ),
+    ]
+    for args, message in cases:
+        for where in (["--registry", str(registry.root)], []):  # outside a repository too: the option is at fault
+            result = cli("serve", *where, *args, cwd=tmp_path)
+            assert result.exit_code == 2, (args, result.output)
+            errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+            assert len(errors) == 1 and message in errors[0] and "Traceback" not in result.output, result.output
+    assert built == []
+
+
 def test_sigterm_lets_a_running_stream_finish_then_exits_0(
     registry: Registry, make_adapter: Any, tiny_base: Path, tmp_path: Path
 ) -> None:

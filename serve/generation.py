@@ -1,0 +1,60 @@
+"""One request inside the transformers engine, and how the worker hands its chunks to the request's event loop."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from serve.engine import AdapterSpec, Chunk, GenerateRequest, Sampling, TokenLogprob
+from serve.slots import Adapter
+
+ABORTED = None  # what `abort` hands a generation's queue: its iteration ends without a finish reason
+Item = Chunk | BaseException | None  # a chunk, the error that ended the generation, or ABORTED
+
+
+@dataclass(eq=False)
+class Generation:
+    """One request inside the engine: its chunks go to the event loop that asked for it."""
+
+    request: GenerateRequest
+    completion_tokens: int = 0
+    cancelled: bool = False  # finished, failed or aborted: the worker drops its row at the next step
+    pinned: Adapter | None = None  # its adapter, pinned from admission until it leaves the batch
+    prompt_logprobs: list[TokenLogprob] | None = None  # scored at prefill, sent with the first chunk
+    started: bool = False  # its first chunk is sent
+    loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop, repr=False)
+    queue: asyncio.Queue[Item] = field(default_factory=asyncio.Queue, repr=False)
+
+    @property
+    def prompt_ids(self) -> tuple[int, ...]:
+        return self.request.prompt_ids
+
+    @property
+    def adapter(self) -> AdapterSpec | None:
+        return self.request.adapter
+
+    @property
+    def sampling(self) -> Sampling:
+        return self.request.sampling
+
+    def publish(self, item: Item) -> None:
+        """Hand a chunk (or the error that ended the generation) to the request's event loop; any thread."""
+        deliver([(self, item)])
+
+
+def deliver(items: list[tuple[Generation, Item]]) -> None:
+    """Hand many generations their chunks with one wake-up of each event loop (a batch step's worth at once)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Generation, Item]]] = {}
+    for generation, item in items:
+        by_loop.setdefault(generation.loop, []).append((generation, item))
+    for loop, batch in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_all, batch)
+        except RuntimeError:  # that event loop is closed: nobody reads these generations any more
+            for generation, _ in batch:
+                generation.cancelled = True
+
+
+def _put_all(batch: list[tuple[Generation, Item]]) -> None:
+    for generation, item in batch:
+        generation.queue.put_nowait(item)
