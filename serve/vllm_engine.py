@@ -9,12 +9,9 @@ Entry points that start it need a `__main__` guard: vLLM may spawn its child pro
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 import threading
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -22,9 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from transformers import AutoTokenizer
 from vllm import SamplingParams
 from vllm.config import StructuredOutputsConfig
@@ -59,7 +53,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 GiB = 1 << 30
 _DONE = object()  # the generation ended (finished or aborted); nothing more comes
-_ZERO = "base"  # the LoRA name base-model requests run under (an adapter whose weights are all zero)
+_VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's max_lora_rank takes
 
 
 @dataclass
@@ -98,42 +92,45 @@ class VLLMEngine(HFTokenizer, Engine):
         kv_cache_gb: float | None = None,
         quantize: str = "none",
     ) -> None:
-        """Start vLLM on BASE_PATH: MAX_LOADED adapters in one batch (vLLM's max_loras), MAX_CPU_LORAS kept loaded
-        (default MAX_LOADED), MAX_BATCH rows (max_num_seqs), KV_CACHE_GB of cache (on CPU default 1 GiB, or
-        VLLM_CPU_KVCACHE_SPACE when set). QUANTIZE "nf4" (bitsandbytes) runs on CUDA only."""
+        """Start vLLM on BASE_PATH: MAX_CPU_LORAS adapters kept loaded (default MAX_LOADED), MAX_LOADED of them in
+        one batch (vLLM's max_loras; on CPU all those kept), MAX_BATCH rows (max_num_seqs), KV_CACHE_GB of cache (on
+        CPU default 1 GiB, or VLLM_CPU_KVCACHE_SPACE when set). QUANTIZE "nf4" (bitsandbytes) runs on CUDA only."""
         on_cpu = current_platform.is_cpu()
         if quantize not in ("none", "nf4") or (quantize == "nf4" and on_cpu):
             where = "on CPU" if on_cpu else "here"
             raise BaseModelError(f"The vLLM engine cannot run --quantize {quantize} {where}; use --quantize none.")
         kept = max_loaded if max_cpu_loras is None else max_cpu_loras
+        lora_rank = next((r for r in _VLLM_RANKS if r >= max_rank), None)
+        if lora_rank is None:
+            raise BaseModelError(f"The vLLM engine serves LoRA ranks up to {_VLLM_RANKS[-1]}, not {max_rank}.")
         if kept < max_loaded:
             raise BaseModelError(f"--max-cpu-loras ({kept}) must be at least --max-loaded ({max_loaded}).")
         self.model_id = model_id
         self.fingerprint = fingerprint(base_path)
         self.precision = Precision.of(quantize, dtype)
         self.max_rank = max_rank
-        self.max_loaded = kept  # adapters in memory at once; at most max_loaded of them share one batch
+        self.max_loaded = kept  # adapters in memory at once
         self.tokenizer = AutoTokenizer.from_pretrained(base_path)
         log.info("vLLM engine: the base model computes in %s, %s.", dtype, self.precision.describe())
-        self._zero_dir = Path(tempfile.mkdtemp(prefix="adapters-vllm-"))
-        self._zero = LoRARequest(_ZERO, 1, str(_write_zero_adapter(base_path, self._zero_dir)))
         self._ids: dict[str, int] = {}  # adapter key -> its LoRA id for the engine's life (ids only grow)
         self._loaded: OrderedDict[str, _Adapter] = OrderedDict()  # least recently used first
         self._requests: dict[str, _Request] = {}
         self._lock = threading.Lock()  # `status` reads the tables above from other threads
         self._loads = self._evictions = 0
         self._passes: Counter[int] = Counter()
-        # vLLM schedules at most max_loras distinct LoRAs per batch; one slot is the zero adapter's. On CPU, vLLM
-        # gives a row without LoRA the last slot's adapter once every slot is full, so no row runs without one.
+        # vLLM's CPU LoRA kernels give a row without an adapter (index -1) the adapter in the last LoRA slot. vLLM
+        # fills the first free slot and this engine never registers more adapters than it keeps, so one slot more
+        # than that stays empty, all zeros, for base rows. (CUDA's kernels skip those rows.)
+        slots = kept + 1 if on_cpu else max_loaded
         args = AsyncEngineArgs(
             model=str(base_path),
             tokenizer=str(base_path),
             dtype=dtype,
             quantization="bitsandbytes" if quantize == "nf4" else None,
             enable_lora=True,
-            max_loras=max_loaded + 1,
-            max_cpu_loras=kept + 1,
-            max_lora_rank=max_rank,
+            max_loras=slots,
+            max_cpu_loras=max(slots, kept),
+            max_lora_rank=lora_rank,  # vLLM sizes its slots for one of a few ranks; the catalog checks max_rank
             max_num_seqs=max_batch,
             max_model_len=max_context,
             kv_cache_memory_bytes=_kv_cache_bytes(kv_cache_gb, on_cpu),
@@ -154,17 +151,10 @@ class VLLMEngine(HFTokenizer, Engine):
         self.prompt_characters = self.context_length * self._token_characters()
 
     async def _start(self, args: AsyncEngineArgs) -> AsyncLLM:
-        """Create vLLM on the engine's loop (its output handler runs there), then install the zero adapter."""
-        llm = AsyncLLM.from_engine_args(args, stat_loggers=[lambda config, index: _PassCounter(self._count_pass)])
+        """Create vLLM on the engine's loop: its output handler runs there."""
         self._freed = asyncio.Condition()  # a generation released its adapter
         self._changing = asyncio.Lock()  # one change to vLLM's adapters at a time
-        try:
-            await llm.add_lora(self._zero)
-            await llm.pin_lora(self._zero.lora_int_id)
-        except BaseException:
-            llm.shutdown()
-            raise
-        return llm
+        return AsyncLLM.from_engine_args(args, stat_loggers=[lambda config, index: _PassCounter(self._count_pass)])
 
     def _count_pass(self, rows: int) -> None:
         with self._lock:
@@ -228,7 +218,6 @@ class VLLMEngine(HFTokenizer, Engine):
             return
         await self._on_loop(self._shutdown())
         self._stop_loop()
-        shutil.rmtree(self._zero_dir, ignore_errors=True)
 
     async def _shutdown(self) -> None:
         self._llm.shutdown()
@@ -254,7 +243,7 @@ class VLLMEngine(HFTokenizer, Engine):
         """Run REQUEST in vLLM and send its chunks, then _DONE or the error that ended it."""
         record = self._requests[request.request_id]
         try:
-            lora = self._zero
+            lora = None
             if request.adapter is not None:
                 lora = (await self._use(request.adapter, hold=True))[0].lora
             try:
@@ -277,7 +266,7 @@ class VLLMEngine(HFTokenizer, Engine):
             send(_DONE)
 
     async def _stream(
-        self, request: GenerateRequest, lora: LoRARequest, record: _Request, send: Callable[[Any], None]
+        self, request: GenerateRequest, lora: LoRARequest | None, record: _Request, send: Callable[[Any], None]
     ) -> None:
         prompt = TokensPrompt(prompt_token_ids=list(request.prompt_ids))
         params = _sampling_params(request.sampling)
@@ -329,9 +318,9 @@ class VLLMEngine(HFTokenizer, Engine):
         return self._ids.get(key)
 
     def _lora_id(self, key: str) -> int:
-        """KEY's LoRA id: the same for the engine's life, never one another version had (1 is the zero adapter)."""
+        """KEY's LoRA id: the same for the engine's life, never one another version had."""
         if key not in self._ids:
-            self._ids[key] = len(self._ids) + 2
+            self._ids[key] = len(self._ids) + 1
         return self._ids[key]
 
     async def _make_room(self) -> None:
@@ -442,34 +431,3 @@ def _kv_cache_bytes(kv_cache_gb: float | None, on_cpu: bool) -> int | None:
     if kv_cache_gb is not None:
         return int(kv_cache_gb * GiB)
     return GiB if on_cpu and not os.environ.get("VLLM_CPU_KVCACHE_SPACE") else None
-
-
-def _write_zero_adapter(base_path: Path, folder: Path) -> Path:
-    """A rank-1 LoRA of zeros on one attention projection of the base: it leaves every output exactly as the base's."""
-    for weights in sorted(base_path.glob("*.safetensors")):
-        with safe_open(weights, framework="pt") as f:
-            name = next((k for k in f.keys() if k.endswith(("q_proj.weight", "v_proj.weight"))), None)  # noqa: SIM118
-            if name is not None:
-                out, into = f.get_slice(name).get_shape()
-                break
-    else:
-        raise BaseModelError(f"{base_path} has no q_proj or v_proj layer: the vLLM engine cannot serve it.")
-    module = name.removesuffix(".weight")
-    save_file(
-        {
-            f"base_model.model.{module}.lora_A.weight": torch.zeros(1, into),
-            f"base_model.model.{module}.lora_B.weight": torch.zeros(out, 1),
-        },
-        folder / "adapter_model.safetensors",
-    )
-    config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "r": 1,
-        "lora_alpha": 1,
-        "target_modules": [module.rsplit(".", 1)[-1]],
-        "bias": "none",
-        "base_model_name_or_path": str(base_path),
-    }
-    (folder / "adapter_config.json").write_text(json.dumps(config))
-    return folder
