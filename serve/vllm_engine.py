@@ -300,18 +300,33 @@ class VLLMEngine(HFTokenizer, Engine):
                 if key in self._loaded:  # another call loaded it while this one waited
                     continue
                 await self._make_room()
-                lora = LoRARequest(key, self._lora_id(key), str(spec.path))
-                try:
-                    added = await self._llm.add_lora(lora)
-                except Exception as exc:
-                    raise AdapterLoadFailed(key, _worker_error(exc)) from None
-                if not added:
-                    raise AdapterLoadFailed(key, "vLLM did not add it")
-                entry = _Adapter(lora, users=int(hold))
-                with self._lock:
-                    self._loaded[key] = entry
-                    self._loads += 1
+                entry = await self._add(LoRARequest(key, self._lora_id(key), str(spec.path)))
+                entry.users += hold
                 return entry, True
+
+    async def _add(self, lora: LoRARequest) -> _Adapter:
+        """Register LORA in vLLM and in the table; a caller that leaves meanwhile still gets the table right, so
+        that vLLM never holds an adapter the table lacks (the spare slot depends on it)."""
+        call = asyncio.ensure_future(self._llm.add_lora(lora))
+        try:
+            added = await asyncio.shield(call)
+        except asyncio.CancelledError:
+            await asyncio.wait([call])
+            if not call.cancelled() and call.exception() is None and call.result():
+                self._register(lora)
+            raise
+        except Exception as exc:
+            raise AdapterLoadFailed(lora.lora_name, _worker_error(exc)) from None
+        if not added:
+            raise AdapterLoadFailed(lora.lora_name, "vLLM did not add it")
+        return self._register(lora)
+
+    def _register(self, lora: LoRARequest) -> _Adapter:
+        entry = _Adapter(lora)
+        with self._lock:
+            self._loaded[lora.lora_name] = entry
+            self._loads += 1
+        return entry
 
     def lora_id(self, key: str) -> int | None:
         """The LoRA id vLLM knows adapter version KEY by (None before its first load)."""
