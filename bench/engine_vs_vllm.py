@@ -191,6 +191,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")  # vLLM's server would post usage statistics otherwise
     base = ensure_embedded()
     with tempfile.TemporaryDirectory() as folder:
         specs = make_adapters(base, args.adapters, Path(folder))

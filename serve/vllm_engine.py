@@ -138,6 +138,9 @@ class VLLMEngine(HFTokenizer, Engine):
             disable_log_stats=True,
             enable_logging_iteration_details=True,  # rows per pass reach the stat logger below
         )
+        # vLLM posts usage statistics to its makers from the child process unless told not to; a server of ours
+        # sends nothing anywhere it was not asked to (VLLM_NO_USAGE_STATS=0 turns it back on).
+        os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="vllm-engine", daemon=True)
         self._thread.start()
