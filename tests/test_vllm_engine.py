@@ -350,3 +350,52 @@ def test_status_reports_the_rows_of_each_forward_pass(vllm_engine):
     passes = vllm_engine.status().passes
     assert sum(passes.values()) >= before + GREEDY.max_tokens
     assert max(passes) >= len(PROMPTS)
+
+
+async def wait_until(condition: Callable[[], bool], seconds: float = 120) -> None:
+    """Poll CONDITION on the event loop; fail after SECONDS."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+def test_a_request_for_another_adapter_waits_while_every_place_is_in_use(vllm_engine, vllm_lora):
+    a, b, c = vllm_lora(41), vllm_lora(42), vllm_lora(43)
+    long = Sampling(max_tokens=400, temperature=0, ignore_eos=True)
+    busy = [request(PROMPTS[0], a, long, vllm_engine), request(PROMPTS[1], b, long, vllm_engine)]
+    third = request(PROMPTS[2], c, GREEDY, vllm_engine)
+
+    async def go() -> list[Chunk]:
+        running = [asyncio.ensure_future(collect(vllm_engine, r)) for r in busy]
+        await wait_until(lambda: vllm_engine.status().running == 2)
+        waiting = asyncio.ensure_future(collect(vllm_engine, third))
+        await wait_until(lambda: vllm_engine.status().waiting_adapters == (c.key,))
+        status = vllm_engine.status()
+        assert set(status.loaded) == {a.key, b.key} and status.running_adapters == (a.key, b.key)
+        await vllm_engine.abort(busy[0].request_id)  # a's place frees: c takes it
+        chunks = await waiting
+        assert set(vllm_engine.status().loaded) == {b.key, c.key}
+        await vllm_engine.abort(busy[1].request_id)
+        await asyncio.gather(*running)
+        return chunks
+
+    chunks = asyncio.run(go())
+    assert chunks[-1].finish_reason == "length"
+
+
+def test_a_running_request_finishes_on_its_version_while_a_new_one_is_served(vllm_engine, vllm_lora, vllm_base):
+    v1 = AdapterSpec("swap", "v1.0.0", vllm_lora(51).path)
+    v2 = AdapterSpec("swap", "v2.0.0", vllm_lora(52).path)
+    ids = vllm_engine.encode(PROMPTS[0])
+    sampling = Sampling(max_tokens=40, temperature=0, ignore_eos=True)
+
+    async def go() -> tuple[list[Chunk], list[Chunk]]:
+        old = vllm_engine.generate(request(ids, v1, sampling, vllm_engine))
+        first = [await old.__anext__()]
+        new = await collect(vllm_engine, request(ids, v2, sampling, vllm_engine))  # while v1's request runs
+        return first + [chunk async for chunk in old], new
+
+    old, new = asyncio.run(go())
+    assert tokens(old) == peft_tokens(vllm_base, v1, ids, 40)
+    assert tokens(new) == peft_tokens(vllm_base, v2, ids, 40)
