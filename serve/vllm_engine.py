@@ -15,7 +15,7 @@ import re
 import threading
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -246,11 +246,12 @@ class VLLMEngine(HFTokenizer, Engine):
         """Run REQUEST in vLLM and send its chunks, then _DONE or the error that ended it."""
         record = self._requests[request.request_id]
         try:
+            params = self._params(request.sampling)
             lora = None
             if request.adapter is not None:
                 lora = (await self._use(request.adapter, hold=True))[0].lora
             try:
-                await self._stream(request, lora, record, send)
+                await self._stream(request, params, lora, record, send)
             finally:
                 if request.adapter is not None:
                     await self._release(request.adapter.key)
@@ -258,7 +259,7 @@ class VLLMEngine(HFTokenizer, Engine):
             pass
         except EngineError as exc:
             send(exc)
-        except VLLMClientError as exc:  # vLLM's own validation, before anything ran (a schema it cannot use...)
+        except VLLMClientError as exc:  # vLLM's own validation when it takes the request
             send(InvalidRequest(str(exc)))
         except Exception:
             log.exception("vLLM failed request %s.", request.request_id)
@@ -269,10 +270,14 @@ class VLLMEngine(HFTokenizer, Engine):
             send(_DONE)
 
     async def _stream(
-        self, request: GenerateRequest, lora: LoRARequest | None, record: _Request, send: Callable[[Any], None]
+        self,
+        request: GenerateRequest,
+        params: SamplingParams,
+        lora: LoRARequest | None,
+        record: _Request,
+        send: Callable[[Any], None],
     ) -> None:
         prompt = TokensPrompt(prompt_token_ids=list(request.prompt_ids))
-        params = _sampling_params(request.sampling)
         first = True
         async for output in self._llm.generate(prompt, params, request.request_id, lora_request=lora):
             record.started = True
@@ -282,6 +287,22 @@ class VLLMEngine(HFTokenizer, Engine):
                 return
             if chunk.text or chunk.token_ids or chunk.finish_reason or chunk.prompt_logprobs is not None:
                 send(chunk)
+
+    def _params(self, sampling: Sampling) -> SamplingParams:
+        """SAMPLING as vLLM's parameters, checked as vLLM checks them before any adapter is loaded for them; a JSON
+        schema it cannot use is named as the response_format's fault."""
+        config = self._llm.vllm_config
+        checks = [(replace(sampling, json_schema=None), None)]
+        if sampling.json_schema is not None:
+            checks.append((sampling, "response_format"))
+        for settings, param in checks:
+            try:
+                params = _sampling_params(settings)
+                outputs_config, tokenizer = config.structured_outputs_config, self._llm.tokenizer
+                params.verify(config.model_config, config.speculative_config, outputs_config, tokenizer)
+            except (ValueError, VLLMClientError) as exc:
+                raise InvalidRequest(str(exc), param=param) from None
+        return params
 
     async def _abort(self, request_id: str) -> None:
         record = self._requests.get(request_id)

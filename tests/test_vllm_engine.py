@@ -267,14 +267,16 @@ def test_json_schema_output_parses(vllm_engine):
     assert chunks[-1].finish_reason == "stop"
 
 
-def test_invalid_requests_are_refused_before_anything_runs(vllm_engine):
+def test_invalid_requests_are_refused_before_anything_runs(vllm_engine, vllm_lora):
     with pytest.raises(InvalidRequest, match="empty"):
         run_all(vllm_engine, [GenerateRequest("empty", (), None, GREEDY)])
     with pytest.raises(InvalidRequest, match="vocabulary"):
         run_all(vllm_engine, [GenerateRequest("outside", (1, vllm_engine.vocab_size), None, GREEDY)])
     bad_schema = Sampling(max_tokens=8, json_schema='{"type": "no-such-type"}')
-    with pytest.raises(InvalidRequest):
-        run_all(vllm_engine, [request(PROMPTS[0], None, bad_schema, vllm_engine)])
+    with pytest.raises(InvalidRequest) as refused:
+        run_all(vllm_engine, [request(PROMPTS[0], vllm_lora(61), bad_schema, vllm_engine)])
+    assert refused.value.param == "response_format"
+    assert vllm_lora(61).key not in vllm_engine.status().loaded  # refused before its adapter was loaded
     assert vllm_engine.status().running == vllm_engine.status().waiting == 0
 
 
