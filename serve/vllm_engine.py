@@ -196,7 +196,7 @@ class VLLMEngine(HFTokenizer, Engine):
         await self._on_loop(self._abort(request_id))
 
     async def load(self, adapter: AdapterSpec) -> bool:
-        return (await self._on_loop(self._use(adapter, hold=False)))[1]
+        return await self._on_loop(self._preload(adapter))
 
     async def unload(self, key: str) -> bool:
         return await self._on_loop(self._unload(key))
@@ -361,6 +361,14 @@ class VLLMEngine(HFTokenizer, Engine):
         if key not in self._ids:
             self._ids[key] = len(self._ids) + 1
         return self._ids[key]
+
+    async def _preload(self, spec: AdapterSpec) -> bool:
+        """`load`: when every place holds an adapter in use, SPEC waits for a place without blocking the caller (the
+        first request for it loads it), as the transformers engine's pending adapters do; `loaded` omits it."""
+        busy = all(entry.users for entry in self._loaded.values())
+        if spec.key not in self._loaded and len(self._loaded) >= self.max_loaded and busy:
+            return True
+        return (await self._use(spec, hold=False))[1]
 
     async def _make_room(self) -> None:
         """Evict the least recently used idle adapter while all places are taken, waiting for one to go idle."""

@@ -375,6 +375,8 @@ def test_a_request_for_another_adapter_waits_while_every_place_is_in_use(vllm_en
         await wait_until(lambda: vllm_engine.status().waiting_adapters == (c.key,))
         status = vllm_engine.status()
         assert set(status.loaded) == {a.key, b.key} and status.running_adapters == (a.key, b.key)
+        assert await vllm_engine.load(c) is True  # it waits for a place; the caller does not
+        assert c.key not in await vllm_engine.loaded()
         await vllm_engine.abort(busy[0].request_id)  # a's place frees: c takes it
         chunks = await waiting
         assert set(vllm_engine.status().loaded) == {b.key, c.key}
