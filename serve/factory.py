@@ -30,17 +30,16 @@ class EngineOptions:
     dtype: str | None = None  # vLLM's compute dtype
     max_cpu_loras: int | None = None  # vLLM's cache of adapters in host memory
 
-    def check(self, cuda: bool) -> None:
+    def check(self) -> None:
         """Refuse options the chosen engine does not take, with one line that says what to do."""
         if self.engine == "transformers":
             for option, value in (("--dtype", self.dtype), ("--max-cpu-loras", self.max_cpu_loras)):
                 if value is not None:
                     raise ServeOptionError(f"{option} is an option of the vLLM engine; add --engine vllm or drop it.")
-        elif self.quantize == "int8" or (self.quantize == "nf4" and not cuda):
-            where = "" if cuda else " on a machine without CUDA"
+        elif self.quantize != "none":  # vLLM 0.32 dropped bitsandbytes, so it has no NF4 or int8 with LoRA
             raise ServeOptionError(
-                f"The vLLM engine cannot serve a --quantize {self.quantize} base{where}; use --quantize none "
-                "(or --engine transformers, which serves nf4 and int8 bases on CPU)."
+                f"The vLLM engine cannot serve a --quantize {self.quantize} base (vLLM 0.32 has no bitsandbytes); "
+                "use --quantize none, or --engine transformers, which serves nf4 and int8 bases."
             )
         if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loaded:
             raise ServeOptionError(
@@ -57,7 +56,7 @@ def build(path: Path, model_id: str, options: EngineOptions) -> Engine:
             path,
             model_id=model_id,
             quantize=options.quantize,
-            dtype=options.dtype,
+            dtype=options.dtype or "bfloat16",
             max_loaded=options.max_loaded,
             max_cpu_loras=options.max_cpu_loras,
             max_batch=options.max_batch,

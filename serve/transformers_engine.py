@@ -12,7 +12,6 @@ import threading
 from collections import deque
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -23,6 +22,7 @@ from serve.admission import Admission
 from serve.engine import AdapterLoadFailed, AdapterSpec, Chunk, Engine, EngineStatus, GenerateRequest, InvalidRequest
 from serve.generation import ABORTED, Generation
 from serve.grammar import Grammars
+from serve.hf_tokenizer import HFTokenizer
 from serve.lora import AdapterWeights, Rows, install, read_adapter, uninstall, wrap_linears
 from serve.runner import Runner, fail
 from serve.slots import Adapter, Slots, State
@@ -30,7 +30,7 @@ from serve.slots import Adapter, Slots, State
 log = logging.getLogger("serve")
 
 
-class TransformersEngine(Engine):
+class TransformersEngine(HFTokenizer, Engine):
     """Runs every request in one batch loop on a worker thread; rows join and leave the batch at any step."""
 
     name = "transformers"
@@ -53,8 +53,6 @@ class TransformersEngine(Engine):
         self.max_batch = max_batch
         self.fingerprint = fingerprint(base_path)
         self.tokenizer = AutoTokenizer.from_pretrained(base_path)
-        # No token spells more characters than the longest one, so a longer text cannot fit the context.
-        self._token_characters = max(len(token) for token in self.tokenizer.get_vocab())
         self._cond = threading.Condition()  # guards the queue and the slots; the worker waits on it for work
         # The LoRA layers change only on the worker thread, between passes; other threads ask through the slots.
         self._slots = Slots(
@@ -92,7 +90,7 @@ class TransformersEngine(Engine):
             ).eval()
             # Each batch row keeps room for the longest running request, so the context bounds memory too.
             self.context_length = min(int(model.config.max_position_embeddings), max_context)
-            self.prompt_characters = self.context_length * self._token_characters
+            self.prompt_characters = self.context_length * self._token_characters()
             rows = Rows()
             self._layers = wrap_linears(model, rows, self.max_loaded)
             self.vocab_size = int(model.get_input_embeddings().num_embeddings)
@@ -118,29 +116,6 @@ class TransformersEngine(Engine):
             self._loop()
 
     # The HTTP-facing contract.
-
-    def encode(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
-        return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids)
-
-    def token_texts(self, ids: list[int]) -> list[str]:
-        return [self.tokenizer.decode([token]) for token in ids]
-
-    def tokenizer_info(self) -> dict[str, Any]:
-        tokens = {name: getattr(self.tokenizer, name) for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
-        return {
-            "tokenizer_class": type(self.tokenizer).__name__,
-            **tokens,
-            "chat_template": self.tokenizer.chat_template,
-            "model_max_length": self.context_length,
-            "vocab_size": len(self.tokenizer),
-        }
-
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer.encode(text, add_special_tokens=False)
 
     async def load(self, adapter: AdapterSpec) -> bool:
         return await asyncio.to_thread(self._load, adapter)

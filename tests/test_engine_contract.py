@@ -11,18 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from serve.engine import (
-    AdapterLoadFailed,
-    AdapterSpec,
-    Chunk,
-    Engine,
-    GenerateRequest,
-    InvalidRequest,
-    Sampling,
-)
+from serve.engine import AdapterLoadFailed, AdapterSpec, Chunk, Engine, GenerateRequest, InvalidRequest, Sampling
+
+from engines import GREEDY, chunks, request, text
 
 PROMPTS = ["Hello there, how are you", "The capital of France is", "1 2 3 4 5 6 7 8 9 10", "Write a poem"]
-GREEDY = Sampling(max_tokens=12, temperature=0, ignore_eos=True)
 _ids = itertools.count()
 
 
@@ -34,12 +27,11 @@ class Subject:
     adapter: Callable[[int], AdapterSpec]
 
 
-def _specs(make_adapter: Callable[[int], Path]) -> Callable[[int], AdapterSpec]:
-    return lambda seed: AdapterSpec(f"a{seed}", "v1.0.0", make_adapter(seed))
-
-
-@pytest.fixture(scope="module", params=["fake", "transformers"])
-def subject(request: pytest.FixtureRequest, make_adapter: Callable[[int], Path]) -> Iterator[Subject]:
+@pytest.fixture(scope="module", params=["fake", "transformers", "vllm"])
+def subject(request: pytest.FixtureRequest, lora: Callable[..., AdapterSpec]) -> Iterator[Subject]:
+    if request.param == "vllm":
+        yield Subject(request.getfixturevalue("vllm_engine"), lora)  # one per session; it closes at the end
+        return
     if request.param == "fake":
         from fake_engine import FakeEngine
 
@@ -50,21 +42,8 @@ def subject(request: pytest.FixtureRequest, make_adapter: Callable[[int], Path])
         engine = TransformersEngine(
             request.getfixturevalue("tiny_base"), model_id="tiny", quantize="none", max_loaded=2, max_batch=8
         )
-    yield Subject(engine, _specs(make_adapter))
+    yield Subject(engine, lora)
     asyncio.run(engine.close())
-
-
-def request(engine: Engine, prompt: str, adapter: AdapterSpec | None, sampling: Sampling = GREEDY) -> GenerateRequest:
-    """A generation of PROMPT with a fresh request id."""
-    return GenerateRequest(f"r{next(_ids)}", tuple(engine.encode(prompt)), adapter, sampling)
-
-
-async def chunks(engine: Engine, generation: GenerateRequest) -> list[Chunk]:
-    return [chunk async for chunk in engine.generate(generation)]
-
-
-async def text(engine: Engine, generation: GenerateRequest) -> str:
-    return "".join(chunk.text for chunk in await chunks(engine, generation))
 
 
 def texts(engine: Engine, jobs: list[tuple[AdapterSpec | None, str, Sampling]]) -> list[str]:

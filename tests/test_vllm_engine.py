@@ -7,15 +7,15 @@ import asyncio
 import importlib.util
 import json
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from itertools import count
 from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
 
 from serve.engine import AdapterLoadFailed, AdapterSpec, Chunk, GenerateRequest, InvalidRequest, Sampling
 
@@ -28,66 +28,6 @@ PROMPTS = ["Hello there, how are you", "The capital of France is", "1 2 3 4 5 6 
 GREEDY = Sampling(max_tokens=12, temperature=0, ignore_eos=True)
 MAX_LOADED = 2  # adapters in one batch: a small number lets a test fill every slot
 _ids = count()
-
-
-@pytest.fixture(scope="session")
-def vllm_base(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
-    """The tiny random Llama with the head size vLLM's CPU attention needs (32; tiny_base's is 16)."""
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("vllm-llama")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="session")
-def vllm_lora(tmp_path_factory: pytest.TempPathFactory, vllm_base: Path) -> Callable[..., AdapterSpec]:
-    """Real PEFT adapters on the vLLM base, one per seed and settings, as AdapterSpecs named a<seed>@v1.0.0."""
-    made: dict[tuple, AdapterSpec] = {}
-
-    def make(seed: int, **settings: object) -> AdapterSpec:
-        key = (seed, repr(sorted(settings.items())))
-        if key not in made:
-            torch.manual_seed(seed)
-            options = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": False}
-            folder = tmp_path_factory.mktemp(f"vllm-lora-{seed}")
-            model = AutoModelForCausalLM.from_pretrained(vllm_base)
-            get_peft_model(model, LoraConfig(**{**options, **settings})).save_pretrained(folder)
-            made[key] = AdapterSpec(f"a{seed}", "v1.0.0", folder)
-        return made[key]
-
-    return make
-
-
-@pytest.fixture(scope="session")
-def vllm_engine(vllm_base: Path) -> Iterator[VLLMEngine]:
-    """One vLLM engine for the whole session (it takes about a minute to start), in float32 for exact parity."""
-    engine = VLLMEngine(
-        vllm_base,
-        model_id="tiny",
-        dtype="float32",
-        max_loaded=MAX_LOADED,
-        max_batch=8,
-        max_context=512,
-        kv_cache_gb=0.25,
-    )
-    yield engine
-    asyncio.run(engine.close())
 
 
 def request(
@@ -131,39 +71,39 @@ def peft_tokens(base: Path, adapter: AdapterSpec | None, ids: list[int], new: in
     return out[0, len(ids) :].tolist()
 
 
-def test_greedy_output_is_peft_generate_token_for_token(vllm_engine, vllm_lora, vllm_base):
-    adapters = [None, vllm_lora(1), vllm_lora(2, r=8, lora_alpha=4, target_modules="all-linear", use_rslora=True)]
+def test_greedy_output_is_peft_generate_token_for_token(vllm_engine, lora, tiny_base):
+    adapters = [None, lora(1), lora(2, r=8, lora_alpha=4, target_modules="all-linear", use_rslora=True)]
     for adapter, prompt in zip(adapters, PROMPTS, strict=False):
         ids = vllm_engine.encode(prompt)
         [chunks] = run_all(vllm_engine, [request(ids, adapter, GREEDY, vllm_engine)])
-        assert tokens(chunks) == peft_tokens(vllm_base, adapter, ids, GREEDY.max_tokens)
+        assert tokens(chunks) == peft_tokens(tiny_base, adapter, ids, GREEDY.max_tokens)
         assert chunks[-1].finish_reason == "length"
         assert text(chunks) == vllm_engine.tokenizer.decode(tokens(chunks), skip_special_tokens=True)
 
 
 def test_base_rows_in_a_mixed_batch_with_every_adapter_place_taken_answer_as_the_base_alone(
-    vllm_engine, vllm_lora, vllm_base
+    vllm_engine, lora, tiny_base
 ):
     """vLLM on CPU answers a base row as the adapter in its last LoRA slot once every slot is full; this engine keeps
     that slot empty, so base rows stay the base's, also after adapters came and went through the other slots."""
     for seed in (13, 14, 15):  # evictions free slots and fill them again
-        asyncio.run(vllm_engine.load(vllm_lora(seed)))
-    adapters = [vllm_lora(11), vllm_lora(12)]  # MAX_LOADED of them: every place an adapter may take is taken
+        asyncio.run(vllm_engine.load(lora(seed)))
+    adapters = [lora(11), lora(12)]  # MAX_LOADED of them: every place an adapter may take is taken
     ids = [vllm_engine.encode(p) for p in PROMPTS[:2]]
     alone = [tokens(c) for c in run_all(vllm_engine, [request(i, None, GREEDY, vllm_engine) for i in ids])]
-    assert alone == [peft_tokens(vllm_base, None, i, GREEDY.max_tokens) for i in ids]
+    assert alone == [peft_tokens(tiny_base, None, i, GREEDY.max_tokens) for i in ids]
     wide = sum(n for rows, n in vllm_engine.status().passes.items() if rows >= 4)
     batch = [request(ids[0], None, GREEDY, vllm_engine), request(ids[0], adapters[0], GREEDY, vllm_engine)]
     batch += [request(ids[1], None, GREEDY, vllm_engine), request(ids[1], adapters[1], GREEDY, vllm_engine)]
     mixed = [tokens(c) for c in run_all(vllm_engine, batch)]
     assert sum(n for rows, n in vllm_engine.status().passes.items() if rows >= 4) > wide  # they did share passes
     assert [mixed[0], mixed[2]] == alone
-    assert mixed[1] == peft_tokens(vllm_base, adapters[0], ids[0], GREEDY.max_tokens)
-    assert mixed[3] == peft_tokens(vllm_base, adapters[1], ids[1], GREEDY.max_tokens)
+    assert mixed[1] == peft_tokens(tiny_base, adapters[0], ids[0], GREEDY.max_tokens)
+    assert mixed[3] == peft_tokens(tiny_base, adapters[1], ids[1], GREEDY.max_tokens)
 
 
-def test_abort_ends_a_running_generation_without_a_finish_reason(vllm_engine, vllm_lora):
-    adapter = vllm_lora(1)
+def test_abort_ends_a_running_generation_without_a_finish_reason(vllm_engine, lora):
+    adapter = lora(1)
     req = request(PROMPTS[0], adapter, Sampling(max_tokens=400, temperature=0, ignore_eos=True), vllm_engine)
 
     async def go() -> list[Chunk]:
@@ -218,10 +158,10 @@ def test_stop_token_ids_end_the_generation(vllm_engine):
     assert cut[-1].finish_reason == "stop"
 
 
-def test_a_seed_makes_sampling_reproducible(vllm_engine, vllm_lora):
+def test_a_seed_makes_sampling_reproducible(vllm_engine, lora):
     def sample(seed: int) -> list[int]:
         sampling = Sampling(max_tokens=16, temperature=1.0, seed=seed, ignore_eos=True)
-        [chunks] = run_all(vllm_engine, [request(PROMPTS[3], vllm_lora(1), sampling, vllm_engine)])
+        [chunks] = run_all(vllm_engine, [request(PROMPTS[3], lora(1), sampling, vllm_engine)])
         return tokens(chunks)
 
     first = sample(7)
@@ -229,8 +169,8 @@ def test_a_seed_makes_sampling_reproducible(vllm_engine, vllm_lora):
     assert sample(8) != first
 
 
-def test_logprobs_and_prompt_logprobs_are_the_models(vllm_engine, vllm_lora, vllm_base):
-    adapter = vllm_lora(1)
+def test_logprobs_and_prompt_logprobs_are_the_models(vllm_engine, lora, tiny_base):
+    adapter = lora(1)
     ids = vllm_engine.encode(PROMPTS[0])
     sampling = Sampling(max_tokens=4, temperature=0, ignore_eos=True, logprobs=3, prompt_logprobs=2)
     [chunks] = run_all(vllm_engine, [request(ids, adapter, sampling, vllm_engine)])
@@ -243,7 +183,7 @@ def test_logprobs_and_prompt_logprobs_are_the_models(vllm_engine, vllm_lora, vll
         assert [lp for _, lp in s.top] == sorted((lp for _, lp in s.top), reverse=True)
     with torch.no_grad():
         reference = torch.log_softmax(
-            peft_model(vllm_base, adapter)(torch.tensor([ids + tokens(chunks)])).logits[0], -1
+            peft_model(tiny_base, adapter)(torch.tensor([ids + tokens(chunks)])).logits[0], -1
         )
     prompt = chunks[0].prompt_logprobs
     assert [s.token for s in prompt] == ids[1:]
@@ -267,22 +207,22 @@ def test_json_schema_output_parses(vllm_engine):
     assert chunks[-1].finish_reason == "stop"
 
 
-def test_invalid_requests_are_refused_before_anything_runs(vllm_engine, vllm_lora):
+def test_invalid_requests_are_refused_before_anything_runs(vllm_engine, lora):
     with pytest.raises(InvalidRequest, match="empty"):
         run_all(vllm_engine, [GenerateRequest("empty", (), None, GREEDY)])
     with pytest.raises(InvalidRequest, match="vocabulary"):
         run_all(vllm_engine, [GenerateRequest("outside", (1, vllm_engine.vocab_size), None, GREEDY)])
     bad_schema = Sampling(max_tokens=8, json_schema='{"type": "no-such-type"}')
     with pytest.raises(InvalidRequest) as refused:
-        run_all(vllm_engine, [request(PROMPTS[0], vllm_lora(61), bad_schema, vllm_engine)])
+        run_all(vllm_engine, [request(PROMPTS[0], lora(61), bad_schema, vllm_engine)])
     assert refused.value.param == "response_format"
-    assert vllm_lora(61).key not in vllm_engine.status().loaded  # refused before its adapter was loaded
+    assert lora(61).key not in vllm_engine.status().loaded  # refused before its adapter was loaded
     assert vllm_engine.status().running == vllm_engine.status().waiting == 0
 
 
-def test_an_adapter_vllm_cannot_load_fails_alone_and_the_engine_keeps_serving(vllm_engine, vllm_lora, tmp_path):
+def test_an_adapter_vllm_cannot_load_fails_alone_and_the_engine_keeps_serving(vllm_engine, lora, tmp_path):
     broken = tmp_path / "broken"
-    shutil.copytree(vllm_lora(1).path, broken)
+    shutil.copytree(lora(1).path, broken)
     weights = broken / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # cut short: the catalog's hashes passed, the file is not whole
     spec = AdapterSpec("broken", "v1.0.0", broken)
@@ -292,12 +232,12 @@ def test_an_adapter_vllm_cannot_load_fails_alone_and_the_engine_keeps_serving(vl
     with pytest.raises(AdapterLoadFailed):
         run_all(vllm_engine, [request(PROMPTS[0], spec, GREEDY, vllm_engine)])
     assert spec.key not in vllm_engine.status().loaded
-    [chunks] = run_all(vllm_engine, [request(PROMPTS[0], vllm_lora(1), GREEDY, vllm_engine)])
+    [chunks] = run_all(vllm_engine, [request(PROMPTS[0], lora(1), GREEDY, vllm_engine)])
     assert chunks[-1].finish_reason == "length"
 
 
-def test_load_unload_and_the_lru_of_loaded_adapters(vllm_engine, vllm_lora):
-    a, b, c = vllm_lora(21), vllm_lora(22), vllm_lora(23)
+def test_load_unload_and_the_lru_of_loaded_adapters(vllm_engine, lora):
+    a, b, c = lora(21), lora(22), lora(23)
     before = vllm_engine.status()
     assert asyncio.run(vllm_engine.load(a)) is True
     assert asyncio.run(vllm_engine.load(a)) is False
@@ -316,8 +256,8 @@ def test_load_unload_and_the_lru_of_loaded_adapters(vllm_engine, vllm_lora):
     assert set(in_vllm) == {vllm_engine.lora_id(a.key)}  # vLLM's own list agrees
 
 
-def test_an_adapter_in_use_is_not_unloaded(vllm_engine, vllm_lora):
-    adapter = vllm_lora(1)
+def test_an_adapter_in_use_is_not_unloaded(vllm_engine, lora):
+    adapter = lora(1)
     req = request(PROMPTS[0], adapter, Sampling(max_tokens=400, temperature=0, ignore_eos=True), vllm_engine)
 
     async def go() -> bool:
@@ -332,9 +272,9 @@ def test_an_adapter_in_use_is_not_unloaded(vllm_engine, vllm_lora):
     assert asyncio.run(vllm_engine.unload(adapter.key)) is True
 
 
-def test_a_new_version_gets_a_new_lora_id_and_an_old_one_keeps_its_own(vllm_engine, vllm_lora):
-    v1 = vllm_lora(31)
-    v2 = AdapterSpec(v1.name, "v2.0.0", vllm_lora(32).path)
+def test_a_new_version_gets_a_new_lora_id_and_an_old_one_keeps_its_own(vllm_engine, lora):
+    v1 = lora(31)
+    v2 = AdapterSpec(v1.name, "v2.0.0", lora(32).path)
     asyncio.run(vllm_engine.load(v1))
     first = vllm_engine.lora_id(v1.key)
     asyncio.run(vllm_engine.unload(v1.key))
@@ -362,8 +302,8 @@ async def wait_until(condition: Callable[[], bool], seconds: float = 120) -> Non
         await asyncio.sleep(0.01)
 
 
-def test_a_request_for_another_adapter_waits_while_every_place_is_in_use(vllm_engine, vllm_lora):
-    a, b, c = vllm_lora(41), vllm_lora(42), vllm_lora(43)
+def test_a_request_for_another_adapter_waits_while_every_place_is_in_use(vllm_engine, lora):
+    a, b, c = lora(41), lora(42), lora(43)
     long = Sampling(max_tokens=400, temperature=0, ignore_eos=True)
     busy = [request(PROMPTS[0], a, long, vllm_engine), request(PROMPTS[1], b, long, vllm_engine)]
     third = request(PROMPTS[2], c, GREEDY, vllm_engine)
@@ -388,9 +328,9 @@ def test_a_request_for_another_adapter_waits_while_every_place_is_in_use(vllm_en
     assert chunks[-1].finish_reason == "length"
 
 
-def test_a_running_request_finishes_on_its_version_while_a_new_one_is_served(vllm_engine, vllm_lora, vllm_base):
-    v1 = AdapterSpec("swap", "v1.0.0", vllm_lora(51).path)
-    v2 = AdapterSpec("swap", "v2.0.0", vllm_lora(52).path)
+def test_a_running_request_finishes_on_its_version_while_a_new_one_is_served(vllm_engine, lora, tiny_base):
+    v1 = AdapterSpec("swap", "v1.0.0", lora(51).path)
+    v2 = AdapterSpec("swap", "v2.0.0", lora(52).path)
     ids = vllm_engine.encode(PROMPTS[0])
     sampling = Sampling(max_tokens=40, temperature=0, ignore_eos=True)
 
@@ -401,5 +341,5 @@ def test_a_running_request_finishes_on_its_version_while_a_new_one_is_served(vll
         return first + [chunk async for chunk in old], new
 
     old, new = asyncio.run(go())
-    assert tokens(old) == peft_tokens(vllm_base, v1, ids, 40)
-    assert tokens(new) == peft_tokens(vllm_base, v2, ids, 40)
+    assert tokens(old) == peft_tokens(tiny_base, v1, ids, 40)
+    assert tokens(new) == peft_tokens(tiny_base, v2, ids, 40)
