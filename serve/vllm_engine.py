@@ -29,7 +29,7 @@ from vllm.lora.request import LoRARequest
 from vllm.platforms import current_platform
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.v1.engine.async_llm import AsyncLLM
-from vllm.v1.metrics.loggers import StatLoggerBase
+from vllm.v1.metrics.loggers import PrometheusStatLogger, StatLoggerBase
 
 from core.base import fingerprint
 from core.errors import BaseModelError
@@ -48,6 +48,7 @@ from serve.engine import (
     TokenLogprob,
 )
 from serve.hf_tokenizer import HFTokenizer
+from serve.lora import WEIGHTS
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -157,7 +158,8 @@ class VLLMEngine(HFTokenizer, Engine):
         """Create vLLM on the engine's loop: its output handler runs there."""
         self._freed = asyncio.Condition()  # a generation released its adapter
         self._changing = asyncio.Lock()  # one change to vLLM's adapters at a time
-        return AsyncLLM.from_engine_args(args, stat_loggers=[lambda config, index: _PassCounter(self._count_pass)])
+        counter = lambda config, index: _PassCounter(self._count_pass)  # noqa: E731
+        return AsyncLLM.from_engine_args(args, stat_loggers=[counter, _NoPrometheus])
 
     def _count_pass(self, rows: int) -> None:
         with self._lock:
@@ -323,6 +325,8 @@ class VLLMEngine(HFTokenizer, Engine):
             async with self._changing:
                 if key in self._loaded:  # another call loaded it while this one waited
                     continue
+                if not (spec.path / WEIGHTS).is_file():  # vLLM would fall back to unpickling a .bin
+                    raise AdapterLoadFailed(key, f"no {WEIGHTS}; the server loads safetensors weights only.")
                 await self._make_room()
                 entry = await self._add(LoRARequest(key, self._lora_id(key), str(spec.path)))
                 entry.users += hold
@@ -405,6 +409,26 @@ async def _stop(record: _Request) -> None:
     """Cancel a generation's task and wait until it has ended (vLLM's `generate` aborts its request when cancelled)."""
     record.task.cancel()
     await asyncio.wait([record.task])
+
+
+class _NoPrometheus(PrometheusStatLogger):
+    """Stands in for vLLM's Prometheus metrics, which would register in this process's registry beside the
+    server's own (it reports the queue and adapters under vLLM's names itself, from the engine's status)."""
+
+    def __init__(self, vllm_config: Any, engine_indexes: Any = None) -> None:
+        pass
+
+    def record(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def record_admission_rejection(self, reason: str) -> None:
+        pass
+
+    def record_sleep_state(self, sleep: int = 0, level: int = 0) -> None:
+        pass
+
+    def log_engine_initialized(self) -> None:
+        pass
 
 
 class _PassCounter(StatLoggerBase):
