@@ -61,8 +61,9 @@ def hosted(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, make_adapt
     from serve.app import create_app
     from serve.catalog import Catalog
     from serve.dependencies import Settings
+    from core.base import fingerprint
+    from fake_engine import FakeEngine
     from serve.tenants import Tenants
-    from serve.transformers_engine import TransformersEngine
 
     root = tmp_path_factory.mktemp("hosted")
     adapters = {"acme-a": [1], "acme-b": [2, 6], "acme-c": [3], "globex-a": [4], "globex-b": [5]}
@@ -80,7 +81,8 @@ def hosted(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, make_adapt
         "admin": key("admin"),
         "wrong": "sk-adapters-not-a-key",
     }
-    engine = TransformersEngine(tiny_base, model_id="tiny-llama", quantize="none", max_loaded=2, max_batch=16)
+    # Keys, rights and limits are the HTTP layer's: the fake engine serves these tests (the adapters are real).
+    engine = FakeEngine(model_id="tiny-llama", fingerprint=fingerprint(tiny_base), max_loaded=2, max_batch=16)
     catalog = Catalog(
         registry,
         root / "cache",
