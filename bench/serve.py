@@ -24,40 +24,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
-from safetensors.torch import load_file, save_file
+from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.workload import make_adapters, prompt  # noqa: E402
 from serve.engine import AdapterSpec, GenerateRequest, Sampling  # noqa: E402
 from core.precision import quantization_config  # noqa: E402
 from serve.transformers_engine import TransformersEngine  # noqa: E402
 from core.base import ensure_embedded  # noqa: E402
-
-WORDS = ["cat", "dog", "fox", "owl", "bee", "elk", "yak", "ant"]
-
-
-def make_adapters(base: Path, count: int, folder: Path) -> list[AdapterSpec]:
-    """COUNT rank-16 all-linear adapters: one made by PEFT, the rest its copies with other random weights."""
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(base)
-    config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)
-    first = folder / "a000"
-    get_peft_model(model, config).save_pretrained(first)
-    tensors = load_file(first / "adapter_model.safetensors")
-    specs = [AdapterSpec("a000", "v1.0.0", first)]
-    for i in range(1, count):
-        out = folder / f"a{i:03d}"
-        out.mkdir()
-        (out / "adapter_config.json").write_text((first / "adapter_config.json").read_text())
-        save_file({k: torch.randn_like(v) * v.std() for k, v in tensors.items()}, out / "adapter_model.safetensors")
-        specs.append(AdapterSpec(out.name, "v1.0.0", out))
-    return specs
-
-
-def prompt(i: int) -> str:
-    return f"Tell me a short story about a {WORDS[i % len(WORDS)]} who lives in house number {i}."
 
 
 async def serve(
