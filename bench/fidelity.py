@@ -8,8 +8,9 @@ time next to its held-out hit rate (greedy answers in pirate voice, through PEFT
     python -m bench.fidelity --sweep runs/pirate-lora                    # effect kept vs hit rate, adapter weakened
 
 The sweep calibrates the server's LOW threshold: it scales the adapter's update down (PEFT's set_scale) on the
-precision it was trained against, so a known share of its effect is left, and records what the fidelity measures
-read then next to the held-out hit rate.
+precision it was trained against, so a known share of its effect is left, and records what the fidelity measure
+reads then next to the held-out hit rate. A training run stopped half-way resumes when run again; to train
+again from the start, remove --output first.
 """
 
 from __future__ import annotations
