@@ -168,26 +168,80 @@ def _chat(url: str, model: str) -> openai.types.chat.ChatCompletion:
     return client.chat.completions.create(model=model, messages=CHAT, max_tokens=4, temperature=0)
 
 
-def test_strict_fidelity_refuses_adapters_that_lose_their_effect_on_this_precision(
-    tiny_base: Path, fidelity_registry: Registry, tmp_path: Path
+@pytest.fixture(scope="module")
+def rounding(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> dict[str, Path]:
+    """A tiny base whose NF4 copy answers otherwise, and adapters trained either way on answers that copy wrote.
+
+    With weights drawn wide (std 0.3, not 0.02) NF4's rounding changes most of the tiny model's greedy picks. LoRA
+    trained on the weights as saved to answer as the NF4 copy does learns the rounding itself: on the NF4 base there
+    is little left to improve, so its measured fidelity there is low. QLoRA on the same answers trains against NF4.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    from conftest import write_jsonl
+    from core.precision import quantization_config
+    from train import compare
+
+    root = tmp_path_factory.mktemp("rounding")
+    config = AutoConfig.from_pretrained(tiny_base)
+    config.initializer_range = 0.3
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(root / "base")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base, padding_side="left")
+    tokenizer.save_pretrained(root / "base")
+    nf4 = AutoModelForCausalLM.from_pretrained(
+        root / "base", dtype=torch.float32, quantization_config=quantization_config("nf4", torch.float32)
+    )
+    names = ["Ann", "Bob", "Cid", "Dee", "Eve", "Fay", "Gus", "Hal", "Ida", "Jon", "Kim", "Lou", "Max", "Ned"]
+    prompts = [f"Name: {n}" for n in [*names, "Oli", "Pam"]]
+    answers = compare.answer(nf4, tokenizer, prompts, max_new_tokens=8)  # greedy: the same answers every run
+    data = write_jsonl(root / "rounding.jsonl", [{"prompt": p, "completion": a} for p, a in zip(prompts, answers)])
+    out = {"base": root / "base"}
+    for method, qlora in (("qlora", True), ("lora", False)):
+        args = TrainArgs(name="rounding", data=data, base=str(root / "base"), output=root / method, qlora=qlora, **FAST)
+        train(args, echo=print)
+        out[method] = root / method
+    return out
+
+
+def test_strict_fidelity_refuses_an_adapter_measured_to_lose_its_effect_on_this_precision(
+    rounding: dict[str, Path], tmp_path: Path
 ) -> None:
-    with serving(_app(tiny_base, fidelity_registry, tmp_path / "cache", strict=True)) as url:
+    from serve.fidelity import LOW
+
+    lora = json.loads((rounding["lora"] / "lineage.json").read_text())["fidelity"]["precisions"]
+    qlora = json.loads((rounding["qlora"] / "lineage.json").read_text())["fidelity"]["precisions"]
+    print(lora, qlora)
+    assert lora["none"]["fidelity"] == 1.0 and lora["nf4"]["fidelity"] < LOW  # measured by training, not written here
+    assert qlora["nf4"]["fidelity"] == 1.0
+    registry = registry_with(tmp_path / "registry", {"lora": [rounding["lora"]], "qlora": [rounding["qlora"]]})
+    with serving(_app(rounding["base"], registry, tmp_path / "cache", strict=True)) as url:
         assert _chat(url, "qlora").model == "qlora@v1.0.0"
-        assert _chat(url, "sturdy").model == "sturdy@v1.0.0"  # other weights, but measured to keep its effect
         refused = httpx.post(f"{url}/v1/chat/completions", json={"model": "lora", "messages": CHAT, "max_tokens": 4})
         assert refused.status_code == 422
         error = refused.json()["error"]
         assert error["code"] == "adapter_rejected"
         assert error["message"] == (
-            "lora@v1.0.0 was trained against a none base and this server runs nf4 (measured fidelity 12% on nf4); "
-            "serve it with `adapters serve --quantize none`, or retrain it with `adapters train` (QLoRA, the "
-            "default) to match this server. (This server runs with --strict-fidelity.)"
+            f"lora@v1.0.0 was trained against a none base and this server runs nf4 (measured fidelity "
+            f"{lora['nf4']['fidelity']:.0%} on nf4); serve it with `adapters serve --quantize none`, or retrain it "
+            "with `adapters train` (QLoRA, the default) to match this server. (This server runs with "
+            "--strict-fidelity.)"
         )
+        assert httpx.get(f"{url}/admin/loaded").json()["loaded"] == ["qlora@v1.0.0"]
+
+
+def test_strict_fidelity_refuses_adapters_of_unknown_precision_and_serves_those_measured_to_keep_their_effect(
+    tiny_base: Path, fidelity_registry: Registry, tmp_path: Path
+) -> None:
+    with serving(_app(tiny_base, fidelity_registry, tmp_path / "cache", strict=True)) as url:
+        assert _chat(url, "qlora").model == "qlora@v1.0.0"
+        assert _chat(url, "sturdy").model == "sturdy@v1.0.0"  # other weights, but measured to keep its effect
         old = httpx.post(f"{url}/v1/chat/completions", json={"model": "old", "messages": CHAT, "max_tokens": 4})
         assert old.status_code == 422 and "does not record the base precision" in old.json()["error"]["message"]
         assert "`adapters eval old@v1.0.0 --quantize nf4`" in old.json()["error"]["message"]
         loaded = httpx.get(f"{url}/admin/loaded").json()
-        assert sorted(loaded["loaded"]) == ["qlora@v1.0.0", "sturdy@v1.0.0"]  # the refused ones never load
+        assert sorted(loaded["loaded"]) == ["qlora@v1.0.0", "sturdy@v1.0.0"]  # the refused one never loads
 
 
 def test_without_strict_a_poor_fit_is_served_logged_listed_and_counted(
