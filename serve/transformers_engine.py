@@ -25,7 +25,7 @@ from serve.grammar import Grammars
 from serve.hf_tokenizer import HFTokenizer
 from serve.lora import AdapterWeights, Rows, install, read_adapter, uninstall, wrap_linears
 from serve.runner import Runner, fail
-from serve.slots import Adapter, Slots, State
+from serve.slots import IN_SLOT, Adapter, Slots, State
 
 log = logging.getLogger("serve")
 
@@ -188,7 +188,7 @@ class TransformersEngine(HFTokenizer, Engine):
     def _load(self, spec: AdapterSpec) -> bool:
         with self._cond:
             adapter = self._slots.get(spec.key)
-            if adapter is not None and adapter.state in (State.LOADED, State.UNLOADING):
+            if adapter is not None and adapter.state in IN_SLOT:
                 self._slots.touch(adapter)
                 return False
             adapter = self._slots.request(spec)

@@ -359,7 +359,7 @@ from serve.transformers_engine import TransformersEngine
 hold, step = pathlib.Path(sys.argv[1]), TransformersEngine._step
 def held(self, *args):
     step(self, *args)
-    while self._running and hold.exists():
+    while self._runner.rows and hold.exists():
         time.sleep(0.01)
 TransformersEngine._step = held
 from adapterctl.cli import main

@@ -1,4 +1,5 @@
-"""The adapter slots of the transformers engine: one state machine per adapter version, the LRU and pinning.
+"""The adapter slots of the transformers engine (one state machine per adapter version, the LRU, pinning) and
+its admission policy.
 
 The slots are bookkeeping over install/uninstall calls; here those calls are recorded instead of writing LoRA
 layers (the engine tests run the same slots on a real model).
@@ -6,11 +7,14 @@ layers (the engine tests run the same slots on a real model).
 
 from __future__ import annotations
 
+from collections import deque
 from pathlib import Path
 
 import pytest
 
-from serve.engine import AdapterLoadFailed, AdapterSpec
+from serve.admission import Admission
+from serve.engine import AdapterLoadFailed, AdapterSpec, GenerateRequest, Sampling
+from serve.generation import Generation
 from serve.lora import AdapterWeights
 from serve.slots import Adapter, IllegalTransition, Slots, State
 
@@ -170,3 +174,22 @@ def test_read_adapters_nobody_waits_for_are_dropped(slots: Slots) -> None:
     slots.drop({"d@v1.0.0"})
     assert slots.get("c@v1.0.0") is None and e is not None and e.state is G and e.weights is None
     assert [x.key for x in slots.in_state(P)] == ["d@v1.0.0"]
+
+
+def test_admission_takes_the_oldest_first_while_rows_are_free_and_their_adapters_have_a_slot(slots: Slots) -> None:
+    def waiting(*names: str | None) -> deque[Generation]:
+        return deque(
+            Generation(GenerateRequest(f"r{i}", (1,), name and spec(name), Sampling(max_tokens=1)), loop=None)  # type: ignore[arg-type]
+            for i, name in enumerate(names)
+        )
+
+    admission = Admission(slots, max_batch=4)
+    queue = waiting("a", None, "b", "c", "a", None)
+    queue[1].cancelled = True  # its client left while it waited
+    admitted, new = admission.admit(queue, running=1)  # three rows free
+    assert [g.request.request_id for g in admitted] == ["r0", "r2", "r4"]  # c has no slot to go to: it waits
+    assert [a.key for a in new] == ["a@v1.0.0", "b@v1.0.0"] and all(a.state is R for a in new)
+    assert [g.request.request_id for g in queue] == ["r3", "r5"] and admitted[2].pinned is admitted[0].pinned
+    assert new[0].users == 2 and new[1].users == 1 and slots.busy() == 2
+    admitted, new = admission.admit(queue, running=3)  # one row free: the base row, behind c, which still waits
+    assert [g.request.request_id for g in admitted] == ["r5"] and new == [] and admitted[0].pinned is None
