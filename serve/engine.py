@@ -6,6 +6,7 @@ HTTP, records its metrics from what it reports and never reaches inside it.
 
 from __future__ import annotations
 
+import asyncio
 import math
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Mapping
@@ -119,6 +120,31 @@ class EngineStatus:
     loads: int = 0  # adapters installed since the engine started
     evictions: int = 0  # adapters dropped to make room since the engine started
     passes: Mapping[int, int] = field(default_factory=dict)  # rows in a forward pass -> passes of that size so far
+
+    @classmethod
+    def of(cls, running: list[str | None], waiting: list[str | None], **rest: Any) -> EngineStatus:
+        """The status of generations whose adapter versions (None: the base) are RUNNING and WAITING."""
+        return cls(
+            running=len(running),
+            waiting=len(waiting),
+            running_adapters=tuple(sorted({key for key in running if key})),
+            waiting_adapters=tuple(sorted({key for key in waiting if key})),
+            **rest,
+        )
+
+
+ABORTED = None  # what an aborted generation's queue receives: its iteration ends without a finish reason
+Item = Chunk | BaseException | None  # what a worker hands a generation's queue: a chunk, its error, or ABORTED
+
+
+async def received(queue: asyncio.Queue[Item]) -> AsyncIterator[Chunk]:
+    """The chunks a worker hands to QUEUE, up to the one with a finish reason or ABORTED; an error there is raised."""
+    while (item := await queue.get()) is not ABORTED:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+        if item.finish_reason is not None:
+            return
 
 
 class EngineError(Exception):

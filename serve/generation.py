@@ -5,11 +5,8 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from serve.engine import AdapterSpec, Chunk, GenerateRequest, Sampling, TokenLogprob
+from serve.engine import AdapterSpec, GenerateRequest, Item, Sampling, TokenLogprob
 from serve.slots import Adapter
-
-ABORTED = None  # what `abort` hands a generation's queue: its iteration ends without a finish reason
-Item = Chunk | BaseException | None  # a chunk, the error that ended the generation, or ABORTED
 
 
 @dataclass(eq=False)

@@ -10,7 +10,8 @@ from typing import Any
 import torch
 
 from serve.engine import Chunk, EngineError, GenerationFailed, Sampling, TokenLogprob
-from serve.generation import Generation, Item, deliver
+from serve.engine import Item
+from serve.generation import Generation, deliver
 from serve.grammar import Grammars
 from serve.kvcache import RowCache
 from serve.lora import Rows, plan

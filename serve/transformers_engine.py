@@ -19,8 +19,18 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from core.base import fingerprint
 from core.precision import Precision, quantization_config
 from serve.admission import Admission
-from serve.engine import AdapterLoadFailed, AdapterSpec, Chunk, Engine, EngineStatus, GenerateRequest, InvalidRequest
-from serve.generation import ABORTED, Generation
+from serve.engine import (
+    ABORTED,
+    AdapterLoadFailed,
+    AdapterSpec,
+    Chunk,
+    Engine,
+    EngineStatus,
+    GenerateRequest,
+    InvalidRequest,
+    received,
+)
+from serve.generation import Generation
 from serve.grammar import Grammars
 from serve.hf_tokenizer import HFTokenizer
 from serve.lora import AdapterWeights, Rows, install, read_adapter, uninstall, wrap_linears
@@ -139,15 +149,8 @@ class TransformersEngine(HFTokenizer, Engine):
             self._waiting.append(generation)
             self._cond.notify_all()  # the worker and `load` calls wait on this condition: wake the worker for sure
         try:
-            while True:
-                item = await generation.queue.get()
-                if item is ABORTED:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finish_reason is not None:
-                    return
+            async for chunk in received(generation.queue):
+                yield chunk
         finally:
             generation.cancelled = True  # the consumer left (or it ended): the worker drops its row
             with self._ids_lock:
@@ -165,11 +168,9 @@ class TransformersEngine(HFTokenizer, Engine):
         with self._cond:
             waiting = list(self._waiting)
             running = self._runner.generations()
-            return EngineStatus(
-                running=len(running),
-                waiting=len(waiting),
-                running_adapters=tuple(sorted({g.adapter.key for g in running if g.adapter})),
-                waiting_adapters=tuple(sorted({g.adapter.key for g in waiting if g.adapter})),
+            return EngineStatus.of(
+                [g.adapter.key if g.adapter else None for g in running],
+                [g.adapter.key if g.adapter else None for g in waiting],
                 loaded=self._slots.loaded(),
                 max_loaded=self.max_loaded,
                 loads=self._slots.loads,

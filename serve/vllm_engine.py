@@ -206,11 +206,9 @@ class VLLMEngine(HFTokenizer, Engine):
     def status(self) -> EngineStatus:
         with self._lock:
             requests = list(self._requests.values())
-            return EngineStatus(
-                running=sum(r.started for r in requests),
-                waiting=sum(not r.started for r in requests),
-                running_adapters=tuple(sorted({r.adapter for r in requests if r.started and r.adapter})),
-                waiting_adapters=tuple(sorted({r.adapter for r in requests if not r.started and r.adapter})),
+            return EngineStatus.of(
+                [r.adapter for r in requests if r.started],
+                [r.adapter for r in requests if not r.started],
                 loaded=tuple(self._loaded),
                 max_loaded=self.max_loaded,
                 loads=self._loads,

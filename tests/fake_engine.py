@@ -21,6 +21,7 @@ from typing import Any
 
 from core.precision import Precision
 from serve.engine import (
+    ABORTED,
     AdapterLoadFailed,
     AdapterSpec,
     Chunk,
@@ -29,11 +30,11 @@ from serve.engine import (
     GenerateRequest,
     InvalidRequest,
     TokenLogprob,
+    received,
 )
 
 EOS = 256  # byte tokens 0-255, then end-of-sequence
 _LIKELY = [ord(c) for c in "abcdefghijklmnopqrstuvwxyz "]  # the bytes the model favours; others score -20
-_DONE = None  # what `abort` hands a generation's queue
 
 
 @dataclass(eq=False)
@@ -120,12 +121,8 @@ class FakeEngine(Engine):
             self._waiting.append(row)
             self._cond.notify_all()
         try:
-            while (item := await row.queue.get()) is not _DONE:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finish_reason is not None:
-                    return
+            async for chunk in received(row.queue):
+                yield chunk
         finally:
             with self._cond:
                 row.cancelled = True
@@ -137,7 +134,7 @@ class FakeEngine(Engine):
             row = self._ids.get(request_id)
             if row is not None and not row.cancelled:
                 row.cancelled = True
-                row.send(_DONE)
+                row.send(ABORTED)
                 self._cond.notify_all()
 
     async def load(self, adapter: AdapterSpec) -> bool:
@@ -159,11 +156,9 @@ class FakeEngine(Engine):
     def status(self) -> EngineStatus:
         with self._cond:
             running, waiting = self._running, self._waiting
-            return EngineStatus(
-                running=len(running),
-                waiting=len(waiting),
-                running_adapters=tuple(sorted({r.request.adapter.key for r in running if r.request.adapter})),
-                waiting_adapters=tuple(sorted({r.request.adapter.key for r in waiting if r.request.adapter})),
+            return EngineStatus.of(
+                [r.request.adapter.key if r.request.adapter else None for r in running],
+                [r.request.adapter.key if r.request.adapter else None for r in waiting],
                 loaded=tuple(self._loaded),
                 max_loaded=self.max_loaded,
                 loads=self._loads,
