@@ -11,6 +11,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from registry.folder import LORA_KEY, InvalidAdapter, lora_settings
+from serve import sgmv
 from serve.engine import AdapterLoadFailed
 
 WEIGHTS = "adapter_model.safetensors"
@@ -27,6 +28,7 @@ class Plan:
     """How one forward pass's token rows map onto adapter slots: G groups padded to M rows each.
 
     Group g uses slot g (`slots` None: the layers' first G slots, read in place) or slot `slots[g]` (gathered).
+    A decode pass (one token a row) also lists its rows by slot for the compiled kernel, which needs no padding.
     """
 
     groups: int
@@ -36,6 +38,7 @@ class Plan:
     scatter: torch.Tensor | None  # real rows' places in the padded layout; None without padding
     dest: torch.Tensor | None  # token row of each real row, when some rows use no adapter; else None
     inverse: torch.Tensor | None  # layout place of each token row, when every row uses an adapter
+    segments: tuple[torch.Tensor, torch.Tensor] | None = None  # decode: rows using an adapter by slot, their slots
 
     @property
     def identity(self) -> bool:
@@ -79,6 +82,10 @@ def plan(slots: list[int | None], tokens: int) -> Plan | None:
     if everyone and not in_order:
         inverse = torch.empty(total, dtype=torch.long)
         inverse[torch.tensor(ordered)] = torch.arange(total)
+    segments = None
+    if tokens == 1:
+        by_order = [(slot, row) for slot, rows in sorted(by_slot.items()) for row in rows]
+        segments = (torch.tensor([row for _, row in by_order]), torch.tensor([slot for slot, _ in by_order]))
     return Plan(
         groups=len(groups),
         size=size,
@@ -87,6 +94,7 @@ def plan(slots: list[int | None], tokens: int) -> Plan | None:
         scatter=None if len(real) == len(layout) else torch.tensor(real),
         dest=None if everyone else torch.tensor(ordered),
         inverse=inverse,
+        segments=segments,
     )
 
 
@@ -135,6 +143,11 @@ class MultiLoRALinear(nn.Module):
         plan = self.rows.plan
         if plan is None or self.a.shape[2] == 0:
             return result
+        if plan.segments is not None:
+            flat, out = x.reshape(-1, x.shape[-1]), result.view(-1, result.shape[-1])
+            if sgmv.fits(flat, out, self.a, self.b):  # one call, each row's slot read in place
+                sgmv.apply(flat, out, *plan.segments, self.a, self.b)
+                return result
         a, b = (self.a[: plan.groups], self.b[: plan.groups]) if plan.slots is None else (
             self.a.index_select(0, plan.slots), self.b.index_select(0, plan.slots))  # fmt: skip
         flat = x.reshape(-1, x.shape[-1]).to(a.dtype)

@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from engines import GREEDY, Reader, chunks, generate, request, tokens
 
+from serve import sgmv
 from serve.engine import AdapterLoadFailed, AdapterSpec, GenerationFailed, Sampling
 from serve.lora import AdapterWeights, MultiLoRALinear, Rows, plan
 from serve.textstream import TextStream
@@ -64,20 +65,26 @@ def peft_generate(base: Path, adapter: AdapterSpec | None, prompt: str, tokens: 
         ([None, None], None),
     ],
 )
-def test_each_row_gets_its_own_adapter_in_either_layout(slots, gathered):
+@pytest.mark.parametrize("per_row", [3, 1])  # 1: a decode pass, which the compiled kernel runs
+def test_each_row_gets_its_own_adapter_in_either_layout(slots, gathered, per_row, monkeypatch):
     torch.manual_seed(0)
     rows = Rows()
     layer = MultiLoRALinear(torch.nn.Linear(16, 8), rows, slots=4)
     pairs = [(torch.randn(16, rank), torch.randn(rank, 8)) for rank in (2, 4, 3, 1)]
     for slot, (a, b) in enumerate(pairs):
         layer.put(slot, a, b)
-    x = torch.randn(len(slots), 3, 16)
-    rows.plan = plan(slots, tokens=3)
+    x = torch.randn(len(slots), per_row, 16)
+    rows.plan = plan(slots, tokens=per_row)
     assert (rows.plan is None) if gathered is None else (rows.plan.slots is not None) == gathered
+    if rows.plan is not None:
+        assert (rows.plan.segments is not None) == (per_row == 1) and sgmv.available()
+    calls, kernel = [], sgmv.apply
+    monkeypatch.setattr(sgmv, "apply", lambda *args: calls.append(kernel(*args)))  # counts its calls, then runs it
     with torch.inference_mode():
         lora = [0 if s is None else x[i] @ pairs[s][0] @ pairs[s][1] for i, s in enumerate(slots)]
         expected = torch.stack([layer.base_layer(x[i]) + update for i, update in enumerate(lora)])
         torch.testing.assert_close(layer(x), expected)
+    assert len(calls) == (per_row == 1 and rows.plan is not None)
 
 
 def test_greedy_output_is_peft_generate_token_for_token(engine, lora, tiny_base):
