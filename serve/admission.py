@@ -12,7 +12,8 @@ class Admission:
     """Oldest first, while the batch has rows free, each one whose adapter is in a slot or has a slot to go to.
 
     Admitting a generation pins its adapter at once, so the slots promised to new adapters are never taken by
-    others, and an adapter in use is never evicted. A generation whose adapter has no slot waits for a row to end.
+    others, and an adapter in use is never evicted. The slots allow an adapter per batch row, so the adapters a
+    batch touches never hold it to fewer rows; a generation whose adapter has no slot waits for a row to end.
     """
 
     def __init__(self, slots: Slots, max_batch: int) -> None:

@@ -106,29 +106,37 @@ class Rows:
 
 
 class MultiLoRALinear(nn.Module):
-    """A base linear layer plus a fixed number of adapter slots; one pass applies each row's own LoRA pair.
+    """A base linear layer plus adapter slots; one pass applies each row's own LoRA pair.
 
     Slot s holds A^T in `a[s]` and scaling * B^T in `b[s]`, ranks padded with zeros, so that two batched
-    matmuls cover every adapter of a pass. A slot an adapter leaves untouched in this layer stays zero.
+    matmuls (or one kernel call) cover every adapter of a pass. A slot an adapter leaves untouched in this layer
+    stays zero. The slots grow as adapters are installed: memory goes to the slots used, not to every one allowed.
     """
 
-    def __init__(self, base: nn.Module, rows: Rows, slots: int) -> None:
+    def __init__(self, base: nn.Module, rows: Rows) -> None:
         super().__init__()
         self.base_layer = base
         self.rows = rows
         d_in, d_out = base.in_features, base.out_features
-        self.a = torch.zeros(slots, d_in, 0)
-        self.b = torch.zeros(slots, 0, d_out)
+        self.a = torch.zeros(0, d_in, 0)
+        self.b = torch.zeros(0, 0, d_out)
+
+    def reserve(self, slots: int, rank: int) -> None:
+        """Room for SLOTS slots of RANK ranks (new room zero); the storage is copied only when it must grow."""
+        had_slots, had_rank = self.a.shape[0], self.a.shape[2]
+        if slots <= had_slots and rank <= had_rank:
+            return
+        slots, rank = max(slots, had_slots), max(rank, had_rank)
+        wider_a = self.a.new_zeros(slots, self.a.shape[1], rank)
+        wider_b = self.b.new_zeros(slots, rank, self.b.shape[2])
+        wider_a[:had_slots, :, :had_rank] = self.a
+        wider_b[:had_slots, :had_rank] = self.b
+        self.a, self.b = wider_a, wider_b
 
     def put(self, slot: int, a: torch.Tensor, b: torch.Tensor) -> None:
         """Write a LoRA pair (A^T, scaling * B^T) into SLOT, widening every slot's rank if it needs more."""
         rank = a.shape[1]
-        if rank > self.a.shape[2]:
-            wider_a = self.a.new_zeros(self.a.shape[0], self.a.shape[1], rank)
-            wider_b = self.b.new_zeros(self.b.shape[0], rank, self.b.shape[2])
-            wider_a[:, :, : self.a.shape[2]] = self.a
-            wider_b[:, : self.b.shape[1]] = self.b
-            self.a, self.b = wider_a, wider_b
+        self.reserve(slot + 1, rank)
         self.clear(slot)
         self.a[slot, :, :rank] = a
         self.b[slot, :rank] = b
@@ -176,7 +184,7 @@ class AdapterWeights:
     pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module path -> (A^T, scaling * B^T)
 
 
-def wrap_linears(model: nn.Module, rows: Rows, slots: int) -> dict[str, MultiLoRALinear]:
+def wrap_linears(model: nn.Module, rows: Rows) -> dict[str, MultiLoRALinear]:
     """Put every linear layer of the decoder blocks behind a MultiLoRALinear; returns them by module path."""
     targets = [
         (name, module)
@@ -186,7 +194,7 @@ def wrap_linears(model: nn.Module, rows: Rows, slots: int) -> dict[str, MultiLoR
     wrapped = {}
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
-        layer = MultiLoRALinear(module, rows, slots)
+        layer = MultiLoRALinear(module, rows)
         setattr(model.get_submodule(parent_name), child, layer)
         wrapped[name] = layer
     return wrapped
@@ -252,6 +260,8 @@ def read_adapter(key: str, folder: Path, layers: dict[str, MultiLoRALinear], max
 
 def install(weights: AdapterWeights, slot: int, layers: dict[str, MultiLoRALinear]) -> None:
     """Write the adapter's pairs into SLOT of every layer it modifies (the slot is clear everywhere else)."""
+    for layer in layers.values():  # every layer has the slot, as a pass reads each row's slot in every layer
+        layer.reserve(slot + 1, 0)
     for module, (a, b) in weights.pairs.items():
         layers[module].put(slot, a, b)
 

@@ -10,6 +10,10 @@ READING: asked for, its files being read; PENDING: read, waiting for a free slot
 may use it; UNLOADING: `unload` asked, dropped at the next sweep unless a generation uses it. REJECTED (cannot be
 served) and GONE (evicted, unloaded or dropped) are final: the adapter leaves the table, and a later request
 starts a new life. An adapter a generation uses (its users) is never evicted. The caller serialises every call.
+
+Two bounds: KEEP adapters at most stay in slots when idle (the least recently used idle ones go beyond it), while
+adapters pinned by generations may fill every one of CAPACITY slots, so that a batch is never held back by how
+many adapters its rows use.
 """
 
 from __future__ import annotations
@@ -78,15 +82,18 @@ class Adapter:
 
 
 class Slots:
-    """Every adapter version the engine knows, by key, in least recently used order; CAPACITY slots to install into."""
+    """Every adapter version the engine knows, by key, in least recently used order; CAPACITY slots to install into,
+    KEEP of them (default: all) for adapters no generation uses."""
 
     def __init__(
         self,
         capacity: int,
         install: Callable[[AdapterWeights, int], None],
         uninstall: Callable[[tuple[str, ...], int], None],
+        keep: int | None = None,
     ) -> None:
         self.capacity = capacity
+        self.keep = capacity if keep is None else min(keep, capacity)
         self._install = install
         self._uninstall = uninstall
         self._table: OrderedDict[str, Adapter] = OrderedDict()
@@ -151,18 +158,17 @@ class Slots:
         self._forget(adapter)
 
     def place(self, adapter: Adapter) -> bool:
-        """Install a PENDING adapter, evicting the least recently used idle one if every slot is taken.
+        """Install a PENDING adapter, evicting the least recently used idle one if its bound is reached.
 
-        False when every slot is pinned. An install that fails leaves its slot clear and free, and raises.
+        A pinned adapter may take any free slot; one no generation uses only stays within KEEP. False when no idle
+        adapter can make room. An install that fails leaves its slot clear and free, and raises.
         """
         if adapter.state is not State.PENDING or adapter.weights is None:
             raise IllegalTransition(f"adapter {adapter.key} cannot be installed from {adapter.state.value}")
-        if not self._free:
-            idle = next((a for a in self.in_state(*IN_SLOT) if not a.users), None)
-            if idle is None:
-                return False
-            self._evict(idle)
-            self.evictions += 1
+        # At KEEP an idle adapter makes room even for a pinned one, so that memory stays at KEEP slots when it can.
+        full = not self._free or self.capacity - len(self._free) >= self.keep
+        if full and not self._evict_idle() and (not self._free or not adapter.users):
+            return False
         slot = heapq.heappop(self._free)
         weights = adapter.weights
         try:
@@ -197,6 +203,7 @@ class Slots:
                     adapter.move(State.LOADED)  # a generation took it meanwhile: it stays
                 else:
                     self._evict(adapter)
+            self.trim()
             for adapter in self.in_state(State.PENDING):
                 try:
                     if not self.place(adapter):
@@ -211,6 +218,11 @@ class Slots:
         finally:
             self.sweeps += 1  # `unload` waits for this, so it counts even when a change failed
 
+    def trim(self) -> None:
+        """Evict idle adapters, least recently used first, until at most KEEP are in slots or none idle is left."""
+        while self.capacity - len(self._free) > self.keep and self._evict_idle():
+            pass
+
     def drop(self, wanted: set[str]) -> None:
         """Forget read adapters waiting for a slot that no generation pinned and no key in WANTED names."""
         for adapter in self.in_state(State.PENDING):
@@ -218,6 +230,15 @@ class Slots:
                 adapter.move(State.GONE)
                 adapter.weights, adapter.settled = None, True
                 self._forget(adapter)
+
+    def _evict_idle(self) -> bool:
+        """Evict the least recently used adapter in a slot that no generation uses; False when there is none."""
+        idle = next((a for a in self.in_state(*IN_SLOT) if not a.users), None)
+        if idle is None:
+            return False
+        self._evict(idle)
+        self.evictions += 1
+        return True
 
     def _evict(self, adapter: Adapter) -> None:
         assert adapter.slot is not None

@@ -65,10 +65,12 @@ class TransformersEngine(HFTokenizer, Engine):
         self.tokenizer = AutoTokenizer.from_pretrained(base_path)
         self._cond = threading.Condition()  # guards the queue and the slots; the worker waits on it for work
         # The LoRA layers change only on the worker thread, between passes; other threads ask through the slots.
+        # Idle adapters stay within max_loaded; those running rows use may fill a slot per row of the batch.
         self._slots = Slots(
-            max_loaded,
+            max(max_loaded, max_batch),
             lambda weights, slot: install(weights, slot, self._layers),
             lambda modules, slot: uninstall(modules, slot, self._layers),
+            keep=max_loaded,
         )
         self._admission = Admission(self._slots, max_batch)
         self._waiting: deque[Generation] = deque()
@@ -102,7 +104,7 @@ class TransformersEngine(HFTokenizer, Engine):
             self.context_length = min(int(model.config.max_position_embeddings), max_context)
             self.prompt_characters = self.context_length * self._token_characters()
             rows = Rows()
-            self._layers = wrap_linears(model, rows, self.max_loaded)
+            self._layers = wrap_linears(model, rows)
             self.vocab_size = int(model.get_input_embeddings().num_embeddings)
             self._grammars = Grammars(self.tokenizer, self.vocab_size)
             eos = model.generation_config.eos_token_id
@@ -310,12 +312,13 @@ class TransformersEngine(HFTokenizer, Engine):
             raise
 
     def _leave(self, generations: list[Generation]) -> None:
-        """GENERATIONS are done: their adapters may be evicted again."""
+        """GENERATIONS are done: their adapters may be evicted again, those beyond max_loaded at once."""
         with self._cond:
             for generation in generations:
                 if generation.pinned is not None:
                     self._slots.unpin(generation.pinned)
                     generation.pinned = None
+            self._slots.trim()
 
     def _fail(self, generations: list[Generation], exc: BaseException) -> None:
         """End GENERATIONS with EXC: rows leave the batch, admitted ones not yet in it are released."""

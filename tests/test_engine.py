@@ -69,7 +69,7 @@ def peft_generate(base: Path, adapter: AdapterSpec | None, prompt: str, tokens: 
 def test_each_row_gets_its_own_adapter_in_either_layout(slots, gathered, per_row, monkeypatch):
     torch.manual_seed(0)
     rows = Rows()
-    layer = MultiLoRALinear(torch.nn.Linear(16, 8), rows, slots=4)
+    layer = MultiLoRALinear(torch.nn.Linear(16, 8), rows)
     pairs = [(torch.randn(16, rank), torch.randn(rank, 8)) for rank in (2, 4, 3, 1)]
     for slot, (a, b) in enumerate(pairs):
         layer.put(slot, a, b)
@@ -152,11 +152,12 @@ def test_a_short_request_joins_the_running_batch_and_finishes_first(engine, lora
     assert at_short_end < 100 and total == 300
 
 
-def test_lru_keeps_max_loaded_frees_evicted_adapters_and_never_evicts_one_in_use(tiny_base, lora):
+def test_lru_keeps_max_loaded_idle_and_a_batch_runs_an_adapter_per_row_beyond_it(tiny_base, lora):
     small = TransformersEngine(tiny_base, model_id="tiny", quantize="none", max_loaded=2, max_batch=4)
     try:
         adapters = [lora(10 + i) for i in range(5)]
         assert asyncio.run(small.load(adapters[0])) is True and asyncio.run(small.load(adapters[0])) is False
+        assert asyncio.run(small.load(adapters[1])) is True
         slots = lora_bytes(small)
         expected = [generate(small, [(a, PROMPTS[0], GREEDY, 0)])[0] for a in adapters]
         loaded = asyncio.run(small.loaded())
@@ -165,22 +166,27 @@ def test_lru_keeps_max_loaded_frees_evicted_adapters_and_never_evicts_one_in_use
         assert lora_bytes(small) == slots  # five adapters served, memory for two
         gc.collect()
         assert not [o for o in gc.get_objects() if isinstance(o, AdapterWeights)], "read weights are still held"
-        # Two long generations hold both places: a third adapter waits, then runs once one finishes.
-        long = Sampling(max_tokens=40, temperature=0, ignore_eos=True)
+        # Three long generations on three adapters, more than max_loaded: a fourth adapter joins their batch at once.
+        long = Sampling(max_tokens=300, temperature=0, ignore_eos=True)
 
-        async def third_waits() -> tuple[list[str], int]:
-            holders = [Reader(small, request(small, PROMPTS[0], a, long)) for a in adapters[:2]]
+        async def fourth_joins() -> tuple[list[str], int]:
+            holders = [Reader(small, request(small, PROMPTS[0], a, long)) for a in adapters[:3]]
             for holder in holders:
-                await holder.started.wait()  # both run: both places are taken
-            third = Reader(small, request(small, PROMPTS[0], adapters[2], GREEDY))
-            await third.started.wait()
-            done_by_then = max(h.tokens for h in holders)  # their chunks of earlier steps were read before
-            return [await r.result() for r in (*holders, third)], done_by_then
+                await holder.started.wait()  # all three run
+            fourth = Reader(small, request(small, PROMPTS[0], adapters[3], GREEDY))
+            await fourth.started.wait()
+            done_by_then = max(h.tokens for h in holders)
+            return [await r.result() for r in (*holders, fourth)], done_by_then
 
-        texts, done_by_then = asyncio.run(third_waits())
-        assert done_by_then == long.max_tokens  # its first token came only once a holder had finished
-        assert texts[2] == expected[2] and texts[0].startswith(expected[0]) and texts[1].startswith(expected[1])
-        assert len(small.status().loaded) == 2
+        texts, done_by_then = asyncio.run(fourth_joins())
+        assert done_by_then < long.max_tokens  # its first token came while all three still ran
+        assert texts[3] == expected[3] and all(texts[i].startswith(expected[i]) for i in range(3))
+        for _ in range(2000):  # the rows leave at the end of the step that sent their last chunk
+            if not small.status().running:
+                break
+            time.sleep(0.005)
+        assert len(small.status().loaded) == 2  # once idle, those beyond max_loaded went
+        assert lora_bytes(small) == 2 * slots  # memory for the four a batch used at once
     finally:
         asyncio.run(small.close())
 

@@ -193,3 +193,26 @@ def test_admission_takes_the_oldest_first_while_rows_are_free_and_their_adapters
     assert new[0].users == 2 and new[1].users == 1 and slots.busy() == 2
     admitted, new = admission.admit(queue, running=3)  # one row free: the base row, behind c, which still waits
     assert [g.request.request_id for g in admitted] == ["r5"] and new == [] and admitted[0].pinned is None
+
+
+def test_pinned_adapters_may_fill_every_slot_while_idle_ones_stay_within_keep(layers: Layers) -> None:
+    slots = Slots(4, layers.install, layers.uninstall, keep=2)
+    loaded(slots, "a", "b")
+    c = slots.request(spec("c"))
+    slots.read(c, weights("c"))
+    assert slots.place(c) and slots.get("a@v1.0.0") is None  # nobody uses it: at KEEP, the idle a makes room
+    pinned = [slots.pin(spec(name)) for name in ("b", "c", "d", "e")]
+    assert all(pinned) and slots.busy() == 4
+    for adapter in pinned[2:]:
+        slots.read(adapter, weights(adapter.key.split("@")[0]))  # type: ignore[union-attr]
+        assert slots.place(adapter)  # type: ignore[arg-type]  # pinned: past KEEP, into the free slots
+    assert len(slots.loaded()) == 4 and set(layers.slots) == {0, 1, 2, 3} and slots.pin(spec("f")) is None
+    f = slots.request(spec("f"))
+    slots.read(f, weights("f"))
+    assert slots.place(f) is False  # a `load` alone: no idle adapter to make room
+    for adapter in pinned[:3]:
+        slots.unpin(adapter)  # type: ignore[arg-type]
+    slots.trim()  # back to KEEP: the least recently used idle ones go
+    assert slots.loaded() == ("d@v1.0.0", "e@v1.0.0") and len(layers.slots) == 2
+    slots.sweep()
+    assert f.state is L and slots.loaded() == ("e@v1.0.0", "f@v1.0.0")  # f took idle d's place
