@@ -142,7 +142,7 @@ def lora_settings(config: dict[str, Any], where: str) -> LoraSettings:
 
 def _check_weights(path: Path, settings: LoraSettings) -> None:
     """Check the weights as any engine will use them: float tensors, finite values, LoRA pairs of the stated ranks."""
-    tensors, start = _check_safetensors(path)
+    tensors, start = safetensors_header(path)
     pairs: dict[str, dict[str, list[int]]] = {}
     with open(path, "rb") as handle:
         for name, tensor in tensors.items():
@@ -183,7 +183,7 @@ def _finite(handle: Any, offset: int, size: int, dtype: str) -> bool:
     return True
 
 
-def _check_safetensors(path: Path) -> tuple[dict[str, Any], int]:
+def safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
     """Parse the safetensors header and check every tensor lies inside the file; the tensors and where data starts."""
     if not path.is_file():
         raise InvalidAdapter(f"{path.parent} has no {path.name}; adapters are registered as safetensors only.")

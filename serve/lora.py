@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
+import mmap
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from registry.folder import LORA_KEY, InvalidAdapter, lora_settings
+from registry.folder import LORA_KEY, InvalidAdapter, lora_settings, safetensors_header
 from serve import sgmv
 from serve.engine import AdapterLoadFailed
 
@@ -19,6 +20,8 @@ CONFIG = "adapter_config.json"
 # PEFT options that change what a LoRA pair means, which the layers here do not implement.
 _UNSUPPORTED = ("use_dora", "modules_to_save", "layer_replication", "lora_bias", "trainable_token_indices")
 _LINEAR_TYPES = ("Linear", "Linear4bit", "Linear8bitLt")
+_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+_LARGEST = torch.finfo(torch.float32).max
 # In row-equivalents: what reading one adapter's weights of a layer costs next to applying them to one row.
 _WEIGHT_COST = 3
 
@@ -133,13 +136,16 @@ class MultiLoRALinear(nn.Module):
         wider_b[:had_slots, :had_rank] = self.b
         self.a, self.b = wider_a, wider_b
 
-    def put(self, slot: int, a: torch.Tensor, b: torch.Tensor) -> None:
-        """Write a LoRA pair (A^T, scaling * B^T) into SLOT, widening every slot's rank if it needs more."""
+    def put(self, slot: int, a: torch.Tensor, b: torch.Tensor, scaling: float = 1.0) -> None:
+        """Write A^T and SCALING * B^T (any layout, any float dtype) into SLOT, which is clear (new, or cleared when
+        its adapter left), widening every slot's rank if it needs more."""
         rank = a.shape[1]
         self.reserve(slot + 1, rank)
-        self.clear(slot)
-        self.a[slot, :, :rank] = a
-        self.b[slot, :rank] = b
+        self.a[slot, :, :rank].copy_(a)
+        scaled = self.b[slot, :rank]
+        scaled.copy_(b)
+        if scaling != 1.0:
+            scaled.mul_(scaling)  # in float32, as PEFT scales
 
     def clear(self, slot: int) -> None:
         """Zero SLOT: its adapter no longer changes this layer."""
@@ -177,11 +183,11 @@ class MultiLoRALinear(nn.Module):
 
 @dataclass
 class AdapterWeights:
-    """One adapter's LoRA pairs read from disk, keyed by the module path they modify."""
+    """One adapter's LoRA pairs, views of its memory-mapped weights file, keyed by the module path they modify."""
 
     key: str
     rank: int
-    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module path -> (A^T, scaling * B^T)
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor, float]]  # module path -> (A^T, B^T, scaling)
 
 
 def wrap_linears(model: nn.Module, rows: Rows) -> dict[str, MultiLoRALinear]:
@@ -222,21 +228,11 @@ def read_adapter(key: str, folder: Path, layers: dict[str, MultiLoRALinear], max
     if not (folder / WEIGHTS).is_file():
         raise AdapterLoadFailed(key, f"no {WEIGHTS}; the server loads safetensors weights only.")
     halves: dict[str, dict[str, torch.Tensor]] = {}
-    try:
-        with safe_open(folder / WEIGHTS, framework="pt") as weights:
-            for name in weights.keys():  # noqa: SIM118 - safe_open has no __iter__
-                match = LORA_KEY.match(name)
-                if not match:
-                    raise AdapterLoadFailed(key, f"tensor {name} is not a LoRA A/B weight of a linear layer.")
-                tensor = weights.get_tensor(name)
-                if not tensor.is_floating_point():
-                    raise AdapterLoadFailed(key, f"tensor {name} is {tensor.dtype}; LoRA weights must be floats.")
-                tensor = tensor.to(torch.float32)
-                if not bool(torch.isfinite(tensor).all()):
-                    raise AdapterLoadFailed(key, f"tensor {name} holds NaN or infinite values; the adapter is broken.")
-                halves.setdefault(match["module"], {})[match["part"]] = tensor
-    except (OSError, SafetensorError) as exc:
-        raise AdapterLoadFailed(key, f"unreadable {WEIGHTS} ({exc}).") from None
+    for name, tensor in _mapped(key, folder / WEIGHTS).items():
+        match = LORA_KEY.match(name)
+        if not match:
+            raise AdapterLoadFailed(key, f"tensor {name} is not a LoRA A/B weight of a linear layer.")
+        halves.setdefault(match["module"], {})[match["part"]] = tensor
     pairs = {}
     for module, half in halves.items():
         layer = layers.get(module)
@@ -249,21 +245,55 @@ def read_adapter(key: str, folder: Path, layers: dict[str, MultiLoRALinear], max
         d_in, d_out = layer.base_layer.in_features, layer.base_layer.out_features
         if a is None or b is None or a.shape != (rank, d_in) or b.shape != (d_out, rank):
             raise AdapterLoadFailed(key, f"LoRA weights of {module} do not fit a {d_in}x{d_out} layer at rank {rank}.")
-        b = b.T * settings.scaling(module)
-        if not bool(torch.isfinite(b).all()):
-            raise AdapterLoadFailed(key, f"LoRA weights of {module} overflow once scaled by lora_alpha.")
-        pairs[module] = (a.T.contiguous(), b.contiguous())
+        scaling = settings.scaling(module)
+        for part, tensor in (("A", a), ("B", b)):
+            low, high = (float(v) for v in torch.aminmax(tensor))  # NaN if any is NaN
+            if not (math.isfinite(low) and math.isfinite(high)):
+                raise AdapterLoadFailed(key, f"the LoRA {part} weight of {module} holds NaN or infinite values; "
+                                        "the adapter is broken.")  # fmt: skip
+            if part == "B" and max(-low, high) * abs(scaling) > _LARGEST:
+                raise AdapterLoadFailed(key, f"LoRA weights of {module} overflow once scaled by lora_alpha.")
+        pairs[module] = (a.T, b.T, scaling)
     if not pairs:
         raise AdapterLoadFailed(key, f"{WEIGHTS} holds no LoRA weights.")
-    return AdapterWeights(key, max(a.shape[1] for a, _ in pairs.values()), pairs)
+    return AdapterWeights(key, max(a.shape[1] for a, _, _ in pairs.values()), pairs)
 
 
-def install(weights: AdapterWeights, slot: int, layers: dict[str, MultiLoRALinear]) -> None:
-    """Write the adapter's pairs into SLOT of every layer it modifies (the slot is clear everywhere else)."""
+def _mapped(key: str, path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file as views of its memory map (copy-on-write: nothing is read until used)."""
+    try:
+        header, start = safetensors_header(path)
+        with open(path, "rb") as handle:
+            mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+    except (OSError, ValueError, InvalidAdapter) as exc:
+        raise AdapterLoadFailed(key, f"unreadable {WEIGHTS} ({exc}).") from None
+    tensors = {}
+    for name, info in header.items():
+        dtype = _DTYPES.get(info.get("dtype"))
+        if dtype is None:
+            raise AdapterLoadFailed(key, f"tensor {name} is {info.get('dtype')}; LoRA weights must be floats.")
+        begin, end = info["data_offsets"]
+        shape = [int(n) for n in info.get("shape", [])]
+        count = (end - begin) // dtype.itemsize
+        if count != math.prod(shape) or count * dtype.itemsize != end - begin:
+            raise AdapterLoadFailed(key, f"unreadable {WEIGHTS} (tensor {name} does not fill its {shape} shape).")
+        if count == 0:  # frombuffer refuses empty views
+            tensors[name] = torch.empty(shape, dtype=dtype)
+        else:
+            tensors[name] = torch.frombuffer(mapped, dtype=dtype, count=count, offset=start + begin).view(shape)
+    return tensors
+
+
+def install(weights: AdapterWeights, slot: int, layers: dict[str, MultiLoRALinear], room: int = 0) -> None:
+    """Write the adapter's pairs into SLOT of every layer it modifies (the slot is clear everywhere else).
+
+    Layers without SLOT grow to ROOM slots at once (at least SLOT + 1): growing copies every slot, so it is rare.
+    """
     for layer in layers.values():  # every layer has the slot, as a pass reads each row's slot in every layer
-        layer.reserve(slot + 1, 0)
-    for module, (a, b) in weights.pairs.items():
-        layers[module].put(slot, a, b)
+        if layer.a.shape[0] <= slot:
+            layer.reserve(max(room, slot + 1), 0)  # ranks widen as pairs are put
+    for module, (a, b, scaling) in weights.pairs.items():
+        layers[module].put(slot, a, b, scaling)
 
 
 def uninstall(modules: tuple[str, ...], slot: int, layers: dict[str, MultiLoRALinear]) -> None:

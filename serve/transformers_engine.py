@@ -66,9 +66,11 @@ class TransformersEngine(HFTokenizer, Engine):
         self._cond = threading.Condition()  # guards the queue and the slots; the worker waits on it for work
         # The LoRA layers change only on the worker thread, between passes; other threads ask through the slots.
         # Idle adapters stay within max_loaded; those running rows use may fill a slot per row of the batch.
+        slots = max(max_loaded, max_batch)
+        # The layers grow to max_loaded slots at the first install, then double (rarely: growing copies every slot).
         self._slots = Slots(
-            max(max_loaded, max_batch),
-            lambda weights, slot: install(weights, slot, self._layers),
+            slots,
+            lambda weights, slot: install(weights, slot, self._layers, min(slots, max(max_loaded, 2 * slot))),
             lambda modules, slot: uninstall(modules, slot, self._layers),
             keep=max_loaded,
         )
@@ -212,7 +214,8 @@ class TransformersEngine(HFTokenizer, Engine):
             return adapter.state is State.GONE
 
     def _apply_loads(self, reading: list[Adapter]) -> None:
-        """Read the adapters `load` asked for, then sweep: install those that fit; every waiting `load` is answered."""
+        """Read the adapters `load` asked for and install each that fits as soon as it is read; every waiting `load`
+        is answered."""
         try:
             for adapter in reading:  # outside the lock: requests keep arriving meanwhile
                 try:
@@ -220,9 +223,12 @@ class TransformersEngine(HFTokenizer, Engine):
                 except AdapterLoadFailed as exc:
                     with self._cond:
                         self._slots.reject(adapter, exc)
+                        self._cond.notify_all()
                     continue
                 with self._cond:
                     self._slots.read(adapter, weights)
+                    self._slots.sweep()  # installed at once: its `load` is answered without waiting for the others
+                    self._cond.notify_all()
             with self._cond:
                 self._slots.sweep()
         finally:
