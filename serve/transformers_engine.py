@@ -39,6 +39,10 @@ from serve.slots import IN_SLOT, Adapter, Slots, State
 
 log = logging.getLogger("serve")
 
+# Prompt tokens prefilled per step for a long prompt, between decode steps: on the embedded model on two cores a
+# 256-token chunk takes about as long as two decode steps of 32 rows.
+PREFILL_CHUNK = 256
+
 
 class TransformersEngine(HFTokenizer, Engine):
     """Runs every request in one batch loop on a worker thread; rows join and leave the batch at any step."""
@@ -55,12 +59,14 @@ class TransformersEngine(HFTokenizer, Engine):
         max_batch: int = 32,
         max_rank: int = 64,
         max_context: int = 2048,
+        prefill_chunk: int = PREFILL_CHUNK,
     ) -> None:
         self.model_id = model_id
         self.precision = Precision.of(quantize, "float32")  # the base weights as adapters see them
         self.max_rank = max_rank
         self.max_loaded = max_loaded
         self.max_batch = max_batch
+        self.prefill_chunk = prefill_chunk
         self.fingerprint = fingerprint(base_path)
         self.tokenizer = AutoTokenizer.from_pretrained(base_path)
         self._cond = threading.Condition()  # guards the queue and the slots; the worker waits on it for work
@@ -113,6 +119,7 @@ class TransformersEngine(HFTokenizer, Engine):
                 max_batch=self.max_batch,
                 context_length=self.context_length,
                 grammars=self._grammars,
+                prefill_chunk=self.prefill_chunk,
                 eos=(set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}) - {None},
             )
         except BaseException as exc:  # the constructor raises it in the caller's thread
@@ -255,7 +262,7 @@ class TransformersEngine(HFTokenizer, Engine):
                 try:
                     self._apply_loads(reading)
                     with self._cond:
-                        admitted, new = self._admission.admit(self._waiting, len(self._runner.rows))
+                        admitted, new = self._admission.admit(self._waiting, self._runner.held())
                     self._step(admitted, new)
                 except Exception as exc:  # keep serving: fail this step's generations, then go on
                     log.exception("The engine failed a batch step; its requests get an error.")
@@ -266,12 +273,13 @@ class TransformersEngine(HFTokenizer, Engine):
         return bool(
             self._closed
             or self._waiting
-            or self._runner.rows
+            or self._runner.held()
             or self._slots.in_state(State.READING, State.PENDING, State.UNLOADING)
         )
 
     def _step(self, admitted: list[Generation], new: list[Adapter]) -> None:
-        """Install the adapters admitted generations need, prefill those, then decode every running row once."""
+        """Install the adapters admitted generations need, prefill those (a long prompt: its next chunk), then decode
+        every running row once."""
         for adapter in new:
             try:
                 self._install(adapter)
@@ -282,9 +290,10 @@ class TransformersEngine(HFTokenizer, Engine):
                 admitted[:] = [g for g in admitted if g not in failed]
                 self._fail(failed, exc)
         if admitted:
-            failed = self._runner.prefill_apart(admitted)
+            failed = self._runner.admit(admitted)
             self._leave(failed)
             admitted[:] = [g for g in admitted if g not in failed]  # failed and released: not this step's any more
+        self._runner.fill()
         self._leave(self._runner.drop_finished())
         if self._runner.rows:
             self._runner.decode()
