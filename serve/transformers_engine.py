@@ -36,6 +36,7 @@ from serve.hf_tokenizer import HFTokenizer
 from serve.lora import AdapterWeights, Rows, install, read_adapter, uninstall, wrap_linears
 from serve.runner import Runner, fail
 from serve.slots import IN_SLOT, Adapter, Slots, State
+from serve.threads import Threads
 
 log = logging.getLogger("serve")
 
@@ -98,6 +99,8 @@ class TransformersEngine(HFTokenizer, Engine):
     def _run(self, base_path: Path, quantize: str, max_context: int, started: list[BaseException | None]) -> None:
         """The worker thread: load the model, then run the batch loop."""
         try:
+            self.threads = Threads()  # torch's threads are this thread's: it sets them
+            self.threads.adjust()
             model = AutoModelForCausalLM.from_pretrained(
                 base_path,
                 dtype=torch.float32,
@@ -260,6 +263,7 @@ class TransformersEngine(HFTokenizer, Engine):
                     reading = self._slots.in_state(State.READING)
                 admitted: list[Generation] = []
                 try:
+                    self.threads.adjust()
                     self._apply_loads(reading)
                     with self._cond:
                         admitted, new = self._admission.admit(self._waiting, self._runner.held())
