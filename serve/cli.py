@@ -72,7 +72,7 @@ class RequestsCut(AdaptersError):
     "--prefill-chunk",
     type=click.IntRange(min=0),
     help="Transformers only: prompt tokens prefilled per step, between decode steps, so a long prompt delays "
-    "running streams by one chunk at most; 0 prefills a prompt in one pass. Default: 256.",
+    "running streams by one chunk at most; 0 prefills a prompt in one pass. Default: 32.",
 )
 @click.option(
     "--drain-seconds",

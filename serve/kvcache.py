@@ -43,12 +43,12 @@ class RowCache:
         if rows == 0:
             if self.keys:
                 self.keys, self.values, self.height, self.capacity = [], [], 0, 0
-                _trim()
+                trim()
             return
         height, capacity = min(self.rows, _power_of_two(rows)), max(64, _power_of_two(length))
         if 4 * height * capacity <= self.height * self.capacity:
             self._resize(height, capacity)
-            _trim()
+            trim()
 
     def nbytes(self) -> int:
         """Memory the stored keys and values take."""
@@ -119,7 +119,7 @@ def _glibc_trim() -> Callable[[int], int] | None:
 _malloc_trim = _glibc_trim()
 
 
-def _trim() -> None:
+def trim() -> None:
     """Hand freed memory back to the system: glibc keeps freed blocks under its mmap threshold (which grows to
     32 MB as large tensors are freed), so without this the process stays at a long request's peak."""
     if _malloc_trim is not None:

@@ -40,9 +40,11 @@ from serve.threads import Threads
 
 log = logging.getLogger("serve")
 
-# Prompt tokens prefilled per step for a long prompt, between decode steps: on the embedded model on two cores a
-# 256-token chunk takes about as long as two decode steps of 32 rows.
-PREFILL_CHUNK = 256
+# Prompt tokens prefilled per step for a long prompt, between decode steps. On the embedded model on two busy cores,
+# 16 streams' inter-token p50 went from 126 ms to 225 ms while a 1,900-token prompt came in chunks of 32 (374 ms in
+# chunks of 64, 545 in 128; the prompt in one pass held them 4-8 s); smaller chunks delay the long prompt's own
+# first token more.
+PREFILL_CHUNK = 32
 
 
 class TransformersEngine(HFTokenizer, Engine):
