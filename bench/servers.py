@@ -107,6 +107,8 @@ def serving(
 ) -> Iterator[tuple[str, str, list[str]]]:
     """Server NAME running, warmed up with every adapter once; yields its URL, its base model's name and the models
     of a mixed run (request i on adapter i % adapters)."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # without it vLLM takes a share of the machine's memory
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")  # vLLM's server would post usage statistics otherwise
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     names = [spec.name for spec in specs]
@@ -133,8 +135,6 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=SERVERS, default=list(SERVERS))
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")  # vLLM's server would post usage statistics otherwise
     base = ensure_embedded()
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as folder:
