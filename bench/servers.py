@@ -92,8 +92,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def measure(name: str, base: Path, registry: Path, specs: list[AdapterSpec], args: argparse.Namespace) -> dict:
-    """Base and mixed runs on server NAME, after a warm-up that loads every adapter once."""
+def prepared(base: Path, count: int, root: Path) -> tuple[list[AdapterSpec], Path]:
+    """COUNT adapters in ROOT/adapters and a registry in ROOT/registry that holds them."""
+    specs = make_adapters(base, count, root / "adapters")
+    registry, _ = Registry.init(root / "registry")
+    for spec in specs:
+        registry.add(spec.name, spec.path)
+    return specs, root / "registry"
+
+
+@contextmanager
+def serving(
+    name: str, base: Path, registry: Path, specs: list[AdapterSpec], args: argparse.Namespace
+) -> Iterator[tuple[str, str, list[str]]]:
+    """Server NAME running, warmed up with every adapter once; yields its URL, its base model's name and the models
+    of a mixed run (request i on adapter i % adapters)."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # without it vLLM takes a share of the machine's memory
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")  # vLLM's server would post usage statistics otherwise
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     names = [spec.name for spec in specs]
@@ -101,8 +116,14 @@ def measure(name: str, base: Path, registry: Path, specs: list[AdapterSpec], arg
     with started(command(name, base, registry, loras, port, args), url, registry.parent / f"{name}.log"):
         model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]  # the base model, as this server names it
         run_over_http(url, [model, *names], 4)
+        yield url, model, [names[i % len(names)] for i in range(args.requests)]
+
+
+def measure(name: str, base: Path, registry: Path, specs: list[AdapterSpec], args: argparse.Namespace) -> dict:
+    """Base and mixed runs on server NAME, after a warm-up that loads every adapter once."""
+    with serving(name, base, registry, specs, args) as (url, model, mixed):
         base_run = run_over_http(url, [model] * args.requests, args.tokens)
-        mixed_run = run_over_http(url, [names[i % len(names)] for i in range(args.requests)], args.tokens)
+        mixed_run = run_over_http(url, mixed, args.tokens)
     return {"base": base_run, "mixed": mixed_run}
 
 
@@ -114,18 +135,12 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=SERVERS, default=list(SERVERS))
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")  # vLLM's server would post usage statistics otherwise
     base = ensure_embedded()
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as folder:
-        root = Path(folder)
-        specs = make_adapters(base, args.adapters, root / "adapters")
-        registry, _ = Registry.init(root / "registry")
-        for spec in specs:
-            registry.add(spec.name, spec.path)
+        specs, registry = prepared(base, args.adapters, Path(folder))
         for name in args.only:
-            results[name] = measure(name, base, root / "registry", specs, args)
+            results[name] = measure(name, base, registry, specs, args)
             print(f"{name}: {results[name]['base']['tokens_per_s']:.0f} / {results[name]['mixed']['tokens_per_s']:.0f}")
     print(f"\n{args.requests} requests x {args.tokens} tokens over HTTP, {args.adapters} rank-16 adapters:")
     print(f"{'server':20}{'base tok/s':>12}{'mixed tok/s':>13}{'mixed/base':>12}{'TTFT p50 mixed':>16}")

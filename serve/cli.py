@@ -69,6 +69,12 @@ class RequestsCut(AdaptersError):
     help="Prompt plus completion tokens per request (the model's own limit if lower); bounds memory per batch row.",
 )
 @click.option(
+    "--prefill-chunk",
+    type=click.IntRange(min=0),
+    help="Transformers only: prompt tokens prefilled per step, between decode steps, so a long prompt delays "
+    "running streams by one chunk at most; 0 prefills a prompt in one pass. Default: 32.",
+)
+@click.option(
     "--drain-seconds",
     type=click.FloatRange(min=0),
     default=120,
@@ -119,6 +125,7 @@ def serve(
     max_tokens_cap: int,
     max_rank: int,
     max_context: int,
+    prefill_chunk: int | None,
     drain_seconds: float,
     stale_after: float,
     max_body_bytes: int,
@@ -130,7 +137,7 @@ def serve(
     if quantize is None:
         quantize = "none" if engine == "vllm" else default_quantize()
     options = EngineOptions(
-        engine, quantize, max_loaded, max_batch, max_rank, max_context, dtype=dtype, max_cpu_loras=max_cpu_loras
+        engine, quantize, max_loaded, max_batch, max_rank, max_context, dtype, max_cpu_loras, prefill_chunk
     )
     options.check()  # before anything is read: a wrong option is the first thing to say
     registry = Registry.find(registry_dir)
@@ -149,8 +156,11 @@ def serve(
     from serve.dependencies import Settings
     from serve.factory import build
     from serve.fidelity import Fidelity
+    from serve.threads import configure_openmp
     from core.base import home, resolve_base
 
+    if engine == "transformers":  # vLLM sets its own threads
+        configure_openmp()  # before torch loads
     model = resolve_base(base)
     click.echo(f"Loading {model.name} on the {engine} engine (quantize {quantize})...", err=True)
     try:

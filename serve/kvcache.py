@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+from collections.abc import Callable
+
 import torch
 
 
 class RowCache:
     """A per-layer key/value store that the model's attention layers update through `update`.
 
-    Before each forward pass the engine says what it holds: `prefill(first_row)` for new prompts written
-    to rows first_row.., or `decode(positions)` for one new token per running row at its own position.
+    Before each forward pass the engine says what it holds: `prefill(first_row, start)` for prompts written
+    to rows first_row.. from position START on (a long prompt comes in chunks), or `decode(positions)` for one new
+    token per running row at its own position.
     Storage grows by doubling (rows and tokens per row), so rows keep their place while requests of different
     lengths run side by side; `shrink` gives it back when requests leave, so one long request's peak is not kept.
     """
@@ -21,6 +26,7 @@ class RowCache:
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self._first_row = 0
+        self._start = 0
         self._positions: torch.Tensor | None = None
 
     def reserve(self, rows: int, length: int) -> None:
@@ -35,11 +41,14 @@ class RowCache:
         Without rows it frees everything. The threshold keeps rows coming and going from copying the cache each step.
         """
         if rows == 0:
-            self.keys, self.values, self.height, self.capacity = [], [], 0, 0
+            if self.keys:
+                self.keys, self.values, self.height, self.capacity = [], [], 0, 0
+                trim()
             return
         height, capacity = min(self.rows, _power_of_two(rows)), max(64, _power_of_two(length))
         if 4 * height * capacity <= self.height * self.capacity:
             self._resize(height, capacity)
+            trim()
 
     def nbytes(self) -> int:
         """Memory the stored keys and values take."""
@@ -56,9 +65,9 @@ class RowCache:
                 store[layer] = resized
         self.height, self.capacity = height, capacity
 
-    def prefill(self, first_row: int) -> None:
-        """The next forward pass writes new prompts (position 0 onwards) into rows FIRST_ROW onwards."""
-        self._first_row, self._positions = first_row, None
+    def prefill(self, first_row: int, start: int = 0) -> None:
+        """The next forward pass writes prompts into rows FIRST_ROW onwards, from position START on."""
+        self._first_row, self._start, self._positions = first_row, start, None
 
     def decode(self, positions: torch.Tensor) -> None:
         """The next forward pass adds one token per running row, row i at POSITIONS[i]."""
@@ -81,12 +90,15 @@ class RowCache:
         keys, values = self.keys[layer], self.values[layer]
         if self._positions is None:
             rows = slice(self._first_row, self._first_row + key.shape[0])
-            keys[rows, :, : key.shape[2]] = key
-            values[rows, :, : key.shape[2]] = value
+            start, end = self._start, self._start + key.shape[2]
+            keys[rows, :, start:end] = key
+            values[rows, :, start:end] = value
+            if start:  # a later chunk of a prompt attends to the chunks before it too
+                return keys[rows, :, :end], values[rows, :, :end]
             # A row's positions past its tokens are masked, but 0 * NaN is NaN: what an earlier request (one whose
             # adapter overflowed, say) left there must not reach this one's attention.
-            keys[rows, :, key.shape[2] :] = 0
-            values[rows, :, key.shape[2] :] = 0
+            keys[rows, :, end:] = 0
+            values[rows, :, end:] = 0
             return key, value
         count = key.shape[0]
         index = torch.arange(count)
@@ -94,6 +106,24 @@ class RowCache:
         values[index, :, self._positions] = value[:, :, 0]
         length = int(self._positions.max()) + 1
         return keys[:count, :, :length], values[:count, :, :length]
+
+
+def _glibc_trim() -> Callable[[int], int] | None:
+    """glibc's `malloc_trim`, or None on another C library."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_malloc_trim = _glibc_trim()
+
+
+def trim() -> None:
+    """Hand freed memory back to the system: glibc keeps freed blocks under its mmap threshold (which grows to
+    32 MB as large tensors are freed), so without this the process stays at a long request's peak."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
 
 
 def _power_of_two(n: int) -> int:

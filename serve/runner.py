@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -44,7 +44,12 @@ class Row:
 
 
 class Runner:
-    """The running rows of one model and its row cache; rows join at a prefill and leave when done."""
+    """The running rows of one model and its row cache; rows join at a prefill and leave when done.
+
+    A prompt longer than PREFILL_CHUNK tokens is prefilled a chunk per step (`fill`), between decode steps, so
+    that it delays the running rows' next token by one chunk's pass at most; until its last chunk it holds the
+    cache row just past the running ones.
+    """
 
     def __init__(
         self,
@@ -56,6 +61,7 @@ class Runner:
         context_length: int,
         grammars: Grammars,
         eos: set[int],
+        prefill_chunk: int = 0,
     ) -> None:
         self.backbone = model.get_decoder()
         self.head = model.get_output_embeddings()
@@ -67,11 +73,66 @@ class Runner:
         self.eos = eos
         self.pad = tokenizer.pad_token_id or 0
         self.rows: list[Row] = []
+        self.prefill_chunk = prefill_chunk  # 0: every prompt in one pass
+        self.filling: Row | None = None  # the long prompt being prefilled, a chunk per step
+        self.queued: deque[Generation] = deque()  # long prompts waiting to be filled, oldest first
         self.passes: Counter[int] = Counter()  # rows per forward pass -> passes
+        self.chunks = 0  # prefill chunks of long prompts run so far
+
+    def held(self) -> int:
+        """Batch rows taken: running, being filled or queued to be."""
+        return len(self.rows) + (self.filling is not None) + len(self.queued)
 
     def generations(self) -> list[Generation]:
         """The generations holding rows now."""
-        return [row.generation for row in self.rows]
+        filling = [self.filling.generation] if self.filling is not None else []
+        return [row.generation for row in self.rows] + filling + list(self.queued)
+
+    def admit(self, generations: list[Generation]) -> list[Generation]:
+        """Queue the long prompts of GENERATIONS to be filled in chunks, prefill the others now; returns those that
+        failed (each told its error)."""
+        long = [g for g in generations if self._chunked(g)]
+        self.queued.extend(long)
+        short = [g for g in generations if g not in long]
+        return self.prefill_apart(short) if short else []
+
+    def _chunked(self, generation: Generation) -> bool:
+        # Prompt log-probabilities are scored over the whole prompt in one pass, so those prompts are not chunked.
+        return 0 < self.prefill_chunk < len(generation.prompt_ids) and generation.sampling.prompt_logprobs is None
+
+    def fill(self) -> None:
+        """Prefill the next chunk of the oldest long prompt; after its last, it joins the running rows.
+
+        A failure fails that generation alone; its row leaves at the next drop.
+        """
+        if self.filling is None:
+            if not self.queued:
+                return
+            self.filling = self._new_row(self.queued.popleft())
+        row = self.filling
+        try:
+            self._chunk(row)
+        except Exception as exc:
+            log.exception("The engine failed a request's prompt; it gets an error.")
+            fail([row.generation], exc)
+
+    def _chunk(self, row: Row) -> None:
+        prompt = row.generation.prompt_ids
+        start, end = row.length, min(len(prompt), row.length + self.prefill_chunk)
+        index = len(self.rows)  # the cache row past the running ones
+        self.cache.reserve(index + 1, len(prompt))
+        self.cache.prefill(index, start)
+        self.plans.plan = plan([row.slot], end - start)
+        queries, keys = torch.arange(start, end), torch.arange(end)
+        mask = (keys[None, :] <= queries[:, None])[None, None]
+        hidden = self.forward(torch.tensor([prompt[start:end]]), mask, queries[None])
+        row.length = end
+        self.passes[1] += 1
+        self.chunks += 1
+        if end == len(prompt):
+            self.filling = None
+            self.rows.append(row)
+            self._advance([row], self.head(hidden[:, -1]))
 
     def prefill_apart(self, generations: list[Generation]) -> list[Generation]:
         """Prefill GENERATIONS together; if that fails, each alone, so that only those that fail alone fail.
@@ -143,7 +204,12 @@ class Runner:
 
     def drop_finished(self) -> list[Generation]:
         """Free the rows of finished or cancelled generations (the last row moves into each gap); returns theirs."""
-        left = []
+        left = [g for g in self.queued if g.cancelled]
+        self.queued = deque(g for g in self.queued if not g.cancelled)
+        if self.filling is not None and self.filling.generation.cancelled:
+            left.append(self.filling.generation)
+            self.filling = None
+        running = len(self.rows)
         for i in range(len(self.rows) - 1, -1, -1):
             row = self.rows[i]
             if not row.generation.cancelled:
@@ -153,7 +219,12 @@ class Runner:
                 self.cache.move(len(self.rows), i)
                 self.rows[i] = last
             left.append(row.generation)
-        self.cache.shrink(len(self.rows), max((row.length for row in self.rows), default=0) + 1)
+        longest = max((row.length for row in self.rows), default=0) + 1
+        if self.filling is not None:  # its cache row stays just past the running ones
+            if running != len(self.rows):
+                self.cache.move(running, len(self.rows))
+            longest = max(longest, len(self.filling.generation.prompt_ids))
+        self.cache.shrink(len(self.rows) + (self.filling is not None), longest)
         return left
 
     def _new_row(self, generation: Generation) -> Row:

@@ -314,7 +314,10 @@ def test_the_queue_under_vllms_names(served: Served, monkeypatch: Any) -> None:
     with ThreadPoolExecutor(1) as pool:
         try:
             with httpx.stream("POST", f"{served.url}/v1/completions", json=body, timeout=120) as stream:
-                next(line for line in stream.iter_lines() if line.startswith("data: "))  # it runs now
+                # Held in a name: a dropped line iterator, once collected, closes the connection, and the server would
+                # end the request (a client gone) before the worker holds it.
+                lines = stream.iter_lines()
+                next(line for line in lines if line.startswith("data: "))  # it runs now
                 waiter = pool.submit(served.post, "/v1/completions", **{**body, "stream": False})
                 wait_for(lambda: value("vllm:num_requests_waiting") == 1, 60, "the second request to queue")
                 assert value("vllm:num_requests_running") == 1 and value("adapters_requests_waiting") == 1

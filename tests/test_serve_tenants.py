@@ -314,6 +314,10 @@ def test_serve_refuses_an_option_of_the_other_engine_in_one_line_before_loading_
         (["--max-cpu-loras", "16"], "--max-cpu-loras is an option of the vLLM engine; add --engine vllm or drop it."),
         (["--engine", "vllm", "--quantize", "int8"], "The vLLM engine cannot serve a --quantize int8 base"),
         (
+            ["--engine", "vllm", "--quantize", "none", "--prefill-chunk", "64"],
+            "--prefill-chunk is an option of the transformers engine; drop it with --engine vllm.",
+        ),
+        (
             ["--engine", "vllm", "--quantize", "none", "--max-cpu-loras", "4"],
             "--max-cpu-loras (4) must be at least --max-loaded (8).",
         ),
