@@ -1,0 +1,193 @@
+"""The server on Ray Serve: our app as the ingress, two engine replicas of the tiny model behind it, on a local
+Ray cluster started once for these tests. Adapters reach the replicas only through the registry's remotes (a
+bare git repository and a DVC folder), as they would on other machines."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from serving import metric, registry_with, wait_for
+
+from registry.repo import Registry
+from registry.sync import push, set_remote
+from serve.dependencies import Settings
+from serve.factory import EngineOptions
+from serve.tenants import add_tenant, set_admin
+
+PROMPT = "The quick brown fox"
+
+
+@dataclass
+class Cluster:
+    """The app deployed on the session's Ray cluster, with the registry it follows and each tenant's key."""
+
+    url: str
+    registry: Registry
+    keys: dict[str, str]
+
+    def post(self, path: str, who: str | None = "acme", **body: Any) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {self.keys[who]}"} if who else {}
+        return httpx.post(f"{self.url}{path}", json=body, headers=headers, timeout=120)
+
+    def complete(self, model: str, who: str | None = "acme", **body: Any) -> httpx.Response:
+        return self.post("/v1/completions", who, model=model, prompt=PROMPT, max_tokens=4, temperature=0, **body)
+
+    def stream(self, model: str, tokens: int) -> Any:
+        """A streamed completion of exactly TOKENS tokens, opened (read it with iter_lines)."""
+        body = {"model": model, "prompt": PROMPT, "max_tokens": tokens, "ignore_eos": True, "stream": True}
+        headers = {"Authorization": f"Bearer {self.keys['acme']}"}
+        return httpx.stream("POST", f"{self.url}/v1/completions", json=body, headers=headers, timeout=120)
+
+    def replicas(self) -> dict[str, tuple[int, Any]]:
+        """replica id -> (process id, engine status), as the replicas report them to their board."""
+        import ray
+
+        from serve.ray_cluster import APP, NAMESPACE
+
+        return ray.get(ray.get_actor(f"{APP}-board", namespace=NAMESPACE).read.remote())
+
+    def holders(self, key: str) -> set[str]:
+        """The replicas whose engine holds adapter version KEY now."""
+        return {replica for replica, (_, status) in self.replicas().items() if key in status.loaded}
+
+    def routes(self, replica: str, result: str) -> float:
+        return metric(self.url, "adapters_replica_routes_total", replica=replica, result=result)
+
+
+@pytest.fixture(scope="module")
+def ray_port(adapters_home: Path) -> Iterator[int]:
+    """One local Ray cluster and Serve HTTP proxy for these tests (Ray's start takes seconds; it is done once)."""
+    import ray
+    from ray import serve
+
+    from serve.ray_cluster import start
+
+    port = start(None, "127.0.0.1", 0, cpus=3)
+    yield port
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cluster(
+    ray_port: int, tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, make_adapter: Any
+) -> Iterator[Cluster]:
+    from serve.ray_cluster import APP, ReplicaConfig, deploy, remote_url
+
+    root = tmp_path_factory.mktemp("ray")
+    folders = {name: [make_adapter(seed)] for seed, name in enumerate(["acme-a", "acme-b", "acme-c", "other"], 1)}
+    registry = registry_with(root / "registry", {**folders, "acme-support": [make_adapter(11), make_adapter(12)]})
+    registry.promote("acme-support@v1.0.0", "prod")
+    set_remote(registry, "origin", str(root / "origin.git"), None, {}, create=True)
+    push(registry, [])
+    tenants = root / "tenants.yaml"
+    keys = {"acme": add_tenant(tenants, "acme", ["acme-*"], None, None), "admin": set_admin(tenants)}
+    config = ReplicaConfig(
+        replicas=2,
+        threads=1,
+        base=str(tiny_base),
+        options=EngineOptions("transformers", "none", max_loaded=2, max_batch=8, max_rank=64, max_context=1024),
+        registry=registry.root,
+        remote=remote_url(registry),
+        tenants_file=tenants,
+        settings=Settings(max_tokens_cap=1000),
+        interval=0.1,
+    )
+    deploy(config)
+    yield Cluster(f"http://127.0.0.1:{ray_port}", registry, keys)
+    from ray import serve
+
+    serve.delete(APP)
+
+
+def _events(lines: Iterator[str]) -> Iterator[Any]:
+    for line in lines:
+        if line.startswith("data: "):
+            data = line[len("data: ") :]
+            yield data if data == "[DONE]" else json.loads(data)
+
+
+def test_tenants_are_enforced_at_the_ingress(cluster: Cluster) -> None:
+    assert cluster.complete("acme-a", who=None).status_code == 401
+    other = cluster.complete("other")
+    assert other.status_code == 404 and other.json()["error"]["code"] == "model_not_found"
+    models = httpx.get(f"{cluster.url}/v1/models", headers={"Authorization": f"Bearer {cluster.keys['acme']}"}).json()
+    assert {m["id"] for m in models["data"]} >= {"acme-a", "acme-b", "acme-support"}
+    assert "other" not in {m["id"] for m in models["data"]}
+    assert cluster.post("/admin/refresh").status_code == 403
+    assert cluster.post("/admin/refresh", who="admin").status_code == 200
+
+
+def test_requests_for_one_version_land_on_the_replica_that_loaded_it(cluster: Cluster) -> None:
+    first = cluster.complete("acme-a")
+    assert first.status_code == 200, first.text
+    assert first.json()["model"] == "acme-a@v1.0.0"
+    (holder,) = wait_for(lambda: cluster.holders("acme-a@v1.0.0"), 10, "the board to show acme-a loaded")
+    hits, colds = cluster.routes(holder, "hit"), sum(cluster.routes(r, "cold") for r in cluster.replicas())
+    for _ in range(5):
+        assert cluster.complete("acme-a").status_code == 200
+    # Each request is routed twice (its load, then its generation): all ten went to the holder, none loaded anew.
+    assert cluster.routes(holder, "hit") == hits + 10
+    assert sum(cluster.routes(r, "cold") for r in cluster.replicas()) == colds
+    assert cluster.holders("acme-a@v1.0.0") == {holder}
+    assert metric(cluster.url, "adapters_replica_adapter_loaded", replica=holder, model="acme-a@v1.0.0") == 1
+    # A second adapter goes to the replica holding fewer: the versions spread over the replicas.
+    assert cluster.complete("acme-b").status_code == 200
+    (other,) = wait_for(lambda: cluster.holders("acme-b@v1.0.0"), 10, "the board to show acme-b loaded")
+    assert other != holder
+
+
+def test_a_promote_under_load_reaches_routing_while_running_requests_keep_their_version(cluster: Cluster) -> None:
+    assert cluster.complete("acme-support").json()["model"] == "acme-support@v1.0.0"
+    with cluster.stream("acme-support", 400) as running:
+        assert running.status_code == 200
+        events = _events(running.iter_lines())
+        seen = [next(events)]  # it has started, on v1.0.0
+        cluster.registry.promote("acme-support@v1.1.0", "prod")
+        answered = wait_for(
+            lambda: (r := cluster.complete("acme-support")).json()["model"] == "acme-support@v1.1.0" and r,
+            10,
+            "the promotion to reach the ingress's routing",
+        )
+        assert answered.status_code == 200
+        seen.extend(events)
+    assert seen[-1] == "[DONE]"
+    assert {e["model"] for e in seen[:-1]} == {"acme-support@v1.0.0"}
+    assert sum(len(e["choices"][0]["text"]) > 0 for e in seen[:-1]) > 0
+    # Every replica now routes the bare name to the new version: several at once, all v1.1.0.
+    answers = [cluster.complete("acme-support") for _ in range(4)]
+    assert {a.json()["model"] for a in answers} == {"acme-support@v1.1.0"}
+
+
+def test_a_replica_killed_mid_stream_fails_cleanly_and_ray_restarts_it(cluster: Cluster) -> None:
+    assert cluster.complete("acme-c").status_code == 200
+    (holder,) = wait_for(lambda: cluster.holders("acme-c@v1.0.0"), 10, "the board to show acme-c loaded")
+    before = cluster.replicas()
+    pid = before[holder][0]
+    hits = cluster.routes(holder, "hit")
+    with cluster.stream("acme-c", 1000) as running:
+        assert running.status_code == 200
+        events = _events(running.iter_lines())
+        next(events)  # its first tokens have arrived: 999 more are to come from the replica holding acme-c
+        os.kill(pid, signal.SIGKILL)
+        rest = list(events)
+    assert cluster.routes(holder, "hit") == hits + 2  # its load and its generation went to the killed replica
+    # The fault landed mid-stream: the stream ends with an error event, not with [DONE].
+    assert "[DONE]" not in rest
+    error = rest[-1]["error"]
+    assert error["type"] == "server_error" and "replica running this request stopped" in error["message"]
+    # The other replica keeps serving meanwhile, and Ray starts a new replica in place of the dead one.
+    assert cluster.complete("acme-a").status_code == 200
+    after = wait_for(lambda: len(r := cluster.replicas()) == 2 and holder not in r and r, 120, "a new replica")
+    (new,) = set(after) - set(before)
+    assert after[new][0] != pid
+    answer = wait_for(lambda: (r := cluster.complete("acme-c")).status_code == 200 and r, 60, "acme-c served again")
+    assert answer.json()["model"] == "acme-c@v1.0.0"
