@@ -120,8 +120,15 @@ class RequestsCut(AdaptersError):
     help="With --replicas: torch threads per replica.",
 )
 @click.option(
+    "--routing",
+    type=click.Choice(["affinity", "random"]),
+    default="affinity",
+    show_default=True,
+    help="With --replicas: send each request to a replica holding its adapter version, or anywhere (to compare).",
+)
+@click.option(
     "--ray-address",
-    help="With --replicas: join this Ray cluster (for example ray://head:10001 or auto). Default: start a local one.",
+    help="With --replicas: join the Ray cluster of this machine (auto, or HEAD:6379). Default: start a local one.",
 )
 def serve(
     base: str | None,
@@ -144,6 +151,7 @@ def serve(
     strict_fidelity: bool,
     replicas: int | None,
     threads: int,
+    routing: str,
     ray_address: str | None,
 ) -> None:
     """Serve the base model and every adapter of the registry through an OpenAI-compatible API."""
@@ -168,8 +176,8 @@ def serve(
     if replicas is None and ray_address is not None:
         raise ServeOptionError("--ray-address places engine replicas on a Ray cluster; add --replicas N.")
     if replicas is not None:
-        _on_replicas(registry, options, base, replicas, threads, ray_address, host, port, tenants_file, settings,
-                     stale_after, strict_fidelity)  # fmt: skip
+        _on_replicas(registry, options, base, replicas, threads, routing, ray_address, host, port, tenants_file,
+                     settings, stale_after, strict_fidelity)  # fmt: skip
         return
     listener = _listen(host, port)
 
@@ -219,6 +227,7 @@ def _on_replicas(
     base: str | None,
     replicas: int,
     threads: int,
+    routing: str,
     ray_address: str | None,
     host: str,
     port: int,
@@ -245,6 +254,7 @@ def _on_replicas(
         settings=settings,
         stale_after=stale_after,
         strict_fidelity=strict_fidelity,
+        affinity=routing == "affinity",
     )
     where = f"the Ray cluster at {ray_address}" if ray_address else "a local Ray cluster"
     click.echo(f"Starting {replicas} {options.engine} engine replicas on {where}...", err=True)

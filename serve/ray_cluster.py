@@ -49,6 +49,7 @@ class ReplicaConfig:
     stale_after: float = 10.0
     strict_fidelity: bool = False
     interval: float = 0.5  # seconds between reads of the registry's tags (promote and rollback reach routing)
+    affinity: bool = True  # route each request by its adapter version; False: anywhere (for comparison)
 
 
 @serve.ingress()
@@ -72,7 +73,7 @@ class Ingress:
         config = self.config
         logging.getLogger("serve").setLevel(logging.INFO)
         description = await self.replicas.describe.remote()
-        engine = RayEngine(self.replicas, self.board, resolve_base(config.base).path, description)
+        engine = RayEngine(self.replicas, self.board, resolve_base(config.base).path, description, config.affinity)
         catalog = Catalog(
             Registry(config.registry),
             home() / "serve",

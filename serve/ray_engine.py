@@ -36,12 +36,15 @@ class RayEngine(HFTokenizer, Engine):
 
     name = "ray"
 
-    def __init__(self, handle: Any, board: Any, base_path: Path, description: Description) -> None:
+    def __init__(
+        self, handle: Any, board: Any, base_path: Path, description: Description, affinity: bool = True
+    ) -> None:
         for item in fields(description):
             setattr(self, item.name, getattr(description, item.name))
         self.tokenizer = AutoTokenizer.from_pretrained(base_path)
         self._handle = handle
         self._board = board
+        self._affinity = affinity  # False: Ray Serve routes without the version (to compare, as bench/replicas.py)
         self._streams: dict[str, Any] = {}  # request id -> its response stream, to cancel on abort
         self._replicas: dict[str, tuple[int, EngineStatus]] = {}
         self._stop = threading.Event()
@@ -60,7 +63,7 @@ class RayEngine(HFTokenizer, Engine):
         self.check(request)
         key = request.adapter.key if request.adapter else ""
         for attempt in range(2):
-            stream = self._handle.options(multiplexed_model_id=key, stream=True).generate.remote(request)
+            stream = self._handle.options(multiplexed_model_id=self._route(key), stream=True).generate.remote(request)
             self._streams[request.request_id] = stream
             produced = False
             try:
@@ -91,7 +94,7 @@ class RayEngine(HFTokenizer, Engine):
     async def load(self, adapter: AdapterSpec) -> bool:
         for attempt in range(2):
             try:
-                result = await self._handle.options(multiplexed_model_id=adapter.key).load.remote(adapter)
+                result = await self._handle.options(multiplexed_model_id=self._route(adapter.key)).load.remote(adapter)
                 break
             except _LOST as exc:
                 if attempt:
@@ -99,9 +102,13 @@ class RayEngine(HFTokenizer, Engine):
         if isinstance(result, Failed):
             raise result.error()
         REPLICA_ROUTES.labels(result.replica, _result(result, adapter.key)).inc()
-        if result.cold:
+        if result.cold and self._affinity:
             await self._until_routed(adapter.key)
         return result.cold
+
+    def _route(self, key: str) -> str:
+        """The multiplexed model id a call for adapter version KEY is routed by ("" routes it anywhere)."""
+        return key if self._affinity else ""
 
     async def _until_routed(self, key: str) -> None:
         """Wait (2 s at most) until this process's Ray Serve router routes KEY to the replicas that hold it.

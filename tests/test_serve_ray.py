@@ -191,3 +191,18 @@ def test_a_replica_killed_mid_stream_fails_cleanly_and_ray_restarts_it(cluster: 
     assert after[new][0] != pid
     answer = wait_for(lambda: (r := cluster.complete("acme-c")).status_code == 200 and r, 60, "acme-c served again")
     assert answer.json()["model"] == "acme-c@v1.0.0"
+
+
+def test_serve_on_replicas_refuses_what_it_cannot_use_in_one_line_before_starting_ray(
+    cli: Any, make_adapter: Any, tmp_path: Path
+) -> None:
+    registry = registry_with(tmp_path / "registry", {"alpha": [make_adapter(1)]})  # no remote to fetch from
+    cases = [
+        (["--ray-address", "auto"], "--ray-address places engine replicas on a Ray cluster; add --replicas N."),
+        (["--replicas", "2"], f"Replicas fetch adapters from the registry's remote, and {registry.root} has none"),
+    ]
+    for args, message in cases:
+        result = cli("serve", "--registry", str(registry.root), *args, cwd=tmp_path)
+        assert result.exit_code == 2, (args, result.output)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+        assert len(errors) == 1 and message in errors[0] and "Traceback" not in result.output, result.output
