@@ -135,6 +135,11 @@ class RayEngine(HFTokenizer, Engine):
         except _LOST as exc:
             raise unavailable(exc) from None
 
+    async def loaded(self) -> list[str]:
+        """Keys of the adapters loaded on any replica, read from the board now (the status may be 0.2 s old)."""
+        self._replicas = await self._board.read.remote()
+        return list(self.status().loaded)
+
     def status(self) -> EngineStatus:
         """The replicas' statuses added up, each one's own under `replicas`."""
         statuses = {replica: status for replica, (_, status) in self._replicas.items()}

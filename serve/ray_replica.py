@@ -228,8 +228,11 @@ class EngineReplica:
     def _report(self) -> None:
         """Tell the board this replica's status a few times a second, until it stops."""
         while not self._stop.wait(STATUS_SECONDS):
-            with contextlib.suppress(Exception):  # the board restarting: the next report tells it again
-                self._board.put.remote(self.replica, os.getpid(), self.engine.status())
+            self._tell()
+
+    def _tell(self) -> None:
+        with contextlib.suppress(Exception):  # the board restarting: the next report tells it again
+            self._board.put.remote(self.replica, os.getpid(), self.engine.status())
 
     async def describe(self) -> Description:
         """The engine's model, limits and precision."""
@@ -254,6 +257,7 @@ class EngineReplica:
             _, cold = await self._use(spec)
         except Exception as exc:
             return Failed.of(exc, spec.key)
+        self._tell()  # sent before the answer: the ingress's next read of the board lists the version
         return Routed(self.replica, cold)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Routed | Chunk | Failed]:
@@ -270,8 +274,15 @@ class EngineReplica:
             yield Failed.of(exc, request.adapter.key if request.adapter else None)
 
     async def unload(self, key: str) -> bool:
-        """Drop an adapter version from this replica's engine."""
-        return await self.engine.unload(key)
+        """Drop an adapter version from this replica's engine, and from Ray's table of what it holds."""
+        unloaded = await self.engine.unload(key)
+        if unloaded:
+            # Ray Serve 2.60 keeps its multiplexing cache here; it offers no call to drop one model.
+            wrapper = getattr(self, "__serve_multiplex_wrapper", None)
+            if wrapper is not None and wrapper.models.pop(key, None) is not None:
+                wrapper._push_multiplexed_replica_info = True
+        self._tell()
+        return unloaded
 
     def __del__(self) -> None:
         self._stop.set()

@@ -126,6 +126,16 @@ def test_tenants_are_enforced_at_the_ingress(cluster: Cluster) -> None:
     assert cluster.post("/admin/refresh", who="admin").status_code == 200
 
 
+def test_admin_load_and_unload_reach_the_replicas(cluster: Cluster) -> None:
+    loaded = cluster.post("/admin/load", who="admin", model="acme-support@v1.0.0")
+    assert loaded.status_code == 200, loaded.text
+    assert loaded.json()["loaded"] is True and "acme-support@v1.0.0" in loaded.json()["adapters"]
+    assert cluster.holders("acme-support@v1.0.0")
+    unloaded = cluster.post("/admin/unload", who="admin", model="acme-support@v1.0.0")
+    assert unloaded.json() == {**unloaded.json(), "unloaded": True}
+    assert "acme-support@v1.0.0" not in unloaded.json()["adapters"]
+
+
 def test_requests_for_one_version_land_on_the_replica_that_loaded_it(cluster: Cluster) -> None:
     first = cluster.complete("acme-a")
     assert first.status_code == 200, first.text
