@@ -44,6 +44,9 @@ REPLICA_ROUTES = Counter(
     "not needed (base).",
     ["replica", "result"],
 )
+REPLICA_RETRIES = Counter(
+    "adapters_replica_retries", "Calls sent again after the replica they went to was lost before it answered."
+)
 
 _BATCH = (1, 2, 4, 8, 16, 32, 64, 128)
 

@@ -24,7 +24,7 @@ from transformers import AutoTokenizer
 
 from serve.engine import AdapterSpec, Chunk, Engine, EngineStatus, GenerateRequest
 from serve.hf_tokenizer import HFTokenizer
-from serve.metrics import REPLICA_ROUTES
+from serve.metrics import REPLICA_RETRIES, REPLICA_ROUTES
 from serve.ray_replica import STATUS_SECONDS, Description, Failed, Routed, unavailable
 
 log = logging.getLogger("serve")
@@ -83,6 +83,7 @@ class RayEngine(HFTokenizer, Engine):
                     log.warning("request_id=%s lost its replica: %s", request.request_id, _first_line(exc))
                     raise unavailable(exc) from None
                 log.warning("request_id=%s lost its replica before it answered; sending it again.", request.request_id)
+                REPLICA_RETRIES.inc()
             finally:
                 self._streams.pop(request.request_id, None)
 
@@ -99,6 +100,8 @@ class RayEngine(HFTokenizer, Engine):
             except _LOST as exc:
                 if attempt:
                     raise unavailable(exc) from None
+                log.warning("Loading %s lost its replica before it answered; sending it again.", adapter.key)
+                REPLICA_RETRIES.inc()
         if isinstance(result, Failed):
             raise result.error()
         REPLICA_ROUTES.labels(result.replica, _result(result, adapter.key)).inc()

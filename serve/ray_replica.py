@@ -128,7 +128,7 @@ class RemoteAdapters:
 
     def __init__(self, url: str, description: Description) -> None:
         self.url = url
-        folder = home() / "replicas" / hashlib.sha256(url.encode()).hexdigest()[:16]
+        folder = replica_home(url)
         root = folder / "registry"
         self._lock = folder / ".git.lock"
         with locked(self._lock):
@@ -167,6 +167,11 @@ class RemoteAdapters:
         with contextlib.suppress(ServeError):
             return self.catalog.lookup(spec.key, lambda name: True)
         return None
+
+
+def replica_home(url: str) -> Path:
+    """Where the replicas of this machine keep their clone of the registry at URL and its adapters' files."""
+    return home() / "replicas" / hashlib.sha256(url.encode()).hexdigest()[:16]
 
 
 def _git(cwd: Path, *args: str) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ class Cluster:
     url: str
     registry: Registry
     keys: dict[str, str]
+    remote: str
 
     def post(self, path: str, who: str | None = "acme", **body: Any) -> httpx.Response:
         headers = {"Authorization": f"Bearer {self.keys[who]}"} if who else {}
@@ -83,7 +85,8 @@ def cluster(
     from serve.ray_cluster import APP, ReplicaConfig, deploy, remote_url
 
     root = tmp_path_factory.mktemp("ray")
-    folders = {name: [make_adapter(seed)] for seed, name in enumerate(["acme-a", "acme-b", "acme-c", "other"], 1)}
+    names = ["acme-a", "acme-b", "acme-c", "acme-d", "other"]
+    folders = {name: [make_adapter(seed)] for seed, name in enumerate(names, 1)}
     registry = registry_with(root / "registry", {**folders, "acme-support": [make_adapter(11), make_adapter(12)]})
     registry.promote("acme-support@v1.0.0", "prod")
     set_remote(registry, "origin", str(root / "origin.git"), None, {}, create=True)
@@ -102,7 +105,7 @@ def cluster(
         interval=0.1,
     )
     deploy(config)
-    yield Cluster(f"http://127.0.0.1:{ray_port}", registry, keys)
+    yield Cluster(f"http://127.0.0.1:{ray_port}", registry, keys, config.remote)
     from ray import serve
 
     serve.delete(APP)
@@ -201,6 +204,37 @@ def test_a_replica_killed_mid_stream_fails_cleanly_and_ray_restarts_it(cluster: 
     assert after[new][0] != pid
     answer = wait_for(lambda: (r := cluster.complete("acme-c")).status_code == 200 and r, 60, "acme-c served again")
     assert answer.json()["model"] == "acme-c@v1.0.0"
+
+
+def _has_open(pid: int, path: Path) -> bool:
+    """Whether process PID has the file PATH open."""
+    try:
+        return any(os.readlink(f"/proc/{pid}/fd/{fd}") == str(path) for fd in os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return False
+
+
+def test_a_replica_lost_before_it_answered_is_replaced_for_that_request_by_another(cluster: Cluster) -> None:
+    from core.cache import locked
+    from serve.ray_replica import replica_home
+
+    lock = replica_home(cluster.remote) / "files" / ".materialize.lock"
+    retries = metric(cluster.url, "adapters_replica_retries_total")
+
+    def waiting(besides: int = 0) -> list[int]:
+        return [pid for pid, _ in cluster.replicas().values() if pid != besides and _has_open(pid, lock)]
+
+    with ThreadPoolExecutor(1) as pool:
+        # A fault point: a replica fetching a version it has not seen waits for this lock, before it answers anything.
+        with locked(lock):
+            answer = pool.submit(cluster.complete, "acme-d")
+            (pid,) = wait_for(waiting, 60, "a replica to fetch acme-d")
+            os.kill(pid, signal.SIGKILL)
+            wait_for(lambda: waiting(besides=pid), 60, "the request sent to another replica")
+        response = answer.result(timeout=120)
+    assert response.status_code == 200, response.text
+    assert response.json()["model"] == "acme-d@v1.0.0" and response.json()["usage"]["completion_tokens"] == 4
+    assert metric(cluster.url, "adapters_replica_retries_total") == retries + 1
 
 
 def test_serve_on_replicas_refuses_what_it_cannot_use_in_one_line_before_starting_ray(
