@@ -123,8 +123,11 @@ def application(config: ReplicaConfig) -> Any:
     return ingress.bind(replica.bind(config.base, config.options, config.remote, threads, board), board, config)
 
 
-def start(address: str | None, host: str, port: int, cpus: int) -> int:
-    """Join the Ray cluster at ADDRESS (None: start a local one with CPUS) and Serve's HTTP proxy; returns its port."""
+def start(address: str | None, host: str, port: int, cpus: int) -> str:
+    """Join the Ray cluster at ADDRESS (None: start a local one with CPUS) and Serve's HTTP proxy; returns its URL.
+
+    A cluster whose Serve already runs keeps its proxy's address, whatever HOST and PORT say.
+    """
     if port == 0:
         with socket.socket() as probe:
             probe.bind((host, 0))
@@ -140,7 +143,8 @@ def start(address: str | None, host: str, port: int, cpus: int) -> int:
     else:
         ray.init(address=address, logging_level=logging.WARNING, namespace=NAMESPACE)
     serve.start(http_options={"host": host, "port": port})
-    return port
+    proxy = serve.context._get_global_client().http_config  # Ray Serve 2.60 says where its proxy listens only here
+    return f"http://{proxy.host}:{proxy.port}"
 
 
 def deploy(config: ReplicaConfig) -> None:
@@ -161,13 +165,13 @@ def serve_until_signal(
 ) -> None:
     """Start (or join) Ray, deploy CONFIG, ANNOUNCE its URL, serve until SIGTERM or SIGINT, then stop."""
     cpus = max(os.cpu_count() or 1, config.replicas * config.threads)
-    port = start(address, host, port, cpus)
+    url = start(address, host, port, cpus)
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.set())
     try:
         deploy(config)
-        announce(f"http://{host}:{port}")
+        announce(url)
         stopping.wait()
     finally:
         stop(address is None)

@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
-from serving import metric, registry_with, wait_for
+from serving import metric, registry_with, server_process, wait_for
 
 from registry.repo import Registry
 from registry.sync import push, set_remote
@@ -65,22 +65,22 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def ray_port(adapters_home: Path) -> Iterator[int]:
+def ray_url(adapters_home: Path) -> Iterator[str]:
     """One local Ray cluster and Serve HTTP proxy for these tests (Ray's start takes seconds; it is done once)."""
     import ray
     from ray import serve
 
     from serve.ray_cluster import start
 
-    port = start(None, "127.0.0.1", 0, cpus=3)
-    yield port
+    url = start(None, "127.0.0.1", 0, cpus=3)
+    yield url
     serve.shutdown()
     ray.shutdown()
 
 
 @pytest.fixture(scope="module")
 def cluster(
-    ray_port: int, tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, make_adapter: Any
+    ray_url: str, tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, make_adapter: Any
 ) -> Iterator[Cluster]:
     from serve.ray_cluster import APP, ReplicaConfig, deploy, remote_url
 
@@ -105,7 +105,7 @@ def cluster(
         interval=0.1,
     )
     deploy(config)
-    yield Cluster(f"http://127.0.0.1:{ray_port}", registry, keys, config.remote)
+    yield Cluster(ray_url, registry, keys, config.remote)
     from ray import serve
 
     serve.delete(APP)
@@ -250,3 +250,20 @@ def test_serve_on_replicas_refuses_what_it_cannot_use_in_one_line_before_startin
         assert result.exit_code == 2, (args, result.output)
         errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
         assert len(errors) == 1 and message in errors[0] and "Traceback" not in result.output, result.output
+
+
+def test_adapters_serve_replicas_joins_a_cluster_serves_and_stops_on_sigterm(cluster: Cluster, tiny_base: Path) -> None:
+    """The command itself, joining this module's Ray cluster (its app replaces the one the tests above used)."""
+    import ray
+    from ray import serve
+
+    address = ray.get_runtime_context().gcs_address
+    args = ["serve", "--replicas", "1", "--ray-address", address, "--port", "0", "--base", str(tiny_base)]
+    args += ["--quantize", "none", "--max-context", "1024"]
+    with server_process(["-m", "adapterctl.cli", *args], cluster.registry.root) as (server, url, lines):
+        assert url == cluster.url  # the cluster's Serve proxy, which was running already
+        answer = httpx.post(f"{url}/v1/completions", json={"model": "acme-a", "prompt": PROMPT, "max_tokens": 4})
+        assert answer.status_code == 200 and answer.json()["model"] == "acme-a@v1.0.0"
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(120) == 0, "".join(lines)
+    assert "adapters" not in serve.status().applications
