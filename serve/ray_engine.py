@@ -65,7 +65,7 @@ class RayEngine(HFTokenizer, Engine):
         for attempt in range(2):
             stream = self._handle.options(multiplexed_model_id=self._route(key), stream=True).generate.remote(request)
             self._streams[request.request_id] = stream
-            produced = False
+            produced = ended = False
             try:
                 async for item in stream:
                     if isinstance(item, Routed):
@@ -75,6 +75,7 @@ class RayEngine(HFTokenizer, Engine):
                     else:
                         produced = True
                         yield item
+                ended = True
                 return
             except TaskCancelledError:  # abort: the iteration ends without a finish reason
                 return
@@ -86,6 +87,8 @@ class RayEngine(HFTokenizer, Engine):
                 REPLICA_RETRIES.inc()
             finally:
                 self._streams.pop(request.request_id, None)
+                if not ended:  # the caller left early, or it failed: the replica frees the generation's row
+                    stream.cancel()
 
     async def abort(self, request_id: str) -> None:
         stream = self._streams.get(request_id)
