@@ -104,11 +104,11 @@ class _Engines(Collector):
 
 def _per_replica(replicas: dict[str, EngineStatus]) -> Iterator[Metric]:
     """Each engine replica's queue and loaded adapter versions (label values: replica ids and versions, bounded)."""
-    replica = ["replica"]
-    running = GaugeMetricFamily("adapters_replica_running_requests", "Generations in a replica batch.", labels=replica)
-    waiting = GaugeMetricFamily("adapters_replica_requests_waiting", "Generations queued in a replica.", labels=replica)
+    labels = ["replica"]
+    running = GaugeMetricFamily("adapters_replica_running_requests", "Generations in a replica batch.", labels=labels)
+    waiting = GaugeMetricFamily("adapters_replica_requests_waiting", "Generations queued in a replica.", labels=labels)
     loaded = GaugeMetricFamily(
-        "adapters_replica_adapter_loaded", "1 for each adapter version loaded in a replica.", labels=[*replica, "model"]
+        "adapters_replica_adapter_loaded", "1 for each adapter version loaded in a replica.", labels=[*labels, "model"]
     )
     for replica, status in sorted(replicas.items()):
         running.add_metric([replica], status.running)
