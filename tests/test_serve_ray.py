@@ -91,6 +91,7 @@ def cluster(
     registry.promote("acme-support@v1.0.0", "prod")
     set_remote(registry, "origin", str(root / "origin.git"), None, {}, create=True)
     push(registry, [])
+    registry.add("acme-unpushed", make_adapter(13))  # registered here only: no replica can fetch it
     tenants = root / "tenants.yaml"
     keys = {"acme": add_tenant(tenants, "acme", ["acme-*"], None, None), "admin": set_admin(tenants)}
     config = ReplicaConfig(
@@ -127,6 +128,16 @@ def test_tenants_are_enforced_at_the_ingress(cluster: Cluster) -> None:
     assert "other" not in {m["id"] for m in models["data"]}
     assert cluster.post("/admin/refresh").status_code == 403
     assert cluster.post("/admin/refresh", who="admin").status_code == 200
+
+
+def test_a_version_not_pushed_to_the_remote_is_refused_saying_so(cluster: Cluster) -> None:
+    refused = cluster.complete("acme-unpushed")
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["error"]["message"] == (
+        "acme-unpushed@v1.0.0 cannot be served: its version tag is not on the registry's remote; publish it with "
+        "`adapters push`"
+    )
+    assert cluster.complete("acme-a").status_code == 200
 
 
 def test_admin_load_and_unload_reach_the_replicas(cluster: Cluster) -> None:
