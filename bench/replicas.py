@@ -74,6 +74,23 @@ def measure(name: str, registry: Path, names: list[str], counts: list[int], args
     return results
 
 
+def report(results: dict[str, Any], counts: list[int]) -> list[str]:
+    """The figures of every server and workload, then, per workload, the ratios of item 6 side by side."""
+    lines = [f"{'server':14}{'adapters':>9}{'tok/s':>9}{'TTFT p50':>10}{'cold loads':>12}"]
+    for name, runs in results.items():
+        for count, run in runs.items():
+            rate, ttft, cold = run["tokens_per_s"], run["ttft_p50"], run["cold_loads"]
+            lines.append(f"{name:14}{count:>9}{rate:>9.0f}{ttft:>9.2f}s{cold:>12.0f}")
+    for count in counts:
+        two, anywhere, one = (results[n][count] for n in ("2x1-affinity", "2x1-random", "1x2"))
+        lines.append(
+            f"{count} adapters: 2x1 / 1x2 throughput {two['tokens_per_s'] / one['tokens_per_s']:.2f}x, "
+            f"TTFT {two['ttft_p50'] / one['ttft_p50']:.2f}x; cold loads affinity {two['cold_loads']:.0f} vs random "
+            f"{anywhere['cold_loads']:.0f} ({anywhere['cold_loads'] - two['cold_loads']:.0f} avoided)"
+        )
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--adapters", type=int, nargs="+", default=[8, 64])
@@ -97,17 +114,7 @@ def main() -> None:
             results[name] = measure(name, registry.root, names, args.adapters, args)
     workload = f"{args.requests} requests x {args.tokens} tokens over HTTP, rank-16 adapters"
     print(f"\n{workload}, {args.max_loaded} per replica:")
-    print(f"{'server':14}{'adapters':>9}{'tok/s':>9}{'TTFT p50':>10}{'cold loads':>12}")
-    for name, runs in results.items():
-        for count, run in runs.items():
-            print(f"{name:14}{count:>9}{run['tokens_per_s']:>9.0f}{run['ttft_p50']:>9.2f}s{run['cold_loads']:>12.0f}")
-    for count in args.adapters:
-        two, anywhere, one = (results[n][count] for n in ("2x1-affinity", "2x1-random", "1x2"))
-        print(
-            f"{count} adapters: 2x1 / 1x2 throughput {two['tokens_per_s'] / one['tokens_per_s']:.2f}x, "
-            f"TTFT {two['ttft_p50'] / one['ttft_p50']:.2f}x; cold loads affinity {two['cold_loads']:.0f} vs random "
-            f"{anywhere['cold_loads']:.0f} ({anywhere['cold_loads'] - two['cold_loads']:.0f} avoided)"
-        )
+    print("\n".join(report(results, args.adapters)))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
