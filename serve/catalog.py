@@ -198,7 +198,7 @@ class Catalog:
                     if not isinstance(exc, (AdaptersError, OSError)):
                         log.exception("Fetching the files of %s failed.", version.ref)
                     raise self._unfetchable(version, exc) from None
-        spec = AdapterSpec(version.name, str(version.version), path)
+        spec = AdapterSpec(version.name, str(version.version), path, version.commit)
         self.check(spec)
         self._checked[path] = spec
         return spec

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import socket
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -112,6 +113,29 @@ class RequestsCut(AdaptersError):
     is_flag=True,
     help="Refuse (422) adapters trained on another base precision unless measured to keep their effect on this one.",
 )
+@click.option(
+    "--replicas",
+    type=click.IntRange(min=1),
+    help="Run N engine replicas on Ray Serve, requests routed by adapter version. Default: one engine in-process.",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="With --replicas: torch threads per replica.",
+)
+@click.option(
+    "--routing",
+    type=click.Choice(["affinity", "random"]),
+    default="affinity",
+    show_default=True,
+    help="With --replicas: send each request to a replica holding its adapter version, or anywhere (to compare).",
+)
+@click.option(
+    "--ray-address",
+    help="With --replicas: join the Ray cluster of this machine (auto, or HEAD:6379). Default: start a local one.",
+)
 def serve(
     base: str | None,
     quantize: str | None,
@@ -132,6 +156,10 @@ def serve(
     tenants_file: Path | None,
     registry_dir: Path | None,
     strict_fidelity: bool,
+    replicas: int | None,
+    threads: int,
+    routing: str,
+    ray_address: str | None,
 ) -> None:
     """Serve the base model and every adapter of the registry through an OpenAI-compatible API."""
     if quantize is None:
@@ -149,11 +177,19 @@ def serve(
             f"Without --tenants anyone who reaches the server may use every adapter, so it listens on 127.0.0.1 "
             f"only, not {host}; create keys with `adapters tenants add NAME` and pass --tenants FILE."
         )
+    from serve.dependencies import Settings
+
+    settings = Settings(max_tokens_cap=max_tokens_cap, drain_seconds=drain_seconds, max_body_bytes=max_body_bytes)
+    if replicas is None and ray_address is not None:
+        raise ServeOptionError("--ray-address places engine replicas on a Ray cluster; add --replicas N.")
+    if replicas is not None:
+        _on_replicas(registry, options, base, replicas, threads, routing, ray_address, host, port, tenants_file,
+                     settings, stale_after, strict_fidelity)  # fmt: skip
+        return
     listener = _listen(host, port)
 
     from serve.app import create_app, run
     from serve.catalog import Catalog
-    from serve.dependencies import Settings
     from serve.factory import build
     from serve.fidelity import Fidelity
     from serve.threads import configure_openmp
@@ -182,7 +218,6 @@ def serve(
         stale_after=stale_after,
         fidelity=fidelity,
     )
-    settings = Settings(max_tokens_cap=max_tokens_cap, drain_seconds=drain_seconds, max_body_bytes=max_body_bytes)
     app = create_app(runtime, catalog, tenants, settings)
     address = f"http://{host}:{listener.getsockname()[1]}"
     mode = f"tenants from {tenants_file}" if tenants_file else "open mode: no API keys, 127.0.0.1 only"
@@ -194,6 +229,52 @@ def serve(
             f"Stopped with {cut} requests cut before they finished (each got an error); "
             "give them more time with --drain-seconds, or send a single signal."
         )
+
+
+def _on_replicas(
+    registry: Registry,
+    options: EngineOptions,
+    base: str | None,
+    replicas: int,
+    threads: int,
+    routing: str,
+    ray_address: str | None,
+    host: str,
+    port: int,
+    tenants_file: Path | None,
+    settings: Any,
+    stale_after: float,
+    strict_fidelity: bool,
+) -> None:
+    """Serve through Ray Serve: this process deploys the ingress and REPLICAS engine replicas, then waits."""
+    try:
+        from serve import ray_cluster
+    except ImportError as exc:
+        raise ServeOptionError(
+            f"--replicas needs Ray Serve: {exc}; install it with `pip install 'adapterctl[ray]'`."
+        ) from None
+    config = ray_cluster.ReplicaConfig(
+        replicas=replicas,
+        threads=threads,
+        base=base,
+        options=options,
+        registry=registry.root,
+        remote=ray_cluster.remote_url(registry),
+        tenants_file=tenants_file.resolve() if tenants_file else None,
+        settings=settings,
+        stale_after=stale_after,
+        strict_fidelity=strict_fidelity,
+        affinity=routing == "affinity",
+    )
+    where = f"the Ray cluster at {ray_address}" if ray_address else "a local Ray cluster"
+    click.echo(f"Starting {replicas} {options.engine} engine replicas on {where}...", err=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def announce(url: str) -> None:
+        mode = f"tenants from {tenants_file}" if tenants_file else "open mode: no API keys, 127.0.0.1 only"
+        click.echo(f"Serving the adapters of {registry.root} on {replicas} replicas at {url}/v1 ({mode}).", err=True)
+
+    ray_cluster.serve_until_signal(config, ray_address, host, port, announce)
 
 
 def _cuda() -> bool:

@@ -27,6 +27,7 @@ class AdapterSpec:
     name: str
     version: str  # "v1.2.0"
     path: Path
+    commit: str = ""  # the registry commit that registered it: a replica on another machine fetches exactly it
 
     @property
     def key(self) -> str:
@@ -120,6 +121,7 @@ class EngineStatus:
     loads: int = 0  # adapters installed since the engine started
     evictions: int = 0  # adapters dropped to make room since the engine started
     passes: Mapping[int, int] = field(default_factory=dict)  # rows in a forward pass -> passes of that size so far
+    replicas: Mapping[str, EngineStatus] = field(default_factory=dict)  # an engine of replicas: each one's own status
 
     @classmethod
     def of(cls, running: list[str | None], waiting: list[str | None], **rest: Any) -> EngineStatus:
@@ -170,6 +172,10 @@ class AdapterLoadFailed(EngineError):
 
 class GenerationFailed(EngineError):
     """The engine failed while running this request (the others keep running)."""
+
+
+class EngineUnavailable(EngineError):
+    """The engine cannot take or finish this request now (a replica of it died); the client may send it again."""
 
 
 class Engine(ABC):

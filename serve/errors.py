@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from core.errors import AdaptersError
-from serve.engine import AdapterLoadFailed, EngineError, InvalidRequest
+from serve.engine import AdapterLoadFailed, EngineError, EngineUnavailable, InvalidRequest
 
 
 class ServeError(AdaptersError):
@@ -100,4 +100,6 @@ def from_engine(exc: EngineError) -> ServeError:
         return BadRequest(str(exc), param=exc.param)
     if isinstance(exc, AdapterLoadFailed):
         return AdapterRejected(str(exc))
+    if isinstance(exc, EngineUnavailable):
+        return Unavailable(str(exc))
     return ServeError(str(exc))

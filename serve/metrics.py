@@ -11,7 +11,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from serve.engine import Engine
+from serve.engine import Engine, EngineStatus
 
 _LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -36,6 +36,16 @@ FIDELITY_REQUESTS = Counter(
     "adapters_fidelity_requests_total",
     "Generation requests by the fidelity class of their adapter on this server's precision (base: no adapter).",
     ["fidelity"],
+)
+# Engine replicas behind Ray Serve: where each request was routed, and whether its adapter was there already.
+REPLICA_ROUTES = Counter(
+    "adapters_replica_routes",
+    "Calls routed to each engine replica, by whether the adapter was loaded there (hit), loaded for it (cold) or "
+    "not needed (base).",
+    ["replica", "result"],
+)
+REPLICA_RETRIES = Counter(
+    "adapters_replica_retries", "Calls sent again after the replica they went to was lost before it answered."
 )
 
 _BATCH = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -89,6 +99,23 @@ class _Engines(Collector):
             labels = [",".join(status.running_adapters), ",".join(status.waiting_adapters), str(status.max_loaded)]
             lora.add_metric(labels, time.time())
         yield lora
+        yield from _per_replica({r: s for status in statuses for r, s in status.replicas.items()})
+
+
+def _per_replica(replicas: dict[str, EngineStatus]) -> Iterator[Metric]:
+    """Each engine replica's queue and loaded adapter versions (label values: replica ids and versions, bounded)."""
+    labels = ["replica"]
+    running = GaugeMetricFamily("adapters_replica_running_requests", "Generations in a replica batch.", labels=labels)
+    waiting = GaugeMetricFamily("adapters_replica_requests_waiting", "Generations queued in a replica.", labels=labels)
+    loaded = GaugeMetricFamily(
+        "adapters_replica_adapter_loaded", "1 for each adapter version loaded in a replica.", labels=[*labels, "model"]
+    )
+    for replica, status in sorted(replicas.items()):
+        running.add_metric([replica], status.running)
+        waiting.add_metric([replica], status.waiting)
+        for key in status.loaded:
+            loaded.add_metric([replica, key], 1)
+    yield from (running, waiting, loaded)
 
 
 ENGINES = _Engines()

@@ -118,7 +118,9 @@ def server_process(command: list[str], cwd: Path) -> Iterator[tuple[subprocess.P
     reader.start()
     try:
         started = wait_for(
-            lambda: [line for line in lines if " at http://" in line] or server.poll() is not None, 120, "start"
+            lambda: [line for line in lines if " at http://" in line and "/v1" in line] or server.poll() is not None,
+            120,
+            "start",
         )
         assert server.poll() is None, "".join(lines)
         yield server, started[0].split(" at ")[1].split("/v1")[0], lines
