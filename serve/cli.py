@@ -55,7 +55,11 @@ class RequestsCut(AdaptersError):
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="0 picks a free port.")
 @click.option(
-    "--max-loaded", type=click.IntRange(min=1), default=8, show_default=True, help="Adapters kept in memory (LRU)."
+    "--max-loaded",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Idle adapters kept (LRU); see README.",
 )
 @click.option("--max-batch", type=click.IntRange(min=1), default=32, show_default=True, help="Rows per forward pass.")
 @click.option(
