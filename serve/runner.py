@@ -161,18 +161,27 @@ class Runner:
         positions = torch.arange(longest)
         causal = positions[None, :] <= positions[:, None]
         mask = causal[None, :, :] & (positions[None, None, :] < lengths[:, None, None])
-        self.cache.reserve(first + len(rows), longest)
-        self.cache.prefill(first)
-        self.plans.plan = plan([row.slot for row in rows], longest)
-        hidden = self.forward(ids, mask[:, None], positions.expand(len(rows), -1))
-        logits = self.head(hidden[torch.arange(len(rows)), lengths - 1])
-        for i, generation in enumerate(generations):
-            if generation.sampling.prompt_logprobs is not None:
-                length = len(generation.prompt_ids)
-                scores = self.head(hidden[i, : length - 1])  # each position scores the next prompt token
-                generation.prompt_logprobs = _logprobs(
-                    scores, ids[i, 1:length].tolist(), generation.sampling.prompt_logprobs
-                )
+        # A long prompt being filled keeps its cache row just past the running ones: it moves past the new rows.
+        shift = len(rows) if self.filling is not None else 0
+        self.cache.reserve(first + len(rows) + (shift > 0), longest)
+        if shift:
+            self.cache.move(first, first + shift)
+        try:
+            self.cache.prefill(first)
+            self.plans.plan = plan([row.slot for row in rows], longest)
+            hidden = self.forward(ids, mask[:, None], positions.expand(len(rows), -1))
+            logits = self.head(hidden[torch.arange(len(rows)), lengths - 1])
+            for i, generation in enumerate(generations):
+                if generation.sampling.prompt_logprobs is not None:
+                    length = len(generation.prompt_ids)
+                    scores = self.head(hidden[i, : length - 1])  # each position scores the next prompt token
+                    generation.prompt_logprobs = _logprobs(
+                        scores, ids[i, 1:length].tolist(), generation.sampling.prompt_logprobs
+                    )
+        except Exception:
+            if shift:  # the batch as it was, to prefill again
+                self.cache.move(first + shift, first)
+            raise
         for row, length in zip(rows, lengths.tolist(), strict=True):
             row.length = length
         self.rows.extend(rows)  # last: until here a failure leaves the batch as it was, to prefill again

@@ -4,19 +4,21 @@ memory following the rows it holds."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from engines import Reader, request
+from engines import Reader, chunks, request
 
-from serve.engine import Sampling
+from serve.engine import Chunk, Sampling
 from serve.transformers_engine import TransformersEngine
 
 LONG = Sampling(max_tokens=6, temperature=0, ignore_eos=True)
 RUNNING = Sampling(max_tokens=60, temperature=0, ignore_eos=True)
+SCORED = Sampling(max_tokens=6, temperature=0, ignore_eos=True, logprobs=0)
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +97,47 @@ def test_the_cache_gives_back_a_long_requests_memory_when_it_ends(chunked, monke
     while chunked._runner.cache.nbytes() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert chunked._runner.cache.nbytes() == 0  # no rows, no storage
+
+
+def test_short_prompts_prefilled_while_a_long_one_is_filled_leave_every_row_its_tokens(chunked, tiny_base, monkeypatch):
+    prompts = [long_prompt(chunked)[:100], "Hello there", "Once upon a time"]  # the long one: two chunks of 64
+    whole = TransformersEngine(tiny_base, model_id="tiny", quantize="none", max_batch=4, prefill_chunk=0)
+    try:
+        alone = [asyncio.run(chunks(whole, request(whole, p, sampling=SCORED))) for p in prompts]
+    finally:
+        asyncio.run(whole.close())
+    runner, filled, seen = chunked._runner, threading.Event(), []
+    chunk, forward = runner._chunk, runner.forward
+
+    def chunk_then_wait(row):  # the fault point: after the first chunk, hold until both short prompts are queued
+        chunk(row)
+        if not filled.is_set():
+            filled.set()
+            deadline = time.monotonic() + 60
+            while len(chunked._waiting) < 2 and time.monotonic() < deadline:
+                time.sleep(0.001)
+
+    def forward_failing_once(ids, mask, positions):  # the short prompts' joint pass fails, its keys written
+        seen.append((len(ids), runner.filling is not None))
+        hidden = forward(ids, mask, positions)
+        if seen.count((2, True)) == 1 and len(ids) == 2:
+            raise RuntimeError("a pass that fails")
+        return hidden
+
+    monkeypatch.setattr(runner, "_chunk", chunk_then_wait)
+    monkeypatch.setattr(runner, "forward", forward_failing_once)
+
+    async def run() -> list[list[Chunk]]:
+        long = Reader(chunked, request(chunked, prompts[0], sampling=SCORED))
+        await asyncio.to_thread(filled.wait, 60)
+        short = await asyncio.gather(
+            long.task, *[chunks(chunked, request(chunked, p, sampling=SCORED)) for p in prompts[1:]]
+        )
+        return [long.chunks, *short[1:]]
+
+    found = asyncio.run(run())
+    # The short prompts were prefilled (together, failing, then each alone) while the long one held its row mid-fill.
+    assert seen[:4] == [(1, True), (2, True), (1, True), (1, True)]
+    for got, expected in zip(found, alone, strict=True):  # the same tokens, scored alike: the same keys attended
+        scored = [(p.token, round(p.logprob, 4)) for chunk in got for p in chunk.logprobs]
+        assert scored == [(p.token, round(p.logprob, 4)) for chunk in expected for p in chunk.logprobs]
