@@ -114,7 +114,6 @@ class MultiLoRALinear(nn.Module):
     Slot s holds A^T in `a[s]` and scaling * B^T in `b[s]`, ranks padded with zeros, so that two batched
     matmuls (or one kernel call) cover every adapter of a pass. A slot an adapter leaves untouched in this layer
     stays zero. The slots grow as adapters are installed: memory goes to the slots used, not to every one allowed.
-    Installs and clears touch only slots no row of a running pass uses, so they may run while a pass does.
     """
 
     def __init__(self, base: nn.Module, rows: Rows) -> None:
@@ -122,62 +121,49 @@ class MultiLoRALinear(nn.Module):
         self.base_layer = base
         self.rows = rows
         d_in, d_out = base.in_features, base.out_features
-        # (a, b) in one attribute, replaced whole when it grows: adapters are installed while a pass runs on another
-        # thread, and that pass must see the old pair or the new one, never one of each.
-        self.pair = (torch.zeros(0, d_in, 0), torch.zeros(0, 0, d_out))
-
-    @property
-    def a(self) -> torch.Tensor:
-        return self.pair[0]
-
-    @property
-    def b(self) -> torch.Tensor:
-        return self.pair[1]
+        self.a = torch.zeros(0, d_in, 0)
+        self.b = torch.zeros(0, 0, d_out)
 
     def reserve(self, slots: int, rank: int) -> None:
         """Room for SLOTS slots of RANK ranks (new room zero); the storage is copied only when it must grow."""
-        a, b = self.pair
-        had_slots, had_rank = a.shape[0], a.shape[2]
+        had_slots, had_rank = self.a.shape[0], self.a.shape[2]
         if slots <= had_slots and rank <= had_rank:
             return
         slots, rank = max(slots, had_slots), max(rank, had_rank)
-        wider_a = a.new_zeros(slots, a.shape[1], rank)
-        wider_b = b.new_zeros(slots, rank, b.shape[2])
-        wider_a[:had_slots, :, :had_rank] = a
-        wider_b[:had_slots, :had_rank] = b
-        self.pair = (wider_a, wider_b)
+        wider_a = self.a.new_zeros(slots, self.a.shape[1], rank)
+        wider_b = self.b.new_zeros(slots, rank, self.b.shape[2])
+        wider_a[:had_slots, :, :had_rank] = self.a
+        wider_b[:had_slots, :had_rank] = self.b
+        self.a, self.b = wider_a, wider_b
 
     def put(self, slot: int, a: torch.Tensor, b: torch.Tensor, scaling: float = 1.0) -> None:
         """Write A^T and SCALING * B^T (any layout, any float dtype) into SLOT, which is clear (new, or cleared when
         its adapter left), widening every slot's rank if it needs more."""
         rank = a.shape[1]
         self.reserve(slot + 1, rank)
-        slots_a, slots_b = self.pair
-        slots_a[slot, :, :rank].copy_(a)
-        scaled = slots_b[slot, :rank]
+        self.a[slot, :, :rank].copy_(a)
+        scaled = self.b[slot, :rank]
         scaled.copy_(b)
         if scaling != 1.0:
             scaled.mul_(scaling)  # in float32, as PEFT scales
 
     def clear(self, slot: int) -> None:
         """Zero SLOT: its adapter no longer changes this layer."""
-        a, b = self.pair
-        a[slot] = 0
-        b[slot] = 0
+        self.a[slot] = 0
+        self.b[slot] = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
         plan = self.rows.plan
-        slots_a, slots_b = self.pair  # read once: an install on another thread may replace it meanwhile
-        if plan is None or slots_a.shape[2] == 0:
+        if plan is None or self.a.shape[2] == 0:
             return result
         if plan.segments is not None:
             flat, out = x.reshape(-1, x.shape[-1]), result.view(-1, result.shape[-1])
-            if sgmv.fits(flat, out, slots_a, slots_b):  # one call, each row's slot read in place
-                sgmv.apply(flat, out, *plan.segments, slots_a, slots_b)
+            if sgmv.fits(flat, out, self.a, self.b):  # one call, each row's slot read in place
+                sgmv.apply(flat, out, *plan.segments, self.a, self.b)
                 return result
-        a, b = (slots_a[: plan.groups], slots_b[: plan.groups]) if plan.slots is None else (
-            slots_a.index_select(0, plan.slots), slots_b.index_select(0, plan.slots))  # fmt: skip
+        a, b = (self.a[: plan.groups], self.b[: plan.groups]) if plan.slots is None else (
+            self.a.index_select(0, plan.slots), self.b.index_select(0, plan.slots))  # fmt: skip
         flat = x.reshape(-1, x.shape[-1]).to(a.dtype)
         if plan.identity and result.dtype == a.dtype:  # rows already grouped: two fused calls, no copies
             result.view(plan.groups, plan.size, -1).baddbmm_(torch.bmm(flat.view(plan.groups, plan.size, -1), a), b)

@@ -67,6 +67,7 @@ class Adapter:
     slot: int | None = None  # LOADED, UNLOADING: the slot of the layers it occupies
     modules: tuple[str, ...] = ()  # the layers its slot changes
     users: int = 0  # generations admitted with it: pinned, never evicted while any remain
+    settled: bool = False  # a `load` waiting for it may have its answer (a sweep has tried to install it)
     error: AdapterLoadFailed | None = None  # REJECTED: why
 
     @property
@@ -153,7 +154,7 @@ class Slots:
     def reject(self, adapter: Adapter, error: AdapterLoadFailed) -> None:
         """ADAPTER cannot be served: it leaves the table with ERROR for whoever waits on it."""
         adapter.move(State.REJECTED)
-        adapter.weights, adapter.error = None, error
+        adapter.weights, adapter.error, adapter.settled = None, error, True
         self._forget(adapter)
 
     def place(self, adapter: Adapter) -> bool:
@@ -177,7 +178,7 @@ class Slots:
             heapq.heappush(self._free, slot)
             raise
         adapter.move(State.LOADED)
-        adapter.slot, adapter.modules, adapter.weights = slot, tuple(weights.pairs), None
+        adapter.slot, adapter.modules, adapter.weights, adapter.settled = slot, tuple(weights.pairs), None, True
         self._table.move_to_end(adapter.key)
         self.loads += 1
         return True
@@ -191,16 +192,11 @@ class Slots:
             adapter.move(State.UNLOADING)
         return adapter
 
-    def arrive(self, adapter: Adapter, weights: AdapterWeights) -> None:
-        """ADAPTER's files, read by a `load`: install it now if a slot allows (else it waits for one, or is rejected
-        if its install fails). Another reader may have been first; then WEIGHTS are not needed."""
-        if adapter.state is State.READING:
-            self.read(adapter, weights)
-        if adapter.state is State.PENDING:
-            self._settle(adapter)
-
     def sweep(self) -> None:
-        """Apply what was asked: drop adapters to unload (unless in use again), install read ones while slots allow."""
+        """Apply what was asked: drop adapters to unload (unless in use again), install read ones while slots allow.
+
+        One that fails to install is rejected; every read one is settled, installed or still waiting.
+        """
         try:
             for adapter in self.in_state(State.UNLOADING):
                 if adapter.users:
@@ -209,19 +205,18 @@ class Slots:
                     self._evict(adapter)
             self.trim()
             for adapter in self.in_state(State.PENDING):
-                if not self._settle(adapter):
-                    break  # every slot is pinned: the rest wait
+                try:
+                    if not self.place(adapter):
+                        break  # every slot is pinned: the rest wait
+                except Exception as exc:
+                    log.exception("Installing adapter %s failed.", adapter.key)
+                    self.reject(
+                        adapter, AdapterLoadFailed(adapter.key, f"installing it failed ({type(exc).__name__}).")
+                    )
+            for adapter in self.in_state(State.PENDING):
+                adapter.settled = True
         finally:
             self.sweeps += 1  # `unload` waits for this, so it counts even when a change failed
-
-    def _settle(self, adapter: Adapter) -> bool:
-        """Install a PENDING adapter; one whose install fails is rejected. False when every slot is pinned."""
-        try:
-            return self.place(adapter)
-        except Exception as exc:
-            log.exception("Installing adapter %s failed.", adapter.key)
-            self.reject(adapter, AdapterLoadFailed(adapter.key, f"installing it failed ({type(exc).__name__})."))
-            return True
 
     def trim(self) -> None:
         """Evict idle adapters, least recently used first, until at most KEEP are in slots or none idle is left."""
@@ -233,7 +228,7 @@ class Slots:
         for adapter in self.in_state(State.PENDING):
             if not adapter.users and adapter.key not in wanted:
                 adapter.move(State.GONE)
-                adapter.weights = None
+                adapter.weights, adapter.settled = None, True
                 self._forget(adapter)
 
     def _evict_idle(self) -> bool:

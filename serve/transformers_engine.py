@@ -200,22 +200,17 @@ class TransformersEngine(HFTokenizer, Engine):
             self._cond.notify_all()
         await asyncio.to_thread(self._worker.join)
 
-    # Adapters, asked for from other threads.
+    # Adapters, asked for from other threads: the worker reads and installs them between steps.
 
     def _load(self, spec: AdapterSpec) -> bool:
-        """Read SPEC's adapter and install it on the calling thread, while the worker runs its step: loading never
-        holds the batch (the slots it writes are ones no running row uses)."""
         with self._cond:
             adapter = self._slots.get(spec.key)
             if adapter is not None and adapter.state in IN_SLOT:
                 self._slots.touch(adapter)
                 return False
-        with torch.inference_mode():  # the layers' slots are inference tensors, written in place
-            weights = self._read(spec)
-            with self._cond:
-                adapter = self._slots.request(spec)
-                self._slots.arrive(adapter, weights)
-                self._cond.notify_all()
+            adapter = self._slots.request(spec)
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: adapter.settled or self._closed)
         if adapter.error is not None:
             raise adapter.error
         return True
@@ -229,6 +224,32 @@ class TransformersEngine(HFTokenizer, Engine):
             self._cond.notify_all()  # wake the worker and wait (holding nothing) until it has swept
             self._cond.wait_for(lambda: self._slots.sweeps > sweeps or self._closed)
             return adapter.state is State.GONE
+
+    def _apply_loads(self, reading: list[Adapter]) -> None:
+        """Read the adapters `load` asked for and install each that fits as soon as it is read; every waiting `load`
+        is answered."""
+        try:
+            for adapter in reading:  # outside the lock: requests keep arriving meanwhile
+                try:
+                    weights = self._read(adapter.spec)
+                except AdapterLoadFailed as exc:
+                    with self._cond:
+                        self._slots.reject(adapter, exc)
+                        self._cond.notify_all()
+                    continue
+                with self._cond:
+                    self._slots.read(adapter, weights)
+                    self._slots.sweep()  # installed at once: its `load` is answered without waiting for the others
+                    self._cond.notify_all()
+            with self._cond:
+                self._slots.sweep()
+        finally:
+            with self._cond:
+                for adapter in reading:
+                    if not adapter.settled:  # the engine failed on the way: its `load` calls get that error
+                        broken = "the engine failed while loading it; see the server log."
+                        self._slots.reject(adapter, AdapterLoadFailed(adapter.key, broken))
+                self._cond.notify_all()
 
     def _read(self, spec: AdapterSpec) -> AdapterWeights:
         """The adapter's weights; any failure to read them is its rejection, never the engine's."""
@@ -249,12 +270,12 @@ class TransformersEngine(HFTokenizer, Engine):
                     self._cond.wait_for(self._has_work)
                     if self._closed:
                         return
+                    reading = self._slots.in_state(State.READING)
                 admitted: list[Generation] = []
                 try:
                     self.threads.adjust()
+                    self._apply_loads(reading)
                     with self._cond:
-                        self._slots.sweep()  # unloads asked for; read adapters that waited for a slot
-                        self._cond.notify_all()
                         admitted, new = self._admission.admit(self._waiting, self._runner.held())
                     self._step(admitted, new)
                 except Exception as exc:  # keep serving: fail this step's generations, then go on
@@ -296,16 +317,15 @@ class TransformersEngine(HFTokenizer, Engine):
         """Read ADAPTER unless `load` did, and install it in the slot the admission promised; rejected if it fails."""
         try:
             weights = self._read(adapter.spec) if adapter.state is State.READING else None
-            with self._cond:  # a `load` may have read or installed it meanwhile
-                if adapter.state is State.READING and weights is not None:
+            with self._cond:
+                if weights is not None:
                     self._slots.read(adapter, weights)
-                if adapter.error is not None:  # rejected by a `load` that installed it first
-                    raise adapter.error
-                if adapter.state is State.PENDING and not self._slots.place(adapter):
-                    raise RuntimeError(f"no place for {adapter.key}, which the admission promised one")  # a bug
+                if not self._slots.place(adapter):  # a bug: the admission promised it a place
+                    raise RuntimeError(f"no place for {adapter.key}, which the admission promised one")
+                self._cond.notify_all()  # `load` calls that joined it meanwhile have their answer
         except Exception as exc:
             with self._cond:
-                if adapter.state in (State.READING, State.PENDING):  # it leaves the table: a later request reads afresh
+                if adapter.state in (State.READING, State.PENDING):  # its `load` calls get the same answer
                     error = exc if isinstance(exc, AdapterLoadFailed) else None
                     reason = f"installing it failed ({type(exc).__name__})."
                     self._slots.reject(adapter, error or AdapterLoadFailed(adapter.key, reason))
