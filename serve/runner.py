@@ -162,10 +162,10 @@ class Runner:
         causal = positions[None, :] <= positions[:, None]
         mask = causal[None, :, :] & (positions[None, None, :] < lengths[:, None, None])
         # A long prompt being filled keeps its cache row just past the running ones: it moves past the new rows.
-        shift = len(rows) if self.filling is not None else 0
-        self.cache.reserve(first + len(rows) + (shift > 0), longest)
-        if shift:
-            self.cache.move(first, first + shift)
+        parked = self.filling is not None
+        self.cache.reserve(first + len(rows) + parked, longest)
+        if parked:
+            self.cache.move(first, first + len(rows))
         try:
             self.cache.prefill(first)
             self.plans.plan = plan([row.slot for row in rows], longest)
@@ -179,8 +179,8 @@ class Runner:
                         scores, ids[i, 1:length].tolist(), generation.sampling.prompt_logprobs
                     )
         except Exception:
-            if shift:  # the batch as it was, to prefill again
-                self.cache.move(first + shift, first)
+            if parked:  # the batch as it was, to prefill again
+                self.cache.move(first + len(rows), first)
             raise
         for row, length in zip(rows, lengths.tolist(), strict=True):
             row.length = length
