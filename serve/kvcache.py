@@ -1,111 +1,190 @@
-"""Keys and values of the running requests: one cache row per request, rows 0..n-1 always the running ones."""
+"""Keys and values of the running requests, kept in blocks: one cache row per request, rows 0..n-1 always the running
+ones."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
+from serve import attention
 
-class RowCache:
-    """A per-layer key/value store that the model's attention layers update through `update`.
 
-    Before each forward pass the engine says what it holds: `prefill(first_row, start)` for prompts written
+BLOCK = 16  # tokens per block: a row wastes fewer than this many tokens' storage
+MIN_BLOCKS = 4  # the smallest pool kept while any row holds tokens
+
+
+@dataclass
+class _Pass:
+    """Where the next forward pass writes its keys and values, and what its attention reads."""
+
+    write: torch.Tensor  # the token slots this pass's tokens go to, in row-major order of the real ones
+    real: torch.Tensor | None  # (rows, tokens): which of the pass's positions are real tokens (None: all)
+    read: torch.Tensor | None = None  # (rows, tokens): the slots attention reads, padded with the zero slot
+    tables: torch.Tensor | None = None  # decode: (rows, blocks) each row's blocks, for the kernel
+    lengths: torch.Tensor | None = None  # decode: each row's tokens, this one included
+
+
+class BlockCache:
+    """Keys and values in blocks of BLOCK tokens from one pool per layer; a row holds the blocks its tokens fill.
+
+    Before each forward pass the engine says what it holds: `prefill(first_row, lengths, start)` for prompts written
     to rows first_row.. from position START on (a long prompt comes in chunks), or `decode(positions)` for one new
-    token per running row at its own position.
-    Storage grows by doubling (rows and tokens per row), so rows keep their place while requests of different
-    lengths run side by side; `shrink` gives it back when requests leave, so one long request's peak is not kept.
+    token per running row at its own position. The model's attention layers write through `update` and read through
+    `attend`. Storage follows the tokens the rows hold, not rows x the longest: the pool grows by doubling as rows
+    take blocks, and is compacted when three quarters of it lie free, so one long request's peak is not kept.
     """
 
     def __init__(self, rows: int) -> None:
-        self.rows = rows  # the most rows it ever holds: the engine's batch size
-        self.height = 0  # rows the storage has room for now
-        self.capacity = 0  # tokens per row the storage has room for now
+        self.tables: list[list[int]] = [[] for _ in range(rows)]  # row -> its blocks, in token order
+        self.free: list[int] = []  # blocks no row holds
+        self.blocks = 0  # blocks each pool has room for
+        # Per layer: (blocks * BLOCK + 1 token slots, key/value heads, head dim). The last slot stays zero: padding
+        # reads it, since a row's positions past its tokens are masked but 0 * NaN is NaN, and a freed block may hold
+        # NaNs.
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
-        self._first_row = 0
-        self._start = 0
-        self._positions: torch.Tensor | None = None
+        self._pass: _Pass | None = None
 
-    def reserve(self, rows: int, length: int) -> None:
-        """Make room for ROWS rows of LENGTH tokens, keeping what is stored."""
-        height = self.height if rows <= self.height else min(self.rows, _power_of_two(rows))
-        capacity = self.capacity if length <= self.capacity else max(64, _power_of_two(length))
-        self._resize(height, capacity)
-
-    def shrink(self, rows: int, length: int) -> None:
-        """Give back storage the first ROWS rows of LENGTH tokens do not need, when that frees three quarters or more.
-
-        Without rows it frees everything. The threshold keeps rows coming and going from copying the cache each step.
-        """
-        if rows == 0:
-            if self.keys:
-                self.keys, self.values, self.height, self.capacity = [], [], 0, 0
-                trim()
-            return
-        height, capacity = min(self.rows, _power_of_two(rows)), max(64, _power_of_two(length))
-        if 4 * height * capacity <= self.height * self.capacity:
-            self._resize(height, capacity)
-            trim()
+    def held(self) -> int:
+        """Blocks the rows hold."""
+        return self.blocks - len(self.free)
 
     def nbytes(self) -> int:
         """Memory the stored keys and values take."""
         return sum(tensor.nbytes for store in (self.keys, self.values) for tensor in store)
 
-    def _resize(self, height: int, capacity: int) -> None:
-        if (height, capacity) == (self.height, self.capacity):
-            return
-        rows, tokens = min(height, self.height), min(capacity, self.capacity)
-        for store in (self.keys, self.values):
-            for layer, old in enumerate(store):
-                resized = old.new_zeros((height, old.shape[1], capacity, old.shape[3]))
-                resized[:rows, :, :tokens] = old[:rows, :, :tokens]
-                store[layer] = resized
-        self.height, self.capacity = height, capacity
-
-    def prefill(self, first_row: int, start: int = 0) -> None:
-        """The next forward pass writes prompts into rows FIRST_ROW onwards, from position START on."""
-        self._first_row, self._start, self._positions = first_row, start, None
+    def prefill(self, first_row: int, lengths: list[int], start: int = 0) -> None:
+        """The next forward pass writes LENGTHS[i] tokens of a prompt into row FIRST_ROW + i, from position START on
+        (0: the row starts afresh); a later chunk's attention reads the row's earlier tokens too."""
+        rows = range(first_row, first_row + len(lengths))
+        ends = [start + length for length in lengths]
+        for row, end in zip(rows, ends, strict=True):
+            if start == 0:
+                self._release(row)
+            self._extend(row, end)
+        slots = self._slots(rows, torch.tensor(ends))
+        real = torch.arange(max(lengths)) < torch.tensor(lengths)[:, None]
+        self._pass = _Pass(
+            write=slots[:, start:][real],
+            real=None if bool(real.all()) else real,
+            read=slots if start else None,
+        )
 
     def decode(self, positions: torch.Tensor) -> None:
         """The next forward pass adds one token per running row, row i at POSITIONS[i]."""
-        self._positions = positions
+        rows = range(len(positions))
+        for row, position in zip(rows, positions.tolist(), strict=True):
+            self._extend(row, position + 1)
+        lengths = positions + 1
+        tables = self._tables(rows)
+        write = tables[torch.arange(len(rows)), positions // BLOCK] * BLOCK + positions % BLOCK
+        self._pass = _Pass(write=write, real=None, tables=tables, lengths=lengths)
 
     def move(self, source: int, target: int) -> None:
-        """Copy row SOURCE into row TARGET (to keep the running rows contiguous)."""
-        for store in (self.keys, self.values):
-            for tensor in store:
-                tensor[target] = tensor[source]
+        """Row SOURCE's tokens become row TARGET's (to keep the running rows contiguous); TARGET's are freed."""
+        self._release(target)
+        self.tables[target], self.tables[source] = self.tables[source], []
+
+    def shrink(self, rows: int) -> None:
+        """Free the blocks of rows from ROWS on; compact the pools when that leaves three quarters or more free.
+
+        Without rows it frees everything. The threshold keeps rows coming and going from copying the cache each step.
+        """
+        for row in range(rows, len(self.tables)):
+            self._release(row)
+        held = self.held()
+        if held == 0:
+            if self.keys or self.blocks:
+                self.keys, self.values, self.free, self.blocks = [], [], [], 0
+                trim()
+        elif 4 * held <= self.blocks and self.blocks > MIN_BLOCKS:
+            self._compact(max(MIN_BLOCKS, _power_of_two(held)))
+            trim()
 
     def update(
         self, key: torch.Tensor, value: torch.Tensor, layer: int, *args: object
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this pass's keys and values for LAYER; return those the attention must see."""
+        """Store this pass's keys and values for LAYER; they go on to `attend` as they are."""
         if layer == len(self.keys):
-            shape = (self.height, key.shape[1], self.capacity, key.shape[3])
+            shape = (self.blocks * BLOCK + 1, key.shape[1], key.shape[3])
             self.keys.append(key.new_zeros(shape))
             self.values.append(value.new_zeros(shape))
+        step = self._pass
+        assert step is not None
+        for pool, new in ((self.keys[layer], key), (self.values[layer], value)):
+            tokens = new.transpose(1, 2)  # (rows, tokens, heads, dim)
+            pool[step.write] = tokens[step.real] if step.real is not None else tokens.reshape(-1, *tokens.shape[2:])
+        return key, value
+
+    def attend(
+        self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+        mask: torch.Tensor | None, scaling: float | None,
+    ) -> torch.Tensor:  # fmt: skip
+        """This pass's attention output for MODULE's layer, (rows, tokens, heads, head dim)."""
+        step, layer = self._pass, module.layer_idx
+        assert step is not None
         keys, values = self.keys[layer], self.values[layer]
-        if self._positions is None:
-            rows = slice(self._first_row, self._first_row + key.shape[0])
-            start, end = self._start, self._start + key.shape[2]
-            keys[rows, :, start:end] = key
-            values[rows, :, start:end] = value
-            if start:  # a later chunk of a prompt attends to the chunks before it too
-                return keys[rows, :, :end], values[rows, :, :end]
-            # A row's positions past its tokens are masked, but 0 * NaN is NaN: what an earlier request (one whose
-            # adapter overflowed, say) left there must not reach this one's attention.
-            keys[rows, :, end:] = 0
-            values[rows, :, end:] = 0
-            return key, value
-        count = key.shape[0]
-        index = torch.arange(count)
-        keys[index, :, self._positions] = key[:, :, 0]
-        values[index, :, self._positions] = value[:, :, 0]
-        length = int(self._positions.max()) + 1
-        return keys[:count, :, :length], values[:count, :, :length]
+        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+        if step.tables is not None and attention.fits(query, keys):
+            return attention.decode(query, keys, values, step.tables, step.lengths, BLOCK, scale)
+        if step.tables is not None and step.read is None:  # no kernel: the rows' tokens gathered, padded
+            assert step.lengths is not None
+            step.read = self._slots(range(len(step.lengths)), step.lengths)
+        if step.read is not None:
+            key, value = keys[step.read].transpose(1, 2), values[step.read].transpose(1, 2)
+        return attention.sdpa(module, query, key, value, mask, scale)
+
+    def _extend(self, row: int, length: int) -> None:
+        """Give ROW blocks for LENGTH tokens, growing the pools when no block is free."""
+        table = self.tables[row]
+        while len(table) * BLOCK < length:
+            if not self.free:
+                self._grow(max(MIN_BLOCKS, 2 * self.blocks))
+            table.append(self.free.pop())
+
+    def _release(self, row: int) -> None:
+        """ROW's blocks go back to the free list."""
+        self.free.extend(self.tables[row])
+        self.tables[row] = []
+
+    def _tables(self, rows: range) -> torch.Tensor:
+        """(rows, blocks): each row's blocks, padded with block 0."""
+        width = max(len(self.tables[row]) for row in rows)
+        return torch.tensor([self.tables[row] + [0] * (width - len(self.tables[row])) for row in rows])
+
+    def _slots(self, rows: range, lengths: torch.Tensor) -> torch.Tensor:
+        """(rows, longest): the token slot of each row's every position, past its LENGTHS[i] the zero slot."""
+        positions = torch.arange(int(lengths.max()))
+        slots = self._tables(rows)[:, positions // BLOCK] * BLOCK + positions % BLOCK
+        return torch.where(positions < lengths[:, None], slots, self.blocks * BLOCK)
+
+    def _grow(self, blocks: int) -> None:
+        """Room for BLOCKS blocks; the held ones keep their ids."""
+        for store in (self.keys, self.values):
+            for layer, old in enumerate(store):
+                grown = old.new_zeros((blocks * BLOCK + 1, *old.shape[1:]))
+                grown[: self.blocks * BLOCK] = old[:-1]
+                store[layer] = grown
+        self.free.extend(range(blocks - 1, self.blocks - 1, -1))  # lowest ids first off the free list
+        self.blocks = blocks
+
+    def _compact(self, blocks: int) -> None:
+        """Room for BLOCKS blocks, the held ones renumbered from 0 in the order of their ids."""
+        held = sorted(block for table in self.tables for block in table)
+        renumber = {block: new for new, block in enumerate(held)}
+        source = (torch.tensor(held)[:, None] * BLOCK + torch.arange(BLOCK)).flatten()
+        for store in (self.keys, self.values):
+            for layer, old in enumerate(store):
+                compacted = old.new_zeros((blocks * BLOCK + 1, *old.shape[1:]))
+                compacted[: len(held) * BLOCK] = old[source]
+                store[layer] = compacted
+        self.tables = [[renumber[block] for block in table] for table in self.tables]
+        self.free = list(range(blocks - 1, len(held) - 1, -1))
+        self.blocks = blocks
 
 
 def _glibc_trim() -> Callable[[int], int] | None:

@@ -9,11 +9,12 @@ from typing import Any
 
 import torch
 
+from serve import attention
 from serve.engine import Chunk, EngineError, GenerationFailed, Sampling, TokenLogprob
 from serve.engine import Item
 from serve.generation import Generation, deliver
 from serve.grammar import Grammars
-from serve.kvcache import RowCache
+from serve.kvcache import BlockCache
 from serve.lora import Rows, plan
 from serve.textstream import TextStream
 
@@ -63,11 +64,14 @@ class Runner:
         eos: set[int],
         prefill_chunk: int = 0,
     ) -> None:
+        model.set_attn_implementation(attention.NAME)
+        if model.config._attn_implementation != attention.NAME:
+            raise EngineError(f"{type(model).__name__} does not take a pluggable attention; it cannot be served here.")
         self.backbone = model.get_decoder()
         self.head = model.get_output_embeddings()
         self.tokenizer = tokenizer
         self.plans = rows  # what every LoRA layer reads: the current pass's rows -> adapter slots
-        self.cache = RowCache(max_batch)
+        self.cache = BlockCache(max_batch)
         self.context_length = context_length
         self.grammars = grammars
         self.eos = eos
@@ -119,9 +123,7 @@ class Runner:
     def _chunk(self, row: Row) -> None:
         prompt = row.generation.prompt_ids
         start, end = row.length, min(len(prompt), row.length + self.prefill_chunk)
-        index = len(self.rows)  # the cache row past the running ones
-        self.cache.reserve(index + 1, len(prompt))
-        self.cache.prefill(index, start)
+        self.cache.prefill(len(self.rows), [end - start], start)  # the cache row past the running ones
         self.plans.plan = plan([row.slot], end - start)
         queries, keys = torch.arange(start, end), torch.arange(end)
         mask = (keys[None, :] <= queries[:, None])[None, None]
@@ -163,11 +165,10 @@ class Runner:
         mask = causal[None, :, :] & (positions[None, None, :] < lengths[:, None, None])
         # A long prompt being filled keeps its cache row just past the running ones: it moves past the new rows.
         parked = self.filling is not None
-        self.cache.reserve(first + len(rows) + parked, longest)
         if parked:
             self.cache.move(first, first + len(rows))
         try:
-            self.cache.prefill(first)
+            self.cache.prefill(first, lengths.tolist())
             self.plans.plan = plan([row.slot for row in rows], longest)
             hidden = self.forward(ids, mask[:, None], positions.expand(len(rows), -1))
             logits = self.head(hidden[torch.arange(len(rows)), lengths - 1])
@@ -192,7 +193,6 @@ class Runner:
         """One token more for every running row, in one pass."""
         rows = self.rows
         positions = torch.tensor([row.length for row in rows])
-        self.cache.reserve(len(rows), int(positions.max()) + 1)
         self.cache.decode(positions)
         self.plans.plan = plan([row.slot for row in rows], 1)
         keys = torch.arange(int(positions.max()) + 1)
@@ -207,7 +207,12 @@ class Runner:
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The decoder's last hidden states for IDS, its keys and values kept in the row cache."""
         out = self.backbone(
-            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self.cache, use_cache=True
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=self.cache,
+            use_cache=True,
+            blocks=self.cache,  # what the attention layers read (`serve.attention`)
         )
         return out.last_hidden_state
 
@@ -228,12 +233,9 @@ class Runner:
                 self.cache.move(len(self.rows), i)
                 self.rows[i] = last
             left.append(row.generation)
-        longest = max((row.length for row in self.rows), default=0) + 1
-        if self.filling is not None:  # its cache row stays just past the running ones
-            if running != len(self.rows):
-                self.cache.move(running, len(self.rows))
-            longest = max(longest, len(self.filling.generation.prompt_ids))
-        self.cache.shrink(len(self.rows) + (self.filling is not None), longest)
+        if self.filling is not None and running != len(self.rows):  # its cache row stays just past the running ones
+            self.cache.move(running, len(self.rows))
+        self.cache.shrink(len(self.rows) + (self.filling is not None))
         return left
 
     def _new_row(self, generation: Generation) -> Row:

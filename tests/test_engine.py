@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from engines import GREEDY, Reader, chunks, generate, request, tokens
 
-from serve import sgmv
+from serve import attention, sgmv
 from serve.engine import AdapterLoadFailed, AdapterSpec, GenerationFailed, Sampling
 from serve.lora import AdapterWeights, MultiLoRALinear, Rows, plan
 from serve.textstream import TextStream
@@ -87,11 +87,17 @@ def test_each_row_gets_its_own_adapter_in_either_layout(slots, gathered, per_row
     assert len(calls) == (per_row == 1 and rows.plan is not None)
 
 
-def test_greedy_output_is_peft_generate_token_for_token(engine, lora, tiny_base):
+@pytest.mark.parametrize("kernel", [True, False], ids=["attention-kernel", "torch-attention"])
+def test_greedy_output_is_peft_generate_token_for_token(engine, lora, tiny_base, kernel, monkeypatch):
+    if not kernel:  # as where no C compiler works
+        monkeypatch.setattr(attention, "fits", lambda *args: False)
+    calls, decode = [], attention.decode
+    monkeypatch.setattr(attention, "decode", lambda *args: (calls.append(1), decode(*args))[1])
     adapters = [None, lora(1), lora(2, r=8, lora_alpha=4, target_modules="all-linear", use_rslora=True)]
     for adapter, prompt in zip(adapters, PROMPTS, strict=False):
         expected = peft_generate(tiny_base, adapter, prompt, GREEDY.max_tokens)
         assert generate(engine, [(adapter, prompt, GREEDY, 0)]) == [expected]
+    assert bool(calls) == kernel
 
 
 def test_nf4_base_gives_what_peft_gives_on_the_same_nf4_model(lora, tiny_base):
@@ -331,28 +337,6 @@ def test_a_rejected_load_never_holds_a_later_request_or_another_load(engine, lor
     loads, texts = asyncio.run(run())
     assert all(isinstance(e, AdapterLoadFailed) and "'r' is 0" in str(e) for e in loads), loads
     assert texts == generate(engine, [(None, PROMPTS[0], GREEDY, 0), (lora(2), PROMPTS[2], GREEDY, 0)])
-
-
-def test_the_row_cache_shrinks_to_its_rows_and_a_new_row_starts_clean():
-    from serve.kvcache import RowCache
-
-    cache = RowCache(rows=8)
-    cache.reserve(8, 1000)
-    cache.prefill(0)
-    key = torch.randn(8, 2, 1000, 4)
-    cache.update(key, key + 1, 0)
-    assert (cache.height, cache.capacity) == (8, 1024)
-    cache.shrink(2, 100)  # two rows of up to 100 tokens left: a quarter or less of the storage is kept
-    assert (cache.height, cache.capacity) == (2, 128) and cache.nbytes() == 2 * 2 * 2 * 128 * 4 * 4
-    assert torch.equal(cache.keys[0][:, :, :100], key[:2, :, :100])
-    cache.keys[0][1, :, 50:] = float("nan")  # what a row whose adapter overflowed leaves behind
-    cache.prefill(1)
-    cache.update(torch.ones(1, 2, 10, 4), torch.ones(1, 2, 10, 4), 0)
-    assert torch.isfinite(cache.keys[0][1]).all() and cache.keys[0][1, :, 10:].eq(0).all()
-    cache.shrink(2, 120)
-    assert cache.capacity == 128  # not worth a copy
-    cache.shrink(0, 1)
-    assert cache.nbytes() == 0 and (cache.height, cache.capacity) == (0, 0)
 
 
 def test_a_prompt_the_model_fails_on_fails_alone_and_its_batch_is_prefilled_again(engine, monkeypatch, caplog):

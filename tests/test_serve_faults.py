@@ -21,6 +21,7 @@ from engines import chunks, request
 from serving import crafted, events, registry_with, reweighted, server_process, serving, wait_for
 
 from registry.repo import Registry
+from serve.kvcache import BLOCK, MIN_BLOCKS
 
 PROMPT = "The quick brown fox"
 
@@ -328,19 +329,17 @@ def test_tokenizing_a_prompt_does_not_hold_the_event_loop(served: Served, monkey
 def test_a_long_request_gives_its_memory_back(served: Served, monkeypatch: Any) -> None:
     runner, engine = served.engine._runner, served.engine
     cache = runner.cache
-    held: list[tuple[int, int, int]] = []  # (rows, tokens per row, bytes) the cache holds at each decode step
+    held: list[tuple[int, int, int]] = []  # (blocks held, blocks stored, bytes) at each decode step
     decode = runner.decode
-    monkeypatch.setattr(
-        runner, "decode", lambda: (held.append((cache.height, cache.capacity, cache.nbytes())), decode())
-    )
+    monkeypatch.setattr(runner, "decode", lambda: (held.append((cache.held(), cache.blocks, cache.nbytes())), decode()))
     prompt = "fox " * (engine.context_length - 200)
     assert call(served.url, greedy("good-b", prompt=prompt, max_tokens=100))[0] == 200
-    wait_for(lambda: cache.nbytes() == 0, 10, "the row cache to be freed")
+    wait_for(lambda: cache.nbytes() == 0, 10, "the cache to be freed")
     assert len(held) == 99 and held[0][2] > 0
-    assert {rows for rows, _, _ in held} == {1} and held[0][1] >= engine.context_length - 200  # one row, not a batch
+    assert held[0][0] * BLOCK >= engine.context_length - 200  # its prompt's blocks
     assert call(served.url, greedy("good-b", max_tokens=4))[0] == 200
-    wait_for(lambda: cache.nbytes() == 0 and cache.capacity == 0, 10, "the short request's row to be freed too")
-    assert held[-1][:2] == (1, 64)  # the short request's row: no trace of the long one's length
+    wait_for(lambda: cache.nbytes() == 0 and cache.blocks == 0, 10, "the short request's blocks to be freed too")
+    assert held[-1][:2] == (1, MIN_BLOCKS)  # the short request's row: no trace of the long one's length
 
 
 def test_a_stream_cut_by_its_client_is_logged_as_499(served: Served, caplog: pytest.LogCaptureFixture) -> None:
