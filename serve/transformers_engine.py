@@ -7,10 +7,12 @@ The contract and the worker thread live here; the adapter slots (`serve.slots`),
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
+import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import torch
@@ -45,6 +47,10 @@ log = logging.getLogger("serve")
 # chunks of 64, 545 in 128; the prompt in one pass held them 4-8 s); smaller chunks delay the long prompt's own
 # first token more.
 PREFILL_CHUNK = 32
+# While rows run, a step boundary reads adapters for as long as the last step took, and at least this many seconds
+# (a read and install takes 15-20 ms on the embedded model on two cores): a burst of loads gets half the machine and
+# the running rows' next token waits at most about twice as long.
+LOAD_BUDGET = 0.1
 
 
 class TransformersEngine(HFTokenizer, Engine):
@@ -90,6 +96,9 @@ class TransformersEngine(HFTokenizer, Engine):
         self._ids: dict[str, Generation] = {}
         self._ids_lock = threading.Lock()
         self._closed = False
+        # `load` calls waiting for their adapter to settle: the worker resolves each future on its caller's loop.
+        self._asked: list[tuple[Adapter, Callable[[], object]]] = []
+        self._step_seconds = 0.0  # how long the last batch step took
         # Every torch operation runs on the worker thread, model loading included: OpenMP gives each thread
         # that computes its own team of threads, and two teams on the same cores slow every operation down.
         started: list[BaseException | None] = []
@@ -137,14 +146,24 @@ class TransformersEngine(HFTokenizer, Engine):
             started.append(None)
         finally:
             with self._cond:
-                self._cond.notify_all()
+                self._notify()
         if started[0] is None:
             self._loop()
 
     # The HTTP-facing contract.
 
     async def load(self, adapter: AdapterSpec) -> bool:
-        return await asyncio.to_thread(self._load, adapter)
+        # The wait is a future the worker resolves, not a blocked thread: the default executor's few threads stay
+        # free for other requests' work (tokenizing), however many loads wait for a step boundary.
+        loop = asyncio.get_running_loop()
+        answered = loop.create_future()
+        asked = await asyncio.to_thread(self._ask, adapter, lambda: loop.call_soon_threadsafe(_answer, answered))
+        if asked is None:
+            return False
+        await answered
+        if asked.error is not None:
+            raise asked.error
+        return True
 
     async def unload(self, key: str) -> bool:
         return await asyncio.to_thread(self._unload, key)
@@ -163,7 +182,7 @@ class TransformersEngine(HFTokenizer, Engine):
             self._ids[request.request_id] = generation
         with self._cond:
             self._waiting.append(generation)
-            self._cond.notify_all()  # the worker and `load` calls wait on this condition: wake the worker for sure
+            self._notify()  # the worker and `unload` calls wait on this condition: wake the worker for sure
         try:
             async for chunk in received(generation.queue):
                 yield chunk
@@ -197,23 +216,34 @@ class TransformersEngine(HFTokenizer, Engine):
     async def close(self) -> None:
         with self._cond:
             self._closed = True
-            self._cond.notify_all()
+            self._notify()
         await asyncio.to_thread(self._worker.join)
 
     # Adapters, asked for from other threads: the worker reads and installs them between steps.
 
-    def _load(self, spec: AdapterSpec) -> bool:
+    def _ask(self, spec: AdapterSpec, answer: Callable[[], object]) -> Adapter | None:
+        """Ask the worker for SPEC's adapter, to ANSWER once it is settled; None when it is in a slot already."""
         with self._cond:
             adapter = self._slots.get(spec.key)
             if adapter is not None and adapter.state in IN_SLOT:
                 self._slots.touch(adapter)
-                return False
+                return None
             adapter = self._slots.request(spec)
-            self._cond.notify_all()
-            self._cond.wait_for(lambda: adapter.settled or self._closed)
-        if adapter.error is not None:
-            raise adapter.error
-        return True
+            self._asked.append((adapter, answer))
+            self._notify()
+        return adapter
+
+    def _notify(self) -> None:
+        """Wake the threads waiting on the condition; answer the `load` calls whose adapter has settled (lock held)."""
+        self._cond.notify_all()
+        waiting = []
+        for adapter, answer in self._asked:
+            if adapter.settled or self._closed:
+                with contextlib.suppress(RuntimeError):  # its event loop is closed: nobody waits for the answer
+                    answer()
+            else:
+                waiting.append((adapter, answer))
+        self._asked = waiting
 
     def _unload(self, key: str) -> bool:
         with self._cond:
@@ -221,35 +251,43 @@ class TransformersEngine(HFTokenizer, Engine):
             if adapter is None:
                 return False
             sweeps = self._slots.sweeps
-            self._cond.notify_all()  # wake the worker and wait (holding nothing) until it has swept
+            self._notify()  # wake the worker and wait (holding nothing) until it has swept
             self._cond.wait_for(lambda: self._slots.sweeps > sweeps or self._closed)
             return adapter.state is State.GONE
 
     def _apply_loads(self, reading: list[Adapter]) -> None:
-        """Read the adapters `load` asked for and install each that fits as soon as it is read; every waiting `load`
-        is answered."""
+        """Read the adapters `load` asked for and install each that fits as soon as it is read; every one read is
+        answered. While rows run, reading stops when the budget is spent (the rest wait for the next step)."""
+        started, budget, attempted = time.monotonic(), self._load_budget(), []
         try:
             for adapter in reading:  # outside the lock: requests keep arriving meanwhile
+                if attempted and self._runner.rows and time.monotonic() - started >= budget:
+                    break
+                attempted.append(adapter)
                 try:
                     weights = self._read(adapter.spec)
                 except AdapterLoadFailed as exc:
                     with self._cond:
                         self._slots.reject(adapter, exc)
-                        self._cond.notify_all()
+                        self._notify()
                     continue
                 with self._cond:
                     self._slots.read(adapter, weights)
                     self._slots.sweep()  # installed at once: its `load` is answered without waiting for the others
-                    self._cond.notify_all()
+                    self._notify()
             with self._cond:
                 self._slots.sweep()
         finally:
             with self._cond:
-                for adapter in reading:
+                for adapter in attempted:
                     if not adapter.settled:  # the engine failed on the way: its `load` calls get that error
                         broken = "the engine failed while loading it; see the server log."
                         self._slots.reject(adapter, AdapterLoadFailed(adapter.key, broken))
-                self._cond.notify_all()
+                self._notify()
+
+    def _load_budget(self) -> float:
+        """Seconds this step boundary may spend reading adapters while rows run."""
+        return max(LOAD_BUDGET, self._step_seconds)
 
     def _read(self, spec: AdapterSpec) -> AdapterWeights:
         """The adapter's weights; any failure to read them is its rejection, never the engine's."""
@@ -277,7 +315,9 @@ class TransformersEngine(HFTokenizer, Engine):
                     self._apply_loads(reading)
                     with self._cond:
                         admitted, new = self._admission.admit(self._waiting, self._runner.held())
+                    started = time.monotonic()
                     self._step(admitted, new)
+                    self._step_seconds = time.monotonic() - started
                 except Exception as exc:  # keep serving: fail this step's generations, then go on
                     log.exception("The engine failed a batch step; its requests get an error.")
                     running = self._runner.generations()
@@ -322,14 +362,14 @@ class TransformersEngine(HFTokenizer, Engine):
                     self._slots.read(adapter, weights)
                 if not self._slots.place(adapter):  # a bug: the admission promised it a place
                     raise RuntimeError(f"no place for {adapter.key}, which the admission promised one")
-                self._cond.notify_all()  # `load` calls that joined it meanwhile have their answer
+                self._notify()  # `load` calls that joined it meanwhile have their answer
         except Exception as exc:
             with self._cond:
                 if adapter.state in (State.READING, State.PENDING):  # its `load` calls get the same answer
                     error = exc if isinstance(exc, AdapterLoadFailed) else None
                     reason = f"installing it failed ({type(exc).__name__})."
                     self._slots.reject(adapter, error or AdapterLoadFailed(adapter.key, reason))
-                    self._cond.notify_all()
+                    self._notify()
             raise
 
     def _leave(self, generations: list[Generation]) -> None:
@@ -347,3 +387,8 @@ class TransformersEngine(HFTokenizer, Engine):
         fail(generations, exc)
         self._leave([g for g in generations if id(g) not in running])
         self._leave(self._runner.drop_finished())
+
+
+def _answer(answered: asyncio.Future[None]) -> None:
+    if not answered.done():  # its `load` call may have been cancelled
+        answered.set_result(None)

@@ -9,6 +9,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from engines import GREEDY, Reader, chunks, generate, request, tokens
 from serve import attention, sgmv
 from serve.engine import AdapterLoadFailed, AdapterSpec, GenerationFailed, Sampling
 from serve.lora import AdapterWeights, MultiLoRALinear, Rows, plan
+from serve.slots import State
 from serve.textstream import TextStream
 from serve.transformers_engine import TransformersEngine
 
@@ -195,6 +197,75 @@ def test_lru_keeps_max_loaded_idle_and_a_batch_runs_an_adapter_per_row_beyond_it
         assert lora_bytes(small) == 2 * slots  # memory for the four a batch used at once
     finally:
         asyncio.run(small.close())
+
+
+def test_loads_waiting_for_the_worker_hold_no_thread_other_requests_need(engine, lora, monkeypatch):
+    adapters = [lora(60 + i) for i in range(4)]
+    entered, release = threading.Event(), threading.Event()
+    apply = engine._apply_loads
+
+    def held(reading):  # the worker stops at the step boundary where it reads the adapters asked for
+        entered.set()
+        release.wait(60)
+        apply(reading)
+
+    monkeypatch.setattr(engine, "_apply_loads", held)
+
+    async def run() -> tuple[bool, list[bool]]:
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(2))  # fewer threads than waiting loads
+        loads = [asyncio.create_task(engine.load(adapter)) for adapter in adapters]
+        try:
+            assert await asyncio.wait_for(asyncio.to_thread(entered.wait, 60), 60)
+            # Tokenizing (a request's work on the executor) goes on while all four wait.
+            ids = await asyncio.wait_for(asyncio.to_thread(engine.encode, PROMPTS[0]), 10)
+            waited = bool(ids) and not any(load.done() for load in loads)
+        finally:
+            release.set()
+        return waited, await asyncio.gather(*loads)
+
+    waited, answers = asyncio.run(run())
+    assert waited and answers == [True] * 4
+    assert set(asyncio.run(engine.loaded())) >= {adapter.key for adapter in adapters}
+
+
+def test_a_burst_of_loads_is_read_a_budget_per_step_while_rows_run(engine, lora, monkeypatch):
+    events, read, decode = [], engine._read, engine._runner.decode
+    go, stopped = threading.Event(), threading.Event()
+    go.set()
+
+    def slow_read(spec):  # each read outlasts half the budget: two fit in one step boundary, not three
+        events.append("read")
+        time.sleep(engine._load_budget() * 0.6)
+        return read(spec)
+
+    def held_decode():  # a decode pass waits while GO is clear
+        stopped.set()
+        go.wait(60)
+        events.append("decode")
+        decode()
+
+    monkeypatch.setattr(engine, "_read", slow_read)
+    monkeypatch.setattr(engine._runner, "decode", held_decode)
+    adapters = [lora(70 + i) for i in range(3)]
+
+    async def run() -> list[bool]:
+        holder = Reader(engine, request(engine, PROMPTS[0], None, Sampling(max_tokens=200, ignore_eos=True)))
+        await holder.started.wait()
+        go.clear()
+        stopped.clear()
+        assert await asyncio.to_thread(stopped.wait, 60)  # the worker is inside a decode pass
+        events.clear()
+        loads = [asyncio.create_task(engine.load(adapter)) for adapter in adapters]
+        while len(engine._slots.in_state(State.READING)) < 3:  # all three asked for before the next boundary
+            await asyncio.sleep(0.001)
+        go.set()
+        answers = await asyncio.gather(*loads)
+        await holder.result()
+        return answers
+
+    assert asyncio.run(run()) == [True] * 3
+    # The held pass ends; at the boundary two reads fill the budget; a pass; the third read.
+    assert events[:5] == ["decode", "read", "read", "decode", "read"]
 
 
 def test_unload_refuses_an_unknown_key_and_drops_a_loaded_one(engine, lora):
