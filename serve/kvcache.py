@@ -171,6 +171,7 @@ class BlockCache:
                 store[layer] = grown
         self.free.extend(range(blocks - 1, self.blocks - 1, -1))  # lowest ids first off the free list
         self.blocks = blocks
+        trim()  # the smaller pools just freed cannot hold the larger ones to come: back to the system
 
     def _compact(self, blocks: int) -> None:
         """Room for BLOCKS blocks, the held ones renumbered from 0 in the order of their ids."""
