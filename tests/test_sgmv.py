@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from serve import sgmv
 
 
-def test_the_kernel_adds_each_rows_own_lora_pair_and_leaves_other_rows_alone():
+@pytest.mark.parametrize("rank", [7, 16, 20])  # below, at and above one vector register of float32 (AVX-512)
+def test_the_kernel_adds_each_rows_own_lora_pair_and_leaves_other_rows_alone(rank):
     torch.manual_seed(0)
-    slots, d_in, rank, d_out = 5, 40, 7, 33
+    slots, d_in, d_out = 5, 40, 33
     a, b = torch.randn(slots, d_in, rank), torch.randn(slots, rank, d_out)
     x, out = torch.randn(30, d_in), torch.randn(30, d_out)
     # 20 rows on slot 3 (more than a block), a few on others, rows 25.. on no adapter; listed grouped by slot
