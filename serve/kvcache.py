@@ -66,7 +66,7 @@ class BlockCache:
             if start == 0:
                 self._release(row)
             self._extend(row, end)
-        slots = self._slots(rows, torch.tensor(ends))
+        slots = self._slots(self._tables(rows), torch.tensor(ends))
         real = torch.arange(max(lengths)) < torch.tensor(lengths)[:, None]
         self._pass = _Pass(
             write=slots[:, start:][real],
@@ -129,11 +129,12 @@ class BlockCache:
         assert step is not None
         keys, values = self.keys[layer], self.values[layer]
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-        if step.tables is not None and attention.fits(query, keys):
-            return attention.decode(query, keys, values, step.tables, step.lengths, BLOCK, scale)
-        if step.tables is not None and step.read is None:  # no kernel: the rows' tokens gathered, padded
+        if step.tables is not None:  # a decode pass
             assert step.lengths is not None
-            step.read = self._slots(range(len(step.lengths)), step.lengths)
+            if attention.fits(query, keys):
+                return attention.decode(query, keys, values, step.tables, step.lengths, BLOCK, scale)
+            if step.read is None:  # no kernel: the rows' tokens gathered, padded (once for every layer)
+                step.read = self._slots(step.tables, step.lengths)
         if step.read is not None:
             key, value = keys[step.read].transpose(1, 2), values[step.read].transpose(1, 2)
         return attention.sdpa(module, query, key, value, mask, scale)
@@ -156,10 +157,11 @@ class BlockCache:
         width = max(len(self.tables[row]) for row in rows)
         return torch.tensor([self.tables[row] + [0] * (width - len(self.tables[row])) for row in rows])
 
-    def _slots(self, rows: range, lengths: torch.Tensor) -> torch.Tensor:
-        """(rows, longest): the token slot of each row's every position, past its LENGTHS[i] the zero slot."""
+    def _slots(self, tables: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(rows, longest): the token slot of each row's every position through its blocks in TABLES, past its
+        LENGTHS[i] the zero slot."""
         positions = torch.arange(int(lengths.max()))
-        slots = self._tables(rows)[:, positions // BLOCK] * BLOCK + positions % BLOCK
+        slots = tables[:, positions // BLOCK] * BLOCK + positions % BLOCK
         return torch.where(positions < lengths[:, None], slots, self.blocks * BLOCK)
 
     def _grow(self, blocks: int) -> None:
