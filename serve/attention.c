@@ -9,17 +9,16 @@ int attention_decode(const float *restrict query, float *restrict out, const flo
                      const float *restrict values, const int64_t *restrict tables, int64_t width,
                      const int64_t *restrict lengths, int64_t rows, int64_t heads, int64_t kv_heads, int64_t dim,
                      int64_t block, float scale) {
-    int64_t group = heads / kv_heads, longest = 0, failed = 0;
-    for (int64_t r = 0; r < rows; r++) longest = lengths[r] > longest ? lengths[r] : longest;
+    int64_t group = heads / kv_heads, failed = 0;
 #pragma omp parallel for collapse(2) schedule(dynamic) reduction(| : failed)
     for (int64_t r = 0; r < rows; r++) {
         for (int64_t g = 0; g < kv_heads; g++) {
-            float *scores = malloc(sizeof(float) * longest * group);
+            int64_t length = lengths[r];
+            float *scores = malloc(sizeof(float) * length * group);
             if (scores == NULL) {
                 failed = 1;
                 continue;
             }
-            int64_t length = lengths[r];
             const int64_t *table = tables + r * width;
             const float *q = query + (r * heads + g * group) * dim;
             for (int64_t t = 0; t < length; t++) {  /* scores[j * length + t] = q_j . k_t * scale */

@@ -33,10 +33,11 @@ static void block_any(const float *const *xs, float *const *outs, int64_t n, con
 }
 
 #ifdef __AVX512F__
-/* The same for rank <= 16 (inlined, so that rank 16 is a constant): each row's h is one register, and each output vector is read and written once. The
- * sums run in the same order as block_any's, so both give the same bits. */
-static inline __attribute__((always_inline)) void block_16(const float *const *xs, float *const *outs, int64_t n, const float *restrict sa,
-                     const float *restrict sb, int64_t din, int64_t rank, int64_t dout) {
+/* The same for rank <= 16 (inlined, so that rank 16 is a constant): each row's h is one register, and each output
+ * vector is read and written once. The sums run in the same order as block_any's, so both give the same bits. */
+static inline __attribute__((always_inline)) void block_16(const float *const *xs, float *const *outs, int64_t n,
+                                                           const float *restrict sa, const float *restrict sb,
+                                                           int64_t din, int64_t rank, int64_t dout) {
     __mmask16 lanes = (__mmask16)((1u << rank) - 1);
     __m512 h[BLOCK];
     float hs[BLOCK][16];
