@@ -201,7 +201,8 @@ def timed_loads(engine: TransformersEngine) -> dict[str, float]:
             try:
                 return work(*args)
             finally:
-                spent[key(*args)] = spent.get(key(*args), 0.0) + time.perf_counter() - start
+                name = key(*args)
+                spent[name] = spent.get(name, 0.0) + time.perf_counter() - start
 
         return run
 
