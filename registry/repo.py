@@ -56,20 +56,25 @@ class Registry:
     def find(cls, path: Path | None = None) -> Registry:
         """The registry around PATH (default: the current folder)."""
         path = (path or Path.cwd()).resolve()
-        root = toplevel(path) if path.is_dir() else None
-        if root is None or not (root / ".dvc").is_dir() or not (root / ADAPTERS_DIR).is_dir():
+        registry = cls.around(path)
+        if registry is None:
             raise RegistryError(
                 f"{path} is not inside an adapter repository; run `adapters init` or `adapters clone URL`."
             )
-        return cls(root)
+        return registry
 
     @classmethod
     def around(cls, path: Path) -> Registry | None:
-        """The registry around PATH, or None when PATH is not inside one."""
-        try:
-            return cls.find(path)
-        except RegistryError:
+        """The registry around PATH, or None when PATH is not inside one; RegistryError if it holds links out."""
+        path = path.resolve()
+        root = toplevel(path) if path.is_dir() else None
+        if root is None:
             return None
+        store.refuse_links(root, root / ".dvc")
+        store.refuse_links(root, root / ADAPTERS_DIR, entries=True)
+        if not (root / ".dvc").is_dir() or not (root / ADAPTERS_DIR).is_dir():
+            return None
+        return cls(root)
 
     @classmethod
     def init(cls, path: Path) -> tuple[Registry, list[str]]:

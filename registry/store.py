@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 
 _DIR_MD5 = re.compile(r"^- md5: ([0-9a-f]{32}\.dir)$", re.MULTILINE)
+_FILE_MD5 = re.compile(r"[0-9a-f]{32}")
 
 
 def dir_md5(dvcfile: str) -> str:
@@ -34,10 +35,52 @@ def dir_md5(dvcfile: str) -> str:
         return found[0]
     data = yaml.safe_load(dvcfile) or {}
     outs = data.get("outs") or [{}]
-    md5 = outs[0].get("md5", "")
-    if not md5.endswith(".dir"):
+    md5 = str(outs[0].get("md5", ""))
+    if not _DIR_MD5.fullmatch(f"- md5: {md5}"):  # it becomes a path into the cache: nothing but a hash
         raise RegistryError("A .dvc pointer file does not describe a folder; was it edited by hand?")
     return md5
+
+
+def plain_file_name(name: object) -> bool:
+    """Whether NAME can only ever name a file directly inside its folder: an adapter folder is flat."""
+    return isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+
+
+def checked_listing(md5: str, entries: object) -> list[dict[str, str]]:
+    """A .dir object's parsed entries, each a plain file name with a file hash; IntegrityError otherwise.
+
+    Whoever writes a remote also computes the listing's hash, so its names are checked as untrusted paths before
+    anything is written from them.
+    """
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise IntegrityError(f"object {md5} is not a list of files; the remote that sent it is not trustworthy")
+    names = [e.get("relpath") for e in entries]
+    for entry, name in zip(entries, names, strict=True):
+        if not plain_file_name(name):
+            raise IntegrityError(
+                f"object {md5} names a file {name!r}, which would be written outside its adapter folder; "
+                "the remote that sent it is not trustworthy"
+            )
+        if not isinstance(entry.get("md5"), str) or not _FILE_MD5.fullmatch(entry["md5"]):
+            raise IntegrityError(f"object {md5} gives {name!r} the hash {entry.get('md5')!r}, which is not an MD5")
+    if len(set(names)) != len(names):
+        raise IntegrityError(f"object {md5} names one file twice; the remote that sent it is not trustworthy")
+    return [{"relpath": e["relpath"], "md5": e["md5"]} for e in entries]
+
+
+def refuse_links(root: Path, path: Path, entries: bool = False) -> None:
+    """Refuse PATH (inside ROOT) when it, a folder between ROOT and it, or (ENTRIES) a file or folder directly
+    in it is a symbolic link: a link committed by whoever pushed is never followed out of the repository."""
+    parts = path.relative_to(root).parts
+    steps = [Path(*parts[:depth]) for depth in range(1, len(parts) + 1)]
+    if entries and (root / path).is_dir():
+        steps += [Path(entry.path).relative_to(root) for entry in os.scandir(root / path) if entry.is_symlink()]
+    for step in steps:
+        if (root / step).is_symlink():
+            raise RegistryError(
+                f"{step} is a symbolic link; the registry never follows links out of the repository: "
+                f"remove it (`git rm {step}`) and run the command again."
+            )
 
 
 PROGRESS = True
@@ -83,6 +126,7 @@ def _dvc_repo_class() -> type[Repo]:
 @contextmanager
 def _repo(root: Path) -> Iterator[Repo]:
     """DVC's Repo at ROOT, closed afterwards."""
+    _cache_files(root)  # refuses a cache the committed config moved out of the repository
     repo = _dvc_repo_class()(str(root))
     try:
         yield repo
@@ -100,17 +144,40 @@ def opened(root: Path) -> Iterator[Store]:
         objects.close()
 
 
-def _config(root: Path) -> dict[str, Any]:
+def _config(root: Path, names: tuple[str, ...] = ("config", "config.local")) -> dict[str, Any]:
     """DVC's committed and local config, merged, read without importing DVC (a command's start stays fast)."""
     from configobj import ConfigObj
 
     merged: dict[str, Any] = {}
-    for name in ("config", "config.local"):
+    for name in names:
         path = root / ".dvc" / name
         if path.is_file():
             for section, values in ConfigObj(str(path)).items():
                 merged.setdefault(section, {}).update(values)
     return merged
+
+
+def _cache_files(root: Path) -> Path:
+    """Where the local cache keeps file objects; a committed cache.dir outside the repository is refused.
+
+    The committed config comes from whoever last pushed: it may not move this clone's writes elsewhere on disk.
+    The local config is this machine's own, so a cache placed there (`dvc cache dir --local`) is trusted.
+    """
+    cache = root / ".dvc" / "cache"
+    local = (_config(root, ("config.local",)).get("cache") or {}).get("dir")
+    committed = (_config(root, ("config",)).get("cache") or {}).get("dir")
+    if local:
+        cache = root / ".dvc" / local
+    elif committed:
+        cache = root / ".dvc" / committed
+        if not cache.resolve().is_relative_to(root.resolve()):
+            raise RegistryError(
+                f"The committed .dvc/config puts the DVC cache at {committed}, outside this repository; if you "
+                f"trust it, run `dvc cache dir --local {cache.resolve()}` here, else remove it from .dvc/config."
+            )
+    if not local and cache.is_relative_to(root):
+        refuse_links(root, cache)  # a committed link in place of .dvc/cache moves it as well
+    return cache / "files" / "md5"
 
 
 def init(root: Path) -> None:
@@ -181,8 +248,7 @@ class Store:
     def __init__(self, root: Path) -> None:
         self._root = root
         self._opened: Repo | None = None
-        cache_dir = (_config(root).get("cache") or {}).get("dir")
-        self._files = (root / ".dvc" / cache_dir if cache_dir else root / ".dvc" / "cache") / "files" / "md5"
+        self._files = _cache_files(root)
         self._listings: dict[str, list[dict[str, str]]] = {}
         self._hashes: dict[str, list[Any]] | None = None
         self._hashes_dirty = False
@@ -227,7 +293,11 @@ class Store:
         if file_md5(path) != md5.removesuffix(".dir"):
             path.unlink()
             raise IntegrityError(f"object {md5} in the local cache is corrupt and was removed")
-        return [{"relpath": e["relpath"], "md5": e["md5"]} for e in entries]
+        try:
+            return checked_listing(md5, entries)
+        except IntegrityError:
+            path.unlink()  # never kept: the next fetch asks the remote again
+            raise
 
     def missing_locally(self, md5: str) -> list[str]:
         """Files of a folder object that the local cache lacks (the folder object itself included)."""
@@ -342,7 +412,7 @@ class Store:
             if _object_md5(odb, md5) != md5.removesuffix(".dir"):
                 return [("file list", md5, "corrupt" if odb.exists(md5) else "missing")]
             with odb.fs.open(odb.oid_to_path(md5), mode="rb") as handle:
-                entries = json.loads(handle.read())
+                entries = checked_listing(md5, json.loads(handle.read()))
             return [
                 (e["relpath"], e["md5"], "corrupt" if odb.exists(e["md5"]) else "missing")
                 for e in entries
@@ -390,13 +460,17 @@ class Store:
 
         A file whose size, modification time and inode are as when last hashed is not read again.
         """
+        if folder.absolute().is_relative_to(self._root):  # a workspace folder, perhaps linked by a merge just now
+            refuse_links(self._root, folder.absolute())
         expected = {e["relpath"]: e["md5"] for e in self.listing(md5)}
-        present = {p.relative_to(folder).as_posix(): p for p in folder.rglob("*") if p.is_file()}
+        # A link inside is a change, never read: its target may be anywhere.
+        present = {p.relative_to(folder).as_posix(): p for p in folder.rglob("*") if p.is_symlink() or p.is_file()}
         changed = []
         for relpath in sorted(set(expected) | set(present)):
             if (
                 relpath in expected
                 and relpath in present
+                and not present[relpath].is_symlink()
                 and self._workspace_md5(present[relpath]) == expected[relpath]
             ):
                 continue
@@ -429,6 +503,7 @@ class Store:
 
         Our own copy rather than DVC's checkout, which reads every pointer file of the repository first.
         """
+        refuse_links(self._root, folder)
         fresh = folder.parent / f".{folder.name}.incoming"
         shutil.rmtree(fresh, ignore_errors=True)
         self.materialize(md5, fresh)
