@@ -61,7 +61,7 @@ def create_app(engine: Engine, catalog: Catalog, tenants: Tenants, settings: Set
     app.state.server = parts
     docs.install(app)
     app.state.flights = flights = _Flights()
-    for router in (openai.router, admin.router, health.router, vllm.router):
+    for router in (openai.router, admin.router, admin.scrape, health.router, vllm.router):
         app.include_router(router)
     app.add_exception_handler(ServeError, _serve_error)
     app.add_exception_handler(EngineError, _engine_error)
@@ -147,7 +147,7 @@ def _error(status: int, body: dict[str, Any], headers: dict[str, str] | None = N
 
 async def _serve_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ServeError)
-    return _error(exc.status, exc.body())
+    return _error(exc.status, exc.body(), exc.headers())
 
 
 async def _engine_error(request: Request, exc: Exception) -> JSONResponse:

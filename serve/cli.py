@@ -13,7 +13,7 @@ from core.errors import AdaptersError, BaseModelError
 from core.precision import default_quantize
 from registry.repo import Registry
 from serve.factory import ENGINES, EngineOptions, ServeOptionError
-from serve.tenants import Tenants, add_tenant, set_admin
+from serve.tenants import Tenants, add_tenant, set_admin, set_metrics
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _tenants_file = click.option(
@@ -101,6 +101,13 @@ class RequestsCut(AdaptersError):
     help="Largest request body; a larger one is refused (413) before it is read.",
 )
 @click.option(
+    "--max-prompts",
+    type=click.IntRange(min=1),
+    default=2048,
+    show_default=True,
+    help="Most prompts in one completions request's list (OpenAI's limit); more is a 400.",
+)
+@click.option(
     "--tenants",
     "tenants_file",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -157,6 +164,7 @@ def serve(
     drain_seconds: float,
     stale_after: float,
     max_body_bytes: int,
+    max_prompts: int,
     tenants_file: Path | None,
     registry_dir: Path | None,
     strict_fidelity: bool,
@@ -183,7 +191,12 @@ def serve(
         )
     from serve.dependencies import Settings
 
-    settings = Settings(max_tokens_cap=max_tokens_cap, drain_seconds=drain_seconds, max_body_bytes=max_body_bytes)
+    settings = Settings(
+        max_tokens_cap=max_tokens_cap,
+        drain_seconds=drain_seconds,
+        max_body_bytes=max_body_bytes,
+        max_prompts=max_prompts,
+    )
     if replicas is None and ray_address is not None:
         raise ServeOptionError("--ray-address places engine replicas on a Ray cluster; add --replicas N.")
     if replicas is not None:
@@ -317,13 +330,29 @@ def tenants() -> None:
     required=True,
     help="Adapter names the tenant may use: fnmatch patterns such as 'acme-*' (repeat or separate with commas).",
 )
-@click.option("--max-concurrent", type=click.IntRange(min=1), help="Requests at once. Default: no limit.")
+@click.option(
+    "--max-concurrent",
+    type=click.IntRange(min=1),
+    help="Generations at once (prompts x the larger of n and best_of). Default: no limit.",
+)
 @click.option("--max-tokens", type=click.IntRange(min=1), help="Tokens per request. Default: the server's cap.")
+@click.option(
+    "--max-tokens-per-minute",
+    type=click.IntRange(min=1),
+    help="Prompt plus completion tokens per minute (max_tokens counted until a request ends). Default: no limit.",
+)
 @_tenants_file
-def add(name: str, patterns: tuple[str, ...], max_concurrent: int | None, max_tokens: int | None, path: Path) -> None:
+def add(
+    name: str,
+    patterns: tuple[str, ...],
+    max_concurrent: int | None,
+    max_tokens: int | None,
+    max_tokens_per_minute: int | None,
+    path: Path,
+) -> None:
     """Add tenant NAME with a new API key, printed once; the file keeps only its sha256."""
     adapters = [p.strip() for pattern in patterns for p in pattern.split(",") if p.strip()]
-    key = add_tenant(path, name, adapters, max_concurrent, max_tokens)
+    key = add_tenant(path, name, adapters, max_concurrent, max_tokens, max_tokens_per_minute)
     click.echo(f"Tenant {name!r} added to {path}. Its API key, shown only now:", err=True)
     click.echo(key)
 
@@ -334,4 +363,13 @@ def admin(path: Path) -> None:
     """Issue a new admin key (for /admin/*), printed once; it replaces the previous one."""
     key = set_admin(path)
     click.echo(f"Admin key set in {path}. The key, shown only now:", err=True)
+    click.echo(key)
+
+
+@tenants.command("metrics")
+@_tenants_file
+def metrics(path: Path) -> None:
+    """Issue a new metrics key (for /metrics only, e.g. Prometheus), printed once; it replaces the previous one."""
+    key = set_metrics(path)
+    click.echo(f"Metrics key set in {path}. The key, shown only now:", err=True)
     click.echo(key)

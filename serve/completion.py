@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 from fastapi import Request
@@ -126,7 +127,7 @@ def _named(token: str, logprob: float) -> dict[str, Any]:
 
 
 class _Run:
-    """A request's generations (one per choice) in the engine and the tenant slot it holds until it ends."""
+    """A request's generations (one per choice) in the engine and the tenant's limits it holds until it ends."""
 
     def __init__(
         self,
@@ -134,7 +135,7 @@ class _Run:
         engine: Engine,
         generations: list[GenerateRequest],
         prompts: list[int],
-        release: Callable[[], None],
+        release: Callable[[int], None],
         started: float,
     ) -> None:
         self.request = request
@@ -177,7 +178,7 @@ class _Run:
         if self.ended:
             return
         self.ended = True
-        self.release()
+        self.release(self.prompt_tokens + self.completion_tokens)
         for generation, choice in zip(self.generations, self.choices, strict=True):
             if choice.finish_reason is None:
                 await self.engine.abort(generation.request_id)
@@ -242,14 +243,25 @@ async def generate(
     if server.draining:
         raise Unavailable("The server is shutting down; send the request again to another instance.")
     started = time.perf_counter()
-    release = server.limiter.acquire(tenant)
+    if len(prompts) > server.settings.max_prompts:
+        raise BadRequest(
+            f"prompt is a list of {len(prompts)} prompts; this server takes at most {server.settings.max_prompts} "
+            "per request (--max-prompts): split it into several requests.",
+            param="prompt",
+        )
+    candidates = body.candidates()
+    hold = server.limiter.acquire(tenant, len(prompts), candidates)  # before tokenizing: refused work costs nothing
+    release = partial(server.limiter.release, hold)
     try:
         spec = await server.catalog.resolve(body.model, tenant.may_use)
         model = spec.key if spec else server.engine.model_id
         request.state.model = model
         prompt_ids = [await _tokens(server, body, prompt) for prompt in prompts]
         samplings = [_sampling(server, tenant, body, len(ids)) for ids in prompt_ids]
-        candidates = body.candidates()
+        _bound_prompt_logprobs(server, samplings, prompt_ids, candidates)
+        # The most the request may use: each prompt once (as usage counts it), every generation to its max_tokens.
+        most = sum(len(ids) + candidates * s.max_tokens for ids, s in zip(prompt_ids, samplings, strict=True))
+        server.limiter.reserve(hold, most)
         owners = [p for p in range(len(prompts)) for _ in range(candidates)]
         generations = []
         for number, p in enumerate(owners):
@@ -263,10 +275,10 @@ async def generate(
         if server.catalog.fidelity is not None:
             server.catalog.fidelity.count(spec.key if spec else None)
     except EngineError as exc:
-        release()
+        release(0)
         raise from_engine(exc) from None
     except BaseException:
-        release()
+        release(0)
         raise
     run = _Run(request, server.engine, generations, owners, release, started)
     shape = _Shape(isinstance(body, ChatRequest), server.engine, body.reported_logprobs())
@@ -303,6 +315,24 @@ async def _load(engine: Engine, spec: AdapterSpec) -> None:
         ADAPTER_LOAD_SECONDS.observe(time.perf_counter() - started)
     else:
         CACHE_HITS.inc()
+
+
+def _bound_prompt_logprobs(
+    server: Server, samplings: list[Sampling], prompt_ids: list[list[int]], candidates: int
+) -> None:
+    """Refuse echo + logprobs whose prompt log-probabilities (each generation returns its own) exceed the bound."""
+    top = samplings[0].prompt_logprobs
+    if top is None:
+        return
+    positions = sum(len(ids) for ids in prompt_ids) * candidates
+    bound = server.settings.max_prompt_logprobs
+    if positions * (top + 1) > bound:
+        raise BadRequest(
+            f"echo with logprobs {top} returns {positions * (top + 1)} prompt log-probabilities here ({positions} "
+            f"prompt tokens x generations, {top + 1} each), over this server's {bound}: send fewer prompts or "
+            "choices per request, or a lower logprobs.",
+            param="logprobs",
+        )
 
 
 def _wrap(seed: int) -> int:

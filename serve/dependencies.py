@@ -1,4 +1,4 @@
-"""What route handlers receive: the server's parts, the calling tenant, the admin check."""
+"""What route handlers receive: the server's parts, the calling tenant, the admin and metrics checks."""
 
 from __future__ import annotations
 
@@ -25,6 +25,11 @@ class Settings:
     """On shutdown, how long running requests may take to finish before they are cut with an error."""
     max_body_bytes: int = 4 * 1024 * 1024
     """The largest request body read; a larger one is a 413 before it is parsed."""
+    max_prompts: int = 2048
+    """Most prompts in one completions request's list (OpenAI's limit); more is a 400."""
+    max_prompt_logprobs: int = 262_144
+    """Most prompt log-probabilities one echo + logprobs request returns: prompt tokens x generations x
+    (logprobs + 1); more is a 400 (about 9 MB of JSON)."""
 
 
 @dataclass
@@ -71,3 +76,8 @@ def admin(tenant: CallerDep) -> Tenant:
 
 
 AdminDep = Annotated[Tenant, Depends(admin)]
+
+
+def scraper(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)], parts: ServerDep) -> None:
+    """Let the request read /metrics: with tenants, only the admin or the metrics key may (it names every tenant)."""
+    parts.tenants.scraper(credentials.credentials if credentials else None)

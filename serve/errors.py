@@ -23,6 +23,10 @@ class ServeError(AdaptersError):
         """The error as OpenAI's API spells it."""
         return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
 
+    def headers(self) -> dict[str, str]:
+        """HTTP headers the answer carries besides the body."""
+        return {}
+
 
 class BadRequest(ServeError):
     """Malformed or out-of-limits input."""
@@ -66,11 +70,18 @@ class AdapterRejected(ServeError):
 
 
 class TooManyRequests(ServeError):
-    """The tenant is over its concurrency limit."""
+    """The tenant is over its concurrency or token-rate limit; RETRY_AFTER seconds, when known, go in Retry-After."""
 
     status = 429
     kind = "rate_limit_error"
     code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {} if self.retry_after is None else {"Retry-After": str(self.retry_after)}
 
 
 class Unavailable(ServeError):

@@ -1,12 +1,16 @@
-"""Tenants: API keys (stored as sha256 hashes) mapped to who may use which adapters, how much at once."""
+"""Tenants: API keys (stored as sha256 hashes) mapped to who may use which adapters, how much at once and per
+minute."""
 
 from __future__ import annotations
 
 import fnmatch
 import hashlib
+import itertools
 import logging
+import math
 import secrets
-from collections import Counter
+import time
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +22,7 @@ from core.cache import write_atomic
 from core.errors import AdaptersError
 from core.hashing import SHA256
 from registry.names import check_name
-from serve.errors import TooManyRequests, Unauthorized, Unavailable
+from serve.errors import BadRequest, Forbidden, TooManyRequests, Unauthorized, Unavailable
 
 log = logging.getLogger("serve")
 _HEADER = "# API keys of the adapter server, stored as sha256 hashes only; `adapters tenants add` writes entries.\n"
@@ -36,17 +40,21 @@ class Tenant:
 
     name: str
     adapters: tuple[str, ...] = ("*",)
-    max_concurrent: int | None = None
-    max_tokens: int | None = None
+    max_concurrent: int | None = None  # generations at once: prompts x max(n, best_of) of its running requests
+    max_tokens: int | None = None  # per request
+    max_tokens_per_minute: int | None = None  # prompt and completion tokens of the requests admitted in a minute
     admin: bool = False
+    scrape: bool = False  # may read /metrics, which names every tenant and adapter version
 
     def may_use(self, adapter: str) -> bool:
         """True when one of the tenant's patterns matches the adapter NAME."""
         return any(fnmatch.fnmatchcase(adapter, pattern) for pattern in self.adapters)
 
 
-OPEN = Tenant("open", admin=True)  # no tenants file: every adapter and endpoint, for whoever reaches 127.0.0.1
-ADMIN = Tenant("admin", admin=True)
+OPEN = Tenant("open", admin=True, scrape=True)  # no tenants file: everything, for whoever reaches 127.0.0.1
+ADMIN = Tenant("admin", admin=True, scrape=True)
+METRICS = Tenant("metrics", adapters=(), scrape=True)  # the metrics key: /metrics and nothing else
+LIMITS = ("max_concurrent", "max_tokens", "max_tokens_per_minute")
 
 
 def hash_key(key: str) -> str:
@@ -82,7 +90,22 @@ class Tenants:
         return self.path is None
 
     def authenticate(self, key: str | None) -> Tenant:
-        """The tenant KEY belongs to; Unauthorized when it is missing or unknown, Unavailable while the file is bad."""
+        """The tenant KEY belongs to; Forbidden for the metrics key, which reads /metrics only."""
+        tenant = self._holder(key)
+        if tenant is METRICS:
+            raise Forbidden("The metrics key reads /metrics only; call the API with a tenant's key.")
+        return tenant
+
+    def scraper(self, key: str | None) -> None:
+        """Let KEY read /metrics: the admin or the metrics key (anyone in open mode); Unauthorized for the rest."""
+        if not self._holder(key).scrape:
+            raise Unauthorized(
+                "/metrics names every tenant: send the admin key or the metrics key (`adapters tenants metrics`) "
+                "as `Authorization: Bearer KEY`."
+            )
+
+    def _holder(self, key: str | None) -> Tenant:
+        """Who holds KEY; Unauthorized when it is missing or unknown, Unavailable while the file is bad."""
         if self.path is None:
             return OPEN
         keys = self._current()
@@ -162,13 +185,14 @@ def parse(data: dict[str, Any], path: Path) -> dict[str, Tenant]:
         patterns = entry.get("adapters")
         if not isinstance(patterns, list) or not patterns or not all(isinstance(p, str) for p in patterns):
             raise TenantsFileError(f"{where}: `adapters` must be a non-empty list of name patterns, e.g. ['acme-*'].")
-        limits = {field: entry.get(field) for field in ("max_concurrent", "max_tokens")}
-        for field, value in limits.items():
+        limits = {limit: entry.get(limit) for limit in LIMITS}
+        for limit, value in limits.items():
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise TenantsFileError(f"{where}: `{field}` must be a positive integer.")
+                raise TenantsFileError(f"{where}: `{limit}` must be a positive integer.")
         _add(by_hash, entry.get("key_sha256"), Tenant(str(name), tuple(patterns), **limits), where)
-    if data.get("admin_key_sha256") is not None:
-        _add(by_hash, data["admin_key_sha256"], ADMIN, f"{path}: admin_key_sha256")
+    for key_field, holder in (("admin_key_sha256", ADMIN), ("metrics_key_sha256", METRICS)):
+        if data.get(key_field) is not None:
+            _add(by_hash, data[key_field], holder, f"{path}: {key_field}")
     return by_hash
 
 
@@ -180,7 +204,14 @@ def _add(by_hash: dict[str, Tenant], digest: Any, tenant: Tenant, where: str) ->
     by_hash[digest] = tenant
 
 
-def add_tenant(path: Path, name: str, adapters: list[str], max_concurrent: int | None, max_tokens: int | None) -> str:
+def add_tenant(
+    path: Path,
+    name: str,
+    adapters: list[str],
+    max_concurrent: int | None,
+    max_tokens: int | None,
+    max_tokens_per_minute: int | None = None,
+) -> str:
     """Add tenant NAME to the tenants file at PATH with a new key; returns the key, which is stored only hashed."""
     check_name(name)
     data = read(path)
@@ -189,7 +220,8 @@ def add_tenant(path: Path, name: str, adapters: list[str], max_concurrent: int |
         raise TenantsFileError(f"Tenant {name!r} is already in {path}; remove its entry first to issue a new key.")
     key = new_key()
     entry: dict[str, Any] = {"key_sha256": hash_key(key), "adapters": adapters}
-    entry.update({k: v for k, v in (("max_concurrent", max_concurrent), ("max_tokens", max_tokens)) if v})
+    limits = zip(LIMITS, (max_concurrent, max_tokens, max_tokens_per_minute), strict=True)
+    entry.update({limit: value for limit, value in limits if value})
     data["tenants"] = {**tenants, name: entry}
     _write(path, data)
     return key
@@ -197,9 +229,18 @@ def add_tenant(path: Path, name: str, adapters: list[str], max_concurrent: int |
 
 def set_admin(path: Path) -> str:
     """Give the tenants file at PATH a new admin key (replacing any); returns the key, stored only hashed."""
+    return _set_key(path, "admin_key_sha256")
+
+
+def set_metrics(path: Path) -> str:
+    """Give the tenants file at PATH a new metrics key, for /metrics only (replacing any); returns it, stored hashed."""
+    return _set_key(path, "metrics_key_sha256")
+
+
+def _set_key(path: Path, key_field: str) -> str:
     data = read(path)
     key = new_key()
-    data["admin_key_sha256"] = hash_key(key)
+    data[key_field] = hash_key(key)
     _write(path, data)
     return key
 
@@ -210,22 +251,93 @@ def _write(path: Path, data: dict[str, Any]) -> None:
     write_atomic(path, _HEADER + yaml.safe_dump(data, sort_keys=False))
 
 
+WINDOW = 60.0  # seconds: max_tokens_per_minute counts the tokens of the requests admitted in the last minute
+
+
+@dataclass(eq=False)
+class _Spend:
+    """Tokens one request counts against its tenant's minute: reserved at admission, settled when it ends."""
+
+    at: float
+    tokens: int
+
+
+@dataclass(eq=False)
+class Hold:
+    """What one admitted request holds of its tenant's limits until Limiter.release."""
+
+    tenant: Tenant
+    generations: int
+    spend: _Spend | None = None
+    released: bool = False
+
+
 class Limiter:
-    """Counts each tenant's running requests; one over its max_concurrent is refused."""
+    """Each tenant's generations running (max_concurrent) and tokens of the last minute (max_tokens_per_minute).
 
-    def __init__(self) -> None:
+    A request that alone exceeds a limit is a BadRequest, since no retry can pass it; one that fits but finds too
+    little free is TooManyRequests. Tokens are counted when admitted (prompt tokens plus max_tokens for every
+    generation) and settled to what really ran when the request ends, so a request that stops early frees the rest.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock  # seconds; tests pass their own to move time on
         self._running: Counter[str] = Counter()
+        self._spent: defaultdict[str, deque[_Spend]] = defaultdict(deque)
 
-    def acquire(self, tenant: Tenant) -> Callable[[], None]:
-        """Take one of TENANT's slots (TooManyRequests when none is free); call the result once to give it back."""
-        if tenant.max_concurrent is not None and self._running[tenant.name] >= tenant.max_concurrent:
-            raise TooManyRequests(
-                f"Tenant {tenant.name!r} already has {tenant.max_concurrent} requests running, its limit; "
-                "retry when one finishes."
+    def acquire(self, tenant: Tenant, prompts: int, choices: int) -> Hold:
+        """Take PROMPTS x CHOICES of TENANT's generations; release the result once the request ends."""
+        generations, limit = prompts * choices, tenant.max_concurrent
+        if limit is not None and generations > limit:
+            raise BadRequest(
+                f"This request runs {generations} generations ({prompts} prompts x {choices} choices, the larger of "
+                f"n and best_of), over the {limit} tenant {tenant.name!r} may run at once (max_concurrent); "
+                "split it into requests of at most that many prompts x choices.",
+                param="prompt" if prompts > 1 else "n",
             )
-        self._running[tenant.name] += 1
+        running = self._running[tenant.name]
+        if limit is not None and running + generations > limit:
+            raise TooManyRequests(
+                f"Tenant {tenant.name!r} runs {running} of its {limit} generations at once (max_concurrent) and "
+                f"this request needs {generations}; retry when some finish."
+            )
+        self._running[tenant.name] += generations
+        return Hold(tenant, generations)
 
-        def release() -> None:
-            self._running[tenant.name] -= 1
+    def reserve(self, hold: Hold, tokens: int) -> None:
+        """Count TOKENS (prompt tokens plus max_tokens x generations) against the tenant's last minute."""
+        tenant, limit = hold.tenant, hold.tenant.max_tokens_per_minute
+        if limit is None:
+            return
+        if tokens > limit:
+            raise BadRequest(
+                f"This request may use {tokens} tokens (its prompt tokens plus max_tokens x {hold.generations} "
+                f"generations), over the {limit} per minute of tenant {tenant.name!r} (max_tokens_per_minute); "
+                "lower max_tokens or send fewer prompts or choices.",
+                param="max_tokens",
+            )
+        now, spent = self.clock(), self._spent[tenant.name]
+        while spent and spent[0].at <= now - WINDOW:
+            spent.popleft()
+        used = sum(s.tokens for s in spent)
+        if used + tokens > limit:
+            # The oldest spends leave the window first: wait until those that free enough have left it.
+            totals = zip(spent, itertools.accumulate(s.tokens for s in spent), strict=True)
+            freed_at = next(s.at for s, total in totals if total >= used + tokens - limit)
+            wait = freed_at + WINDOW - now
+            raise TooManyRequests(
+                f"Tenant {tenant.name!r} has {limit - used} of its {limit} tokens per minute left "
+                f"(max_tokens_per_minute) and this request may use {tokens}; retry in {math.ceil(wait)} s.",
+                retry_after=max(math.ceil(wait), 1),
+            )
+        hold.spend = _Spend(now, tokens)
+        spent.append(hold.spend)
 
-        return release
+    def release(self, hold: Hold, used: int) -> None:
+        """Give back HOLD's generations and settle its reserved tokens to USED (prompt plus generated), once."""
+        if hold.released:
+            return
+        hold.released = True
+        self._running[hold.tenant.name] -= hold.generations
+        if hold.spend is not None:
+            hold.spend.tokens = used

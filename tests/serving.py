@@ -92,9 +92,12 @@ def events(response: httpx.Response) -> list[Any]:
     return found
 
 
-def metric(url: str, name: str, **labels: str) -> float:
-    """The value of one Prometheus sample the server exposes at /metrics (0 when absent)."""
-    text = httpx.get(f"{url}/metrics").text
+def metric(url: str, name: str, key: str | None = None, **labels: str) -> float:
+    """The value of one Prometheus sample the server exposes at /metrics (0 when absent); KEY: with tenants, the
+    admin or the metrics key."""
+    response = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {key}"} if key else {})
+    response.raise_for_status()
+    text = response.text
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):

@@ -61,7 +61,7 @@ class Cluster:
         return {replica for replica, (_, status) in self.replicas().items() if key in status.loaded}
 
     def routes(self, replica: str, result: str) -> float:
-        return metric(self.url, "adapters_replica_routes_total", replica=replica, result=result)
+        return metric(self.url, "adapters_replica_routes_total", self.keys["admin"], replica=replica, result=result)
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +162,8 @@ def test_requests_for_one_version_land_on_the_replica_that_loaded_it(cluster: Cl
     assert cluster.routes(holder, "hit") == hits + 10
     assert sum(cluster.routes(r, "cold") for r in cluster.replicas()) == colds
     assert cluster.holders("acme-a@v1.0.0") == {holder}
-    assert metric(cluster.url, "adapters_replica_adapter_loaded", replica=holder, model="acme-a@v1.0.0") == 1
+    admin = cluster.keys["admin"]
+    assert metric(cluster.url, "adapters_replica_adapter_loaded", admin, replica=holder, model="acme-a@v1.0.0") == 1
     # A second adapter is loaded on one replica only: its load and its generation were routed alike. (Which replica
     # Ray picks for a version none holds depends on what earlier tests left loaded, so it is not asserted.)
     assert cluster.complete("acme-b").status_code == 200
@@ -231,7 +232,7 @@ def test_a_replica_lost_before_it_answered_is_replaced_for_that_request_by_anoth
     from serve.ray_replica import replica_home
 
     lock = replica_home(cluster.remote) / "files" / ".materialize.lock"
-    retries = metric(cluster.url, "adapters_replica_retries_total")
+    retries = metric(cluster.url, "adapters_replica_retries_total", cluster.keys["admin"])
 
     def waiting(besides: int = 0) -> list[int]:
         return [pid for pid, _ in cluster.replicas().values() if pid != besides and _has_open(pid, lock)]
@@ -246,7 +247,7 @@ def test_a_replica_lost_before_it_answered_is_replaced_for_that_request_by_anoth
         response = answer.result(timeout=120)
     assert response.status_code == 200, response.text
     assert response.json()["model"] == "acme-d@v1.0.0" and response.json()["usage"]["completion_tokens"] == 4
-    assert metric(cluster.url, "adapters_replica_retries_total") == retries + 1
+    assert metric(cluster.url, "adapters_replica_retries_total", cluster.keys["admin"]) == retries + 1
 
 
 def test_serve_on_replicas_refuses_what_it_cannot_use_in_one_line_before_starting_ray(

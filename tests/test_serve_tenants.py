@@ -1,5 +1,6 @@
-"""Tenants and operators: API keys, per-tenant adapters and limits, admin endpoints, eviction; and the
-`adapters serve` / `adapters tenants` commands: refused options, keys shown once, SIGTERM drains."""
+"""Tenants and operators: API keys, per-tenant adapters and limits (generations at once, tokens per minute),
+admin endpoints, metrics kept from tenants, eviction; and the `adapters serve` / `adapters tenants` commands:
+refused options, keys shown once, SIGTERM drains."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import httpx
 import openai
 import pytest
 import yaml
-from serving import metric, registry_with, server_process, serving, wait_for
+from serving import events, metric, registry_with, server_process, serving, wait_for
 
 from registry.repo import Registry
 
@@ -32,6 +33,16 @@ def _key(cli: Any, *args: str, cwd: Path) -> str:
     return result.stdout.strip()
 
 
+class Clock:
+    """Seconds that pass only when a test moves them on: the token-rate limit's window, without sleeping."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 @dataclass
 class Hosted:
     """A tenants-mode server that polls nothing (refresh is explicit) and keeps two adapters loaded at most."""
@@ -40,6 +51,8 @@ class Hosted:
     registry: Registry
     tenants_file: Path
     keys: dict[str, str]
+    engine: Any
+    clock: Clock
 
     def client(self, who: str) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=self.keys[who], max_retries=0)
@@ -63,7 +76,7 @@ def hosted(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, make_adapt
     from serve.dependencies import Settings
     from core.base import fingerprint
     from fake_engine import FakeEngine
-    from serve.tenants import Tenants
+    from serve.tenants import Limiter, Tenants
 
     root = tmp_path_factory.mktemp("hosted")
     adapters = {"acme-a": [1], "acme-b": [2, 6], "acme-c": [3], "globex-a": [4], "globex-b": [5]}
@@ -78,7 +91,10 @@ def hosted(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, make_adapt
     keys = {
         "acme": key("add", "acme", "--adapters", "acme-*", "--max-concurrent", "1", "--max-tokens", "400"),
         "globex": key("add", "globex", "--adapters", "globex-*"),
+        "hooli": key("add", "hooli", "--adapters", "hooli-*", "--max-concurrent", "4"),
+        "umbrella": key("add", "umbrella", "--adapters", "umbrella-*", "--max-tokens-per-minute", "100"),
         "admin": key("admin"),
+        "metrics": key("metrics"),
         "wrong": "sk-adapters-not-a-key",
     }
     # Keys, rights and limits are the HTTP layer's: the fake engine serves these tests (the adapters are real).
@@ -92,8 +108,10 @@ def hosted(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, make_adapt
         interval=3600,  # only POST /admin/refresh re-reads the registry here
     )
     app = create_app(engine, catalog, Tenants(tenants_file), Settings(max_tokens_cap=900))
+    clock = Clock()
+    app.state.server.limiter = Limiter(clock)
     with serving(app) as url:
-        yield Hosted(url, registry, tenants_file, keys)
+        yield Hosted(url, registry, tenants_file, keys, engine, clock)
 
 
 def test_tenants_file_keeps_only_hashes_and_keys_are_shown_once(cli: Any, tmp_path: Path) -> None:
@@ -180,6 +198,124 @@ def test_a_tenant_cannot_ask_for_more_tokens_than_its_limit(hosted: Hosted) -> N
     assert refused.status_code == 400 and "the limit of tenant 'acme' of 400" in refused.json()["error"]["message"]
 
 
+def test_a_prompt_list_holds_at_most_2048_prompts(hosted: Hosted) -> None:
+    accepted = hosted.post("/v1/completions", "globex", model="tiny-llama", prompt=["a"] * 2048, max_tokens=1)
+    assert accepted.status_code == 200 and len(accepted.json()["choices"]) == 2048
+    refused = hosted.post("/v1/completions", "globex", model="tiny-llama", prompt=["a"] * 2049, max_tokens=1)
+    error = refused.json()["error"]
+    assert refused.status_code == 400 and error["param"] == "prompt"
+    assert error["message"].startswith("prompt is a list of 2049 prompts; this server takes at most 2048")
+
+
+def test_max_concurrent_counts_generations_not_requests(hosted: Hosted, monkeypatch: pytest.MonkeyPatch) -> None:
+    def complete(prompt: str | list[str], **body: Any) -> httpx.Response:
+        return hosted.post("/v1/completions", "hooli", model="tiny-llama", prompt=prompt, max_tokens=2, **body)
+
+    # hooli may run 4 generations at once: 3 prompts x n=2 can never run, so it is a 400, not a 429 to retry.
+    too_many = complete([PROMPT] * 3, n=2).json()["error"]
+    assert too_many["type"] == "invalid_request_error" and too_many["param"] == "prompt"
+    assert "6 generations (3 prompts x 2 choices" in too_many["message"]
+    assert "the 4 tenant 'hooli' may run at once (max_concurrent)" in too_many["message"]
+    assert complete(PROMPT, best_of=5).status_code == 400
+
+    # The held prompt's rows make no progress until released: its 3 generations run as long as the test needs.
+    held, released, step = "held " + PROMPT, threading.Event(), hosted.engine._step
+
+    def holding(row: Any) -> None:
+        if row.request.prompt_ids != tuple(held.encode()) or released.is_set():
+            step(row)
+
+    monkeypatch.setattr(hosted.engine, "_step", holding)
+    headers = {"Authorization": f"Bearer {hosted.keys['hooli']}"}
+    body = {"model": "tiny-llama", "prompt": held, "n": 3, "max_tokens": 4, "stream": True}
+    try:
+        with httpx.stream("POST", f"{hosted.url}/v1/completions", json=body, headers=headers, timeout=60) as running:
+            assert running.status_code == 200  # admitted: its 3 generations count from now
+            over = complete(PROMPT, n=2)
+            assert over.status_code == 429 and over.json()["error"]["type"] == "rate_limit_error"
+            assert "runs 3 of its 4 generations at once" in over.json()["error"]["message"]
+            assert complete(PROMPT).status_code == 200  # 3 + 1 fit
+            released.set()
+            assert events(running)[-1] == "[DONE]"
+    finally:
+        released.set()
+    wait_for(lambda: complete([PROMPT] * 2, n=2).status_code == 200, 10, "hooli's generations to be given back")
+
+
+def test_tokens_per_minute_are_reserved_settled_and_freed_a_minute_later(hosted: Hosted) -> None:
+    def complete(**body: Any) -> httpx.Response:
+        return hosted.post("/v1/completions", "umbrella", model="tiny-llama", prompt=PROMPT, **body)
+
+    start = hosted.clock.now
+    # 16 prompt tokens + 90: more than umbrella's 100 a minute, ever.
+    alone = complete(max_tokens=90)
+    assert alone.status_code == 400 and alone.json()["error"]["param"] == "max_tokens"
+    assert "over the 100 per minute of tenant 'umbrella' (max_tokens_per_minute)" in alone.json()["error"]["message"]
+    # Reserved 16 + 60, settled to what ran: the first token is a stop token.
+    early = complete(max_tokens=60, stop_token_ids=list(range(256)))
+    assert early.status_code == 200 and early.json()["usage"]["total_tokens"] == 17
+    hosted.clock.now = start + 5
+    full = complete(max_tokens=60, ignore_eos=True)  # 17 + 76 fit only because the first was settled
+    assert full.status_code == 200 and full.json()["usage"]["total_tokens"] == 76
+
+    hosted.clock.now = start + 10
+    small = complete(max_tokens=1)  # 93 + 17: 10 must free, the first request's 17 will, at start + 60
+    assert small.status_code == 429 and small.headers["Retry-After"] == "50"
+    larger = complete(max_tokens=20)  # 93 + 36: 29 must free, the second's 76 too, at start + 65
+    assert larger.status_code == 429 and larger.headers["Retry-After"] == "55"
+    assert larger.json()["error"]["type"] == "rate_limit_error" and "retry in 55 s" in larger.json()["error"]["message"]
+    hosted.clock.now = start + 60
+    assert complete(max_tokens=20).headers["Retry-After"] == "5"
+    hosted.clock.now = start + 65
+    assert complete(max_tokens=20).status_code == 200
+
+
+def test_echo_with_logprobs_is_bounded(hosted: Hosted) -> None:
+    ok = hosted.post(
+        "/v1/completions", "globex", model="tiny-llama", prompt=PROMPT, echo=True, logprobs=1, max_tokens=1
+    )
+    assert ok.status_code == 200 and len(ok.json()["choices"][0]["logprobs"]["tokens"]) == len(PROMPT) + 1
+    # 4 prompts of 500 tokens x 16 generations x 21 log-probabilities each: 672,000, over the 262,144 bound.
+    big = hosted.post(
+        "/v1/completions",
+        "globex",
+        model="tiny-llama",
+        prompt=["a" * 500] * 4,
+        n=16,
+        echo=True,
+        logprobs=20,
+        max_tokens=1,
+    )
+    assert big.status_code == 400 and big.json()["error"]["param"] == "logprobs"
+    assert "returns 672000 prompt log-probabilities" in big.json()["error"]["message"]
+
+
+def test_metrics_need_the_admin_or_the_metrics_key_with_tenants(hosted: Hosted) -> None:
+    for who in (None, "wrong", "acme"):
+        refused = hosted.get("/metrics", who)
+        assert refused.status_code == 401 and refused.json()["error"]["type"] == "authentication_error", who
+    assert "send the admin key or the metrics key" in hosted.get("/metrics", "acme").json()["error"]["message"]
+    for who in ("admin", "metrics"):
+        scraped = hosted.get("/metrics", who)
+        assert scraped.status_code == 200 and "adapters_requests_total" in scraped.text
+    assert hosted.get("/v1/models", "metrics").status_code == 403  # the metrics key reads /metrics only
+
+
+def test_metrics_stay_open_without_tenants(hosted: Hosted, tmp_path: Path) -> None:
+    from serve.app import create_app
+    from serve.catalog import Catalog
+    from serve.dependencies import Settings
+    from fake_engine import FakeEngine
+    from serve.tenants import Tenants
+
+    engine = FakeEngine(model_id="tiny-llama")
+    catalog = Catalog(
+        hosted.registry, tmp_path / "cache", base_id=engine.model_id, fingerprint=engine.fingerprint, max_rank=64
+    )
+    with serving(create_app(engine, catalog, Tenants(None), Settings())) as url:
+        assert httpx.get(f"{url}/metrics").status_code == 200
+
+
 def test_a_tenant_added_while_the_server_runs_can_call_at_once(hosted: Hosted, cli: Any) -> None:
     hosted.keys["initech"] = _key(
         cli,
@@ -211,7 +347,7 @@ def test_eviction_keeps_at_most_max_loaded_adapters_and_every_answer_right(hoste
     def answer(model: str) -> str:
         return admin.completions.create(model=model, prompt=PROMPT, max_tokens=12, temperature=0).choices[0].text
 
-    evictions = metric(hosted.url, "adapters_adapter_evictions_total")
+    evictions = metric(hosted.url, "adapters_adapter_evictions_total", key=hosted.keys["admin"])
     alone = {model: answer(model) for model in models}
     assert len(set(alone.values())) == len(models)
     most, done = 0, threading.Event()
@@ -232,7 +368,7 @@ def test_eviction_keeps_at_most_max_loaded_adapters_and_every_answer_right(hoste
     wrong = [(model, text) for model, text in answers if text != alone[model]]
     assert not wrong, f"answered otherwise than alone: {wrong}"
     assert 0 < most <= 2
-    assert metric(hosted.url, "adapters_adapter_evictions_total") >= evictions + 3
+    assert metric(hosted.url, "adapters_adapter_evictions_total", key=hosted.keys["admin"]) >= evictions + 3
 
 
 def test_admin_loads_and_unloads_adapters(hosted: Hosted) -> None:

@@ -1,4 +1,5 @@
-"""Operator endpoints (admin key): load and unload adapters, re-read the registry, see what is loaded."""
+"""Operator endpoints: load and unload adapters, re-read the registry, see what is loaded (admin key); Prometheus
+metrics (admin or metrics key)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,23 @@ import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Depends
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from serve.dependencies import AdminDep, ServerDep, admin
+from serve.dependencies import AdminDep, ServerDep, admin, scraper
 from serve.errors import BadRequest, Unavailable
 from serve.schemas import AdapterRequest
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(admin)])
+# /metrics names every tenant and the adapter versions each uses: with tenants, it is for the operator's scraper.
+scrape = APIRouter(tags=["health"], dependencies=[Depends(scraper)])
+
+
+@scrape.get("/metrics")
+async def prometheus() -> Response:
+    """Prometheus metrics: requests, tokens, latency, time to first token, adapter loads and evictions, per adapter
+    version and tenant, and the engine's queue (also under vLLM's names, for LoRA-aware routers)."""
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.post("/load")
