@@ -20,6 +20,7 @@ PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib",
 _FLOATS = {"F16": ("<u2", 0x7C00), "BF16": ("<u2", 0x7F80), "F32": ("<u4", 0x7F800000), "F64": ("<u8", 0x7FF << 52)}
 # PEFT saves "base_model.model.<module path>.lora_A.weight" (the adapter name is dropped on save).
 LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
+NOT_PLAIN = "is not a plain file; an adapter folder holds files only."
 
 
 class InvalidAdapter(RegistryError):
@@ -28,13 +29,23 @@ class InvalidAdapter(RegistryError):
     exit_code = 2
 
 
-def check(folder: Path) -> dict[str, Any]:
-    """Validate FOLDER and return the summary recorded with the version (base, rank, metrics, dataset)."""
+def check(folder: Path, shown: Path | None = None) -> dict[str, Any]:
+    """Validate FOLDER and return the summary recorded with the version; messages name it SHOWN (the user's folder
+    when FOLDER is the copy taken of it)."""
+    try:
+        return _checked(folder)
+    except InvalidAdapter as exc:
+        if shown is None:
+            raise
+        raise InvalidAdapter(str(exc).replace(str(folder), str(shown))) from None
+
+
+def _checked(folder: Path) -> dict[str, Any]:
     if not folder.is_dir():
         raise InvalidAdapter(f"{folder} is not a folder; pass the folder `adapters train` wrote.")
     for path in sorted(folder.iterdir()):
         if path.is_symlink() or not path.is_file():
-            raise InvalidAdapter(f"{path} is not a plain file; an adapter folder holds files only.")
+            raise InvalidAdapter(f"{path} {NOT_PLAIN}")
         if path.suffix in PICKLE_SUFFIXES:
             raise InvalidAdapter(f"{path.name}: pickle-based weights are refused; save with safetensors.")
     config = _json(folder / "adapter_config.json")

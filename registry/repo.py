@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
+import os
 import shutil
+import stat
 import sys
 import time
 from collections.abc import Iterator
@@ -171,20 +174,28 @@ class Registry:
         """Register the adapter folder SOURCE as a new immutable version of NAME; META joins its recorded summary."""
         check_name(name)
         message = check_message(message)
-        summary = folder.check(source)
         workspace = self.root / ADAPTERS_DIR / name
         if source.resolve() == workspace.resolve():
             raise RegistryError(f"{source} is the registry's own copy; register the folder training wrote instead.")
         with self.lock():
+            self.git.branch()  # a detached HEAD is refused before anything is written
             state = self.state()
             adapter = state.adapters.get(name) or state.deprecated.get(name)
             number = self._next_version(name, adapter, version, bump)
             tag = version_ref(name, number)
             with self._restoring(name):
                 _replace_folder(source, workspace)
+                summary = folder.check(workspace, shown=source)  # the copy taken under the lock is what is checked
                 store.track(self.root, f"{ADAPTERS_DIR}/{name}")
                 pointer = workspace.with_suffix(".dvc")
                 data = yaml.safe_load(pointer.read_text())
+                try:  # registered only once every file is stored, hash checked
+                    with store.opened(self.root) as objects:
+                        objects.verify(store.dir_md5(pointer.read_text()))
+                except IntegrityError as exc:
+                    raise IntegrityError(
+                        f"{tag}: the DVC cache did not keep its files ({exc}); nothing was registered."
+                    ) from None
                 data["meta"] = {"adapter": name, "version": str(number)[1:], **summary, **(meta or {})}
                 pointer.write_text(yaml.safe_dump(data, sort_keys=False))
                 paths = [str(p.relative_to(self.root)) for p in (pointer, workspace.parent / ".gitignore")]
@@ -485,10 +496,20 @@ def _declared(text: str | None, name: str) -> str:
 
 
 def _replace_folder(source: Path, dest: Path) -> None:
-    """Copy SOURCE's files to DEST (which must not exist)."""
+    """Copy SOURCE's plain files to DEST (which must not exist), never through a link: what is copied is checked."""
     dest.mkdir(parents=True)
     for path in sorted(source.iterdir()):
-        shutil.copyfile(path, dest / path.name)
+        try:
+            handle = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise folder.InvalidAdapter(f"{path} {folder.NOT_PLAIN}") from None
+            raise RegistryError(f"Cannot read {path}: {exc.strerror}; nothing was registered.") from None
+        if not stat.S_ISREG(os.fstat(handle).st_mode):
+            os.close(handle)
+            raise folder.InvalidAdapter(f"{path} {folder.NOT_PLAIN}")
+        with open(handle, "rb") as reader, open(dest / path.name, "wb") as writer:
+            shutil.copyfileobj(reader, writer, 1 << 20)
 
 
 def _next_date(adapter: Any) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -10,7 +11,7 @@ import re
 import shutil
 import sys
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
@@ -189,8 +190,51 @@ def init(root: Path) -> None:
 
 def track(root: Path, relpath: str) -> None:
     """`dvc add` a folder: its files go into the cache, a pointer file and a .gitignore entry beside it."""
-    with _repo(root) as repo:
+    with _repo(root) as repo, _stored(_cache_files(root), local_only=False):
         repo.add(str(root / relpath))  # absolute: DVC resolves relative targets against the process's cwd
+
+
+# Errors that only writing to this machine's disk gives: a download failing so is the disk's fault, not the remote's.
+_DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+
+
+class _Failures(logging.Handler):
+    """Collects the OSErrors DVC logs while it goes on past a file it could not copy."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.errors: list[OSError] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, OSError):
+            self.errors.append(exc)
+
+
+@contextmanager
+def _stored(files: Path, local_only: bool) -> Iterator[None]:
+    """Run a DVC copy into the local cache at FILES; a file it failed to write is one line with its real cause.
+
+    DVC logs such a failure and carries on, so without this a full disk looks like success (or, later, like a
+    remote that lost the file). LOCAL_ONLY: only errors of this disk count (a download's other failures are the
+    remote's, found when the files are verified). Partial copies left in the cache are removed.
+    """
+    failures = _Failures()
+    loggers = [logging.getLogger(name) for name in ("dvc_data", "dvc_objects")]
+    saved = [(logger.handlers, logger.level, logger.propagate) for logger in loggers]
+    for logger in loggers:  # ours alone: DVC's own handler would print each failure as well
+        logger.handlers, logger.level, logger.propagate = [failures], logging.ERROR, False
+    try:
+        yield
+    finally:
+        for logger, (handlers, level, propagate) in zip(loggers, saved, strict=True):
+            logger.handlers, logger.level, logger.propagate = handlers, level, propagate
+    errors = [e for e in failures.errors if not local_only or e.errno in _DISK_ERRORS]
+    if errors:
+        for partial in files.glob("*/.*.tmp"):  # DVC copies to a hidden temp file, then renames it
+            partial.unlink(missing_ok=True)
+        cause, where = errors[0].strerror or type(errors[0]).__name__, files.parent.parent
+        raise RegistryError(f"Adapter files could not be stored in the DVC cache at {where}: {cause}; nothing changed.")
 
 
 def configure_remote(root: Path, name: str, url: str, options: dict[str, str], default: bool) -> None:
@@ -343,9 +387,14 @@ class Store:
             cache = self._cache
             source, dest = (cache, odb) if direction == "push" else (odb, cache)
             verb = "Uploading" if direction == "push" else "Downloading"
-            with _bar(f"{verb} adapter files", len(wanted), unit="file") as bar:
+            with (
+                _bar(f"{verb} adapter files", len(wanted), unit="file") as bar,
+                _stored(self._files, local_only=True) if direction == "pull" else nullcontext(),
+            ):
                 callback = TqdmCallback(progress_bar=bar) if not bar.disable else DEFAULT_CALLBACK
                 result = transfer(source, dest, wanted, jobs=odb.fs.jobs, cache_odb=cache, callback=callback)
+        except RegistryError:
+            raise
         except Exception as exc:  # DVC raises many unrelated types for one cause: the remote said no
             raise RemoteError(f"{direction} of adapter files failed: {_first_line(exc)}") from exc
         if result.failed and direction == "push":
@@ -444,8 +493,10 @@ class Store:
                     shutil.copyfile(source, target)
                     bar.update(source.stat().st_size)
             os.replace(staging, dest)
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(exc, OSError):  # a full or read-only disk here: one line, not a traceback
+                raise RegistryError(f"Writing {dest} failed: {exc.strerror or exc}; nothing was changed.") from None
             raise
 
     def read(self, md5: str, relpath: str) -> bytes | None:
