@@ -21,6 +21,10 @@ class _Cli(click.Group):
         except AdaptersError as exc:
             click.secho(f"Error: {exc}", err=True, fg="red")
             ctx.exit(exc.exit_code)
+        except OSError as exc:  # a file the command needs cannot be read or written: permissions, a full disk
+            where = f"{exc.filename}: " if exc.filename else ""
+            click.secho(f"Error: {where}{exc.strerror or exc}.", err=True, fg="red")
+            ctx.exit(5)
         except KeyboardInterrupt:  # what a command had begun was undone on the way out, as for any error
             click.secho("Interrupted.", err=True, fg="red")
             ctx.exit(130)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from core.base import HUB_ID
 from core.cache import utc
 from core.hashing import SHA256, sha256_file
-from registry import folder
+from registry import folder, store
 from registry.card import METHODS, card_data, peft_snippet, precision_section, render
 from core.errors import AuthError, Conflict, IntegrityError, InvalidName, NotFound, RegistryError, RemoteError
 from registry.folder import InvalidAdapter
@@ -77,7 +77,7 @@ def push(registry: Registry, ref: str, repo_id: str, private: bool = False, stag
         manifest = _manifest(version, files)
         card = model_card(version, registry.meta(version), json.loads((files / "lineage.json").read_text()), repo_id)
         api = _api(token)
-        with _hub_errors(repo_id, write=True):
+        with _hub_errors(repo_id, write=True), _progress():
             api.create_repo(repo_id, private=private, exist_ok=True)
             info = api.model_info(repo_id)
             if private and not info.private:
@@ -109,7 +109,7 @@ def pull(registry: Registry, source: str, name: str, version: str | None = None)
     check_name(name)
     label = f"{repo_id}@{revision}"
     api = _api(None)  # anonymous unless HF_TOKEN or a login gives a token: public repositories need none
-    with tempfile.TemporaryDirectory(prefix="adapters-hub-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="adapters-hub-") as tmp, _progress():
         with _hub_errors(repo_id, revision):
             commit = api.model_info(repo_id, revision=revision).sha
             known = _registered(registry, name, repo_id, commit)
@@ -120,7 +120,7 @@ def pull(registry: Registry, source: str, name: str, version: str | None = None)
             snapshot = Path(api.snapshot_download(repo_id, revision=commit, cache_dir=tmp, allow_patterns=wanted))
         adapter = Path(tmp) / "adapter"
         published_as = _restore(snapshot, manifest, adapter, label)
-        folder.check(adapter)
+        folder.check(adapter, shown=Path(label))  # the temporary folder is gone when the message is read
         _check_base(adapter, label)
         provenance = {"repo_id": repo_id, "revision": revision, "commit": commit, **published_as}
         added = registry.add(
@@ -219,6 +219,21 @@ def _check_repo_id(repo_id: str) -> None:
 
 def _not_a_repo_id(repo_id: str) -> InvalidName:
     return InvalidName(f"{repo_id!r} is not a Hub repository id; use ORG/NAME.")
+
+
+@contextmanager
+def _progress() -> Iterator[None]:
+    """The Hub client's progress bars only where the registry shows its own: on a terminal, never into a pipe."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    quiet = not store.progress_shown() and not are_progress_bars_disabled()
+    if quiet:
+        disable_progress_bars()
+    try:
+        yield
+    finally:
+        if quiet:
+            enable_progress_bars()
 
 
 @contextmanager

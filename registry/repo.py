@@ -484,9 +484,14 @@ def _declared(text: str | None, name: str) -> str:
     from ruamel.yaml import YAML
 
     yaml_rt = YAML()
-    data = yaml_rt.load(text or "") or {}
+    try:
+        data = yaml_rt.load(text or "") or {}
+    except Exception as exc:  # ruamel raises a family of its own for one cause: not YAML
+        raise RegistryError(f"{PROJECT_FILE} is not valid YAML ({store.first_line(exc)}); fix it.") from None
+    if not isinstance(data, dict) or not isinstance(data.setdefault("artifacts", {}), dict):
+        raise RegistryError(f"{PROJECT_FILE} must be a mapping whose `artifacts:` maps names to artifacts; fix it.")
     wanted = {"path": f"{ADAPTERS_DIR}/{name}", "type": "model", "desc": "LoRA adapter", "labels": ["lora", "peft"]}
-    artifacts = data.setdefault("artifacts", {})
+    artifacts = data["artifacts"]
     if artifacts.get(name) == wanted and text is not None:
         return text
     artifacts[name] = wanted

@@ -89,7 +89,8 @@ PROGRESS = True
 _BIG = 64 << 20  # bytes: a file this large takes about a second to hash or copy
 
 
-def _progress_shown() -> bool:
+def progress_shown() -> bool:
+    """Whether a person watches stderr (a terminal) and the command did not turn progress off."""
     return PROGRESS and sys.stderr.isatty()
 
 
@@ -97,7 +98,7 @@ def _bar(desc: str, total: int, unit: str = "B") -> Any:
     """A tqdm bar on stderr for a person watching a long step (bytes of big files, or files); else a silent one."""
     from tqdm import tqdm
 
-    quiet = not _progress_shown() or (unit == "B" and total < _BIG)
+    quiet = not progress_shown() or (unit == "B" and total < _BIG)
     return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B", leave=False, disable=quiet)
 
 
@@ -120,7 +121,7 @@ def _dvc_repo_class() -> type[Repo]:
     for name in ("dvc", "dvc_data", "dvc_objects"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     # ... but its progress bars (hashing and copying in `add` and checkouts) help a person at a terminal.
-    logging.getLogger("dvc.progress").setLevel(logging.INFO if _progress_shown() else logging.CRITICAL)
+    logging.getLogger("dvc.progress").setLevel(logging.INFO if progress_shown() else logging.CRITICAL)
     return Repo
 
 
@@ -190,8 +191,13 @@ def init(root: Path) -> None:
 
 def track(root: Path, relpath: str) -> None:
     """`dvc add` a folder: its files go into the cache, a pointer file and a .gitignore entry beside it."""
-    with _repo(root) as repo, _stored(_cache_files(root), local_only=False):
-        repo.add(str(root / relpath))  # absolute: DVC resolves relative targets against the process's cwd
+    from dvc.exceptions import DvcException
+
+    try:
+        with _repo(root) as repo, _stored(_cache_files(root), local_only=False):
+            repo.add(str(root / relpath))  # absolute: DVC resolves relative targets against the process's cwd
+    except DvcException as exc:  # what DVC refuses here is the repository's own files (dvc.yaml, .dvc/config)
+        raise RegistryError(f"DVC cannot track {relpath}: {first_line(exc)}; fix that and run again.") from None
 
 
 # Errors that only writing to this machine's disk gives: a download failing so is the disk's fault, not the remote's.
@@ -396,7 +402,7 @@ class Store:
         except RegistryError:
             raise
         except Exception as exc:  # DVC raises many unrelated types for one cause: the remote said no
-            raise RemoteError(f"{direction} of adapter files failed: {_first_line(exc)}") from exc
+            raise RemoteError(f"{direction} of adapter files failed: {first_line(exc)}") from exc
         if result.failed and direction == "push":
             raise RemoteError(f"{len(result.failed)} adapter files could not be uploaded; run the push again.")
         return len(result.transferred)  # a failed download shows up as a missing file when verified
@@ -438,7 +444,7 @@ class Store:
                     check_deleted=False,
                 )
             except Exception as exc:  # as in _transfer
-                raise RemoteError(f"checking the DVC remote failed: {_first_line(exc)}") from exc
+                raise RemoteError(f"checking the DVC remote failed: {first_line(exc)}") from exc
             absent = {h.value for h in status.new | status.missing}
         return {md5 for md5, files in members.items() if md5 in absent or absent.intersection(files)}
 
@@ -449,7 +455,7 @@ class Store:
         try:
             return self._repo.cloud.get_remote_odb(remote, "push")
         except Exception as exc:  # as in _transfer
-            raise RemoteError(f"opening the DVC remote failed: {_first_line(exc)}") from exc
+            raise RemoteError(f"opening the DVC remote failed: {first_line(exc)}") from exc
 
     def audit(self, md5: str, on_remote: bool = False, remote: str | None = None) -> list[tuple[str, str, str]]:
         """(file, object, "missing" or "corrupt") for each bad copy of a folder object's files, here or on REMOTE.
@@ -468,7 +474,9 @@ class Store:
                 if _object_md5(odb, e["md5"]) != e["md5"]
             ]
         except (OSError, ValueError) as exc:
-            raise RemoteError(f"reading adapter files failed: {_first_line(exc)}") from exc
+            if not on_remote:  # this disk's fault, not a remote's
+                raise RegistryError(f"Reading the local DVC cache failed: {first_line(exc)}.") from exc
+            raise RemoteError(f"reading adapter files failed: {first_line(exc)}") from exc
 
     def discard(self, md5s: Iterable[str], on_remote: bool = False, remote: str | None = None) -> None:
         """Delete these (corrupt) objects here or on REMOTE, so the next transfer copies them again."""
@@ -580,5 +588,6 @@ def _object_md5(odb: Any, md5: str) -> str | None:
     return digest.hexdigest()
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (or its type when it says nothing)."""
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

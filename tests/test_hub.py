@@ -375,16 +375,16 @@ def test_pull_checks_the_files_against_their_manifest_and_the_local_base(
 
     tampered = _hub("pull", REPO, "--as", "pulled", cwd=registry.root)
     assert tampered.returncode == 8
-    assert tampered.stderr.splitlines()[-1] == (
+    assert tampered.stderr == (  # one line: no progress bars written into the pipe before it
         f"Error: {REPO}@main: adapter_model.safetensors does not match its sha256 in adapters.json; "
-        "nothing was registered."
+        "nothing was registered.\n"
     )
     mismatched = _hub("pull", "team/other-lora", "--as", "pulled", cwd=registry.root)
     assert mismatched.returncode == 2
     local = json.loads((make_adapter(1) / "lineage.json").read_text())["base_model"]["fingerprint"]
-    assert mismatched.stderr.splitlines()[-1] == (
+    assert mismatched.stderr == (
         f"Error: team/other-lora@main was trained on {tiny_base} with fingerprint sha256:000000000000..., "
-        f"but the local copy is {local[:19]}...; it would load onto other weights. Nothing was registered."
+        f"but the local copy is {local[:19]}...; it would load onto other weights. Nothing was registered.\n"
     )
     assert _registry_state(registry.root) == before
 
@@ -400,8 +400,13 @@ def test_pull_takes_an_adapter_published_by_other_tools_as_it_is_but_never_pickl
     before = _registry_state(registry.root)
     refused = _hub("pull", "team/pickled", "--as", "plain", cwd=registry.root)
     assert refused.returncode == 2
-    assert refused.stderr.splitlines()[-1] == (
-        "Error: adapter_model.bin: pickle-based weights are refused; save with safetensors."
+    assert refused.stderr == "Error: adapter_model.bin: pickle-based weights are refused; save with safetensors.\n"
+    hub.create("team/truncated")
+    hub.commit("team/truncated", {**files, "adapter_model.safetensors": files["adapter_model.safetensors"][:-9]}, "Up")
+    truncated = _hub("pull", "team/truncated", "--as", "plain", cwd=registry.root)
+    assert truncated.returncode == 2  # named as the Hub copy, not as a temporary folder that is gone
+    assert (
+        truncated.stderr == "Error: team/truncated@main/adapter_model.safetensors is truncated or holds no tensors.\n"
     )
     assert _registry_state(registry.root) == before
 
