@@ -20,6 +20,7 @@ PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib",
 _FLOATS = {"F16": ("<u2", 0x7C00), "BF16": ("<u2", 0x7F80), "F32": ("<u4", 0x7F800000), "F64": ("<u8", 0x7FF << 52)}
 # PEFT saves "base_model.model.<module path>.lora_A.weight" (the adapter name is dropped on save).
 LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
+_BIG_FILE = 64 << 20  # bytes: below this a sparse file costs nothing to read
 NOT_PLAIN = "is not a plain file; an adapter folder holds files only."
 
 
@@ -29,18 +30,18 @@ class InvalidAdapter(RegistryError):
     exit_code = 2
 
 
-def check(folder: Path, shown: Path | None = None) -> dict[str, Any]:
+def check(folder: Path, shown: Path | None = None, scan: bool = True) -> dict[str, Any]:
     """Validate FOLDER and return the summary recorded with the version; messages name it SHOWN (the user's folder
-    when FOLDER is the copy taken of it)."""
+    when FOLDER is the copy taken of it). Without SCAN the weights' values are not read: headers and files only."""
     try:
-        return _checked(folder)
+        return _checked(folder, scan)
     except InvalidAdapter as exc:
         if shown is None:
             raise
         raise InvalidAdapter(str(exc).replace(str(folder), str(shown))) from None
 
 
-def _checked(folder: Path) -> dict[str, Any]:
+def _checked(folder: Path, scan: bool) -> dict[str, Any]:
     if not folder.is_dir():
         raise InvalidAdapter(f"{folder} is not a folder; pass the folder `adapters train` wrote.")
     for path in sorted(folder.iterdir()):
@@ -52,7 +53,7 @@ def _checked(folder: Path) -> dict[str, Any]:
     if "r" not in config or not isinstance(config.get("base_model_name_or_path"), str):
         raise InvalidAdapter(f"{folder / 'adapter_config.json'} lacks 'r' or 'base_model_name_or_path'.")
     settings = lora_settings(config, str(folder / "adapter_config.json"))
-    _check_weights(folder / "adapter_model.safetensors", settings)
+    _check_weights(folder / "adapter_model.safetensors", settings, scan)
     lineage = _json(folder / "lineage.json")
     base = lineage.get("base_model") or {}
     if not FINGERPRINT.fullmatch(str(base.get("fingerprint", ""))):
@@ -118,8 +119,12 @@ def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _size(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _rank(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    return _size(value) and value >= 1
 
 
 def lora_settings(config: dict[str, Any], where: str) -> LoraSettings:
@@ -151,24 +156,24 @@ def lora_settings(config: dict[str, Any], where: str) -> LoraSettings:
     return LoraSettings(r, float(alpha), rslora, *patterns)
 
 
-def _check_weights(path: Path, settings: LoraSettings) -> None:
+def _check_weights(path: Path, settings: LoraSettings, scan: bool) -> None:
     """Check the weights as any engine will use them: float tensors, finite values, LoRA pairs of the stated ranks."""
     tensors, start = safetensors_header(path)
     pairs: dict[str, dict[str, list[int]]] = {}
-    with open(path, "rb") as handle:
-        for name, tensor in tensors.items():
-            dtype = tensor.get("dtype")
-            if dtype not in _FLOATS:
-                raise InvalidAdapter(
-                    f"{path.name}: tensor {name} is {dtype}; LoRA weights must be F16, BF16, F32 or F64."
-                )
-            if not _finite(
-                handle, start + tensor["data_offsets"][0], tensor["data_offsets"][1] - tensor["data_offsets"][0], dtype
-            ):
-                raise InvalidAdapter(f"{path.name}: tensor {name} holds NaN or infinite values; the adapter is broken.")
-            match = LORA_KEY.match(name)
-            if match:
-                pairs.setdefault(match["module"], {})[match["part"]] = list(tensor.get("shape", []))
+    # Everything the header alone can tell comes first: a file that lies about its size is refused unread.
+    for name, tensor in tensors.items():
+        dtype = tensor.get("dtype")
+        if dtype not in _FLOATS:
+            raise InvalidAdapter(f"{path.name}: tensor {name} is {dtype}; LoRA weights must be F16, BF16, F32 or F64.")
+        shape, (begin, end) = tensor.get("shape"), tensor["data_offsets"]
+        width = int(_FLOATS[dtype][0][2:])  # "<u4": 4 bytes an element
+        if not isinstance(shape, list) or not all(map(_size, shape)) or math.prod(shape) * width != end - begin:
+            raise InvalidAdapter(
+                f"{path.name}: tensor {name} declares shape {shape}, which its {end - begin} bytes do not hold."
+            )
+        match = LORA_KEY.match(name)
+        if match:
+            pairs.setdefault(match["module"], {})[match["part"]] = shape
     for module, half in pairs.items():
         rank = settings.rank(module)
         a, b = half.get("A"), half.get("B")
@@ -176,6 +181,25 @@ def _check_weights(path: Path, settings: LoraSettings) -> None:
             raise InvalidAdapter(
                 f"{path.name}: the LoRA pair of {module} (A {a}, B {b}) is not of rank {rank}, as the config says."
             )
+    _refuse_sparse(path)
+    if not scan:
+        return
+    with open(path, "rb") as handle:
+        for name, tensor in tensors.items():
+            begin, end = tensor["data_offsets"]
+            if not _finite(handle, start + begin, end - begin, tensor["dtype"]):
+                raise InvalidAdapter(f"{path.name}: tensor {name} holds NaN or infinite values; the adapter is broken.")
+
+
+def _refuse_sparse(path: Path) -> None:
+    """Refuse a large file that holds far fewer bytes on disk than it declares: its holes would be read for hours."""
+    info = path.stat()
+    stored = info.st_blocks * 512
+    if info.st_size > _BIG_FILE and stored < info.st_size // 2:
+        raise InvalidAdapter(
+            f"{path.name} declares {info.st_size} bytes but only {stored} are stored (a sparse file); "
+            "write the adapter out whole."
+        )
 
 
 def _finite(handle: Any, offset: int, size: int, dtype: str) -> bool:

@@ -120,7 +120,7 @@ def pull(registry: Registry, source: str, name: str, version: str | None = None)
             snapshot = Path(api.snapshot_download(repo_id, revision=commit, cache_dir=tmp, allow_patterns=wanted))
         adapter = Path(tmp) / "adapter"
         published_as = _restore(snapshot, manifest, adapter, label)
-        folder.check(adapter, shown=Path(label))  # the temporary folder is gone when the message is read
+        folder.check(adapter, shown=Path(label), scan=False)  # names the Hub copy; `add` reads the weights
         _check_base(adapter, label)
         provenance = {"repo_id": repo_id, "revision": revision, "commit": commit, **published_as}
         added = registry.add(

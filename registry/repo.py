@@ -174,6 +174,7 @@ class Registry:
         """Register the adapter folder SOURCE as a new immutable version of NAME; META joins its recorded summary."""
         check_name(name)
         message = check_message(message)
+        folder.check(source, scan=False)  # what is wrong at a glance is refused before the lock and the copy
         workspace = self.root / ADAPTERS_DIR / name
         if source.resolve() == workspace.resolve():
             raise RegistryError(f"{source} is the registry's own copy; register the folder training wrote instead.")

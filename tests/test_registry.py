@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +16,7 @@ import yaml
 from conftest import ROOT, adapters_cli, git, sha_tree, start_adapters
 
 from core.errors import Conflict, NotFound
+from registry import folder as folder_module
 from registry.folder import InvalidAdapter
 from registry.repo import Registry
 
@@ -350,3 +353,55 @@ def test_a_machine_without_a_git_identity_gets_one_line_saying_how_to_set_it(
         "`git config --global user.name 'Your Name'` and `git config --global user.email you@example.com`."
     ]
     assert registry.git.run("tag", "--list") == ""
+
+
+def _declared_weights(folder: Path, shapes: dict[str, list[int]]) -> Path:
+    """Replace FOLDER's weights by a sparse file whose header declares SHAPES (F32) and holds no bytes of them."""
+    offset, tensors = 0, {}
+    for name, shape in shapes.items():
+        size = 4 * math.prod(shape)
+        tensors[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    header = json.dumps(tensors).encode()
+    weights = folder / "adapter_model.safetensors"
+    with open(weights, "wb") as handle:
+        handle.write(struct.pack("<Q", len(header)) + header)
+        handle.truncate(8 + len(header) + offset)  # holes: terabytes declared, none written
+    return weights
+
+
+@pytest.mark.parametrize(
+    "shapes, message",
+    [
+        (
+            {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": [10**6, 10**6]},
+            "is not of rank 4, as the config says",
+        ),
+        (
+            {
+                "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": [4, 1 << 30],
+                "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": [1 << 30, 4],
+            },
+            "(a sparse file); write the adapter out whole.",
+        ),
+    ],
+)
+def test_add_refuses_a_file_that_declares_absurd_sizes_without_reading_it(
+    registry: Registry,
+    make_adapter,
+    tmp_path: Path,
+    cli,
+    shapes: dict[str, list[int]],
+    message: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    broken = tmp_path / "sparse"
+    shutil.copytree(make_adapter(1), broken)
+    weights = _declared_weights(broken, shapes)
+    assert weights.stat().st_blocks * 512 < 1 << 20 < weights.stat().st_size  # sparse indeed
+    read = []
+    monkeypatch.setattr(folder_module, "_finite", lambda *args: read.append(args) or True)  # a scan is recorded
+    result = cli("add", "support", str(broken), cwd=registry.root)
+    assert result.exit_code == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert read == [] and not (registry.root / "adapters" / "support").exists()  # refused before a byte was scanned
