@@ -43,6 +43,12 @@ class RegistryError(AdaptersError):
     exit_code = 5
 
 
+class DetachedHead(RegistryError):
+    """HEAD names no branch, so there is nowhere to commit a version or merge a pull."""
+
+    exit_code = 5
+
+
 class NotFound(RegistryError):
     """An adapter, version, stage or remote does not exist."""
 

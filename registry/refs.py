@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from core.errors import InvalidName, NotFound
-from registry.git import Tag
+from registry.git import NewTag, Tag
 from registry.names import Ref, Version, check_name, check_stage, version_ref
 
 REGISTER_TAG = re.compile(r"(?P<name>[^@#!]+)@(?P<version>v[0-9.]+)(?P<cancel>!?)(?:#(?P<counter>\d+))?")
@@ -87,6 +87,8 @@ class Adapter:
     events: list[StageEvent] = field(default_factory=list)
     retired: list[Version] = field(default_factory=list)
     """Versions deregistered with `gto deprecate NAME VERSION`: hidden, but their numbers stay taken."""
+    withdrawn: list[AdapterVersion] = field(default_factory=list)
+    """The deregistered versions whose register tags are still here: hidden, but their tags (and files) travel."""
     deprecated_at: int | None = None
 
     @property
@@ -98,19 +100,27 @@ class Adapter:
         """That version, if registered."""
         return next((v for v in self.versions if v.version == version), None)
 
-    def stages(self) -> dict[str, AdapterVersion]:
-        """Each stage's current version: the most recently activated assignment still active."""
+    def _active(self) -> dict[tuple[str, Version], int]:
+        """(stage, version) pairs whose newest event is an assignment, with its position: GTO's full view."""
         active: dict[tuple[str, Version], int] = {}
         for position, event in enumerate(self.events):
             if event.assign:
                 active[(event.stage, event.version)] = position
             else:
                 active.pop((event.stage, event.version), None)
+        return active
+
+    def stages(self) -> dict[str, AdapterVersion]:
+        """Each stage's current version: the most recently activated assignment still active."""
         heads: dict[str, tuple[int, Version]] = {}
-        for (stage, version), position in active.items():
+        for (stage, version), position in self._active().items():
             if stage not in heads or position > heads[stage][0]:
                 heads[stage] = (position, version)
         return {stage: self.version(v) for stage, (_, v) in sorted(heads.items()) if self.version(v)}
+
+    def holders(self, stage: str) -> list[AdapterVersion]:
+        """Every version GTO's full view (`versions_per_stage=-1`) shows in STAGE; one, unless two clones raced."""
+        return [v for (s, number), _ in self._active().items() if s == stage and (v := self.version(number))]
 
     def history(self, stage: str) -> list[Version]:
         """The versions that held STAGE, oldest first, with rolled-back ones popped off."""
@@ -190,6 +200,7 @@ class State:
         for _tag, name, version, _ in (r for r in registers if r[3]):
             if name in adapters:
                 adapters[name].retired.append(version)
+                adapters[name].withdrawn += [v for v in adapters[name].versions if v.version == version]
                 adapters[name].versions = [v for v in adapters[name].versions if v.version != version]
         for tag, match in assigns:
             name = match["name"]
@@ -227,6 +238,12 @@ class State:
             else:
                 self.adapters[name] = adapter
 
+    @property
+    def every_version(self) -> list[AdapterVersion]:
+        """Every version a register tag here names: deregistered ones and deprecated adapters' too (tags travel)."""
+        adapters = [*self.adapters.values(), *self.deprecated.values()]
+        return [v for a in adapters for v in [*a.versions, *a.withdrawn]]
+
     def adapter(self, name: str) -> Adapter:
         """The adapter called NAME; NotFound if it has no versions."""
         if name not in self.adapters:
@@ -252,3 +269,17 @@ class State:
         if not ref.latest and "prod" in stages:
             return stages["prod"]
         return adapter.latest
+
+
+def unassignments(adapter: Adapter, stage: str, keep: Version, why: str, date: int) -> list[NewTag]:
+    """`NAME#STAGE!#N` tags for every holder of STAGE but KEEP, numbered on from the adapter's, dated from DATE."""
+    displaced = [v for v in adapter.holders(stage) if v.version != keep]
+    return [
+        NewTag(
+            f"{adapter.name}#{stage}!#{adapter.last_counter + i}",
+            v.commit,
+            with_action(f"Unassign {stage} from {v.ref} ({why})", "unassign"),
+            date + i - 1,
+        )
+        for i, v in enumerate(displaced, 1)
+    ]

@@ -31,7 +31,7 @@ from registry.names import (
     check_stage,
     version_ref,
 )
-from registry.refs import AdapterVersion, State, tag_adapter, with_action
+from registry.refs import AdapterVersion, State, tag_adapter, unassignments, with_action
 
 ADAPTERS_DIR = "adapters"
 PROJECT_FILE = "dvc.yaml"
@@ -225,7 +225,7 @@ class Registry:
             tree = self.git.run("write-tree", env=env).strip()
         finally:
             index.unlink(missing_ok=True)
-        commit = self.git.run("commit-tree", tree, *(["-p", head] if head else []), "-m", subject).strip()
+        commit = self.git.commit_tree(tree, head, subject)
         self.git.run("update-ref", "HEAD", commit, *([head] if head else []))
         self.git.run("update-index", "--add", "--index-info", input=entries)
         return commit
@@ -360,19 +360,16 @@ class Registry:
     def _assign(
         self, state: State, version: AdapterVersion, stage: str, message: str, action: str
     ) -> AdapterVersion | None:
-        """Tag VERSION with STAGE and unassign the version that held it, both in one ref transaction."""
+        """Tag VERSION with STAGE and unassign every version that held it, all in one ref transaction."""
+        self.git.branch()  # a detached HEAD is refused, as for every command that writes
         adapter = state.adapter(version.name)
         previous = adapter.stages().get(stage)
         if previous and previous.version == version.version:
             return previous
-        date, counter = _next_date(adapter), adapter.last_counter
-        tags = []
-        if previous:
-            counter += 1
-            unassign = with_action(f"Unassign {stage} from {previous.ref} ({message})", "unassign")
-            tags.append(NewTag(f"{version.name}#{stage}!#{counter}", previous.commit, unassign, date))
-            date += 1
-        tags.append(NewTag(f"{version.name}#{stage}#{counter + 1}", version.commit, with_action(message, action), date))
+        date = _next_date(adapter)
+        tags = unassignments(adapter, stage, version.version, message, date)
+        assign = f"{version.name}#{stage}#{adapter.last_counter + len(tags) + 1}"
+        tags.append(NewTag(assign, version.commit, with_action(message, action), date + len(tags)))
         self.git.create_tags(tags)
         return previous
 

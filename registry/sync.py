@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -13,15 +12,18 @@ import yaml
 
 from registry import store
 from core.errors import Conflict, NotFound, RegistryError, RemoteError
-from registry.git import Git, Tag
+from registry.git import Git, NewTag, Tag, init_bare
+from registry.git import clone as git_clone
 from registry.names import Ref, check_name, version_ref
-from registry.refs import ASSIGN_TAG, REGISTER_TAG, AdapterVersion, State, tag_adapter
+from registry.refs import ASSIGN_TAG, REGISTER_TAG, AdapterVersion, State, tag_adapter, unassignments
 from registry.repo import ADAPTERS_DIR, PROJECT_FILE, Registry
 
 # Remote tags are fetched here first, so a clash with a local tag is seen before anything changes.
 _REMOTE_TAGS = "refs/adapters/remote-tags"
+# How git reports a ref another push got to first: a branch moved on, a tag (a stage's too) taken, a ref that
+# moved while this push held it. The push is atomic, so every other ref is reported "atomic push failed".
 _LOST_RACE = re.compile(
-    r"fetch first|non-fast-forward|cannot lock ref|failed to update ref|incorrect old value|stale info"
+    r"fetch first|non-fast-forward|already exists|cannot lock ref|failed to update ref|incorrect old value|stale info"
 )
 FETCH_FIRST = "{remote} has versions or commits this registry lacks; run `adapters pull`, then push again."
 
@@ -43,8 +45,7 @@ def set_remote(
     if path and create:
         if path.exists() and any(path.iterdir()):
             raise Conflict(f"{path} already exists and is not empty; drop --create to use the repository there.")
-        branch = registry.git.branch()
-        subprocess.run(["git", "init", "--quiet", "--bare", f"--initial-branch={branch}", str(path)], check=True)
+        init_bare(path, registry.git.branch())
     elif path and not _is_repository(path):
         raise NotFound(f"{url} is not a git repository; check the path, or pass --create to make an empty one there.")
     if name in registry.git.remotes():
@@ -122,7 +123,7 @@ def _push_objects(
     Every version, published ones too, so a remote that lost files gets them back; new versions must be
     complete here (fetched if need be), and what goes up is verified first.
     """
-    versions = [v for a in [*state.adapters.values(), *state.deprecated.values()] for v in a.versions]
+    versions = state.every_version
     new = {v.ref for v in versions if f"refs/tags/{v.tag}" not in remote_refs}
     pointers = registry.pointers(versions) + registry.tree_pointers("HEAD")
     registry.ensure_objects(objects, [p for p in pointers if p[0] in new], None)
@@ -174,22 +175,34 @@ def push(registry: Registry, names: list[str], remote: str | None = None, verify
             refspecs.insert(0, f"refs/heads/{branch}:refs/heads/{branch}")
             result.branch_updated = True
         if refspecs:
-            proc = subprocess.run(
-                ["git", "push", "--atomic", "--porcelain", remote, *refspecs],
-                cwd=registry.root,
-                capture_output=True,
-                text=True,
-            )
-            if proc.returncode != 0:
-                # A concurrent push shows up as a non-fast-forward, or as a ref that moved while this push
-                # held it ("cannot lock ref ... is at X but expected Y"): either way, pull first.
-                refused = [line for line in proc.stdout.splitlines() if line.startswith("!")]
-                if _LOST_RACE.search(proc.stdout + proc.stderr):
-                    raise Conflict(FETCH_FIRST.format(remote=remote))
-                reason = (refused or proc.stderr.strip().splitlines() or ["no message"])[-1]
-                raise RemoteError(f"git push to {remote} failed: {reason}")
+            _push_refs(registry.git, remote, refspecs)
         result.tags = [t.name for t in selected]
         return result
+
+
+def _push_refs(git: Git, remote: str, refspecs: list[str]) -> None:
+    """Push REFSPECS to REMOTE in one atomic push.
+
+    Losing a race to another push is a Conflict that says to pull; any other refusal is one line naming the ref.
+    """
+    proc = git.push(remote, refspecs)
+    if proc.returncode == 0:
+        return
+    out, err = proc.stdout.decode(errors="replace"), proc.stderr.decode(errors="replace")
+    if _LOST_RACE.search(out + err):
+        raise Conflict(FETCH_FIRST.format(remote=remote))
+    # A porcelain refusal reads "!<TAB>local:remote<TAB>[rejected] (reason)"; the atomic bystanders say nothing new.
+    refused = [
+        f"{fields[1].split(':')[-1].removeprefix('refs/tags/')} {fields[2]}"
+        for fields in (line.split("\t") for line in out.splitlines() if line.startswith("!"))
+        if len(fields) == 3 and "atomic push failed" not in fields[2]
+    ]
+    # What is left of stderr is a pre-push hook's words, or git's own.
+    lines = [
+        line.strip() for line in err.splitlines() if line.strip() and not line.startswith(("hint:", "error: failed"))
+    ]
+    reason = (refused or lines or ["no message"])[-1]
+    raise RemoteError(f"git push to {remote} failed: {reason}")
 
 
 @dataclass
@@ -214,6 +227,7 @@ def pull(registry: Registry, refs: list[str], remote: str | None = None, force: 
         remote = resolve_remote(registry, remote)
         git = registry.git
         branch = git.branch()
+        _abandon_merge(registry)
         git.run(
             "fetch", "--quiet", "--no-tags", "--prune", remote,
             f"+refs/heads/{branch}:refs/remotes/{remote}/{branch}",
@@ -246,18 +260,21 @@ def pull(registry: Registry, refs: list[str], remote: str | None = None, force: 
         # Everything needed is here and verified: now change refs and the workspace.
         registry.pull_mark.write_text(remote)
         known = {t.name for t in merged.tags}
+        kept = [*theirs.values(), *(t for n, t in ours.items() if n not in theirs)]
+        made: list[Tag] = []
         for name, tag in theirs.items():
             if name not in known:
                 continue  # outside the grammar, or another artifact's: not ours to copy
             mine = ours.get(name)
             if mine and mine.commit != tag.commit:  # numbered against every tag so far, renumbered ones too
-                result.renumbered[name] = _renumber(git, mine, registry.state([*theirs.values(), *git.tags()]))
+                made.append(_renumber(git, mine, registry.state([*kept, *made])))
+                result.renumbered[name] = made[-1].name
             if not mine or mine.commit != tag.commit:
                 result.new_tags.append(name)
-        # One transaction: a stage's unassignment and its new assignment arrive together, or neither does.
-        git.run(
-            "update-ref", "--stdin", input="".join(f"update refs/tags/{n} {theirs[n].sha}\n" for n in result.new_tags)
-        )
+        made += _unassign_displaced(registry, kept, made)
+        # One transaction: a stage's unassignment and its new assignment arrive together, or neither does, and a
+        # renumbered local tag gets its new name as the remote's takes the old one.
+        git.set_tags({**{n: theirs[n].sha for n in result.new_tags}, **{t.name: t.sha for t in made}})
         if has_remote_branch:
             result.merged = _merge(registry, remote_branch)
         after = registry.tree_blobs("HEAD") if git.head() else {}
@@ -307,7 +324,7 @@ def verify(registry: Registry, remote: str | None, on_remote: bool) -> tuple[int
     """
     with registry.lock():
         state = registry.state()
-        versions = [v for a in [*state.adapters.values(), *state.deprecated.values()] for v in a.versions]
+        versions = state.every_version
         remote = resolve_remote(registry, remote) if on_remote else remote
         published = set(registry.git.remote_refs(remote)) if on_remote else set()
         pointers = registry.pointers(versions)
@@ -342,8 +359,8 @@ def _defaults(state: State) -> list[AdapterVersion]:
     return list(wanted.values())
 
 
-def _renumber(git: Git, tag: Tag, state: State) -> str:
-    """Give a local, unpushed tag that clashes with the remote's a free name, so no version is lost."""
+def _renumber(git: Git, tag: Tag, state: State) -> Tag:
+    """A free name for a local, unpushed tag that clashes with the remote's, so no version is lost (no ref yet)."""
     adapter = state.adapter(tag_adapter(tag.name))
     register = REGISTER_TAG.fullmatch(tag.name)
     if register:
@@ -354,9 +371,26 @@ def _renumber(git: Git, tag: Tag, state: State) -> str:
         cancel = "!" if match["cancel"] else ""
         new = f"{adapter.name}#{match['stage']}{cancel}#{adapter.last_counter + 1}"
         message = tag.message
-    git.tag(new, tag.commit, message, max(tag.date, adapter.last_date + 1))
-    git.run("tag", "-d", tag.name)
-    return new
+    return _written(git, NewTag(new, tag.commit, message, max(tag.date, adapter.last_date + 1)))
+
+
+def _unassign_displaced(registry: Registry, kept: list[Tag], made: list[Tag]) -> list[Tag]:
+    """Unassign the remote's holder of each stage a renumbered local assignment took over: GTO shows one holder too."""
+    touched = sorted({(m["name"], m["stage"]) for t in made if (m := ASSIGN_TAG.fullmatch(t.name)) and not m["cancel"]})
+    unassigned: list[Tag] = []
+    for name, stage in touched:
+        adapter = registry.state([*kept, *made, *unassigned]).adapters.get(name)
+        head = adapter.stages().get(stage) if adapter else None
+        if head:
+            why = f"{head.ref} was assigned {stage} here while the remote assigned this one"
+            new = unassignments(adapter, stage, head.version, why, adapter.last_date + 1)
+            unassigned += [_written(registry.git, t) for t in new]
+    return unassigned
+
+
+def _written(git: Git, tag: NewTag) -> Tag:
+    """TAG's tag object, written without a ref."""
+    return Tag(tag.name, tag.commit, tag.date, "", "", tag.message, git.tag_object(tag))
 
 
 def _merge(registry: Registry, remote_branch: str) -> str:
@@ -372,29 +406,44 @@ def _merge(registry: Registry, remote_branch: str) -> str:
     if git.ok("merge-base", "--is-ancestor", head, target):
         git.run("merge", "--quiet", "--ff-only", target)
         return "fast-forwarded"
-    proc = subprocess.run(
-        ["git", "merge", "--no-ff", "--no-commit", target], cwd=registry.root, capture_output=True, text=True
-    )
-    conflicted = git.run("diff", "--name-only", "--diff-filter=U").split()
-    for path in conflicted:
-        if path == PROJECT_FILE:
-            _merge_project_file(registry)
-        elif path == f"{ADAPTERS_DIR}/.gitignore":  # DVC's list of tracked folders: keep both sides' lines
-            lines = git.run("show", f":2:{path}").splitlines() + git.run("show", f":3:{path}").splitlines()
-            (registry.root / path).write_text("".join(f"{line}\n" for line in dict.fromkeys(lines)))
-        elif path.startswith(f"{ADAPTERS_DIR}/") and path.endswith(".dvc"):
-            name = Path(path).stem
-            latest = registry.state().adapter(name).latest
-            (registry.root / path).write_text(registry.dvcfile(latest))
-        else:
-            git.ok("merge", "--abort")
-            raise Conflict(f"{path} changed both here and on the remote; merge {remote_branch} with git yourself.")
-        git.run("add", path)
-    if proc.returncode != 0 and not conflicted:
-        git.ok("merge", "--abort")
-        raise RegistryError(f"merging {remote_branch} failed: {proc.stderr.strip()}")
-    git.run("commit", "--quiet", "--no-edit", "-m", f"Merge {remote_branch}")
+    proc = git.attempt("merge", "--no-ff", "--no-commit", target)
+    try:
+        conflicted = git.run("diff", "--name-only", "--diff-filter=U").split()
+        for path in conflicted:
+            if path == PROJECT_FILE:
+                _merge_project_file(registry)
+            elif path == f"{ADAPTERS_DIR}/.gitignore":  # DVC's list of tracked folders: keep both sides' lines
+                lines = git.run("show", f":2:{path}").splitlines() + git.run("show", f":3:{path}").splitlines()
+                (registry.root / path).write_text("".join(f"{line}\n" for line in dict.fromkeys(lines)))
+            elif path.startswith(f"{ADAPTERS_DIR}/") and path.endswith(".dvc"):
+                name = Path(path).stem
+                latest = registry.state().adapter(name).latest
+                (registry.root / path).write_text(registry.dvcfile(latest))
+            else:
+                raise Conflict(f"{path} changed both here and on the remote; merge {remote_branch} with git yourself.")
+            git.run("add", path)
+        if proc.returncode != 0 and not conflicted:
+            raise RegistryError(f"merging {remote_branch} failed: {proc.stderr.decode(errors='replace').strip()}")
+        git.signing("commit", "commit", "--quiet", "--no-edit", "-m", f"Merge {remote_branch}")
+    except BaseException:
+        git.ok("merge", "--abort")  # never a merge left half-way: the next pull starts it afresh
+        raise
     return "merged"
+
+
+def _abandon_merge(registry: Registry) -> None:
+    """Undo a merge an earlier pull began and never committed (it was killed), so this pull redoes it whole.
+
+    A merge in progress that no pull began is the user's: refused, as `git pull` would.
+    """
+    if not registry.git.ok("rev-parse", "--quiet", "--verify", "MERGE_HEAD"):
+        return
+    if not registry.pull_mark.exists():
+        raise Conflict(
+            "A merge is in progress here that adapters did not start: conclude it (`git commit`) or abandon it "
+            "(`git merge --abort`), then run `adapters pull`."
+        )
+    registry.git.run("merge", "--abort")
 
 
 def _merge_project_file(registry: Registry) -> None:
@@ -403,7 +452,6 @@ def _merge_project_file(registry: Registry) -> None:
     theirs = yaml.safe_load(registry.git.run("show", f":3:{PROJECT_FILE}")) or {}
     rest = {k: v for k, v in ours.items() if k != "artifacts"}
     if rest != {k: v for k, v in theirs.items() if k != "artifacts"}:
-        registry.git.ok("merge", "--abort")
         raise Conflict(f"{PROJECT_FILE} changed both here and on the remote outside `artifacts:`; merge it with git.")
     merged = {**rest, "artifacts": {**theirs.get("artifacts", {}), **ours.get("artifacts", {})}}
     (registry.root / PROJECT_FILE).write_text(yaml.safe_dump(merged, sort_keys=False))
@@ -416,10 +464,7 @@ def clone(url: str, directory: Path | None, refs: list[str]) -> tuple[Registry, 
         raise Conflict(f"{directory} already exists and is not empty.")
     existed = directory.exists()
     try:
-        proc = subprocess.run(["git", "clone", "--quiet", url, str(directory)], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RemoteError(f"git clone {url} failed: {(proc.stderr.strip().splitlines() or ['no message'])[-1]}")
-        git = Git(directory)
+        git = git_clone(url, directory)
         if git.head() is None:  # the remote's HEAD names a branch it lacks: take the one it has
             branches = git.run("branch", "-r", "--format=%(refname:lstrip=3)").split()
             if branches:

@@ -13,6 +13,7 @@ from pathlib import Path
 from conftest import adapters_cli, assert_checks_out, git, killed_at, sha_tree, two_clones
 
 from registry import sync
+from registry.git import Git
 from registry.repo import Registry
 
 
@@ -289,6 +290,82 @@ def test_the_same_version_registered_in_two_clones_is_renumbered_not_lost(
     assert cli("push", cwd=mate).exit_code == 0
     assert_checks_out(cli, mate, "support@v1.1.1", make_adapter(3), tmp_path / "mine")
     assert_checks_out(cli, mate, "support@v1.1.0", make_adapter(2), tmp_path / "theirs")
+
+
+def test_two_clones_promoting_at_once_end_with_one_prod_version_for_gto_too(
+    registry: Registry, make_adapter, tmp_path: Path, cli, monkeypatch
+) -> None:
+    from gto.api import show
+
+    for seed in (1, 2, 3):
+        registry.add("support", make_adapter(seed))
+    registry.promote("support@v1.0.0", "prod")
+    assert cli("push", cwd=registry.root).exit_code == 0
+    origin = str(tmp_path / "origin.git")
+    alice, bob = tmp_path / "alice", tmp_path / "bob"
+    for who in (alice, bob):
+        assert cli("clone", origin, str(who), cwd=tmp_path).exit_code == 0
+    assert cli("promote", "support@v1.1.0", "--stage", "prod", cwd=alice).exit_code == 0
+    assert cli("promote", "support@v1.2.0", "--stage", "prod", cwd=bob).exit_code == 0
+    # Bob reads the remote before Alice's push lands: his own checks pass, and git refuses his stage tags.
+    stale = Git(bob).remote_refs("origin")
+    assert cli("push", cwd=alice).exit_code == 0
+    with monkeypatch.context() as patched:
+        patched.setattr(Git, "remote_refs", lambda self, remote: stale)
+        lost = cli("push", cwd=bob)
+    assert lost.exit_code == 7
+    assert lost.stderr == (
+        "Error: origin has versions or commits this registry lacks; run `adapters pull`, then push again.\n"
+    )
+    pulled = cli("pull", cwd=bob)
+    assert pulled.exit_code == 0, pulled.output
+    assert cli("push", cwd=bob).exit_code == 0
+    # The newer assignment (Bob's, renumbered) holds prod, and Alice's holder is unassigned for GTO as well.
+    assert _remote_tags(tmp_path / "origin.git") == [
+        "support#prod!#2", "support#prod!#5", "support#prod#1", "support#prod#3", "support#prod#4",
+        "support@v1.0.0", "support@v1.1.0", "support@v1.2.0",
+    ]  # fmt: skip
+    fresh = tmp_path / "fresh"
+    git(tmp_path, "clone", "-q", origin, str(fresh))
+    versions = show(str(fresh), "support", versions_per_stage=-1)
+    assert [v["version"] for v in versions for s in v["stages"] if s["stage"] == "prod"] == ["v1.2.0"]
+    for who in (alice, bob):
+        assert cli("pull", cwd=who).exit_code == 0
+        assert json.loads(cli("list", "--json", cwd=who).output)[0]["stages"] == {"prod": "v1.2.0"}
+
+
+def test_a_deregistered_version_keeps_its_files_on_the_remote(
+    registry: Registry, make_adapter, tmp_path: Path, cli
+) -> None:
+    """`gto deprecate NAME VERSION` hides a version (here prod's), but its tags still travel: so do its files."""
+    registry.add("support", make_adapter(1))
+    registry.promote("support@v1.0.0", "prod")
+    registry.add("support", make_adapter(2))
+    gto = Path(sys.executable).with_name("gto")
+    subprocess.run([str(gto), "deprecate", "support", "v1.0.0"], cwd=registry.root, check=True, capture_output=True)
+    assert cli("push", cwd=registry.root).exit_code == 0
+    origin = tmp_path / "origin.git"
+    assert "support@v1.0.0" in _remote_tags(origin)
+    out = tmp_path / "got"
+    dvc = Path(sys.executable).with_name("dvc")
+    got = subprocess.run(
+        [str(dvc), "get", str(origin), "adapters/support", "--rev", "support@v1.0.0", "-o", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert got.returncode == 0, got.stderr
+    assert sha_tree(out) == sha_tree(make_adapter(1))
+    # verify --remote checks its files, and push --verify puts back what the remote lost.
+    weights = hashlib.md5((make_adapter(1) / "adapter_model.safetensors").read_bytes()).hexdigest()
+    (origin / "dvc" / "files" / "md5" / weights[:2] / weights[2:]).unlink()
+    verified = cli("verify", "--remote", cwd=registry.root)
+    assert verified.exit_code == 8
+    assert "support@v1.0.0: adapter_model.safetensors missing on origin; fix: adapters push --verify\n" in (
+        verified.output
+    )
+    repaired = cli("push", "--verify", cwd=registry.root)
+    assert repaired.output == "Pushed to origin: 1 files, 0 tags.\n  repaired support@v1.0.0\n"
+    assert cli("verify", "--remote", cwd=registry.root).exit_code == 0
 
 
 def test_train_inside_a_registry_registers_the_new_version(
