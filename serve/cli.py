@@ -341,6 +341,11 @@ def tenants() -> None:
     type=click.IntRange(min=1),
     help="Prompt plus completion tokens per minute (max_tokens counted until a request ends). Default: no limit.",
 )
+@click.option(
+    "--weight",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Its share of the engine when tenants contend: weight 2 gets twice the tokens of weight 1. Default: 1.",
+)
 @_tenants_file
 def add(
     name: str,
@@ -348,11 +353,12 @@ def add(
     max_concurrent: int | None,
     max_tokens: int | None,
     max_tokens_per_minute: int | None,
+    weight: float | None,
     path: Path,
 ) -> None:
     """Add tenant NAME with a new API key, printed once; the file keeps only its sha256."""
     adapters = [p.strip() for pattern in patterns for p in pattern.split(",") if p.strip()]
-    key = add_tenant(path, name, adapters, max_concurrent, max_tokens, max_tokens_per_minute)
+    key = add_tenant(path, name, adapters, max_concurrent, max_tokens, max_tokens_per_minute, weight)
     click.echo(f"Tenant {name!r} added to {path}. Its API key, shown only now:", err=True)
     click.echo(key)
 

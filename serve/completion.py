@@ -133,6 +133,7 @@ class _Run:
         self,
         request: Request,
         engine: Engine,
+        submit: Callable[[GenerateRequest], AsyncIterator[Chunk]],
         generations: list[GenerateRequest],
         prompts: list[int],
         release: Callable[[int], None],
@@ -140,6 +141,8 @@ class _Run:
     ) -> None:
         self.request = request
         self.engine = engine
+        self.submit = submit  # a generation's chunks, once the tenants' fair share lets it into the engine
+        self.pumps: list[asyncio.Task[None]] = []  # one per generation, reading its chunks
         self.generations = generations
         self.choices = [_Choice(prompt) for prompt in prompts]  # the prompt each generation continues
         self.release = release
@@ -155,7 +158,7 @@ class _Run:
 
     async def chunks(self) -> AsyncIterator[tuple[int, Chunk]]:
         """(generation index, chunk) as the engine produces them, timing the first."""
-        async for index, chunk in _merged([self.engine.generate(g) for g in self.generations]):
+        async for index, chunk in _merged([self.submit(g) for g in self.generations], self.pumps):
             if not self.timed:
                 self.timed = True
                 FIRST_TOKEN_SECONDS.observe(time.perf_counter() - self.started)
@@ -179,6 +182,8 @@ class _Run:
             return
         self.ended = True
         self.release(self.prompt_tokens + self.completion_tokens)
+        for pump in self.pumps:  # those still waiting for the engine leave the queue
+            pump.cancel()
         for generation, choice in zip(self.generations, self.choices, strict=True):
             if choice.finish_reason is None:
                 await self.engine.abort(generation.request_id)
@@ -191,8 +196,11 @@ class _Run:
         MODEL_SECONDS.labels(model).observe(time.perf_counter() - self.started)
 
 
-async def _merged(streams: list[AsyncIterator[Chunk]]) -> AsyncIterator[tuple[int, Chunk]]:
-    """The chunks of several streams as they come, each with its stream's index; the first error ends it."""
+async def _merged(
+    streams: list[AsyncIterator[Chunk]], tasks: list[asyncio.Task[None]]
+) -> AsyncIterator[tuple[int, Chunk]]:
+    """The chunks of several streams as they come, each with its stream's index; the first error ends it. TASKS gets
+    the tasks reading them, for the caller to cancel however the iteration ends."""
     queue: asyncio.Queue[tuple[int, Chunk | BaseException | None]] = asyncio.Queue()
 
     async def pump(index: int, stream: AsyncIterator[Chunk]) -> None:
@@ -203,7 +211,7 @@ async def _merged(streams: list[AsyncIterator[Chunk]]) -> AsyncIterator[tuple[in
             queue.put_nowait((index, exc))
         queue.put_nowait((index, None))
 
-    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    tasks.extend(asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams))
     try:
         running = len(tasks)
         while running:
@@ -280,7 +288,8 @@ async def generate(
     except BaseException:
         release(0)
         raise
-    run = _Run(request, server.engine, generations, owners, release, started)
+    submit = partial(server.fairness.generate, tenant.name, tenant.weight)
+    run = _Run(request, server.engine, submit, generations, owners, release, started)
     shape = _Shape(isinstance(body, ChatRequest), server.engine, body.reported_logprobs())
     echo = [(prompt.text, ids) for prompt, ids in zip(prompts, prompt_ids, strict=True)] if body.echoes() else None
     if shape.top is not None and not shape.chat and echo is None:

@@ -12,6 +12,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from serve.catalog import Catalog
 from serve.engine import Engine
 from serve.errors import Forbidden
+from serve.fairness import FairShare
 from serve.tenants import Limiter, Tenant, Tenants
 
 
@@ -43,6 +44,11 @@ class Server:
     limiter: Limiter = field(default_factory=Limiter)
     started: int = field(default_factory=lambda: int(time.time()))
     draining: bool = False
+    fairness: FairShare = field(init=False)
+
+    def __post_init__(self) -> None:
+        # Open mode has one caller, whose fair order is its arrival order: the engine's own queue keeps that.
+        self.fairness = FairShare(self.engine, None if self.tenants.open else self.engine.max_batch)
 
 
 _bearer = HTTPBearer(auto_error=False, description="An API key from the tenants file (none in open mode).")

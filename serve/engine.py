@@ -190,6 +190,7 @@ class Engine(ABC):
     prompt_characters: int  # a prompt text longer than this cannot fit the context, whatever its tokens
     max_rank: int  # the largest LoRA rank this engine accepts
     max_loaded: int  # adapters in memory at once
+    max_batch: int | None = None  # generations it runs at once (its batch; more wait in its queue); None: unsaid
 
     @abstractmethod
     def encode(self, prompt: str, add_special_tokens: bool = True) -> list[int]:

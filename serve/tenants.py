@@ -43,6 +43,7 @@ class Tenant:
     max_concurrent: int | None = None  # generations at once: prompts x max(n, best_of) of its running requests
     max_tokens: int | None = None  # per request
     max_tokens_per_minute: int | None = None  # prompt and completion tokens of the requests admitted in a minute
+    weight: float = 1.0  # its share of the engine when tenants contend: served tokens count 1 / weight
     admin: bool = False
     scrape: bool = False  # may read /metrics, which names every tenant and adapter version
 
@@ -189,7 +190,10 @@ def parse(data: dict[str, Any], path: Path) -> dict[str, Tenant]:
         for limit, value in limits.items():
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise TenantsFileError(f"{where}: `{limit}` must be a positive integer.")
-        _add(by_hash, entry.get("key_sha256"), Tenant(str(name), tuple(patterns), **limits), where)
+        weight = entry.get("weight", 1)
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 < weight < math.inf:
+            raise TenantsFileError(f"{where}: `weight` must be a positive number (its share of the engine).")
+        _add(by_hash, entry.get("key_sha256"), Tenant(str(name), tuple(patterns), **limits, weight=weight), where)
     for key_field, holder in (("admin_key_sha256", ADMIN), ("metrics_key_sha256", METRICS)):
         if data.get(key_field) is not None:
             _add(by_hash, data[key_field], holder, f"{path}: {key_field}")
@@ -211,6 +215,7 @@ def add_tenant(
     max_concurrent: int | None,
     max_tokens: int | None,
     max_tokens_per_minute: int | None = None,
+    weight: float | None = None,
 ) -> str:
     """Add tenant NAME to the tenants file at PATH with a new key; returns the key, which is stored only hashed."""
     check_name(name)
@@ -222,6 +227,8 @@ def add_tenant(
     entry: dict[str, Any] = {"key_sha256": hash_key(key), "adapters": adapters}
     limits = zip(LIMITS, (max_concurrent, max_tokens, max_tokens_per_minute), strict=True)
     entry.update({limit: value for limit, value in limits if value})
+    if weight is not None:
+        entry["weight"] = weight
     data["tenants"] = {**tenants, name: entry}
     _write(path, data)
     return key

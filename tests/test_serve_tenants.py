@@ -116,14 +116,14 @@ def hosted(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, make_adapt
 
 def test_tenants_file_keeps_only_hashes_and_keys_are_shown_once(cli: Any, tmp_path: Path) -> None:
     path = tmp_path / "tenants.yaml"
-    key = _key(
-        cli, "add", "acme", "--adapters", "acme-*,shared", "--max-tokens", "64", "--file", str(path), cwd=tmp_path
-    )
+    options = ["--adapters", "acme-*,shared", "--max-tokens", "64", "--weight", "2", "--file", str(path)]
+    key = _key(cli, "add", "acme", *options, cwd=tmp_path)
     admin = _key(cli, "admin", "--file", str(path), cwd=tmp_path)
     text = path.read_text()
     assert key.startswith("sk-adapters-") and key not in text and admin not in text
     data = yaml.safe_load(text)
     assert data["tenants"]["acme"]["adapters"] == ["acme-*", "shared"] and data["tenants"]["acme"]["max_tokens"] == 64
+    assert data["tenants"]["acme"]["weight"] == 2
     again = cli("tenants", "add", "acme", "--adapters", "x", "--file", str(path), cwd=tmp_path)
     assert again.exit_code == 2 and "already in" in again.stderr and "Traceback" not in again.output
 
@@ -539,3 +539,113 @@ def test_requests_cut_at_shutdown_get_an_error_event_and_the_exit_code_says_so(
     log = "".join(lines)
     assert "Ignoring the tag 'drain@v01.0.0'" in log
     assert "Error: Stopped with 1 requests cut before they finished" in log
+
+
+@dataclass
+class Shared:
+    """A tenants-mode server whose engine runs 2 generations at once: ann (weight 2) and bob share it."""
+
+    url: str
+    keys: dict[str, str]
+    engine: Any
+    fairness: Any
+    arrived: list[str]  # the tenant of each generation, in the order it reached the engine
+    released: threading.Event  # until set, the engine's rows make no progress
+
+    def send(self, who: str, prompts: int, **body: Any) -> httpx.Response:
+        """WHO's list of PROMPTS prompts (each names WHO, all of one length), 4 tokens each."""
+        prompt = [f"{who} {i:02d}" for i in range(prompts)]
+        headers = {"Authorization": f"Bearer {self.keys[who]}"}
+        body = {"model": "tiny-llama", "prompt": prompt, "max_tokens": 4, "ignore_eos": True, **body}
+        return httpx.post(f"{self.url}/v1/completions", json=body, headers=headers, timeout=60)
+
+
+@pytest.fixture
+def shared(hosted: Hosted, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Shared]:
+    from fake_engine import FakeEngine
+    from serve.app import create_app
+    from serve.catalog import Catalog
+    from serve.dependencies import Settings
+    from serve.tenants import Tenants, add_tenant, set_admin
+
+    path = tmp_path / "tenants.yaml"
+    keys = {
+        "ann": add_tenant(path, "ann", ["*"], None, None, weight=2),
+        "bob": add_tenant(path, "bob", ["*"], None, None),
+    }
+    set_admin(path)
+    engine = FakeEngine(model_id="tiny-llama", max_batch=2)
+    catalog = Catalog(
+        hosted.registry, tmp_path / "cache", base_id=engine.model_id, fingerprint=engine.fingerprint, max_rank=64
+    )
+    # Fault points: which tenant's generation reaches the engine when, and rows held still until a test releases them.
+    arrived, released, generate, step = [], threading.Event(), engine.generate, engine._step
+
+    async def recording(request: Any) -> Any:
+        arrived.append(bytes(request.prompt_ids).decode().split()[0])
+        async for chunk in generate(request):
+            yield chunk
+
+    monkeypatch.setattr(engine, "generate", recording)
+    monkeypatch.setattr(engine, "_step", lambda row: step(row) if released.is_set() else None)
+    app = create_app(engine, catalog, Tenants(path), Settings())
+    try:
+        with serving(app) as url:
+            yield Shared(url, keys, engine, app.state.server.fairness, arrived, released)
+    finally:
+        released.set()
+
+
+def test_a_tenant_alone_uses_every_slot_and_another_gets_the_next_free_one(shared: Shared) -> None:
+    with ThreadPoolExecutor(2) as pool:
+        flood = pool.submit(shared.send, "ann", 64)
+        wait_for(lambda: shared.fairness.waiting("ann") == 62, 10, "ann's list to wait for the engine")
+        assert shared.arrived == ["ann", "ann"]  # work-conserving: alone, ann fills both rows of the engine
+        one = pool.submit(shared.send, "bob", 1, stream=True)
+        wait_for(lambda: shared.fairness.waiting("bob") == 1, 10, "bob's request to wait")
+        shared.released.set()
+        assert flood.result().status_code == 200 and one.result().status_code == 200
+    # bob's generation went in at the first slot that freed, not after ann's 62 waiting ones.
+    assert shared.arrived[:3] == ["ann", "ann", "bob"] and len(shared.arrived) == 65
+
+
+def test_weights_split_the_engine_between_backlogged_tenants(shared: Shared) -> None:
+    with ThreadPoolExecutor(2) as pool:
+        ann = pool.submit(shared.send, "ann", 48)
+        wait_for(lambda: shared.fairness.waiting("ann") == 46, 10, "ann's list to wait")
+        bob = pool.submit(shared.send, "bob", 48)
+        wait_for(lambda: shared.fairness.waiting("bob") == 48, 10, "bob's list to wait")
+        shared.released.set()
+        assert ann.result().status_code == 200 and bob.result().status_code == 200
+    both = shared.arrived[2:50]  # admitted while both lists waited
+    assert 29 <= both.count("ann") <= 35, both  # weight 2 to 1: 32 to 16
+
+
+def test_a_request_whose_client_leaves_while_it_waits_never_reaches_the_engine(shared: Shared) -> None:
+    with ThreadPoolExecutor(1) as pool:
+        ann = pool.submit(shared.send, "ann", 2)
+        wait_for(lambda: shared.arrived == ["ann", "ann"], 10, "ann's generations to fill the engine")
+        with pytest.raises(httpx.ReadTimeout):  # a whole answer: the client gives up waiting
+            headers = {"Authorization": f"Bearer {shared.keys['bob']}"}
+            body = {"model": "tiny-llama", "prompt": ["bob"] * 3, "max_tokens": 4}
+            httpx.post(f"{shared.url}/v1/completions", json=body, headers=headers, timeout=httpx.Timeout(30, read=0.5))
+        wait_for(lambda: shared.fairness.waiting("bob") == 0, 10, "bob's generations to leave the queue")
+        body = {"model": "tiny-llama", "prompt": "bob", "max_tokens": 4, "stream": True}
+        with httpx.stream("POST", f"{shared.url}/v1/completions", json=body, headers=headers, timeout=60) as stream:
+            assert stream.status_code == 200
+            wait_for(lambda: shared.fairness.waiting("bob") == 1, 10, "bob's stream to wait")
+        wait_for(lambda: shared.fairness.waiting("bob") == 0, 10, "the stream's generation to leave the queue")
+        shared.released.set()
+        assert ann.result().status_code == 200
+    assert shared.arrived == ["ann", "ann"]
+    wait_for(lambda: shared.fairness.running == 0, 10, "every slot to be free")
+
+
+def test_a_tenant_weight_must_be_a_positive_number(tmp_path: Path) -> None:
+    from serve.tenants import TenantsFileError, parse
+
+    for weight in (0, -1, True, "2", float("nan")):
+        entry = {"key_sha256": "0" * 64, "adapters": ["*"], "weight": weight}
+        with pytest.raises(TenantsFileError, match="`weight` must be a positive number"):
+            parse({"tenants": {"acme": entry}}, tmp_path / "tenants.yaml")
+    assert parse({"tenants": {"acme": {**entry, "weight": 0.5}}}, tmp_path)["0" * 64].weight == 0.5
