@@ -150,7 +150,7 @@ class Git:
         # it write that into a scratch repository sharing this one's objects and config, so no ref moves here.
         paths = self.run("rev-parse", "--path-format=absolute", "--git-path", "objects", "--git-path", "config")
         objects, config = paths.splitlines()
-        scratch = Path(tempfile.mkdtemp(prefix="adapters-tag-", dir=self.git_dir))
+        scratch = Path(tempfile.mkdtemp(prefix="adapters-tag-"))
         try:
             (scratch / "refs").mkdir()
             (scratch / "HEAD").write_text("ref: refs/heads/scratch\n")
@@ -179,10 +179,10 @@ class Git:
                 raise Conflict(f"{', '.join(t.name for t in tags)}: a tag of that name already exists.") from None
             raise
 
-    def set_tags(self, refs: dict[str, str | None]) -> None:
-        """Point each tag NAME of REFS at its tag object, or delete it for None, all in one transaction."""
-        lines = [f"update refs/tags/{n} {sha}\n" if sha else f"delete refs/tags/{n}\n" for n, sha in refs.items()]
-        self.run("update-ref", "--stdin", input="start\n" + "".join(lines) + "commit\n")
+    def set_tags(self, refs: dict[str, str]) -> None:
+        """Point each tag NAME of REFS {NAME: tag object} at its object, made or moved, all in one transaction."""
+        lines = "".join(f"update refs/tags/{name} {sha}\n" for name, sha in refs.items())
+        self.run("update-ref", "--stdin", input=f"start\n{lines}commit\n")
 
     def push(self, remote: str, refspecs: list[str]) -> subprocess.CompletedProcess[bytes]:
         """`git push --atomic --porcelain REMOTE REFSPECS`, running the user's pre-push hook and no other."""

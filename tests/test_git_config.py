@@ -69,7 +69,11 @@ def test_failing_hooks_never_stop_add_promote_clone_pull_or_a_merge(
     root = registry.root
     git(root, "config", "core.hooksPath", str(hooks))
     assert cli("add", "support", str(make_adapter(1)), cwd=root).exit_code == 0
+    # A registration killed before its tag is undone by the next command (a checkout: post-checkout must not run).
+    child = killed_at(root, "registry.git:Git.commit_tree", 1, "after", "add", "support", str(make_adapter(4)))
+    assert child.returncode == -signal.SIGKILL, child.stderr
     assert cli("promote", "support@v1.0.0", "--stage", "prod", cwd=root).exit_code == 0
+    assert sha_tree(root / "adapters" / "support") == sha_tree(make_adapter(1))
     pushed = cli("push", cwd=root)
     assert pushed.exit_code == 0, pushed.stderr
     mate = tmp_path / "mate"
