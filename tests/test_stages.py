@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -71,6 +72,27 @@ def test_promote_and_rollback_write_both_tags_in_one_step_that_gto_reads(registr
     assert sorted(t for t in tags if "#" in t) == ["support#prod!#2", "support#prod#1", "support#prod#3"]
     row = show(str(registry.root), table=True)[0][0]
     assert row["#prod"] == "v1.1.0"
+
+
+def test_a_promote_unassigns_every_holder_gto_shows_not_only_the_newest(registry: Registry, make_adapter) -> None:
+    from gto.api import show
+
+    for seed in (1, 2, 3):
+        registry.add("support", make_adapter(seed))
+    registry.promote("support@v1.0.0", "prod")
+    # An assignment written without unassigning the holder (by hand, or by an older registry after a race).
+    v2 = registry.state().resolve("support@v1.1.0")
+    env = {**os.environ, "GIT_COMMITTER_DATE": f"{v2.date + 10} +0000"}
+    subprocess.run(["git", "tag", "-a", "support#prod#2", v2.commit, "-m", "x"], cwd=registry.root, check=True, env=env)
+
+    def holders() -> list[str]:
+        versions = show(str(registry.root), "support", versions_per_stage=-1)
+        return sorted(v["version"] for v in versions for s in v["stages"] if s["stage"] == "prod")
+
+    assert holders() == ["v1.0.0", "v1.1.0"]
+    registry.promote("support@v1.2.0", "prod")
+    assert holders() == ["v1.2.0"]
+    assert [v.ref for v in registry.state().adapter("support").holders("prod")] == ["support@v1.2.0"]
 
 
 def test_a_message_that_looks_like_a_rollback_is_recorded_as_a_promote(registry: Registry, make_adapter, cli) -> None:
