@@ -13,12 +13,20 @@ from click.shell_completion import CompletionItem
 
 from core.errors import IntegrityError, RegistryError
 from registry import hub as hub_api
-from registry import report, store, sync
+from registry import importing, report, store, sync
 from registry.names import BUMPS
 from registry.refs import State
 from registry.repo import Registry
 
 _json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+_base_option = click.option(
+    "--base",
+    help="The base model an adapter trained elsewhere (PEFT, TRL, Axolotl, Unsloth) was trained on: a cached model "
+    "name, a local folder or a Hub id. Its weights are fingerprinted and a lineage written.",
+)
+_unservable_option = click.option(
+    "--allow-unservable", is_flag=True, help="Register an adapter whose LoRA options the server cannot apply."
+)
 
 
 def _print_json(data: Any) -> None:
@@ -122,10 +130,30 @@ def clone(url: str, directory: Path | None) -> None:
 @click.option("--version", help="Version X.Y.Z. Default: the next after the latest (1.0.0 first).")
 @click.option("--bump", type=click.Choice(BUMPS), help="Which part to increase. Default: minor.")
 @click.option("-m", "--message", help="What changed in this version.")
-def add(name: str, path: Path, version: str | None, bump: str | None, message: str | None) -> None:
+@_base_option
+@_unservable_option
+def add(
+    name: str,
+    path: Path,
+    version: str | None,
+    bump: str | None,
+    message: str | None,
+    base: str | None,
+    allow_unservable: bool,
+) -> None:
     """Register the adapter folder PATH as a new immutable version of NAME."""
-    registered = Registry.find().add(name, path, version=version, bump=bump, message=message)
+    registry = Registry.find()
+    settings = {"version": version, "bump": bump, "message": message, "allow_unservable": allow_unservable}
+    with importing.staged_if_foreign(path, base, name) as imported:
+        if imported is None:
+            registered = registry.add(name, path, **settings)
+        else:
+            for line in imported.notes():
+                click.echo(line, err=True)
+            registered = registry.add(name, imported.path, meta={"imported": imported.provenance}, **settings)
     click.echo(f"Registered {registered.ref} ({registered.commit[:8]}).")
+    if options := registry.meta(registered).get("unservable"):
+        click.echo(f"Warning: {registered.ref} uses {', '.join(options)}; the server refuses to serve it.", err=True)
 
 
 @click.command("list")
@@ -337,9 +365,13 @@ def hub_push(ref: str, repo_id: str, private: bool, stages: bool) -> None:
 @click.argument("source", metavar="REPO_ID[@REVISION]")
 @click.option("--as", "name", required=True, help="Adapter name to register it as.")
 @click.option("--version", help="Version X.Y.Z. Default: the next after the latest (1.0.0 first).")
-def hub_pull(source: str, name: str, version: str | None) -> None:
+@_base_option
+@_unservable_option
+def hub_pull(source: str, name: str, version: str | None, base: str | None, allow_unservable: bool) -> None:
     """Register a Hub repository's adapter (at a branch, tag or commit; default main) as a new version."""
-    result = hub_api.pull(Registry.find(), source, name, version)
+    result = hub_api.pull(Registry.find(), source, name, version, base=base, allow_unservable=allow_unservable)
+    for line in result.left_out:
+        click.echo(line, err=True)
     if result.registered:
         click.echo(f"Registered {result.version.ref} from {source} (Hub commit {result.commit[:8]}).")
     else:

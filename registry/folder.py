@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 import re
+import shutil
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +26,9 @@ _FLOATS = {"F16": ("<u2", 0x7C00), "BF16": ("<u2", 0x7F80), "F32": ("<u4", 0x7F8
 LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
 _BIG_FILE = 64 << 20  # bytes: below this a sparse file costs nothing to read
 NOT_PLAIN = "is not a plain file; an adapter folder holds files only."
+LINEAGE = "lineage.json"
+# LoRA options the engines cannot apply: PEFT's DoRA, trained biases, layer replication, whole modules and tokens.
+UNSERVABLE = ("use_dora", "modules_to_save", "layer_replication", "lora_bias", "trainable_token_indices")
 
 
 class InvalidAdapter(RegistryError):
@@ -30,18 +37,23 @@ class InvalidAdapter(RegistryError):
     exit_code = 2
 
 
-def check(folder: Path, shown: Path | None = None, scan: bool = True) -> dict[str, Any]:
+class Unservable(InvalidAdapter):
+    """An adapter uses LoRA options no engine of the server applies."""
+
+
+def check(folder: Path, shown: Path | None = None, scan: bool = True, allow_unservable: bool = False) -> dict[str, Any]:
     """Validate FOLDER and return the summary recorded with the version; messages name it SHOWN (the user's folder
-    when FOLDER is the copy taken of it). Without SCAN the weights' values are not read: headers and files only."""
+    when FOLDER is the copy taken of it). Without SCAN the weights' values are not read: headers and files only.
+    ALLOW_UNSERVABLE keeps an adapter whose options the server cannot apply (the summary says which)."""
     try:
-        return _checked(folder, scan)
+        return _checked(folder, scan, allow_unservable)
     except InvalidAdapter as exc:
         if shown is None:
             raise
         raise InvalidAdapter(str(exc).replace(str(folder), str(shown))) from None
 
 
-def _checked(folder: Path, scan: bool) -> dict[str, Any]:
+def _checked(folder: Path, scan: bool, allow_unservable: bool) -> dict[str, Any]:
     if not folder.is_dir():
         raise InvalidAdapter(f"{folder} is not a folder; pass the folder `adapters train` wrote.")
     for path in sorted(folder.iterdir()):
@@ -49,17 +61,25 @@ def _checked(folder: Path, scan: bool) -> dict[str, Any]:
             raise InvalidAdapter(f"{path} {NOT_PLAIN}")
         if path.suffix in PICKLE_SUFFIXES:
             raise InvalidAdapter(f"{path.name}: pickle-based weights are refused; save with safetensors.")
-    config = _json(folder / "adapter_config.json")
+    config = read_json(folder / "adapter_config.json")
     if "r" not in config or not isinstance(config.get("base_model_name_or_path"), str):
         raise InvalidAdapter(f"{folder / 'adapter_config.json'} lacks 'r' or 'base_model_name_or_path'.")
     settings = lora_settings(config, str(folder / "adapter_config.json"))
+    options = unservable(config)
+    if options and not allow_unservable:
+        raise Unservable(
+            f"{folder / 'adapter_config.json'}: LoRA options {', '.join(options)} cannot be applied by the server's "
+            "engines"
+        )
     _check_weights(folder / "adapter_model.safetensors", settings, scan)
-    lineage = _json(folder / "lineage.json")
+    if not (folder / LINEAGE).exists():
+        raise InvalidAdapter(
+            f"{folder} has no {LINEAGE}: it was trained elsewhere; name the base it was trained on with --base."
+        )
+    lineage = read_json(folder / LINEAGE)
     base = lineage.get("base_model") or {}
     if not FINGERPRINT.fullmatch(str(base.get("fingerprint", ""))):
-        raise InvalidAdapter(
-            f"{folder / 'lineage.json'} has no base_model.fingerprint (sha256:... of the base weights)."
-        )
+        raise InvalidAdapter(f"{folder / LINEAGE} has no base_model.fingerprint (sha256:... of the base weights).")
     return {
         "base_model": base.get("hub_id") or base.get("name") or config["base_model_name_or_path"],
         "base_fingerprint": base["fingerprint"],
@@ -72,10 +92,35 @@ def _checked(folder: Path, scan: bool) -> dict[str, Any]:
         # What the adapter was trained against and how much of its effect survives elsewhere ("unknown" if unsaid).
         "precision": Precision.from_lineage(lineage.get("precision")).to_lineage(),
         "fidelity": lineage.get("fidelity") if isinstance(lineage.get("fidelity"), dict) else None,
+        **({"unservable": options} if options else {}),
     }
 
 
-def _json(path: Path) -> dict[str, Any]:
+def unservable(config: dict[str, Any]) -> list[str]:
+    """The LoRA options of an adapter_config.json that no engine of the server applies, as `option=value`."""
+    found = [f"{option}={config[option]!r}" for option in UNSERVABLE if config.get(option)]
+    if config.get("bias", "none") != "none":
+        found.append(f"bias={config['bias']!r}")
+    return found
+
+
+def copy_file(path: Path, dest: Path) -> None:
+    """Copy the plain file PATH to DEST, never through a link: what is copied is what was named."""
+    try:
+        handle = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise InvalidAdapter(f"{path} {NOT_PLAIN}") from None
+        raise RegistryError(f"Cannot read {path}: {exc.strerror}; nothing was registered.") from None
+    if not stat.S_ISREG(os.fstat(handle).st_mode):
+        os.close(handle)
+        raise InvalidAdapter(f"{path} {NOT_PLAIN}")
+    with open(handle, "rb") as reader, open(dest, "wb") as writer:
+        shutil.copyfileobj(reader, writer, 1 << 20)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from PATH; InvalidAdapter, naming the file, when it is absent or not one."""
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from core.base import HUB_ID
 from core.cache import utc
 from core.hashing import SHA256, sha256_file
-from registry import folder, store
+from registry import folder, importing, store
 from registry.card import METHODS, card_data, peft_snippet, precision_section, render
 from core.errors import AuthError, Conflict, IntegrityError, InvalidName, NotFound, RegistryError, RemoteError
 from registry.folder import InvalidAdapter
@@ -61,6 +61,7 @@ class Pulled:
     repo_id: str
     commit: str
     registered: bool
+    left_out: list[str] = field(default_factory=list)  # one line per file of a foreign adapter not registered
 
 
 def push(registry: Registry, ref: str, repo_id: str, private: bool = False, stages: bool = False) -> Published:
@@ -101,8 +102,17 @@ def push(registry: Registry, ref: str, repo_id: str, private: bool = False, stag
     )
 
 
-def pull(registry: Registry, source: str, name: str, version: str | None = None) -> Pulled:
-    """Register Hub repository SOURCE (ORG/NAME[@REVISION]) as a new version of NAME once its files check out."""
+def pull(
+    registry: Registry,
+    source: str,
+    name: str,
+    version: str | None = None,
+    base: str | None = None,
+    allow_unservable: bool = False,
+) -> Pulled:
+    """Register Hub repository SOURCE (ORG/NAME[@REVISION]) as a new version of NAME once its files check out.
+
+    BASE names the base model of an adapter trained elsewhere (no lineage.json), as for `adapters add --base`."""
     repo_id, _, revision = source.partition("@")
     revision = revision or "main"
     _check_repo_id(repo_id)
@@ -120,17 +130,21 @@ def pull(registry: Registry, source: str, name: str, version: str | None = None)
             snapshot = Path(api.snapshot_download(repo_id, revision=commit, cache_dir=tmp, allow_patterns=wanted))
         adapter = Path(tmp) / "adapter"
         published_as = _restore(snapshot, manifest, adapter, label)
-        folder.check(adapter, shown=Path(label), scan=False)  # names the Hub copy; `add` reads the weights
-        _check_base(adapter, label)
-        provenance = {"repo_id": repo_id, "revision": revision, "commit": commit, **published_as}
-        added = registry.add(
-            name,
-            adapter,
-            version=version,
-            message=f"Pulled {repo_id}@{commit[:8]} from the Hub",
-            meta={"hub": provenance},
-        )
-    return Pulled(added, repo_id, commit, registered=True)
+        with importing.staged_if_foreign(adapter, base, name, label) as imported:
+            adapter = imported.path if imported else adapter
+            # Names the Hub copy; `add` reads the weights.
+            folder.check(adapter, shown=Path(label), scan=False, allow_unservable=allow_unservable)
+            _check_base(adapter, label)
+            provenance = {"repo_id": repo_id, "revision": revision, "commit": commit, **published_as}
+            added = registry.add(
+                name,
+                adapter,
+                version=version,
+                message=f"Pulled {repo_id}@{commit[:8]} from the Hub",
+                meta={"hub": provenance, **({"imported": imported.provenance} if imported else {})},
+                allow_unservable=allow_unservable,
+            )
+    return Pulled(added, repo_id, commit, registered=True, left_out=imported.notes() if imported else [])
 
 
 def model_card(version: AdapterVersion, meta: dict[str, Any], lineage: dict[str, Any], repo_id: str) -> str:

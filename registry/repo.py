@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import errno
 import io
 import json
-import os
 import shutil
-import stat
 import sys
 import time
 from collections.abc import Iterator
@@ -170,11 +167,17 @@ class Registry:
         bump: str | None = None,
         message: str | None = None,
         meta: dict[str, Any] | None = None,
+        allow_unservable: bool = False,
     ) -> AdapterVersion:
-        """Register the adapter folder SOURCE as a new immutable version of NAME; META joins its recorded summary."""
+        """Register the adapter folder SOURCE as a new immutable version of NAME; META joins its recorded summary.
+
+        ALLOW_UNSERVABLE registers an adapter whose LoRA options the server cannot apply (refused when served)."""
         check_name(name)
         message = check_message(message)
-        folder.check(source, scan=False)  # what is wrong at a glance is refused before the lock and the copy
+        try:  # what is wrong at a glance is refused before the lock and the copy
+            folder.check(source, scan=False, allow_unservable=allow_unservable)
+        except folder.Unservable as exc:
+            raise folder.Unservable(f"{exc}; to keep it anyway (refused when served): --allow-unservable.") from None
         workspace = self.root / ADAPTERS_DIR / name
         if source.resolve() == workspace.resolve():
             raise RegistryError(f"{source} is the registry's own copy; register the folder training wrote instead.")
@@ -186,7 +189,8 @@ class Registry:
             tag = version_ref(name, number)
             with self._restoring(name):
                 _replace_folder(source, workspace)
-                summary = folder.check(workspace, shown=source)  # the copy taken under the lock is what is checked
+                # The copy taken under the lock is what is checked.
+                summary = folder.check(workspace, shown=source, allow_unservable=allow_unservable)
                 store.track(self.root, f"{ADAPTERS_DIR}/{name}")
                 pointer = workspace.with_suffix(".dvc")
                 data = yaml.safe_load(pointer.read_text())
@@ -502,17 +506,7 @@ def _replace_folder(source: Path, dest: Path) -> None:
     """Copy SOURCE's plain files to DEST (which must not exist), never through a link: what is copied is checked."""
     dest.mkdir(parents=True)
     for path in sorted(source.iterdir()):
-        try:
-            handle = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise folder.InvalidAdapter(f"{path} {folder.NOT_PLAIN}") from None
-            raise RegistryError(f"Cannot read {path}: {exc.strerror}; nothing was registered.") from None
-        if not stat.S_ISREG(os.fstat(handle).st_mode):
-            os.close(handle)
-            raise folder.InvalidAdapter(f"{path} {folder.NOT_PLAIN}")
-        with open(handle, "rb") as reader, open(dest / path.name, "wb") as writer:
-            shutil.copyfileobj(reader, writer, 1 << 20)
+        folder.copy_file(path, dest / path.name)
 
 
 def _next_date(adapter: Any) -> int:

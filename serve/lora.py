@@ -11,14 +11,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from registry.folder import LORA_KEY, InvalidAdapter, lora_settings, safetensors_header
+from registry.folder import LORA_KEY, InvalidAdapter, lora_settings, safetensors_header, unservable
 from serve import sgmv
 from serve.engine import AdapterLoadFailed
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
 # PEFT options that change what a LoRA pair means, which the layers here do not implement.
-_UNSUPPORTED = ("use_dora", "modules_to_save", "layer_replication", "lora_bias", "trainable_token_indices")
 _LINEAR_TYPES = ("Linear", "Linear4bit", "Linear8bitLt")
 _DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 _LARGEST = torch.finfo(torch.float32).max
@@ -216,9 +215,7 @@ def read_adapter(key: str, folder: Path, layers: dict[str, MultiLoRALinear], max
         raise AdapterLoadFailed(key, f"unreadable {CONFIG} ({exc}).") from None
     if config.get("peft_type", "LORA") != "LORA":
         raise AdapterLoadFailed(key, f"peft_type {config.get('peft_type')} is not served; only LoRA adapters are.")
-    unsupported = [f"{o}={config[o]!r}" for o in _UNSUPPORTED if config.get(o)]
-    if config.get("bias", "none") != "none":
-        unsupported.append(f"bias={config['bias']!r}")
+    unsupported = unservable(config)
     if unsupported:
         raise AdapterLoadFailed(key, f"LoRA options {', '.join(unsupported)} are not supported by the server.")
     try:

@@ -427,3 +427,22 @@ def test_the_hub_commands_start_without_importing_the_hub_client_or_torch(tmp_pa
     proc = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "--repo-id" in proc.stdout and proc.stdout.splitlines()[-1] == "[]"
+
+
+def test_pull_of_an_adapter_trained_elsewhere_takes_its_base_from_the_command(
+    registry: Registry, make_adapter, hub: HubServer, tiny_base: Path
+) -> None:
+    files = {p.name: p.read_bytes() for p in make_adapter(4).iterdir() if p.name != "lineage.json"}
+    hub.create("team/peft-only")
+    hub.commit("team/peft-only", {**files, "training_args.bin": b"\x80\x04pickle"}, "Upload adapter")
+    before = _registry_state(registry.root)
+    refused = _hub("pull", "team/peft-only", "--as", "peft", cwd=registry.root)
+    assert refused.returncode == 2
+    assert refused.stderr.startswith("Error: team/peft-only@main has no lineage.json: it was trained elsewhere, so ")
+    assert _registry_state(registry.root) == before
+
+    pulled = _ok("pull", "team/peft-only", "--as", "peft", "--base", str(tiny_base), cwd=registry.root)
+    assert pulled.stderr == "Left out training_args.bin: a pickle, never loaded.\n"
+    meta = registry.meta(registry.state().resolve("peft"))
+    assert meta["imported"] == {"source": "team/peft-only@main", "left_out": ["training_args.bin"]}
+    assert meta["hub"]["repo_id"] == "team/peft-only"
