@@ -32,6 +32,8 @@ from serve.tenants import Tenants
 
 log = logging.getLogger("serve")
 _QUIET = {"/healthz", "/readyz", "/health", "/metrics"}  # probes and scrapes: counted, not logged
+# Once the engine died, running generations have their error at once; other requests get this long to finish.
+DEAD_DRAIN_SECONDS = 5.0
 
 
 def create_app(engine: Engine, catalog: Catalog, tenants: Tenants, settings: Settings) -> FastAPI:
@@ -72,11 +74,19 @@ def create_app(engine: Engine, catalog: Catalog, tenants: Tenants, settings: Set
     return app
 
 
-def run(app: FastAPI, listener: socket.socket) -> int:
-    """Serve APP on LISTENER until SIGTERM or SIGINT, then drain; returns how many requests the drain had to cut.
+@dataclass(frozen=True)
+class Stopped:
+    """How a server's run ended."""
 
-    Running requests (streams too) may finish for drain_seconds; a second signal, or the end of that time,
-    cuts the rest, each with an error.
+    cut: int  # requests the drain had to cut
+    dead: str | None = None  # why the engine died, when that stopped the server
+
+
+def run(app: FastAPI, listener: socket.socket) -> Stopped:
+    """Serve APP on LISTENER until SIGTERM or SIGINT, or until its engine dies, then drain.
+
+    Running requests (streams too) may finish for drain_seconds (DEAD_DRAIN_SECONDS once the engine died: its
+    generations have failed already); a second signal, or the end of that time, cuts the rest, each with an error.
     """
     config = uvicorn.Config(app, log_config=None, access_log=False)
     # uvicorn raises the signal it drained on once more after shutting down; handled by then, the exit is ours.
@@ -84,11 +94,12 @@ def run(app: FastAPI, listener: socket.socket) -> int:
         signal.signal(sig, lambda *_: None)
     server = _Uvicorn(config, app.state.server, app.state.flights)
     server.run(sockets=[listener])
-    return server.cut
+    return Stopped(server.cut, server.dead)
 
 
 class _Uvicorn(uvicorn.Server):
-    """uvicorn's server with this server's drain: /readyz says 503 at the first signal, a second one cuts."""
+    """uvicorn's server with this server's drain: /readyz says 503 at the first signal, a second one cuts; a dead
+    engine stops it as a signal does, for its supervisor to start it again."""
 
     def __init__(self, config: uvicorn.Config, parts: Server, flights: _Flights) -> None:
         super().__init__(config)
@@ -96,6 +107,15 @@ class _Uvicorn(uvicorn.Server):
         self.flights = flights
         self.forced = False
         self.cut = 0
+        self.dead: str | None = None
+
+    async def on_tick(self, counter: int) -> bool:
+        """uvicorn's tick (every 0.1 s), which also watches the engine."""
+        if self.dead is None and (dead := self.parts.engine.dead) is not None:
+            self.dead = dead
+            log.critical("The engine died (%s): the server stops so that its supervisor restarts it.", dead)
+            self.should_exit = True
+        return await super().on_tick(counter)
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         self.forced = self.parts.draining  # a second signal
@@ -111,6 +131,8 @@ class _Uvicorn(uvicorn.Server):
         for connection in list(self.server_state.connections):
             connection.shutdown()  # idle ones close now, busy ones after their response
         seconds = self.parts.settings.drain_seconds
+        if self.dead is not None:
+            seconds = min(seconds, DEAD_DRAIN_SECONDS)
         if self.flights.running:
             log.info(
                 "Draining: %d requests running; waiting up to %g s for them (--drain-seconds), "
@@ -123,6 +145,8 @@ class _Uvicorn(uvicorn.Server):
             await asyncio.sleep(0.05)
         if self.flights.running:
             why = "a second stop signal came" if self.forced else f"its drain time of {seconds:g} s ran out"
+            if self.dead is not None:
+                why = f"its engine died ({self.dead})"
             self.cut = self.flights.cut(f"The server stopped before this request finished: {why}.")
             log.warning("Cut %d running requests with an error event or a 503: %s.", self.cut, why)
         deadline = time.monotonic() + 5  # the cut requests' last bytes, then their connections close

@@ -28,6 +28,12 @@ class RequestsCut(AdaptersError):
     exit_code = 11
 
 
+class EngineDied(AdaptersError):
+    """The server stopped because its engine died; a supervisor restarts it on this exit status."""
+
+    exit_code = 12
+
+
 @click.command()
 @click.option("--base", help="Local HF model folder or Hub id. Default: the embedded SmolLM2-135M-Instruct.")
 @click.option(
@@ -240,10 +246,12 @@ def serve(
     mode = f"tenants from {tenants_file}" if tenants_file else "open mode: no API keys, 127.0.0.1 only"
     click.echo(f"Serving {runtime.model_id} and the adapters of {registry.root} at {address}/v1 ({mode}).", err=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cut = run(app, listener)
-    if cut:
+    stopped = run(app, listener)
+    if stopped.dead is not None:
+        raise EngineDied(f"The {engine} engine died ({stopped.dead}); the server stopped: start it again.")
+    if stopped.cut:
         raise RequestsCut(
-            f"Stopped with {cut} requests cut before they finished (each got an error); "
+            f"Stopped with {stopped.cut} requests cut before they finished (each got an error); "
             "give them more time with --drain-seconds, or send a single signal."
         )
 

@@ -178,6 +178,15 @@ class EngineUnavailable(EngineError):
     """The engine cannot take or finish this request now (a replica of it died); the client may send it again."""
 
 
+class EngineDead(EngineUnavailable):
+    """The engine's runtime died (its batch loop, vLLM's engine core): it serves nothing more, so the server exits
+    for its supervisor to restart it."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"The engine died ({reason}); the server is shutting down: send the request again.")
+        self.reason = reason
+
+
 class Engine(ABC):
     """A base model serving many adapters; the HTTP layer knows nothing else about the runtime."""
 
@@ -212,8 +221,16 @@ class Engine(ABC):
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of a chat, rendered with the base model's chat template and an open assistant turn."""
 
+    @property
+    def dead(self) -> str | None:
+        """Why this engine can serve nothing more (its runtime died); None while it serves."""
+        return None
+
     def check(self, request: GenerateRequest) -> None:
-        """Raise InvalidRequest for input this engine cannot run, before anything is queued or sent."""
+        """Raise InvalidRequest for input this engine cannot run, before anything is queued or sent (EngineDead once
+        it died)."""
+        if (dead := self.dead) is not None:
+            raise EngineDead(dead)
         ids = request.prompt_ids
         if not ids:
             raise InvalidRequest("The prompt is empty: it must hold at least one token.", param="prompt")
@@ -236,7 +253,8 @@ class Engine(ABC):
         """REQUEST's chunks as its batches run (an async generator); `check`s it first.
 
         Leaving the iteration early, or `abort`, frees its row. A failure of this request alone raises an
-        EngineError from the iteration; other requests keep running.
+        EngineError from the iteration; other requests keep running. When the runtime dies, every running and
+        queued generation raises EngineDead, and so does every later call, `dead` saying why.
         """
 
     @abstractmethod

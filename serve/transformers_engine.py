@@ -27,6 +27,7 @@ from serve.engine import (
     AdapterSpec,
     Chunk,
     Engine,
+    EngineDead,
     EngineStatus,
     GenerateRequest,
     InvalidRequest,
@@ -96,6 +97,7 @@ class TransformersEngine(HFTokenizer, Engine):
         self._ids: dict[str, Generation] = {}
         self._ids_lock = threading.Lock()
         self._closed = False
+        self._dead: str | None = None  # why the batch loop ended without being closed
         # `load` calls waiting for their adapter to settle: the worker resolves each future on its caller's loop.
         self._asked: list[tuple[Adapter, Callable[[], object]]] = []
         self._step_seconds = 0.0  # how long the last batch step took
@@ -148,11 +150,32 @@ class TransformersEngine(HFTokenizer, Engine):
             with self._cond:
                 self._notify()
         if started[0] is None:
-            self._loop()
+            try:
+                self._loop()
+            except BaseException as exc:  # past a step's own handling: nothing would ever run again
+                self._die(exc)
+
+    def _die(self, exc: BaseException) -> None:
+        """The batch loop ended on EXC: the engine is dead; every queued and running generation and `load` call
+        gets EngineDead."""
+        log.critical("The engine's batch loop died; the server stops so that it can be restarted.", exc_info=exc)
+        with self._cond:
+            self._dead = f"its batch loop stopped on {type(exc).__name__}; see the server log"
+            self._waiting.clear()
+            with self._ids_lock:  # queued, admitted or running: wherever the loop left them
+                unfinished = [g for g in self._ids.values() if not g.cancelled]
+            fail(unfinished, EngineDead(self._dead))
+            self._notify()
 
     # The HTTP-facing contract.
 
+    @property
+    def dead(self) -> str | None:
+        return self._dead
+
     async def load(self, adapter: AdapterSpec) -> bool:
+        if self._dead is not None:
+            raise EngineDead(self._dead)
         # The wait is a future the worker resolves, not a blocked thread: the default executor's few threads stay
         # free for other requests' work (tokenizing), however many loads wait for a step boundary.
         loop = asyncio.get_running_loop()
@@ -163,6 +186,8 @@ class TransformersEngine(HFTokenizer, Engine):
         await answered
         if asked.error is not None:
             raise asked.error
+        if not asked.settled and self._dead is not None:
+            raise EngineDead(self._dead)
         return True
 
     async def unload(self, key: str) -> bool:
@@ -181,8 +206,11 @@ class TransformersEngine(HFTokenizer, Engine):
                 raise InvalidRequest(f"Request id {request.request_id!r} is already running.")
             self._ids[request.request_id] = generation
         with self._cond:
-            self._waiting.append(generation)
-            self._notify()  # the worker and `unload` calls wait on this condition: wake the worker for sure
+            if self._dead is not None:  # it died since `check`: no worker would ever take this generation
+                generation.publish(EngineDead(self._dead))
+            else:
+                self._waiting.append(generation)
+                self._notify()  # the worker and `unload` calls wait on this condition: wake the worker for sure
         try:
             async for chunk in received(generation.queue):
                 yield chunk
@@ -238,7 +266,7 @@ class TransformersEngine(HFTokenizer, Engine):
         self._cond.notify_all()
         waiting = []
         for adapter, answer in self._asked:
-            if adapter.settled or self._closed:
+            if adapter.settled or self._closed or self._dead is not None:
                 with contextlib.suppress(RuntimeError):  # its event loop is closed: nobody waits for the answer
                     answer()
             else:
@@ -252,7 +280,7 @@ class TransformersEngine(HFTokenizer, Engine):
                 return False
             sweeps = self._slots.sweeps
             self._notify()  # wake the worker and wait (holding nothing) until it has swept
-            self._cond.wait_for(lambda: self._slots.sweeps > sweeps or self._closed)
+            self._cond.wait_for(lambda: self._slots.sweeps > sweeps or self._closed or self._dead is not None)
             return adapter.state is State.GONE
 
     def _apply_loads(self, reading: list[Adapter]) -> None:

@@ -29,6 +29,7 @@ from vllm.lora.request import LoRARequest
 from vllm.platforms import current_platform
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.v1.engine.exceptions import EngineDeadError
 from vllm.v1.metrics.loggers import PrometheusStatLogger, StatLoggerBase
 
 from core.base import fingerprint
@@ -39,6 +40,7 @@ from serve.engine import (
     AdapterSpec,
     Chunk,
     Engine,
+    EngineDead,
     EngineError,
     EngineStatus,
     GenerateRequest,
@@ -55,6 +57,7 @@ T = TypeVar("T")
 GiB = 1 << 30
 _DONE = object()  # the generation ended (finished or aborted); nothing more comes
 _VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's max_lora_rank takes
+_CORE_DIED = "vLLM's engine core stopped; its error is in the server log"
 
 
 @dataclass
@@ -157,6 +160,7 @@ class VLLMEngine(HFTokenizer, Engine):
     async def _start(self, args: AsyncEngineArgs) -> AsyncLLM:
         """Create vLLM on the engine's loop: its output handler runs there."""
         self._freed = asyncio.Condition()  # a generation released its adapter
+        self._turns = _Turns()
         self._changing = asyncio.Lock()  # one change to vLLM's adapters at a time
         counter = lambda config, index: _PassCounter(self._count_pass)  # noqa: E731
         return AsyncLLM.from_engine_args(args, stat_loggers=[counter, _NoPrometheus])
@@ -166,10 +170,17 @@ class VLLMEngine(HFTokenizer, Engine):
             self._passes[rows] += 1
 
     async def _on_loop(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run CORO on the engine's loop and wait for it from the caller's."""
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._loop))
+        """Run CORO on the engine's loop and wait for it from the caller's; a dead engine core is EngineDead."""
+        try:
+            return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._loop))
+        except EngineDeadError:
+            raise EngineDead(_CORE_DIED) from None
 
     # The contract.
+
+    @property
+    def dead(self) -> str | None:
+        return _CORE_DIED if self._llm.errored and not self._loop.is_closed() else None
 
     def check(self, request: GenerateRequest) -> None:
         super().check(request)
@@ -251,7 +262,11 @@ class VLLMEngine(HFTokenizer, Engine):
             if request.adapter is not None:
                 lora = (await self._use(request.adapter, hold=True))[0].lora
             try:
-                await self._stream(request, params, lora, record, send)
+                await self._turns.enter(request)
+                try:
+                    await self._stream(request, params, lora, record, send)
+                finally:
+                    self._turns.leave(request.request_id)
             finally:
                 if request.adapter is not None:
                     await self._release(request.adapter.key)
@@ -261,6 +276,8 @@ class VLLMEngine(HFTokenizer, Engine):
             send(exc)
         except VLLMClientError as exc:  # vLLM's own validation when it takes the request
             send(InvalidRequest(str(exc)))
+        except EngineDeadError:  # every running request gets this once the engine core is gone
+            send(EngineDead(_CORE_DIED))
         except Exception:
             log.exception("vLLM failed request %s.", request.request_id)
             send(GenerationFailed("The engine failed on this request; see the server log."))
@@ -281,6 +298,7 @@ class VLLMEngine(HFTokenizer, Engine):
         first = True
         async for output in self._llm.generate(prompt, params, request.request_id, lora_request=lora):
             record.started = True
+            self._turns.scored(request.request_id)  # a first output comes once the whole prompt has run
             chunk = _chunk(output, request, first)
             first = False
             if chunk is None:  # aborted inside vLLM
@@ -340,6 +358,8 @@ class VLLMEngine(HFTokenizer, Engine):
             await asyncio.wait([call])
             if not call.cancelled() and call.exception() is None and call.result():
                 self._register(lora)
+            raise
+        except EngineDeadError:
             raise
         except Exception as exc:
             raise AdapterLoadFailed(lora.lora_name, _worker_error(exc)) from None
@@ -401,6 +421,57 @@ class VLLMEngine(HFTokenizer, Engine):
             with self._lock:
                 del self._loaded[key]
             return True
+
+
+class _Turns:
+    """When a generation may enter vLLM: one whose prompt is scored (prompt log-probabilities) enters only an empty
+    batch and holds it alone until its prompt has run; the others wait behind it meanwhile.
+
+    With LoRA enabled, vLLM (0.32) scores prompt tokens through LoRA's logits path with one adapter index per request
+    of the step, not one per prompt token: a scored prompt sharing a step with any other request, with or without an
+    adapter, fails in its engine core (`einsum(): subscript b has size 2 ... 399`) and that kills the engine.
+    """
+
+    def __init__(self) -> None:
+        self.inside = 0  # generations in vLLM
+        self.alone: str | None = None  # the generation whose prompt is being scored alone
+        self.queued = 0  # prompts waiting to be scored alone: generations arriving meanwhile wait behind them
+        self._changed = asyncio.Event()
+
+    async def enter(self, request: GenerateRequest) -> None:
+        """Wait for REQUEST's turn to enter vLLM's batch."""
+        scoring = request.sampling.prompt_logprobs is not None
+        self.queued += scoring
+        try:
+            if scoring:
+                await self._until(lambda: self.alone is None and not self.inside)
+                self.alone = request.request_id
+            else:
+                await self._until(lambda: self.alone is None and not self.queued)
+        finally:
+            self.queued -= scoring
+            self._change()
+        self.inside += 1
+
+    def scored(self, request_id: str) -> None:
+        """REQUEST_ID's prompt has run: others may join the batch."""
+        if self.alone == request_id:
+            self.alone = None
+            self._change()
+
+    def leave(self, request_id: str) -> None:
+        """REQUEST_ID has left vLLM."""
+        self.inside -= 1
+        self.scored(request_id)
+        self._change()
+
+    async def _until(self, ready: Callable[[], bool]) -> None:
+        while not ready():
+            await self._changed.wait()
+
+    def _change(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
 
 
 async def _stop(record: _Request) -> None:

@@ -26,6 +26,7 @@ from serve.engine import (
     AdapterSpec,
     Chunk,
     Engine,
+    EngineDead,
     EngineStatus,
     GenerateRequest,
     InvalidRequest,
@@ -86,7 +87,8 @@ class FakeEngine(Engine):
         self._loads = self._evictions = 0
         self._passes: Counter[int] = Counter()
         self._closed = False
-        self._worker = threading.Thread(target=self._loop, name="fake-engine", daemon=True)
+        self._dead: str | None = None  # why its worker ended without being closed
+        self._worker = threading.Thread(target=self._work, name="fake-engine", daemon=True)
         self._worker.start()
 
     def encode(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
@@ -104,6 +106,10 @@ class FakeEngine(Engine):
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         return self.encode("".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: ")
 
+    @property
+    def dead(self) -> str | None:
+        return self._dead
+
     def check(self, request: GenerateRequest) -> None:
         super().check(request)
         if request.sampling.json_schema is not None:
@@ -117,6 +123,8 @@ class FakeEngine(Engine):
         with self._cond:
             if request.request_id in self._ids:
                 raise InvalidRequest(f"Request id {request.request_id!r} is already running.")
+            if self._dead is not None:
+                raise EngineDead(self._dead)
             self._ids[request.request_id] = row
             self._waiting.append(row)
             self._cond.notify_all()
@@ -138,6 +146,8 @@ class FakeEngine(Engine):
                 self._cond.notify_all()
 
     async def load(self, adapter: AdapterSpec) -> bool:
+        if self._dead is not None:
+            raise EngineDead(self._dead)
         rank = _rank(adapter, self.max_rank)
         with self._cond:
             if adapter.key in self._loaded:
@@ -183,6 +193,17 @@ class FakeEngine(Engine):
         self._loaded[key] = rank
         self._loads += 1
         return True
+
+    def _work(self) -> None:
+        """The worker thread: the batch loop; if it fails, the engine is dead and every generation is told."""
+        try:
+            self._loop()
+        except BaseException as exc:
+            with self._cond:
+                self._dead = f"its worker stopped on {type(exc).__name__}"
+                for row in self._ids.values():
+                    row.cancelled = True
+                    row.send(EngineDead(self._dead))
 
     def _loop(self) -> None:
         while True:

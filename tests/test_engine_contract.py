@@ -5,13 +5,24 @@ from __future__ import annotations
 import asyncio
 import itertools
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from serve.engine import AdapterLoadFailed, AdapterSpec, Chunk, Engine, GenerateRequest, InvalidRequest, Sampling
+from serve.engine import (
+    AdapterLoadFailed,
+    AdapterSpec,
+    Chunk,
+    Engine,
+    EngineDead,
+    EngineError,
+    GenerateRequest,
+    InvalidRequest,
+    Sampling,
+)
 
 from engines import GREEDY, chunks, request, text
 
@@ -274,3 +285,64 @@ def test_status_reports_the_queue_and_the_adapters_of_running_requests(subject: 
         await settled(engine)
 
     asyncio.run(run())
+
+
+@pytest.fixture(params=["fake", "transformers"])
+def mortal(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[Engine, Callable[[], None]]]:
+    """A fresh engine of its own and its fault point: the next batch step of its worker meets a Fault no handler
+    catches (vLLM's engine core dying is in test_vllm_engine.py: it is a process to kill)."""
+    from faultpoint import raising
+
+    if request.param == "fake":
+        from fake_engine import FakeEngine
+
+        engine: Any = FakeEngine(max_loaded=2, max_batch=8)
+        owner, name = engine, "_step"
+    else:
+        from serve.transformers_engine import TransformersEngine
+
+        engine = TransformersEngine(
+            request.getfixturevalue("tiny_base"), model_id="tiny", quantize="none", max_loaded=2, max_batch=8
+        )
+        owner, name = engine._runner, "decode"
+    yield engine, lambda: monkeypatch.setattr(owner, name, raising(getattr(owner, name), 1))
+    asyncio.run(engine.close())
+
+
+def test_an_engine_whose_worker_died_fails_every_generation_and_says_it_is_dead(
+    mortal: tuple[Engine, Callable[[], None]], lora: Callable[..., AdapterSpec]
+) -> None:
+    engine, fault = mortal
+    long = Sampling(max_tokens=400, temperature=0, ignore_eos=True)
+
+    async def run() -> list[BaseException | list[Chunk]]:
+        running = aiter(engine.generate(request(engine, PROMPTS[0], lora(1), long)))
+        first = await anext(running)
+        fault()
+        queued = [chunks(engine, request(engine, p, None, long)) for p in PROMPTS[1:3]]
+        rest = [chunk async for chunk in _until_error(running)]
+        return [*await asyncio.gather(*queued, return_exceptions=True), [first, *rest]]
+
+    *queued, ran = asyncio.run(run())
+    assert all(isinstance(error, EngineDead) for error in queued), queued
+    assert isinstance(ran[-1], EngineDead) and len(ran) < 400  # the running one ended with the error
+    reason = engine.dead
+    assert reason and "Fault" in reason and str(ran[-1]) == str(EngineDead(reason))
+    assert "engine died" in str(ran[-1]) and "shutting down" in str(ran[-1])
+    with pytest.raises(EngineDead):
+        engine.check(request(engine, PROMPTS[0]))
+    with pytest.raises(EngineDead):
+        asyncio.run(chunks(engine, request(engine, PROMPTS[0])))
+    with pytest.raises(EngineDead):
+        asyncio.run(engine.load(lora(2)))
+
+
+async def _until_error(stream: AsyncIterator[Chunk]) -> AsyncIterator[Any]:
+    """STREAM's chunks, then the error that ended it as a last item."""
+    try:
+        async for chunk in stream:
+            yield chunk
+    except EngineError as exc:
+        yield exc

