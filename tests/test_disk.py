@@ -104,3 +104,28 @@ def test_clone_into_a_full_disk_says_so_and_leaves_nothing(
     assert result.exit_code in (5, 9), result.output
     assert "No space left on device" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (disk / "clone").exists()
+
+
+def test_verify_finds_a_version_whose_files_the_cache_lost_entirely(
+    registry: Registry, make_adapter, tmp_path: Path, cli
+) -> None:
+    registry.add("support", make_adapter(1))
+    cache = registry.root / ".dvc" / "cache"
+    shutil.rmtree(cache)  # emptied: the folder's file list is gone too, so nothing says what to hash
+    lost = cli("verify", cwd=registry.root)
+    assert lost.exit_code == 8
+    assert lost.output == (
+        "support@v1.0.0: file list missing here; fix: no remote has it: register it again from its source folder\n"
+        "1 versions checked here: 1 problem.\n"
+    )
+
+
+def test_verify_names_the_pull_that_restores_the_branch_own_version(
+    registry: Registry, make_adapter, tmp_path: Path, cli
+) -> None:
+    registry.add("support", make_adapter(1))
+    assert cli("push", cwd=registry.root).exit_code == 0
+    shutil.rmtree(registry.root / ".dvc" / "cache")
+    pulled = cli("verify", cwd=registry.root)
+    assert pulled.exit_code == 8
+    assert pulled.output.splitlines()[0] == "support@v1.0.0: file list missing here; fix: adapters pull support@v1.0.0"
