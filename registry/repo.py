@@ -8,7 +8,7 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -418,15 +418,15 @@ class Registry:
         texts = self.git.show_many([f"{rev}:{p}" for p in paths])
         return [(Path(p).stem, store.dir_md5(t)) for p, t in zip(paths, texts, strict=True) if t]
 
-    def registered_as(self, name: str, folder: Path) -> AdapterVersion | None:
-        """The version of NAME whose files are exactly FOLDER's, if one is (newest first)."""
+    def registered_as(self, name: str, folder: Path, objects: store.Store | None = None) -> AdapterVersion | None:
+        """The version of NAME whose files are exactly FOLDER's, if one is (newest first); OBJECTS: a store open."""
         adapter = self.state().adapters.get(name)
         if adapter is None or not folder.is_dir():
             return None
         versions = list(reversed(adapter.versions))
-        with store.opened(self.root) as objects:
+        with nullcontext(objects) if objects else store.opened(self.root) as opened:
             for version, (_, md5) in zip(versions, self.pointers(versions), strict=True):
-                if not objects.missing_locally(md5) and not objects.changed(md5, folder):
+                if not opened.missing_locally(md5) and not opened.changed(md5, folder):
                     return version
         return None
 
@@ -442,7 +442,8 @@ class Registry:
             folder = self.root / ADAPTERS_DIR / name
             if folder.is_dir() and not objects.missing_locally(md5):
                 changed = objects.changed(md5, folder)
-                if changed:
+                # Another registered version (left by a `git checkout` of another branch) is nobody's edit.
+                if changed and not self.registered_as(name, folder, objects):
                     changes[name] = [f"{ADAPTERS_DIR}/{name}/{f}" for f in changed]
         return changes
 

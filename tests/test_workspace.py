@@ -38,6 +38,19 @@ def test_pull_refuses_to_overwrite_local_edits_and_force_discards_them(
     assert cli("status", cwd=mate).output == "In sync with origin.\n"
 
 
+def test_a_version_left_by_a_branch_checkout_is_not_a_local_edit(
+    registry: Registry, make_adapter, tmp_path: Path, cli
+) -> None:
+    mate = two_clones(registry, make_adapter, tmp_path, cli)  # mate holds support@v1.0.0; origin has v1.1.0
+    git(mate, "checkout", "-q", "-b", "experiment")
+    assert cli("add", "support", str(make_adapter(3)), cwd=mate).exit_code == 0  # the workspace: mate's v1.1.0
+    git(mate, "checkout", "-q", "main")  # the pointer moves back; the folder, ignored by git, does not
+    assert json.loads(cli("status", "--json", cwd=mate).output)["modified"] == []
+    pulled = cli("pull", cwd=mate)
+    assert pulled.exit_code == 0, pulled.output
+    assert sha_tree(mate / "adapters" / "support") == sha_tree(make_adapter(2))
+
+
 def test_a_pull_killed_after_moving_the_branch_is_reported_and_finished_by_the_next(
     registry: Registry, make_adapter, tmp_path: Path, cli
 ) -> None:
