@@ -240,3 +240,65 @@ def test_a_second_run_on_the_same_output_is_refused(tmp_path: Path, tiny_base: P
 def test_bad_adapter_names_are_refused(tmp_path: Path, name: str) -> None:
     with pytest.raises(InvalidName, match="is not allowed"):
         TrainArgs(name=name, data=tmp_path / "d.jsonl")
+
+
+@pytest.mark.parametrize("num_items", [None, 23])
+def test_chunked_loss_matches_the_plain_loss_and_its_gradients(tiny_base: Path, monkeypatch, num_items) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    from train import loss
+
+    monkeypatch.setattr(loss, "CHUNK_TOKENS", 5)  # several chunks, the last one short
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+    plain, chunked = (get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base), config) for _ in range(2))
+    chunked.load_state_dict(plain.state_dict())
+    ids = torch.randint(0, 1000, (3, 12))
+    labels = ids.clone()
+    labels[:, :4] = -100  # prompts are not scored
+    labels[2, 9:] = -100  # padding
+    expected = plain(ids, labels=labels, num_items_in_batch=num_items).loss
+    scorer = loss.ChunkedLoss(chunked)
+    got = scorer(chunked(ids), labels, num_items_in_batch=num_items)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    expected.backward()
+    got.backward()
+    for (name, a), (_, b) in zip(plain.named_parameters(), chunked.named_parameters()):
+        if a.requires_grad:
+            assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6), name
+
+
+def test_the_lighter_defaults_leave_the_eval_loss_where_it_was(
+    tmp_path: Path, tiny_base: Path, json_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lighter = train(_args(tmp_path, tiny_base, json_data, max_steps=12, output=tmp_path / "a"), echo=lambda _: None)
+    build = trainer_module.build_trainer
+    monkeypatch.setattr(trainer_module, "build_trainer", lambda *a: build(*a, plain_loss=True))  # as trained before
+    before = train(
+        _args(tmp_path, tiny_base, json_data, max_steps=12, output=tmp_path / "b", dropout=0.05), echo=lambda _: None
+    )
+    assert lighter.eval_loss_after == pytest.approx(before.eval_loss_after, rel=0.01)
+
+
+def test_training_threads_follow_the_cores_other_processes_leave_free(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The machine's load cannot be set from a test, so /proc/stat's busy time says what another process took.
+    from train import threads
+
+    clock, others, current = [0.0], [0.0], [2]
+    monkeypatch.setattr(threads.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(threads.time, "process_time", lambda: 0.0)
+    monkeypatch.setattr(threads, "busy_seconds", lambda allowed: others[0])
+    monkeypatch.setattr(threads, "cpus", lambda: [0, 1])
+    monkeypatch.setattr(threads.torch, "get_num_threads", lambda: current[0])
+    monkeypatch.setattr(threads.torch, "set_num_threads", lambda n: current.__setitem__(0, n))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    share = threads.ShareCpus(period=5.0)
+    seen = []
+    for second in range(1, 13):
+        if 2 < second <= 8:  # another process keeps one core busy from 2 s to 8 s
+            others[0] += 1.0
+        clock[0] = float(second)
+        share.on_step_begin(None, None, None)
+        seen.append(current[0])
+    # Checked at the first step (0-1 s: quiet), at 6 s (1-6 s: 4 of 5 s busy) and at 11 s (6-11 s: 2 of 5 s).
+    assert seen == [2, 2, 2, 2, 2, 1, 1, 1, 1, 1, 2, 2]

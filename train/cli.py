@@ -88,6 +88,9 @@ def train(name: str, target_modules: str, no_register: bool, message: str | None
         if held:
             shutil.rmtree(output)
             click.echo(f"{output} held {held.ref}, already registered; training the next version there.")
+    from core.threads import configure_openmp
+
+    configure_openmp()  # before torch loads: idle OpenMP threads sleep soon instead of spinning on shared cores
     from train.trainer import train as run_training
 
     result = run_training(args, echo=click.echo)

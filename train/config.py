@@ -28,8 +28,8 @@ class TrainArgs:
     """LoRA rank r."""
     alpha: int = 16
     """LoRA alpha; the update is scaled by alpha / rank."""
-    dropout: float = 0.05
-    """Dropout on the LoRA input."""
+    dropout: float = 0.0
+    """Dropout on the LoRA input; above 0 every wrapped layer keeps a copy of its input for the backward pass."""
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     """Modules that get LoRA; "all-linear" means every linear layer except the output head."""
     epochs: float = 3.0

@@ -29,6 +29,8 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from core.errors import BaseModelError, DataError, TrainingError, TrainingInterrupted
 from train import card, data, fidelity
+from train.loss import ChunkedLoss
+from train.threads import ShareCpus
 from core.base import BaseModel, fingerprint, resolve_base
 from core.cache import home, locked
 from core.precision import Precision, quantization_config
@@ -115,9 +117,16 @@ def add_lora(model: PreTrainedModel, args: TrainArgs, base: BaseModel) -> PeftMo
 
 
 def build_trainer(
-    model: PreTrainedModel, tokenizer: Any, train_set: list, eval_set: list, args: TrainArgs, checkpoints: Path
+    model: PreTrainedModel,
+    tokenizer: Any,
+    train_set: list,
+    eval_set: list,
+    args: TrainArgs,
+    checkpoints: Path,
+    plain_loss: bool = False,
 ) -> Trainer:
-    """A transformers Trainer set up for our runs: checkpoints every save_steps, our progress bar, no reporting."""
+    """A transformers Trainer set up for our runs: the chunked loss (or, plain_loss, the model's own over full
+    logits: the benchmark's reference), checkpoints every save_steps, our progress bar, threads that share the CPU."""
     settings = TrainingArguments(
         output_dir=str(checkpoints),
         per_device_train_batch_size=args.batch_size,
@@ -149,10 +158,12 @@ def build_trainer(
         train_dataset=train_set,
         eval_dataset=eval_set or None,
         data_collator=collator,
+        compute_loss_func=None if plain_loss else ChunkedLoss(model),
     )
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(LossBar())
+    trainer.add_callback(ShareCpus())
     return trainer
 
 
