@@ -85,7 +85,7 @@ def adapters(tmp_path_factory: pytest.TempPathFactory, make_adapter: Any) -> Reg
     registry = registry_with(root / "registry", folders)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(folder, "lora_settings", lambda config, where: None)
-        patch.setattr(folder, "_check_weights", lambda path, settings: None)
+        patch.setattr(folder, "_check_weights", lambda *args: None)
         for name in BROKEN:
             registry.add(name, broken(make_adapter(4), root / f"broken-{name}", name))
     return registry
