@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve import docs
 from serve.catalog import Catalog
+from serve.connections import Limits, protocol
 from serve.dependencies import Server, Settings
 from serve.engine import Engine, EngineError
 from serve.errors import BadRequest, PayloadTooLarge, ServeError, Unavailable, from_engine
@@ -82,13 +83,14 @@ class Stopped:
     dead: str | None = None  # why the engine died, when that stopped the server
 
 
-def run(app: FastAPI, listener: socket.socket) -> Stopped:
-    """Serve APP on LISTENER until SIGTERM or SIGINT, or until its engine dies, then drain.
+def run(app: FastAPI, listener: socket.socket, limits: Limits | None = None) -> Stopped:
+    """Serve APP on LISTENER, its connections within LIMITS, until SIGTERM or SIGINT, or until its engine dies, then
+    drain.
 
     Running requests (streams too) may finish for drain_seconds (DEAD_DRAIN_SECONDS once the engine died: its
     generations have failed already); a second signal, or the end of that time, cuts the rest, each with an error.
     """
-    config = uvicorn.Config(app, log_config=None, access_log=False)
+    config = uvicorn.Config(app, log_config=None, access_log=False, http=protocol(limits or Limits()))
     # uvicorn raises the signal it drained on once more after shutting down; handled by then, the exit is ours.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)

@@ -107,6 +107,28 @@ class EngineDied(AdaptersError):
     help="Largest request body; a larger one is refused (413) before it is read.",
 )
 @click.option(
+    "--header-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=10,
+    show_default=True,
+    help="Seconds a request's line and headers may take to arrive; a slower connection is closed (408).",
+)
+@click.option(
+    "--max-connections-per-client",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="Open connections one client address may hold; the next is answered 503 and closed.",
+)
+@click.option(
+    "--stall-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=60,
+    show_default=True,
+    help="Seconds a response may wait on a client that reads none of it (its generations pause meanwhile); then "
+    "the connection is closed and its generations aborted.",
+)
+@click.option(
     "--max-prompts",
     type=click.IntRange(min=1),
     default=2048,
@@ -170,6 +192,9 @@ def serve(
     drain_seconds: float,
     stale_after: float,
     max_body_bytes: int,
+    header_timeout: float,
+    max_connections_per_client: int,
+    stall_timeout: float,
     max_prompts: int,
     tenants_file: Path | None,
     registry_dir: Path | None,
@@ -213,6 +238,7 @@ def serve(
 
     from serve.app import create_app, run
     from serve.catalog import Catalog
+    from serve.connections import Limits
     from serve.factory import build
     from serve.fidelity import Fidelity
     from serve.threads import configure_openmp
@@ -246,7 +272,7 @@ def serve(
     mode = f"tenants from {tenants_file}" if tenants_file else "open mode: no API keys, 127.0.0.1 only"
     click.echo(f"Serving {runtime.model_id} and the adapters of {registry.root} at {address}/v1 ({mode}).", err=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    stopped = run(app, listener)
+    stopped = run(app, listener, Limits(header_timeout, max_connections_per_client, stall_timeout))
     if stopped.dead is not None:
         raise EngineDied(f"The {engine} engine died ({stopped.dead}); the server stopped: start it again.")
     if stopped.cut:

@@ -33,6 +33,8 @@ from serve.tenants import Tenant
 log = logging.getLogger("serve")
 # As vLLM: a temperature above 0 but below this samples at this one (smaller ones overflow the scaled logits).
 MIN_TEMPERATURE = 0.01
+# Chunks per generation held between the engine and the response; a response its client does not read stops here.
+BUFFERED = 4
 
 
 @dataclass(frozen=True)
@@ -200,16 +202,19 @@ async def _merged(
     streams: list[AsyncIterator[Chunk]], tasks: list[asyncio.Task[None]]
 ) -> AsyncIterator[tuple[int, Chunk]]:
     """The chunks of several streams as they come, each with its stream's index; the first error ends it. TASKS gets
-    the tasks reading them, for the caller to cancel however the iteration ends."""
-    queue: asyncio.Queue[tuple[int, Chunk | BaseException | None]] = asyncio.Queue()
+    the tasks reading them, for the caller to cancel however the iteration ends.
+
+    At most BUFFERED chunks a stream wait here: past that its stream is not read (so not generated) until the caller
+    takes some, which a client that stops reading its response stops doing."""
+    queue: asyncio.Queue[tuple[int, Chunk | BaseException | None]] = asyncio.Queue(BUFFERED * len(streams))
 
     async def pump(index: int, stream: AsyncIterator[Chunk]) -> None:
         try:
             async for chunk in stream:
-                queue.put_nowait((index, chunk))
+                await queue.put((index, chunk))
         except Exception as exc:
-            queue.put_nowait((index, exc))
-        queue.put_nowait((index, None))
+            await queue.put((index, exc))
+        await queue.put((index, None))
 
     tasks.extend(asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams))
     try:

@@ -36,6 +36,7 @@ from serve.engine import (
 
 EOS = 256  # byte tokens 0-255, then end-of-sequence
 _LIKELY = [ord(c) for c in "abcdefghijklmnopqrstuvwxyz "]  # the bytes the model favours; others score -20
+UNREAD = 8  # chunks a row may have waiting for its reader; past that it pauses (a bounded per-request queue)
 
 
 @dataclass(eq=False)
@@ -48,6 +49,7 @@ class _Row:
     pending: str = ""  # text held back: it may be the start of a stop string
     cancelled: bool = False
     admitted: bool = False
+    unread: int = 0  # chunks sent and not yet taken by the request's reader
 
     def send(self, item: Chunk | BaseException | None) -> None:
         try:
@@ -86,6 +88,7 @@ class FakeEngine(Engine):
         self._ids: dict[str, _Row] = {}
         self._loads = self._evictions = 0
         self._passes: Counter[int] = Counter()
+        self.tokens = 0  # generated since it started, over every row
         self._closed = False
         self._dead: str | None = None  # why its worker ended without being closed
         self._worker = threading.Thread(target=self._work, name="fake-engine", daemon=True)
@@ -130,6 +133,9 @@ class FakeEngine(Engine):
             self._cond.notify_all()
         try:
             async for chunk in received(row.queue):
+                with self._cond:
+                    row.unread -= 1
+                    self._cond.notify_all()
                 yield chunk
         finally:
             with self._cond:
@@ -208,12 +214,12 @@ class FakeEngine(Engine):
     def _loop(self) -> None:
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._closed or self._waiting or self._running)
+                self._cond.wait_for(lambda: self._closed or self._waiting or self._runnable())
                 if self._closed:
                     return
                 self._admit()
                 self._running = [row for row in self._running if not self._finish(row)]
-                rows = list(self._running)
+                rows = self._runnable()
                 if rows:
                     self._passes[len(rows)] += 1
             for row in rows:
@@ -221,6 +227,15 @@ class FakeEngine(Engine):
             with self._cond:
                 self._running = [row for row in self._running if not self._finish(row)]
             threading.Event().wait(self.step_seconds)  # rows join between steps, as in a real batch
+
+    @property
+    def paused(self) -> int:
+        """Running rows that wait for their reader to take chunks before they generate more."""
+        with self._cond:
+            return sum(row.unread >= UNREAD for row in self._running)
+
+    def _runnable(self) -> list[_Row]:
+        return [row for row in self._running if row.unread < UNREAD or row.cancelled]
 
     def _finish(self, row: _Row) -> bool:
         """Whether ROW left the batch (finished, failed or aborted), releasing its adapter."""
@@ -283,6 +298,9 @@ class FakeEngine(Engine):
             text, finish = _cut(row, self.token_texts([token])[0], sampling.stop)
         if finish is None and (len(row.generated) >= sampling.max_tokens or len(context) + 1 >= self.context_length):
             text, finish = text + row.pending, "length"
+        with self._cond:
+            row.unread += 1
+            self.tokens += 1
         row.send(Chunk(text, (token,), finish, scored, prompt))
         if finish is not None:
             row.cancelled = True

@@ -1,0 +1,114 @@
+"""Guards on the server's connections, below the app: a header-read timeout, a cap per client address, and a
+stall timeout for a client that stops reading its response.
+
+uvicorn has none of these (its keep-alive timeout starts only after a response), so they live in a subclass of the
+HTTP protocol uvicorn would pick, which sees each connection's bytes and its transport's flow control.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from uvicorn.config import HTTP_PROTOCOLS
+from uvicorn.importer import import_from_string
+
+log = logging.getLogger("serve")
+_TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\nconnection: close\r\n"
+_BUSY = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\nconnection: close\r\n"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How long a client may take and how many connections it may hold."""
+
+    header_seconds: float = 10.0
+    """Seconds a request's line and headers may take to arrive, from the connection (or the previous response)."""
+    per_client: int = 64
+    """Open connections one client address may hold; the next one is answered 503 and closed."""
+    stall_seconds: float = 60.0
+    """Seconds a response may wait on a client that does not read it; then the connection is closed and the
+    request's generations aborted."""
+
+
+def protocol(limits: Limits, http: str = "auto") -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol class HTTP, guarded by LIMITS; its connections share one count per address."""
+    base: Any = import_from_string(HTTP_PROTOCOLS[http])
+    open_by_address: Counter[str] = Counter()
+
+    class Guarded(base):  # type: ignore[misc, valid-type]
+        """One connection, closed when its headers come too slowly or its client stops reading."""
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._header_timer: asyncio.TimerHandle | None = None
+            self._stall_timer: asyncio.TimerHandle | None = None
+            self._address = self.client[0] if self.client else ""
+            open_by_address[self._address] += 1
+            if open_by_address[self._address] > limits.per_client:
+                log.warning(
+                    "Refused a connection from %s: it holds %d already (--max-connections-per-client).",
+                    self._address,
+                    limits.per_client,
+                )
+                _answer(transport, _BUSY, f"This client holds {limits.per_client} connections already; retry later.")
+                return
+            self._await_headers()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            open_by_address[self._address] -= 1
+            if not open_by_address[self._address]:
+                del open_by_address[self._address]
+            for timer in (self._header_timer, self._stall_timer):
+                if timer is not None:
+                    timer.cancel()
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            # Between requests (none yet, or the previous one answered) these bytes start a new request's headers.
+            if self._header_timer is None and (self.cycle is None or self.cycle.response_complete):
+                self._await_headers()
+            super().data_received(data)
+
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            if self._stall_timer is None:
+                self._stall_timer = self.loop.call_later(limits.stall_seconds, self._stalled)
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            if self._stall_timer is not None:
+                self._stall_timer.cancel()
+                self._stall_timer = None
+
+        def _await_headers(self) -> None:
+            awaited = self.cycle  # a new request's cycle replaces it once its headers are in
+            self._header_timer = self.loop.call_later(limits.header_seconds, self._headers_late, awaited)
+
+        def _headers_late(self, awaited: Any) -> None:
+            self._header_timer = None
+            if self.cycle is awaited and not self.transport.is_closing():
+                log.info("Closed a connection from %s: no whole request head in %g s.", self._address,
+                         limits.header_seconds)  # fmt: skip
+                _answer(self.transport, _TIMEOUT, f"No whole request head came in {limits.header_seconds:g} s.")
+
+        def _stalled(self) -> None:
+            self._stall_timer = None
+            log.warning(
+                "Closed a connection from %s: its client read nothing of its response for %g s (--stall-timeout).",
+                self._address,
+                limits.stall_seconds,
+            )
+            self.transport.abort()  # the buffered bytes go too; the request sees a disconnect and aborts its work
+
+    return Guarded
+
+
+def _answer(transport: asyncio.Transport, head: bytes, text: str) -> None:
+    """Write a plain-text error and close the connection."""
+    body = text.encode()
+    transport.write(head + b"content-length: %d\r\n\r\n" % len(body) + body)
+    transport.close()
