@@ -46,13 +46,17 @@ class Prompt:
     text: str | None = None  # the prompt as sent, when it came as text (echo repeats it)
 
 
+# A token with its log-probability, or an echoed first prompt token's id: nothing predicts it, so it has no score.
+Scored = TokenLogprob | int
+
+
 @dataclass
 class _Choice:
     """What one choice has produced so far: its text and, when asked for, its tokens' log-probabilities."""
 
     prompt: int  # which prompt of the request it continues
     text: str = ""
-    logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    logprobs: list[Scored] = field(default_factory=list)
     finish_reason: str | None = None
     tokens: int = 0  # generated so far
     echoed: bool = False
@@ -60,7 +64,7 @@ class _Choice:
 
     def mean_logprob(self) -> float:
         """Log-probability per generated token: how best_of ranks candidates, as OpenAI does."""
-        scored = [t.logprob for t in self.logprobs if t is not None]
+        scored = [t.logprob for t in self.logprobs if isinstance(t, TokenLogprob)]
         return sum(scored) / max(len(scored), 1)
 
 
@@ -74,9 +78,7 @@ class _Shape:
         self.prefix, self.object = ("chatcmpl", "chat.completion") if chat else ("cmpl", "text_completion")
         self.chunk_object = "chat.completion.chunk" if chat else "text_completion"
 
-    def choice(
-        self, index: int, text: str, finish: str | None, scored: list[TokenLogprob | None], offset: int
-    ) -> dict[str, Any]:
+    def choice(self, index: int, text: str, finish: str | None, scored: list[Scored], offset: int) -> dict[str, Any]:
         """One choice of a whole response."""
         logprobs = self.logprobs(scored, offset)
         if self.chat:
@@ -84,9 +86,7 @@ class _Shape:
             return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish}
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
-    def delta(
-        self, index: int, text: str, finish: str | None, scored: list[TokenLogprob | None], offset: int = 0
-    ) -> dict[str, Any]:
+    def delta(self, index: int, text: str, finish: str | None, scored: list[Scored], offset: int = 0) -> dict[str, Any]:
         """One choice of a streamed chunk."""
         logprobs = self.logprobs(scored, offset)
         if self.chat:
@@ -94,12 +94,13 @@ class _Shape:
             return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
-    def logprobs(self, scored: list[TokenLogprob | None], offset: int) -> dict[str, Any] | None:
+    def logprobs(self, scored: list[Scored], offset: int) -> dict[str, Any] | None:
         """OpenAI's log-probabilities of these tokens (None for a first prompt token, which nothing predicts)."""
         if self.top is None:
             return None
-        known = [t for t in scored if t is not None]
-        ids = sorted({t.token for t in known} | {i for t in known for i, _ in t.top})
+        known = [t for t in scored if isinstance(t, TokenLogprob)]
+        first = [t for t in scored if isinstance(t, int)]
+        ids = sorted({t.token for t in known} | {i for t in known for i, _ in t.top} | set(first))
         names = dict(zip(ids, self.engine.token_texts(ids), strict=True))
         if self.chat:
             return {
@@ -111,15 +112,17 @@ class _Shape:
                     for t in known
                 ]
             }
-        texts = [names[t.token] if t is not None else "" for t in scored]
+        texts = [names[t] if isinstance(t, int) else names[t.token] for t in scored]
         offsets, at = [], offset
         for text in texts:
             offsets.append(at)
             at += len(text)
         return {
             "tokens": texts,
-            "token_logprobs": [None if t is None else t.logprob for t in scored],
-            "top_logprobs": [None if t is None else {names[i]: lp for i, lp in t.top[: self.top]} for t in scored],
+            "token_logprobs": [None if isinstance(t, int) else t.logprob for t in scored],
+            "top_logprobs": [
+                None if isinstance(t, int) else {names[i]: lp for i, lp in t.top[: self.top]} for t in scored
+            ],
             "text_offset": offsets,
         }
 
@@ -372,13 +375,14 @@ def _take(
     generation: GenerateRequest,
     engine: Engine,
     echo: list[tuple[str | None, list[int]]] | None,
-) -> tuple[str, list[TokenLogprob | None]]:
+) -> tuple[str, list[Scored]]:
     """Add CHUNK to CHOICE; returns the text and scored tokens it adds (the echoed prompt before its first)."""
-    text, scored = chunk.text, list(chunk.logprobs)
+    text = chunk.text
+    scored: list[Scored] = list(chunk.logprobs)
     if echo is not None and not choice.echoed:
         choice.echoed = True
         prompt_text, ids = echo[choice.prompt]
-        prompt_scores: list[TokenLogprob | None] = [None, *(chunk.prompt_logprobs or ())]
+        prompt_scores: list[Scored] = [ids[0], *(chunk.prompt_logprobs or ())]
         text = (prompt_text if prompt_text is not None else engine.decode(ids)) + text
         scored = [*(prompt_scores if generation.sampling.prompt_logprobs is not None else []), *scored]
     choice.text += text
@@ -426,12 +430,14 @@ async def _events(
 ) -> AsyncIterator[str]:
     """The SSE body: OpenAI-format chunks, usage last if asked, then [DONE]; an engine failure is an error event."""
     usage = {"usage": None} if include_usage else {}  # OpenAI's chunks say null until the last
-    if shape.chat:  # OpenAI opens a chat stream with the assistant's role
-        for index in range(len(run.generations)):
-            role = {**shape.delta(index, "", None, []), "delta": {"role": "assistant", "content": ""}}
-            yield _sse({**head, "choices": [role], **usage})
+    opened = not shape.chat
     try:
         async for index, chunk in run.chunks():
+            if not opened:  # the assistant's role opens a chat stream with the first token, as vLLM: clients time it
+                opened = True
+                for number in range(len(run.generations)):
+                    role = {**shape.delta(number, "", None, []), "delta": {"role": "assistant", "content": ""}}
+                    yield _sse({**head, "choices": [role], **usage})
             choice = run.choices[index]
             offset = choice.start + len(choice.text)
             text, scored = _take(choice, chunk, run.generations[index], engine, echo)

@@ -3,11 +3,13 @@ own), echo, prompts as lists and token ids, n and best_of, and a 400 for what th
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -120,6 +122,41 @@ def test_echo_gives_every_prompt_tokens_logprob_as_lm_eval_reads_it(served: Serv
     assert logprobs["token_logprobs"][1 : len(ids)] == pytest.approx(expected, abs=1e-4)
     assert all(len(top) == 1 for top in logprobs["top_logprobs"][1:])
     assert answer["usage"]["prompt_tokens"] == len(ids)
+    # As vLLM: the first prompt token is named though unscored, and the tokens joined spell the text at their offsets.
+    tokens, offsets = logprobs["tokens"], logprobs["text_offset"]
+    assert tokens[0] == "Once" and "".join(tokens) == choice["text"]
+    assert offsets == [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))] and offsets[:2] == [0, 4]
+
+
+def test_a_chat_stream_opens_with_its_first_token_not_on_acceptance(served: Served, monkeypatch: Any) -> None:
+    """The role chunk waits for the engine's first token, as vLLM's does, so a client's TTFT is the model's."""
+    gate, arrived = threading.Event(), []
+    generate = served.engine.generate
+
+    async def held(request: Any) -> Any:
+        await asyncio.to_thread(gate.wait, 60)  # the engine holds the request before its first token
+        async for chunk in generate(request):
+            yield chunk
+
+    monkeypatch.setattr(served.engine, "generate", held)
+    body = {"model": "alpha", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "stream": True}
+
+    def read() -> None:
+        with httpx.stream("POST", f"{served.url}/v1/chat/completions", json=body, timeout=120) as stream:
+            for line in stream.iter_lines():
+                if line.startswith("data: "):
+                    arrived.append((time.monotonic(), line))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    time.sleep(1.0)
+    assert arrived == []  # accepted, streaming headers sent, no chunk yet
+    released = time.monotonic()
+    gate.set()
+    reader.join(60)
+    first_at, first = arrived[0]
+    assert first_at >= released and json.loads(first[6:])["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert arrived[-1][1] == "data: [DONE]"
 
 
 def test_chat_logprobs_in_openais_shape(served: Served) -> None:
