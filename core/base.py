@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,6 +188,28 @@ def fingerprint(path: Path) -> str:
     cache[key] = value
     write_atomic(cache_file, json.dumps(cache, indent=1))
     return value
+
+
+def linear_shapes(path: Path) -> dict[str, tuple[int, int]]:
+    """Each 2-D weight of the model folder PATH as module path -> (out, in) features, read from the safetensors
+    headers alone (model.safetensors, or the shards its index names); a tied lm_head has the embedding's shape."""
+    index = path / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else []
+    shapes: dict[str, tuple[int, int]] = {}
+    for file in [path / name for name in files] or sorted(path.glob("*.safetensors")):
+        with open(file, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(length))
+        for name, tensor in header.items():
+            shape = tensor.get("shape") if name.endswith(".weight") else None
+            if isinstance(shape, list) and len(shape) == 2:
+                shapes[name.removesuffix(".weight")] = (int(shape[0]), int(shape[1]))
+    config = path / "config.json"
+    tied = config.is_file() and json.loads(config.read_text()).get("tie_word_embeddings", False)
+    embedding = next((shape for module, shape in shapes.items() if module.endswith("embed_tokens")), None)
+    if tied and embedding is not None:
+        shapes.setdefault("lm_head", embedding)
+    return shapes
 
 
 def cached_models() -> list[dict]:

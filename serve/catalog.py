@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any, Protocol
 
+from core.base import MARKER, linear_shapes
 from core.cache import locked
 from core.errors import AdaptersError, InvalidName, NotFound
 from registry import folder
@@ -24,6 +27,14 @@ from serve.errors import AdapterNotFound, AdapterRejected, RegistryUnavailable, 
 from serve.fidelity import Fidelity
 
 log = logging.getLogger("serve")
+
+
+class Served(Protocol):
+    """What the catalog needs of the engine it checks adapters for."""
+
+    model_id: str
+    fingerprint: str
+    max_rank: int
 
 
 class Catalog:
@@ -46,10 +57,13 @@ class Catalog:
         stale_after: float = 10.0,
         settle: float = 5.0,
         fidelity: Fidelity | None = None,
+        layers: Mapping[str, tuple[int, int]] | None = None,
+        base_names: tuple[str, ...] = (),
     ) -> None:
         self.registry = registry
         self.cache = cache
         self.base_id = base_id
+        self.base_names = {base_id, *base_names}  # what a request may call the base: its id, Hub id, folder name
         self.fingerprint = fingerprint
         self.max_rank = max_rank
         self.interval = interval
@@ -64,10 +78,26 @@ class Catalog:
         self._failing_since = 0.0
         self._lock = threading.Lock()
         self.fidelity = fidelity  # judges each adapter against the server's precision; None: not judged
+        self.layers = layers  # the base's linear layers, module path -> (out, in) features; None: not checked
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.state = State([])
         self.refresh()
+
+    @classmethod
+    def serving(cls, registry: Registry, cache: Path, base: Path, engine: Served, **options: Any) -> Catalog:
+        """The catalog of a server whose ENGINE (or replicas' description) runs the base model folder BASE: adapters
+        are checked against its weights' fingerprint, its linear layers' shapes and its largest rank."""
+        return cls(
+            registry,
+            cache,
+            base_id=engine.model_id,
+            fingerprint=engine.fingerprint,
+            max_rank=engine.max_rank,
+            layers=linear_shapes(base),
+            base_names=base_names(base),
+            **options,
+        )
 
     def start(self) -> None:
         """Follow the registry in a background thread, so promote and rollback reach running servers."""
@@ -153,7 +183,7 @@ class Catalog:
 
     def lookup(self, model: str, allowed: Callable[[str], bool]) -> AdapterVersion | None:
         """The version MODEL means now, or None for the base model; another tenant's adapter is not found."""
-        if model == self.base_id:
+        if model in self.base_names:
             return None
         missing = AdapterNotFound(f"The model {model!r} does not exist or you do not have access to it.")
         try:
@@ -267,8 +297,38 @@ class Catalog:
                 f"{spec.key} has LoRA rank {summary['rank']}, above this server's maximum of {self.max_rank} "
                 "(--max-rank)."
             )
+        if self.layers is not None:
+            self._fits(spec)
         if self.fidelity is not None:
             self.fidelity.admit(spec.key, summary)
+
+    def _fits(self, spec: AdapterSpec) -> None:
+        """Refuse an adapter whose LoRA pairs name modules the base lacks or do not fit their layers' shapes."""
+        assert self.layers is not None
+        tensors, _ = folder.safetensors_header(spec.path / "adapter_model.safetensors")
+        pairs: dict[str, dict[str, list[int]]] = {}
+        for name, tensor in tensors.items():
+            if match := folder.LORA_KEY.match(name):
+                pairs.setdefault(match["module"], {})[match["part"]] = tensor["shape"]
+        for module, pair in sorted(pairs.items()):
+            layer = self.layers.get(module)
+            if layer is None:
+                raise AdapterRejected(
+                    f"{spec.key} cannot be served: it adapts {module}, a module this server's base model lacks."
+                )
+            (out, inner), a, b = layer, pair["A"], pair["B"]
+            if a[1] != inner or b[0] != out:
+                raise AdapterRejected(
+                    f"{spec.key} cannot be served: its LoRA pair of {module} (A {a}, B {b}) does not fit that layer of "
+                    f"this server's base model ({inner} in, {out} out)."
+                )
+
+
+def base_names(base: Path) -> tuple[str, ...]:
+    """The names a client may give the base model folder BASE: its folder name and the Hub id it came from."""
+    marker = base / MARKER
+    hub_id = json.loads(marker.read_text()).get("hub_id") if marker.is_file() else None
+    return (base.name, hub_id) if hub_id else (base.name,)
 
 
 def _one_line(exc: BaseException) -> str:

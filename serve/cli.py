@@ -125,8 +125,8 @@ class EngineDied(AdaptersError):
     type=click.FloatRange(min=0, min_open=True),
     default=60,
     show_default=True,
-    help="Seconds a response may wait on a client that reads none of it (its generations pause meanwhile); then "
-    "the connection is closed and its generations aborted.",
+    help="Seconds a response may wait on a client that reads none of it (no chunks are taken from the engine "
+    "meanwhile); then the connection is closed and its generations aborted.",
 )
 @click.option(
     "--max-prompts",
@@ -258,15 +258,8 @@ def serve(
     except (OSError, ValueError, RuntimeError) as exc:
         raise BaseModelError(f"Cannot load {model.name} with --quantize {quantize}: {exc}") from None
     fidelity = Fidelity(runtime.precision, strict=strict_fidelity)
-    catalog = Catalog(
-        registry,
-        home() / "serve",
-        base_id=runtime.model_id,
-        fingerprint=runtime.fingerprint,
-        max_rank=max_rank,
-        stale_after=stale_after,
-        fidelity=fidelity,
-    )
+    cache = home() / "serve"
+    catalog = Catalog.serving(registry, cache, model.path, runtime, stale_after=stale_after, fidelity=fidelity)
     app = create_app(runtime, catalog, tenants, settings)
     address = f"http://{host}:{listener.getsockname()[1]}"
     mode = f"tenants from {tenants_file}" if tenants_file else "open mode: no API keys, 127.0.0.1 only"
@@ -311,6 +304,7 @@ def _on_replicas(
         options=options,
         registry=registry.root,
         remote=ray_cluster.remote_url(registry),
+        branch=registry.git.branch(),
         tenants_file=tenants_file.resolve() if tenants_file else None,
         settings=settings,
         stale_after=stale_after,

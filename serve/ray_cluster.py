@@ -44,6 +44,7 @@ class ReplicaConfig:
     options: EngineOptions
     registry: Path  # the registry folder the ingress follows
     remote: str  # the registry's git remote URL, which replicas clone and fetch versions from
+    branch: str  # the registry's branch, which replicas check out whatever the remote's HEAD names
     tenants_file: Path | None
     settings: Settings
     stale_after: float = 10.0
@@ -73,13 +74,13 @@ class Ingress:
         config = self.config
         logging.getLogger("serve").setLevel(logging.INFO)
         description = await self.replicas.describe.remote()
-        engine = RayEngine(self.replicas, self.board, resolve_base(config.base).path, description, config.affinity)
-        catalog = Catalog(
+        base = resolve_base(config.base).path
+        engine = RayEngine(self.replicas, self.board, base, description, config.affinity)
+        catalog = Catalog.serving(
             Registry(config.registry),
             home() / "serve",
-            base_id=engine.model_id,
-            fingerprint=engine.fingerprint,
-            max_rank=engine.max_rank,
+            base,
+            engine,
             interval=config.interval,
             stale_after=config.stale_after,
             fidelity=Fidelity(engine.precision, strict=config.strict_fidelity),
@@ -120,7 +121,8 @@ def application(config: ReplicaConfig) -> Any:
         graceful_shutdown_timeout_s=config.settings.drain_seconds,
         ray_actor_options={"num_cpus": 0, "resources": {f"node:{ray.util.get_node_ip_address()}": 0.001}},
     )
-    return ingress.bind(replica.bind(config.base, config.options, config.remote, threads, board), board, config)
+    replicas = replica.bind(config.base, config.options, config.remote, config.branch, threads, board)
+    return ingress.bind(replicas, board, config)
 
 
 def start(address: str | None, host: str, port: int, cpus: int) -> str:

@@ -126,24 +126,20 @@ class RemoteAdapters:
     materialized and verified by the same catalog code as a single server's.
     """
 
-    def __init__(self, url: str, description: Description) -> None:
+    def __init__(self, url: str, branch: str, base: Path, description: Description) -> None:
         self.url = url
         folder = replica_home(url)
         root = folder / "registry"
         self._lock = folder / ".git.lock"
         with locked(self._lock):
-            if not root.is_dir():
+            if not (root / ".dvc").is_dir():  # none yet, or one cloned on a remote HEAD that is not the registry's
+                shutil.rmtree(root, ignore_errors=True)
                 staging = folder / f".clone-{os.getpid()}"
                 shutil.rmtree(staging, ignore_errors=True)
-                _git(folder, "clone", "--quiet", url, str(staging))
+                # The registry's own branch: a bare remote's HEAD may name another (master) or none.
+                _git(folder, "clone", "--quiet", "--branch", branch, url, str(staging))
                 staging.rename(root)
-        self.catalog = Catalog(
-            Registry(root),
-            folder / "files",
-            base_id=description.model_id,
-            fingerprint=description.fingerprint,
-            max_rank=description.max_rank,
-        )
+        self.catalog = Catalog.serving(Registry(root), folder / "files", base, description)
 
     def fetch(self, spec: AdapterSpec) -> AdapterSpec:
         """SPEC's exact version (its name, version and commit) in this machine's cache, its files verified."""
@@ -204,7 +200,9 @@ class _Held:
 class EngineReplica:
     """A Ray Serve replica: a real engine (`serve.factory`) whose adapters come from the registry's remotes."""
 
-    def __init__(self, base: str | None, options: EngineOptions, remote: str, threads: int, board: Any) -> None:
+    def __init__(
+        self, base: str | None, options: EngineOptions, remote: str, branch: str, threads: int, board: Any
+    ) -> None:
         import torch
 
         from core.base import resolve_base
@@ -223,7 +221,7 @@ class EngineReplica:
             engine.max_rank,
             engine.max_loaded,
         )
-        self.adapters = RemoteAdapters(remote, self.description)
+        self.adapters = RemoteAdapters(remote, branch, model.path, self.description)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self._wanted: dict[str, AdapterSpec] = {}
         self._board = board

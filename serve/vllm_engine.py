@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 from vllm import SamplingParams
 from vllm.config import StructuredOutputsConfig
 from vllm.engine.arg_utils import AsyncEngineArgs
@@ -136,7 +136,8 @@ class VLLMEngine(HFTokenizer, Engine):
             max_cpu_loras=max(slots, kept),
             max_lora_rank=lora_rank,  # vLLM sizes its slots for one of a few ranks; the catalog checks max_rank
             max_num_seqs=max_batch,
-            max_model_len=max_context,
+            # As the transformers engine: --max-context within the model's own positions (vLLM refuses more).
+            max_model_len=min(max_context, _positions(base_path, max_context)),
             kv_cache_memory_bytes=_kv_cache_bytes(kv_cache_gb, on_cpu),
             structured_outputs_config=StructuredOutputsConfig(backend="guidance", disable_any_whitespace=True),
             disable_log_stats=True,
@@ -564,6 +565,11 @@ def _worker_error(exc: Exception) -> str:
     """The reason inside vLLM's 'Call to add_lora method failed: Worker failed with error ...' message."""
     found = re.search(r"failed with error '(.*)', please check", str(exc), re.DOTALL)
     return found.group(1) if found else str(exc)
+
+
+def _positions(base_path: Path, default: int) -> int:
+    """The positions the base model was trained for (its max_position_embeddings), DEFAULT when it says none."""
+    return int(getattr(AutoConfig.from_pretrained(base_path).get_text_config(), "max_position_embeddings", default))
 
 
 def _kv_cache_bytes(kv_cache_gb: float | None, on_cpu: bool) -> int | None:

@@ -57,9 +57,7 @@ def served(
         from serve.transformers_engine import TransformersEngine
 
         engine = TransformersEngine(tiny_base, model_id="tiny-llama", quantize="none", max_loaded=2, max_batch=16)
-    catalog = Catalog(
-        registry, root / "cache", base_id=engine.model_id, fingerprint=engine.fingerprint, max_rank=engine.max_rank
-    )
+    catalog = Catalog.serving(registry, root / "cache", tiny_base, engine)
     with serving(create_app(engine, catalog, Tenants(None), Settings())) as url:
         yield Served(url, engine, make_adapter(1))
 
@@ -419,3 +417,29 @@ def test_structured_output_always_parses_and_validates_per_row_of_a_mixed_batch(
     bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}
     response = served.post("/v1/completions", model="alpha", prompt="x", response_format=bad)
     assert response.status_code == 400 and response.json()["error"]["param"] == "response_format"
+
+
+def test_the_base_answers_to_its_id_and_folder_name_everywhere(served: Served, tiny_base: Path) -> None:
+    folder = tiny_base.name
+    assert served.client.models.retrieve(folder).id == folder
+    chat = [{"role": "user", "content": "Hi"}]
+    for model in ("tiny-llama", folder):
+        assert served.client.chat.completions.create(model=model, messages=chat, max_tokens=2).choices
+        assert served.client.completions.create(model=model, prompt="x", max_tokens=2).choices
+        assert served.post("/tokenize", model=model, prompt="x").status_code == 200
+    listed = {m.id: m.model_extra for m in served.client.models.list()}
+    context = served.engine.context_length
+    assert listed["tiny-llama"] == {"root": "tiny-llama", "parent": None, "max_model_len": context}
+    assert listed["alpha"]["root"] == "alpha@v1.0.0" and listed["alpha"]["parent"] == "tiny-llama"
+    assert listed["alpha"]["max_model_len"] == context
+
+
+def test_a_base_folder_is_named_by_its_folder_and_the_hub_id_it_came_from(tmp_path: Path) -> None:
+    from core.base import MARKER
+    from serve.catalog import base_names
+
+    base = tmp_path / "smollm2-135m-instruct"
+    base.mkdir()
+    assert base_names(base) == ("smollm2-135m-instruct",)
+    (base / MARKER).write_text(json.dumps({"hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct"}))
+    assert base_names(base) == ("smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct")

@@ -20,6 +20,7 @@ from serving import metric, registry_with, server_process, wait_for
 from registry.repo import Registry
 from registry.sync import push, set_remote
 from serve.dependencies import Settings
+from serve.engine import AdapterSpec
 from serve.factory import EngineOptions
 from serve.tenants import add_tenant, set_admin
 
@@ -101,6 +102,7 @@ def cluster(
         options=EngineOptions("transformers", "none", max_loaded=2, max_batch=8, max_rank=64, max_context=1024),
         registry=registry.root,
         remote=remote_url(registry),
+        branch=registry.git.branch(),
         tenants_file=tenants,
         settings=Settings(max_tokens_cap=1000),
         interval=0.1,
@@ -280,3 +282,25 @@ def test_adapters_serve_replicas_joins_a_cluster_serves_and_stops_on_sigterm(clu
         server.send_signal(signal.SIGTERM)
         assert server.wait(120) == 0, "".join(lines)
     assert "adapters" not in serve.status().applications
+
+
+def test_a_replica_checks_out_the_registry_branch_whatever_the_remote_head_names(
+    tmp_path: Path, tiny_base: Path, make_adapter: Any
+) -> None:
+    """A remote made by plain `git init --bare` whose HEAD names master, the registry's branch being main."""
+    import subprocess
+
+    from core.base import fingerprint
+    from serve.ray_replica import Description, RemoteAdapters
+
+    registry = registry_with(tmp_path / "registry", {"acme-a": [make_adapter(1)]})
+    remote = tmp_path / "origin.git"
+    subprocess.run(["git", "init", "--quiet", "--bare", "--initial-branch=master", str(remote)], check=True)
+    set_remote(registry, "origin", str(remote), None, {})
+    push(registry, [])
+    version = registry.state().resolve("acme-a")
+    description = Description("tiny-llama", fingerprint(tiny_base), None, 1024, 100, 4096, 64, 2)
+    adapters = RemoteAdapters(str(remote), registry.git.branch(), tiny_base, description)
+    spec = AdapterSpec(version.name, str(version.version), tmp_path, version.commit)
+    fetched = adapters.fetch(spec)
+    assert (fetched.key, (fetched.path / "adapter_model.safetensors").is_file()) == ("acme-a@v1.0.0", True)

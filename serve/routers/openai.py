@@ -53,14 +53,15 @@ async def model(model: str, tenant: CallerDep, parts: ServerDep) -> dict[str, An
 
 
 def _entry(parts: Server, model: str, version: AdapterVersion | None) -> dict[str, Any]:
-    """A model object as OpenAI lists it; an adapter also names its parent and the version it means now."""
+    """A model object as OpenAI lists it, with vLLM's root and max_model_len; an adapter also names its parent and
+    the version it means now (its root: vLLM's is the adapter's path, which a registry version stands for here)."""
+    common = {"id": model, "object": "model", "owned_by": "adapters", "max_model_len": parts.engine.context_length}
     if version is None:
-        return {"id": model, "object": "model", "created": parts.started, "owned_by": "adapters"}
+        return {**common, "created": parts.started, "root": parts.engine.model_id, "parent": None}
     entry = {
-        "id": model,
-        "object": "model",
+        **common,
         "created": version.date,
-        "owned_by": "adapters",
+        "root": version.ref,
         "parent": parts.engine.model_id,
         "version": version.ref,
     }
