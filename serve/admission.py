@@ -4,34 +4,63 @@ from __future__ import annotations
 
 from collections import deque
 
+from serve.engine import GenerateRequest
 from serve.generation import Generation
+from serve.kvcache import blocks_for
 from serve.slots import IN_SLOT, Adapter, Slots, State
+
+# How many younger generations may go first past one that waits for blocks: past it, nothing younger is admitted
+# until it fits (running rows end within their max_tokens), so a long prompt is never starved by short ones.
+OVERTAKES = 32
 
 
 class Admission:
-    """Oldest first, while the batch has rows free, each one whose adapter is in a slot or has a slot to go to.
+    """Oldest first, while the batch has rows free and the block cache room, each one whose adapter is in a slot or
+    has a slot to go to.
+
+    A generation holds the blocks of its whole prompt plus its max_tokens (within the context) from admission on,
+    so running rows never run out of blocks. One that does not fit the blocks left waits; younger ones that fit
+    (shorter prompts, fewer max_tokens) go first, up to OVERTAKES times past it.
 
     Admitting a generation pins its adapter at once, so the slots promised to new adapters are never taken by
     others, and an adapter in use is never evicted. The slots allow an adapter per batch row, so the adapters a
     batch touches never hold it to fewer rows; a generation whose adapter has no slot waits for a row to end.
     """
 
-    def __init__(self, slots: Slots, max_batch: int) -> None:
+    def __init__(self, slots: Slots, max_batch: int, capacity: int, context_length: int) -> None:
         self.slots = slots
         self.max_batch = max_batch
+        self.capacity = capacity  # blocks of the cache
+        self.context_length = context_length
 
-    def admit(self, waiting: deque[Generation], running: int) -> tuple[list[Generation], list[Adapter]]:
-        """Take generations off WAITING for a batch of RUNNING rows; returns them and the adapters to install first."""
+    def blocks(self, request: GenerateRequest) -> int:
+        """Blocks REQUEST holds while it runs: its prompt and every token it may generate."""
+        tokens = len(request.prompt_ids) + request.sampling.max_tokens
+        return blocks_for(min(tokens, self.context_length))
+
+    def admit(self, waiting: deque[Generation], running: list[Generation]) -> tuple[list[Generation], list[Adapter]]:
+        """Take generations off WAITING for a batch holding RUNNING; returns them and the adapters to install first."""
         admitted: list[Generation] = []
         new: list[Adapter] = []
+        free = self.capacity - sum(self.blocks(g.request) for g in running)
+        blocked: list[Generation] = []  # older ones left waiting for blocks, which those admitted now go past
         for generation in list(waiting):
-            if len(admitted) >= self.max_batch - running:
+            if len(admitted) >= self.max_batch - len(running):
                 break
             if generation.cancelled:
                 waiting.remove(generation)
+                continue
+            need = self.blocks(generation.request)
+            if need > free:
+                if generation.overtaken >= OVERTAKES:
+                    break  # its turn: nothing younger goes first
+                blocked.append(generation)
             elif self._pin(generation, new):
                 waiting.remove(generation)
                 admitted.append(generation)
+                free -= need
+                for older in blocked:
+                    older.overtaken += 1
         self._drop_unwanted(waiting)
         return admitted, new
 

@@ -86,6 +86,18 @@ class EngineDied(AdaptersError):
     "running streams by one chunk at most; 0 prefills a prompt in one pass. Default: 32.",
 )
 @click.option(
+    "--max-batched-tokens",
+    type=click.IntRange(min=1),
+    help="Transformers only: prompt positions one step's prefill computes (rows x its longest part), so a burst of "
+    "prompts delays running streams by about that much per token. Default: 256.",
+)
+@click.option(
+    "--kv-cache-gb",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Memory for the keys and values of running requests; a request waits until its prompt and max_tokens "
+    "fit. Default: 2 (transformers), 1 on CPU (vLLM).",
+)
+@click.option(
     "--drain-seconds",
     type=click.FloatRange(min=0),
     default=120,
@@ -189,6 +201,8 @@ def serve(
     max_rank: int,
     max_context: int,
     prefill_chunk: int | None,
+    max_batched_tokens: int | None,
+    kv_cache_gb: float | None,
     drain_seconds: float,
     stale_after: float,
     max_body_bytes: int,
@@ -208,8 +222,9 @@ def serve(
     if quantize is None:
         quantize = "none" if engine == "vllm" else default_quantize()
     options = EngineOptions(
-        engine, quantize, max_loaded, max_batch, max_rank, max_context, dtype, max_cpu_loras, prefill_chunk
-    )
+        engine, quantize, max_loaded, max_batch, max_rank, max_context, dtype, max_cpu_loras, prefill_chunk,
+        max_batched_tokens, kv_cache_gb,
+    )  # fmt: skip
     options.check()  # before anything is read: a wrong option is the first thing to say
     registry = Registry.find(registry_dir)
     if tenants_file is not None and not tenants_file.is_file():

@@ -278,6 +278,7 @@ async def generate(
         # The most the request may use: each prompt once (as usage counts it), every generation to its max_tokens.
         most = sum(len(ids) + candidates * s.max_tokens for ids, s in zip(prompt_ids, samplings, strict=True))
         server.limiter.reserve(hold, most)
+        samplings = await server.engine.prepare(samplings)  # a JSON schema: compiled once, off the event loop
         owners = [p for p in range(len(prompts)) for _ in range(candidates)]
         generations = []
         for number, p in enumerate(owners):

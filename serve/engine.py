@@ -52,6 +52,8 @@ class Sampling:
     stop_token_ids: tuple[int, ...] = ()  # tokens that end the generation (not part of its text), as vLLM's
     json_schema: str | None = None  # the output must be JSON matching this schema (its text), enforced per token
     prompt_logprobs: int | None = None  # the same for each prompt token after the first (echo)
+    # json_schema as the engine compiled it (`Engine.prepare`): one compile serves all of a request's generations.
+    grammar: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         """Refuse settings no engine can sample with (the HTTP layer answers these with a 400 before)."""
@@ -122,6 +124,7 @@ class EngineStatus:
     evictions: int = 0  # adapters dropped to make room since the engine started
     passes: Mapping[int, int] = field(default_factory=dict)  # rows in a forward pass -> passes of that size so far
     replicas: Mapping[str, EngineStatus] = field(default_factory=dict)  # an engine of replicas: each one's own status
+    kv_cache_usage: float | None = None  # share of the KV cache's room its requests hold (0 to 1); None: not known
 
     @classmethod
     def of(cls, running: list[str | None], waiting: list[str | None], **rest: Any) -> EngineStatus:
@@ -247,6 +250,11 @@ class Engine(ABC):
                 raise InvalidRequest(
                     f"{name} names token ids outside this model's vocabulary of {self.vocab_size}.", param=name
                 )
+
+    async def prepare(self, samplings: list[Sampling]) -> list[Sampling]:
+        """SAMPLINGS (one request's) ready to run: a JSON schema checked and compiled once for all of them, off the
+        event loop; InvalidRequest naming response_format for one the engine cannot follow."""
+        return samplings
 
     @abstractmethod
     def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:

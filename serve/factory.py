@@ -30,6 +30,8 @@ class EngineOptions:
     dtype: str | None = None  # vLLM's compute dtype
     max_cpu_loras: int | None = None  # vLLM's cache of adapters in host memory
     prefill_chunk: int | None = None  # the transformers engine's prompt tokens per step
+    max_batched_tokens: int | None = None  # the transformers engine's prompt positions per step's prefill
+    kv_cache_gb: float | None = None  # memory for keys and values
 
     def check(self) -> None:
         """Refuse options the chosen engine does not take, with one line that says what to do."""
@@ -37,10 +39,9 @@ class EngineOptions:
             for option, value in (("--dtype", self.dtype), ("--max-cpu-loras", self.max_cpu_loras)):
                 if value is not None:
                     raise ServeOptionError(f"{option} is an option of the vLLM engine; add --engine vllm or drop it.")
-        elif self.prefill_chunk is not None:  # vLLM schedules its own chunked prefill
-            raise ServeOptionError(
-                "--prefill-chunk is an option of the transformers engine; drop it with --engine vllm."
-            )
+        elif self.prefill_chunk is not None or self.max_batched_tokens is not None:  # vLLM schedules its own prefill
+            option = "--prefill-chunk" if self.prefill_chunk is not None else "--max-batched-tokens"
+            raise ServeOptionError(f"{option} is an option of the transformers engine; drop it with --engine vllm.")
         elif self.quantize != "none":  # vLLM 0.32 dropped bitsandbytes, so it has no NF4 or int8 with LoRA
             raise ServeOptionError(
                 f"The vLLM engine cannot serve a --quantize {self.quantize} base (vLLM 0.32 has no bitsandbytes); "
@@ -67,8 +68,9 @@ def build(path: Path, model_id: str, options: EngineOptions) -> Engine:
             max_batch=options.max_batch,
             max_rank=options.max_rank,
             max_context=options.max_context,
+            kv_cache_gb=options.kv_cache_gb,
         )
-    from serve.transformers_engine import PREFILL_CHUNK, TransformersEngine
+    from serve.transformers_engine import KV_CACHE_GB, MAX_BATCHED_TOKENS, PREFILL_CHUNK, TransformersEngine
 
     return TransformersEngine(
         path,
@@ -79,4 +81,6 @@ def build(path: Path, model_id: str, options: EngineOptions) -> Engine:
         max_rank=options.max_rank,
         max_context=options.max_context,
         prefill_chunk=PREFILL_CHUNK if options.prefill_chunk is None else options.prefill_chunk,
+        max_batched_tokens=options.max_batched_tokens or MAX_BATCHED_TOKENS,
+        kv_cache_gb=options.kv_cache_gb or KV_CACHE_GB,
     )

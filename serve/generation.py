@@ -19,6 +19,7 @@ class Generation:
     pinned: Adapter | None = None  # its adapter, pinned from admission until it leaves the batch
     prompt_logprobs: list[TokenLogprob] | None = None  # scored at prefill, sent with the first chunk
     started: bool = False  # its first chunk is sent
+    overtaken: int = 0  # younger generations admitted while it waited for blocks (`serve.admission`)
     loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop, repr=False)
     queue: asyncio.Queue[Item] = field(default_factory=asyncio.Queue, repr=False)
 

@@ -31,14 +31,16 @@ class _Pass:
 class BlockCache:
     """Keys and values in blocks of BLOCK tokens from one pool per layer; a row holds the blocks its tokens fill.
 
-    Before each forward pass the engine says what it holds: `prefill(first_row, lengths, start)` for prompts written
-    to rows first_row.. from position START on (a long prompt comes in chunks), or `decode(positions)` for one new
-    token per running row at its own position. The model's attention layers write through `update` and read through
+    Before each forward pass the engine says what it holds: `prefill(rows, lengths, starts)` for prompt tokens written
+    to each row from its own start on (a long prompt comes in chunks), or `decode(positions)` for one new token per
+    running row at its own position. The model's attention layers write through `update` and read through
     `attend`. Storage follows the tokens the rows hold, not rows x the longest: the pool grows by doubling as rows
-    take blocks, and is compacted when three quarters of it lie free, so one long request's peak is not kept.
+    take blocks, and is compacted when three quarters of it lie free, so one long request's peak is not kept. It never
+    grows past CAPACITY blocks: the engine admits no request whose blocks would not fit.
     """
 
-    def __init__(self, rows: int) -> None:
+    def __init__(self, rows: int, capacity: int) -> None:
+        self.capacity = capacity
         self.tables: list[list[int]] = [[] for _ in range(rows)]  # row -> its blocks, in token order
         self.free: list[int] = []  # blocks no row holds
         self.blocks = 0  # blocks each pool has room for
@@ -57,21 +59,22 @@ class BlockCache:
         """Memory the stored keys and values take."""
         return sum(tensor.nbytes for store in (self.keys, self.values) for tensor in store)
 
-    def prefill(self, first_row: int, lengths: list[int], start: int = 0) -> None:
-        """The next forward pass writes LENGTHS[i] tokens of a prompt into row FIRST_ROW + i, from position START on
+    def prefill(self, rows: list[int], lengths: list[int], starts: list[int]) -> None:
+        """The next forward pass writes LENGTHS[i] tokens of a prompt into row ROWS[i], from position STARTS[i] on
         (0: the row starts afresh); a later chunk's attention reads the row's earlier tokens too."""
-        rows = range(first_row, first_row + len(lengths))
-        ends = [start + length for length in lengths]
-        for row, end in zip(rows, ends, strict=True):
+        ends = [start + length for start, length in zip(starts, lengths, strict=True)]
+        for row, start, end in zip(rows, starts, ends, strict=True):
             if start == 0:
                 self._release(row)
             self._extend(row, end)
         slots = self._slots(self._tables(rows), torch.tensor(ends))
-        real = torch.arange(max(lengths)) < torch.tensor(lengths)[:, None]
+        width = max(lengths)
+        real = torch.arange(width) < torch.tensor(lengths)[:, None]
+        positions = (torch.tensor(starts)[:, None] + torch.arange(width)).clamp(max=slots.shape[1] - 1)
         self._pass = _Pass(
-            write=slots[:, start:][real],
+            write=slots.gather(1, positions)[real],
             real=None if bool(real.all()) else real,
-            read=slots if start else None,
+            read=slots if any(starts) else None,
         )
 
     def decode(self, positions: torch.Tensor) -> None:
@@ -84,10 +87,14 @@ class BlockCache:
         write = tables[torch.arange(len(rows)), positions // BLOCK] * BLOCK + positions % BLOCK
         self._pass = _Pass(write=write, real=None, tables=tables, lengths=lengths)
 
-    def move(self, source: int, target: int) -> None:
-        """Row SOURCE's tokens become row TARGET's (to keep the running rows contiguous); TARGET's are freed."""
-        self._release(target)
-        self.tables[target], self.tables[source] = self.tables[source], []
+    def keep(self, order: list[int]) -> None:
+        """Rows 0, 1, ... hold the tokens rows ORDER[0], ORDER[1], ... held; every other row's blocks are freed."""
+        kept = set(order)
+        for row in range(len(self.tables)):
+            if row not in kept:
+                self._release(row)
+        tables = [self.tables[row] for row in order]
+        self.tables = tables + [[] for _ in range(len(self.tables) - len(tables))]
 
     def shrink(self, rows: int) -> None:
         """Free the blocks of rows from ROWS on; compact the pools when that leaves three quarters or more free.
@@ -144,7 +151,9 @@ class BlockCache:
         table = self.tables[row]
         while len(table) * BLOCK < length:
             if not self.free:
-                self._grow(max(MIN_BLOCKS, 2 * self.blocks))
+                if self.blocks >= self.capacity:  # a bug: the admission reserved every row's blocks
+                    raise RuntimeError(f"the block cache is full ({self.capacity} blocks)")
+                self._grow(min(self.capacity, max(MIN_BLOCKS, 2 * self.blocks)))
             table.append(self.free.pop())
 
     def _release(self, row: int) -> None:
@@ -152,7 +161,7 @@ class BlockCache:
         self.free.extend(self.tables[row])
         self.tables[row] = []
 
-    def _tables(self, rows: range) -> torch.Tensor:
+    def _tables(self, rows: range | list[int]) -> torch.Tensor:
         """(rows, blocks): each row's blocks, padded with block 0."""
         width = max(len(self.tables[row]) for row in rows)
         return torch.tensor([self.tables[row] + [0] * (width - len(self.tables[row])) for row in rows])
@@ -206,6 +215,11 @@ def trim() -> None:
     32 MB as large tensors are freed), so without this the process stays at a long request's peak."""
     if _malloc_trim is not None:
         _malloc_trim(0)
+
+
+def blocks_for(tokens: int) -> int:
+    """Blocks that hold TOKENS tokens."""
+    return -(-tokens // BLOCK)
 
 
 def _power_of_two(n: int) -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -45,11 +45,14 @@ class Row:
 
 
 class Runner:
-    """The running rows of one model and its row cache; rows join at a prefill and leave when done.
+    """The running rows of one model and its row cache; rows join once their prompt is prefilled and leave when done.
 
-    A prompt longer than PREFILL_CHUNK tokens is prefilled a chunk per step (`fill`), between decode steps, so
-    that it delays the running rows' next token by one chunk's pass at most; until its last chunk it holds the
-    cache row just past the running ones.
+    Admitted prompts are prefilled over steps, one pass per step between decode steps, so that running rows get a
+    token every step: a pass computes at most MAX_BATCHED_TOKENS prompt positions (its rows x its longest part,
+    padding included). Each row in it takes at most PREFILL_CHUNK tokens of its prompt (0: a whole prompt), a row
+    alone up to the whole budget. Its rows are, in turn: the oldest prompt that needs more than one part (so long
+    prompts always advance), prompts that end in this pass, oldest first (so a short prompt is never held behind long
+    ones), then the other long prompts. Rows being prefilled hold the cache rows just past the running ones.
     """
 
     def __init__(
@@ -62,7 +65,9 @@ class Runner:
         context_length: int,
         grammars: Grammars,
         eos: set[int],
+        capacity: int,
         prefill_chunk: int = 0,
+        max_batched_tokens: int = 256,
     ) -> None:
         model.set_attn_implementation(attention.NAME)
         if model.config._attn_implementation != attention.NAME:
@@ -71,123 +76,126 @@ class Runner:
         self.head = model.get_output_embeddings()
         self.tokenizer = tokenizer
         self.plans = rows  # what every LoRA layer reads: the current pass's rows -> adapter slots
-        self.cache = BlockCache(max_batch)
+        self.cache = BlockCache(max_batch, capacity)
         self.context_length = context_length
         self.grammars = grammars
         self.eos = eos
         self.pad = tokenizer.pad_token_id or 0
         self.rows: list[Row] = []
         self.prefill_chunk = prefill_chunk  # 0: every prompt in one pass
-        self.filling: Row | None = None  # the long prompt being prefilled, a chunk per step
-        self.queued: deque[Generation] = deque()  # long prompts waiting to be filled, oldest first
+        self.max_batched_tokens = max_batched_tokens
+        self.filling: list[Row] = []  # admitted, their prompts being prefilled, oldest first
         self.passes: Counter[int] = Counter()  # rows per forward pass -> passes
-        self.chunks = 0  # prefill chunks of long prompts run so far
 
     def held(self) -> int:
-        """Batch rows taken: running, being filled or queued to be."""
-        return len(self.rows) + (self.filling is not None) + len(self.queued)
+        """Batch rows taken: running or being filled."""
+        return len(self.rows) + len(self.filling)
 
     def generations(self) -> list[Generation]:
         """The generations holding rows now."""
-        filling = [self.filling.generation] if self.filling is not None else []
-        return [row.generation for row in self.rows] + filling + list(self.queued)
+        return [row.generation for row in self.rows + self.filling]
 
-    def admit(self, generations: list[Generation]) -> list[Generation]:
-        """Queue the long prompts of GENERATIONS to be filled in chunks, prefill the others now; returns those that
-        failed (each told its error)."""
-        long = [g for g in generations if self._chunked(g)]
-        self.queued.extend(long)
-        short = [g for g in generations if g not in long]
-        return self.prefill_apart(short) if short else []
+    def admit(self, generations: list[Generation]) -> None:
+        """GENERATIONS take rows; their prompts are prefilled over the next steps (`prefill`)."""
+        self.filling.extend(self._new_row(g) for g in generations)
 
-    def _chunked(self, generation: Generation) -> bool:
-        # Prompt log-probabilities are scored over the whole prompt in one pass, so those prompts are not chunked.
-        return 0 < self.prefill_chunk < len(generation.prompt_ids) and generation.sampling.prompt_logprobs is None
+    def _plan(self) -> list[tuple[Row, int]]:
+        """The rows the next prefill pass takes, each with how many of its prompt's tokens (see the class)."""
+        budget = self.max_batched_tokens
+        chunk = self.prefill_chunk or self.context_length
+        left = {id(row): len(row.generation.prompt_ids) - row.length for row in self.filling}
+        long = [row for row in self.filling if left[id(row)] > chunk]
+        ending = [row for row in self.filling if left[id(row)] <= chunk]
+        chosen: list[Row] = []
+        width = 0
+        for row in long[:1] + ending + long[1:]:
+            part = min(left[id(row)], chunk)
+            if chosen and (len(chosen) + 1) * max(width, part) > budget:
+                break
+            chosen.append(row)
+            width = max(width, part)
+        if self.prefill_chunk:  # fewer rows than the budget has room for: each takes a larger part
+            width = max(width, min(max(left[id(row)] for row in chosen), budget // len(chosen)))
+        return [(row, min(left[id(row)], width)) for row in chosen]
 
-    def fill(self) -> None:
-        """Prefill the next chunk of the oldest long prompt; after its last, it joins the running rows.
+    def prefill(self) -> None:
+        """One prefill pass (`_plan`); rows whose prompt it ends join the running rows with their first token.
 
-        A failure fails that generation alone; its row leaves at the next drop.
+        If the pass fails, each of its rows is tried alone, so that only rows that fail alone fail (each told its
+        error; its row leaves at the next drop).
         """
-        if self.filling is None:
-            if not self.queued:
-                return
-            self.filling = self._new_row(self.queued.popleft())
-        row = self.filling
+        parts = self._plan() if self.filling else []
+        if not parts:
+            return
         try:
-            self._chunk(row)
+            ended = self._fill(parts)
         except Exception as exc:
-            log.exception("The engine failed a request's prompt; it gets an error.")
-            fail([row.generation], exc)
-
-    def _chunk(self, row: Row) -> None:
-        prompt = row.generation.prompt_ids
-        start, end = row.length, min(len(prompt), row.length + self.prefill_chunk)
-        self.cache.prefill(len(self.rows), [end - start], start)  # the cache row past the running ones
-        self.plans.plan = plan([row.slot], end - start)
-        queries, keys = torch.arange(start, end), torch.arange(end)
-        mask = (keys[None, :] <= queries[:, None])[None, None]
-        hidden = self.forward(torch.tensor([prompt[start:end]]), mask, queries[None])
-        row.length = end
-        self.passes[1] += 1
-        self.chunks += 1
-        if end == len(prompt):
-            self.filling = None
-            self.rows.append(row)
-            self._advance([row], self.head(hidden[:, -1]))
-
-    def prefill_apart(self, generations: list[Generation]) -> list[Generation]:
-        """Prefill GENERATIONS together; if that fails, each alone, so that only those that fail alone fail.
-
-        Returns the failed ones (each told its error).
-        """
-        try:
-            self.prefill(generations)
-        except Exception as exc:
-            if len(generations) == 1:
+            if len(parts) == 1:
                 log.exception("The engine failed a request's prompt; it gets an error.")
-                fail(generations, exc)
-                return generations
-            return [failed for generation in generations for failed in self.prefill_apart([generation])]
-        return []
+                fail([parts[0][0].generation], exc)
+                return
+            ended = []
+            for part in parts:
+                try:
+                    ended += self._fill([part])
+                except Exception as alone:
+                    log.exception("The engine failed a request's prompt; it gets an error.")
+                    fail([part[0].generation], alone)
+        self._join(ended)
 
-    def prefill(self, generations: list[Generation]) -> None:
-        """Run GENERATIONS' prompts in one pass; they join the batch with their first token picked."""
+    def _fill(self, parts: list[tuple[Row, int]]) -> list[tuple[Row, torch.Tensor]]:
+        """Run PARTS (row, tokens) of prompts in one pass; the rows whose prompt it ends, with their next logits."""
         first = len(self.rows)
-        rows = [self._new_row(g) for g in generations]
-        lengths = torch.tensor([len(g.prompt_ids) for g in generations])
-        longest = int(lengths.max())
-        ids = torch.full((len(rows), longest), self.pad, dtype=torch.long)
-        for i, generation in enumerate(generations):
-            ids[i, : len(generation.prompt_ids)] = torch.tensor(generation.prompt_ids)
-        positions = torch.arange(longest)
-        causal = positions[None, :] <= positions[:, None]
-        mask = causal[None, :, :] & (positions[None, None, :] < lengths[:, None, None])
-        # A long prompt being filled keeps its cache row just past the running ones: it moves past the new rows.
-        parked = self.filling is not None
-        if parked:
-            self.cache.move(first, first + len(rows))
-        try:
-            self.cache.prefill(first, lengths.tolist())
-            self.plans.plan = plan([row.slot for row in rows], longest)
-            hidden = self.forward(ids, mask[:, None], positions.expand(len(rows), -1))
-            logits = self.head(hidden[torch.arange(len(rows)), lengths - 1])
-            for i, generation in enumerate(generations):
-                if generation.sampling.prompt_logprobs is not None:
-                    length = len(generation.prompt_ids)
-                    scores = self.head(hidden[i, : length - 1])  # each position scores the next prompt token
-                    generation.prompt_logprobs = _logprobs(
-                        scores, ids[i, 1:length].tolist(), generation.sampling.prompt_logprobs
-                    )
-        except Exception:
-            if parked:  # the batch as it was, to prefill again
-                self.cache.move(first + len(rows), first)
-            raise
-        for row, length in zip(rows, lengths.tolist(), strict=True):
-            row.length = length
-        self.rows.extend(rows)  # last: until here a failure leaves the batch as it was, to prefill again
+        rows = [row for row, _ in parts]
+        cache_rows = [first + self.filling.index(row) for row in rows]
+        starts = torch.tensor([row.length for row in rows])
+        lengths = torch.tensor([take for _, take in parts])
+        width = int(lengths.max())
+        ends = starts + lengths
+        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
+        for i, (row, take) in enumerate(parts):
+            ids[i, :take] = torch.tensor(row.generation.prompt_ids[row.length : row.length + take])
+        positions = starts[:, None] + torch.arange(width)
+        keys = torch.arange(int(ends.max()))
+        mask = (keys[None, None, :] <= positions[:, :, None]) & (keys[None, None, :] < ends[:, None, None])
+        self.cache.prefill(cache_rows, lengths.tolist(), starts.tolist())
+        self.plans.plan = plan([row.slot for row in rows], width)
+        hidden = self.forward(ids, mask[:, None], positions)
+        scored = [self._prompt_logprobs(row, hidden[i], take) for i, (row, take) in enumerate(parts)]
         self.passes[len(rows)] += 1
-        self._advance(rows, logits)
+        ended = []
+        for i, (row, take) in enumerate(parts):  # last: until here a failure leaves every row as it was
+            row.length += take
+            if scored[i]:
+                row.generation.prompt_logprobs = (row.generation.prompt_logprobs or []) + scored[i]
+            if row.length == len(row.generation.prompt_ids):
+                ended.append((row, self.head(hidden[i, take - 1])))
+        return ended
+
+    def _prompt_logprobs(self, row: Row, hidden: torch.Tensor, take: int) -> list[TokenLogprob]:
+        """The log-probabilities of the prompt tokens this part's positions predict, when ROW asks for them."""
+        top = row.generation.sampling.prompt_logprobs
+        prompt = row.generation.prompt_ids
+        scoring = min(take, len(prompt) - 1 - row.length)  # the last prompt token predicts no prompt token
+        if top is None or scoring <= 0:
+            return []
+        next_tokens = list(prompt[row.length + 1 : row.length + 1 + scoring])
+        return _logprobs(self.head(hidden[:scoring]), next_tokens, top)
+
+    def _join(self, ended: list[tuple[Row, torch.Tensor]]) -> None:
+        """ENDED rows leave the filling ones for the running ones (their cache rows too) and get their first token."""
+        if not ended:
+            return
+        done = {id(row) for row, _ in ended}
+        running, filling = len(self.rows), range(len(self.rows), self.held())
+        joining = [i for i, row in zip(filling, self.filling, strict=True) if id(row) in done]
+        staying = [i for i, row in zip(filling, self.filling, strict=True) if id(row) not in done]
+        self.cache.keep(list(range(running)) + joining + staying)
+        rows = [row for row in self.filling if id(row) in done]
+        self.filling = [row for row in self.filling if id(row) not in done]
+        self.rows.extend(rows)
+        logits = dict((id(row), scores) for row, scores in ended)
+        self._advance(rows, torch.stack([logits[id(row)] for row in rows]))
 
     def decode(self) -> None:
         """One token more for every running row, in one pass."""
@@ -217,25 +225,14 @@ class Runner:
         return out.last_hidden_state
 
     def drop_finished(self) -> list[Generation]:
-        """Free the rows of finished or cancelled generations (the last row moves into each gap); returns theirs."""
-        left = [g for g in self.queued if g.cancelled]
-        self.queued = deque(g for g in self.queued if not g.cancelled)
-        if self.filling is not None and self.filling.generation.cancelled:
-            left.append(self.filling.generation)
-            self.filling = None
-        running = len(self.rows)
-        for i in range(len(self.rows) - 1, -1, -1):
-            row = self.rows[i]
-            if not row.generation.cancelled:
-                continue
-            last = self.rows.pop()
-            if last is not row:
-                self.cache.move(len(self.rows), i)
-                self.rows[i] = last
-            left.append(row.generation)
-        if self.filling is not None and running != len(self.rows):  # its cache row stays just past the running ones
-            self.cache.move(running, len(self.rows))
-        self.cache.shrink(len(self.rows) + (self.filling is not None))
+        """Free the rows of finished or cancelled generations (the others keep their order); returns theirs."""
+        held = self.rows + self.filling
+        left = [row.generation for row in held if row.generation.cancelled]
+        if left:
+            self.cache.keep([i for i, row in enumerate(held) if not row.generation.cancelled])
+            self.rows = [row for row in self.rows if not row.generation.cancelled]
+            self.filling = [row for row in self.filling if not row.generation.cancelled]
+        self.cache.shrink(self.held())
         return left
 
     def _new_row(self, generation: Generation) -> Row:
@@ -244,8 +241,9 @@ class Runner:
             generator.manual_seed(generation.sampling.seed)
         else:
             generator.seed()
-        schema = generation.sampling.json_schema
-        matcher = self.grammars.matcher(schema) if schema is not None else None
+        # A fresh copy of the matcher its request compiled (`Engine.prepare`): nothing is compiled on the batch loop.
+        grammar = generation.sampling.grammar
+        matcher = grammar.deep_copy() if grammar is not None else None
         return Row(generation, TextStream(self.tokenizer, generation.sampling.stop), generator, matcher=matcher)
 
     def _advance(self, rows: list[Row], logits: torch.Tensor) -> None:
@@ -288,6 +286,8 @@ class Runner:
     def _next(self, row: Row, greedy: int, logits: torch.Tensor, raw: torch.Tensor) -> Chunk:
         """Pick ROW's next token and say what text it adds and whether the generation ends there."""
         generation, sampling = row.generation, row.generation.sampling
+        if row.matcher is not None and row.matcher.is_error():  # llguidance gave up: never a cut answer as "stop"
+            raise _Unfollowable(row.matcher.get_error())
         token = greedy if sampling.temperature == 0 else _sample(logits, sampling, row.generator)
         generation.completion_tokens += 1
         row.last = token
@@ -298,6 +298,8 @@ class Runner:
         ids = (token,)
         if row.matcher is not None:
             row.matcher.consume_token(token)  # the mask let through only tokens the grammar accepts
+            if row.matcher.is_error():
+                raise _Unfollowable(row.matcher.get_error())
             if row.matcher.is_stopped():  # the JSON is whole: it ends here, as at end-of-sequence
                 text = "" if token in self.eos else row.stream.push(token)[0]
                 return Chunk(text + row.stream.rest(), ids, "stop", scored)
@@ -334,6 +336,16 @@ class _NonFinite(GenerationFailed):
     def __init__(self, adapter: str | None) -> None:
         by = f"adapter {adapter}" if adapter else "the base model"
         super().__init__(f"The model's output for this request is not finite (NaN or inf) with {by}; it was stopped.")
+
+
+class _Unfollowable(GenerationFailed):
+    """llguidance cannot follow a row's JSON schema any further (a limit met past the walk `Grammars.compile` made)."""
+
+    def __init__(self, error: str) -> None:
+        reason = error.strip().splitlines()[0] if error.strip() else "no reason given"
+        super().__init__(
+            f"The output could not follow response_format's JSON schema any further ({reason}); it was stopped."
+        )
 
 
 def _adjust(logits: torch.Tensor, row: Row) -> None:

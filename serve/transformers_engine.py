@@ -13,6 +13,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -31,11 +32,13 @@ from serve.engine import (
     EngineStatus,
     GenerateRequest,
     InvalidRequest,
+    Sampling,
     received,
 )
 from serve.generation import Generation
 from serve.grammar import Grammars
 from serve.hf_tokenizer import HFTokenizer
+from serve.kvcache import BLOCK
 from serve.lora import AdapterWeights, Rows, install, read_adapter, uninstall, wrap_linears
 from serve.runner import Runner, fail
 from serve.slots import IN_SLOT, Adapter, Slots, State
@@ -48,6 +51,12 @@ log = logging.getLogger("serve")
 # chunks of 64, 545 in 128; the prompt in one pass held them 4-8 s); smaller chunks delay the long prompt's own
 # first token more.
 PREFILL_CHUNK = 32
+# Prompt positions one step's prefill pass computes (rows x its longest part, padding included): what running rows'
+# next token waits for at most (README, Benchmarks: bench/serve.py --scheduling).
+MAX_BATCHED_TOKENS = 256
+# Memory for keys and values: the block cache never holds more, and a request is admitted only when its blocks fit.
+# On the embedded model (float32, 45 KB per token) 2 GiB hold 46,600 tokens: 22 requests of the whole context.
+KV_CACHE_GB = 2.0
 # While rows run, a step boundary reads adapters for as long as the last step took, and at least this many seconds
 # (a read and install takes 15-20 ms on the embedded model on two cores): a burst of loads gets half the machine and
 # the running rows' next token waits at most about twice as long.
@@ -70,6 +79,8 @@ class TransformersEngine(HFTokenizer, Engine):
         max_rank: int = 64,
         max_context: int = 2048,
         prefill_chunk: int = PREFILL_CHUNK,
+        max_batched_tokens: int = MAX_BATCHED_TOKENS,
+        kv_cache_gb: float = KV_CACHE_GB,
     ) -> None:
         self.model_id = model_id
         self.precision = Precision.of(quantize, "float32")  # the base weights as adapters see them
@@ -77,6 +88,8 @@ class TransformersEngine(HFTokenizer, Engine):
         self.max_loaded = max_loaded
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
+        self.max_batched_tokens = max_batched_tokens
+        self.kv_cache_gb = kv_cache_gb
         self.fingerprint = fingerprint(base_path)
         self.tokenizer = AutoTokenizer.from_pretrained(base_path)
         self._cond = threading.Condition()  # guards the queue and the slots; the worker waits on it for work
@@ -90,7 +103,6 @@ class TransformersEngine(HFTokenizer, Engine):
             lambda modules, slot: uninstall(modules, slot, self._layers),
             keep=max_loaded,
         )
-        self._admission = Admission(self._slots, max_batch)
         self._waiting: deque[Generation] = deque()
         # Request id -> its generation, queued or running. A lock of its own: `abort` and a generation's end run on
         # the event loop, which must never wait for the worker's lock.
@@ -130,7 +142,9 @@ class TransformersEngine(HFTokenizer, Engine):
             rows = Rows()
             self._layers = wrap_linears(model, rows)
             self.vocab_size = int(model.get_input_embeddings().num_embeddings)
-            self._grammars = Grammars(self.tokenizer, self.vocab_size)
+            self._grammars = Grammars(self.tokenizer, self.vocab_size)  # its token table: now, not at a first schema
+            self.kv_blocks = int(self.kv_cache_gb * (1 << 30) // block_bytes(model.config))
+            self._admission = Admission(self._slots, self.max_batch, self.kv_blocks, self.context_length)
             eos = model.generation_config.eos_token_id
             self._runner = Runner(
                 model,
@@ -140,6 +154,8 @@ class TransformersEngine(HFTokenizer, Engine):
                 context_length=self.context_length,
                 grammars=self._grammars,
                 prefill_chunk=self.prefill_chunk,
+                max_batched_tokens=self.max_batched_tokens,
+                capacity=self.kv_blocks,
                 eos=(set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}) - {None},
             )
         except BaseException as exc:  # the constructor raises it in the caller's thread
@@ -195,11 +211,20 @@ class TransformersEngine(HFTokenizer, Engine):
 
     def check(self, request: GenerateRequest) -> None:
         super().check(request)
-        if request.sampling.json_schema is not None:
-            self._grammars.check(request.sampling.json_schema)
+        if (need := self._admission.blocks(request)) > self.kv_blocks:
+            raise InvalidRequest(
+                f"The prompt and max_tokens need {need} blocks of {BLOCK} tokens; this server's cache holds "
+                f"{self.kv_blocks} (--kv-cache-gb): send a lower max_tokens.",
+                param="max_tokens",
+            )
+
+    async def prepare(self, samplings: list[Sampling]) -> list[Sampling]:
+        return await self._grammars.prepare(samplings)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
         self.check(request)
+        if request.sampling.json_schema is not None and request.sampling.grammar is None:  # not `prepare`d above
+            request = replace(request, sampling=(await self.prepare([request.sampling]))[0])
         generation = Generation(request)
         with self._ids_lock:
             if request.request_id in self._ids:
@@ -239,6 +264,7 @@ class TransformersEngine(HFTokenizer, Engine):
                 loads=self._slots.loads,
                 evictions=self._slots.evictions,
                 passes=dict(self._runner.passes),
+                kv_cache_usage=self._runner.cache.held() / self._runner.cache.capacity,
             )
 
     async def close(self) -> None:
@@ -342,7 +368,7 @@ class TransformersEngine(HFTokenizer, Engine):
                     self.threads.adjust()
                     self._apply_loads(reading)
                     with self._cond:
-                        admitted, new = self._admission.admit(self._waiting, self._runner.held())
+                        admitted, new = self._admission.admit(self._waiting, self._runner.generations())
                     started = time.monotonic()
                     self._step(admitted, new)
                     self._step_seconds = time.monotonic() - started
@@ -360,8 +386,8 @@ class TransformersEngine(HFTokenizer, Engine):
         )
 
     def _step(self, admitted: list[Generation], new: list[Adapter]) -> None:
-        """Install the adapters admitted generations need, prefill those (a long prompt: its next chunk), then decode
-        every running row once."""
+        """Install the adapters admitted generations need, run one prefill pass within the budget (`Runner`), then
+        decode every running row once."""
         for adapter in new:
             try:
                 self._install(adapter)
@@ -371,11 +397,8 @@ class TransformersEngine(HFTokenizer, Engine):
                 failed = [g for g in admitted if g.pinned is adapter]
                 admitted[:] = [g for g in admitted if g not in failed]
                 self._fail(failed, exc)
-        if admitted:
-            failed = self._runner.admit(admitted)
-            self._leave(failed)
-            admitted[:] = [g for g in admitted if g not in failed]  # failed and released: not this step's any more
-        self._runner.fill()
+        self._runner.admit(admitted)
+        self._runner.prefill()
         self._leave(self._runner.drop_finished())
         if self._runner.rows:
             self._runner.decode()
@@ -415,6 +438,13 @@ class TransformersEngine(HFTokenizer, Engine):
         fail(generations, exc)
         self._leave([g for g in generations if id(g) not in running])
         self._leave(self._runner.drop_finished())
+
+
+def block_bytes(config: object) -> int:
+    """Bytes one block of the cache takes: keys and values of every layer, float32."""
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads  # type: ignore[attr-defined]
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads  # type: ignore[attr-defined]
+    return config.num_hidden_layers * 2 * heads * dim * 4 * BLOCK  # type: ignore[attr-defined]
 
 
 def _answer(answered: asyncio.Future[None]) -> None:

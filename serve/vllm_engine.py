@@ -49,6 +49,7 @@ from serve.engine import (
     Sampling,
     TokenLogprob,
 )
+from serve.grammar import Grammars
 from serve.hf_tokenizer import HFTokenizer
 from serve.lora import WEIGHTS
 
@@ -156,6 +157,7 @@ class VLLMEngine(HFTokenizer, Engine):
             raise
         self.context_length = int(self._llm.model_config.max_model_len)
         self.vocab_size = int(self._llm.model_config.get_vocab_size())
+        self._grammars = Grammars(self.tokenizer, self.vocab_size)  # the llguidance check of response_format
         self.prompt_characters = self.context_length * self._token_characters()
 
     async def _start(self, args: AsyncEngineArgs) -> AsyncLLM:
@@ -188,8 +190,15 @@ class VLLMEngine(HFTokenizer, Engine):
         if request.request_id in self._requests:
             raise InvalidRequest(f"Request id {request.request_id!r} is already running.")
 
+    async def prepare(self, samplings: list[Sampling]) -> list[Sampling]:
+        # The transformers engine's llguidance check: a schema it cannot follow is a 400 on both engines alike
+        # (vLLM's own guidance backend compiles it again in its engine core, off this loop).
+        return await self._grammars.prepare(samplings)
+
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
         self.check(request)
+        if request.sampling.json_schema is not None and request.sampling.grammar is None:  # llguidance check: not
+            await self.prepare([request.sampling])  # `prepare`d above
         caller = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
 

@@ -21,7 +21,7 @@ def tokens(rows: int, length: int) -> torch.Tensor:
 
 
 def prefill(cache: BlockCache, first: int, keys: torch.Tensor, lengths: list[int], start: int = 0) -> None:
-    cache.prefill(first, lengths, start)
+    cache.prefill(list(range(first, first + len(lengths))), lengths, [start] * len(lengths))
     cache.update(keys, keys + 1, 0)
 
 
@@ -42,7 +42,7 @@ def decode(cache: BlockCache, query: torch.Tensor, new: torch.Tensor, positions:
 
 def test_storage_follows_the_tokens_each_row_holds_not_rows_times_the_longest():
     torch.manual_seed(0)
-    cache = BlockCache(rows=8)
+    cache = BlockCache(rows=8, capacity=1024)
     long = tokens(1, 1000)
     prefill(cache, 0, long, [1000])
     short = tokens(7, 10)
@@ -51,7 +51,7 @@ def test_storage_follows_the_tokens_each_row_holds_not_rows_times_the_longest():
     assert cache.blocks == 128
     per_slot = 2 * KV_HEADS * DIM * 4  # keys and values, float32
     assert cache.nbytes() == (128 * BLOCK + 1) * per_slot  # rows x the longest would be 8 x 1024 slots
-    cache.move(7, 0)  # the long request ends: the last row takes its place
+    cache.keep([7, 1, 2, 3, 4, 5, 6])  # the long request ends: the last row takes its place
     cache.shrink(7)
     assert (cache.held(), cache.blocks) == (7, 8)  # compacted: three quarters and more lay free
     assert torch.equal(stored(cache, 0, 4), short[6, :, :4]) and torch.equal(stored(cache, 1, 10), short[0])
@@ -59,21 +59,20 @@ def test_storage_follows_the_tokens_each_row_holds_not_rows_times_the_longest():
     assert cache.nbytes() == 0 and cache.blocks == 0
 
 
-def test_rows_keep_their_tokens_through_moves_growth_and_compaction():
+def test_rows_keep_their_tokens_through_reordering_growth_and_compaction():
     torch.manual_seed(0)
-    cache = BlockCache(rows=4)
+    cache = BlockCache(rows=4, capacity=1024)
     keys = tokens(3, 40)
     prefill(cache, 0, keys, [40, 30, 20])
     chunk = tokens(1, 64)
     prefill(cache, 3, chunk[:, :, :32], [32])  # a long prompt in two chunks: the pool grows between them
     prefill(cache, 3, chunk[:, :, 32:], [32], start=32)
-    cache.move(2, 0)  # row 0 ends; row 2 takes its place
-    cache.move(3, 2)  # the long one moves down
+    cache.keep([2, 1, 3])  # row 0 ends; row 2 takes its place, the long one moves down
     cache.shrink(3)
     assert torch.equal(stored(cache, 0, 20), keys[2, :, :20])
     assert torch.equal(stored(cache, 1, 30), keys[1, :, :30])
     assert torch.equal(stored(cache, 2, 64), chunk[0])
-    cache.move(2, 0)
+    cache.keep([2])
     cache.shrink(1)  # 4 blocks of 16 held: compacted
     assert (cache.held(), cache.blocks) == (4, 4)
     assert torch.equal(stored(cache, 0, 64), chunk[0])
@@ -86,7 +85,7 @@ def test_decode_attends_to_each_rows_own_tokens_and_never_to_what_freed_blocks_h
         monkeypatch.setattr(attention, "fits", lambda *args: False)
     else:
         assert attention.fits(torch.zeros(1, 1, 1, 1), torch.zeros(1))  # the compiler is there: the kernel runs
-    cache = BlockCache(rows=4)
+    cache = BlockCache(rows=4, capacity=1024)
     prefill(cache, 0, tokens(2, 70), [70, 70])
     for pool in (cache.keys[0], cache.values[0]):  # what rows whose adapter overflowed leave in their blocks
         pool[:-1] = float("nan")
@@ -105,10 +104,10 @@ def test_decode_attends_to_each_rows_own_tokens_and_never_to_what_freed_blocks_h
 
 def test_a_later_chunk_attends_to_the_chunks_before_it():
     torch.manual_seed(0)
-    cache = BlockCache(rows=2)
+    cache = BlockCache(rows=2, capacity=1024)
     first, second = tokens(1, 20), tokens(1, 12)
     prefill(cache, 1, first, [20])
-    cache.prefill(1, [12], start=20)
+    cache.prefill([1], [12], [20])
     cache.update(second, second + 1, 0)
     query = torch.randn(1, HEADS, 12, DIM)
     queries, keys = torch.arange(20, 32), torch.arange(32)
@@ -117,3 +116,18 @@ def test_a_later_chunk_attends_to_the_chunks_before_it():
     k = torch.cat([first, second], dim=2).repeat_interleave(HEADS // KV_HEADS, dim=1)
     scores = (query @ k.transpose(2, 3) / DIM**0.5).masked_fill(~mask, float("-inf"))
     torch.testing.assert_close(out, (torch.softmax(scores, dim=-1) @ (k + 1)).transpose(1, 2))
+
+
+def test_rows_at_their_own_starts_share_one_pass_and_the_pool_never_passes_its_capacity():
+    torch.manual_seed(0)
+    cache = BlockCache(rows=3, capacity=8)
+    head = tokens(1, 20)
+    prefill(cache, 0, head, [20])
+    parts = tokens(2, 12)  # row 0 goes on from position 20, row 2 starts afresh, in the same pass
+    cache.prefill([0, 2], [12, 5], [20, 0])
+    cache.update(parts, parts + 1, 0)
+    assert torch.equal(stored(cache, 0, 32), torch.cat([head[0], parts[0]], dim=1))
+    assert torch.equal(stored(cache, 2, 5), parts[1, :, :5])
+    assert cache.blocks <= 8
+    with pytest.raises(RuntimeError, match="full"):
+        cache.prefill([1], [16 * 6], [0])

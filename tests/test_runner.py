@@ -13,8 +13,8 @@ import pytest
 
 from engines import Reader, chunks, request
 
-from serve.engine import Chunk, Sampling
-from serve.transformers_engine import TransformersEngine
+from serve.engine import Chunk, GenerateRequest, InvalidRequest, Sampling
+from serve.transformers_engine import TransformersEngine, block_bytes
 
 LONG = Sampling(max_tokens=6, temperature=0, ignore_eos=True)
 RUNNING = Sampling(max_tokens=60, temperature=0, ignore_eos=True)
@@ -35,19 +35,19 @@ def long_prompt(engine: TransformersEngine) -> list[int]:
 
 
 def record_passes(engine: TransformersEngine, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, int]]:
-    """(kind, rows, cache bytes) of each pass the runner makes from now on: "chunk" or "decode"."""
+    """(kind, rows, cache bytes) of each pass the runner makes from now on: "chunk" (a prefill) or "decode"."""
     runner, events = engine._runner, []
-    chunk, decode = runner._chunk, runner.decode
+    fill, decode = runner._fill, runner.decode
 
-    def chunk_recorded(row):
-        events.append(("chunk", 1, runner.cache.nbytes()))
-        chunk(row)
+    def fill_recorded(parts):
+        events.append(("chunk", len(parts), runner.cache.nbytes()))
+        return fill(parts)
 
     def decode_recorded():
         events.append(("decode", len(runner.rows), runner.cache.nbytes()))
         decode()
 
-    monkeypatch.setattr(runner, "_chunk", chunk_recorded)
+    monkeypatch.setattr(runner, "_fill", fill_recorded)
     monkeypatch.setattr(runner, "decode", decode_recorded)
     return events
 
@@ -75,8 +75,11 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps_and_gives_the
         expected_running, expected_long = run_alongside(whole, prompt)
     finally:
         asyncio.run(whole.close())
+    monkeypatch.setattr(chunked._runner, "max_batched_tokens", 64)  # alone, a prompt takes the whole budget
     events = record_passes(chunked, monkeypatch)
     assert run_alongside(chunked, prompt) == (expected_running, expected_long)  # greedy: token for token
+    assert events[0][0] == "chunk"  # the running prompt's own prefill
+    events = events[1:]
     kinds = [kind for kind, _, _ in events]
     first, last = kinds.index("chunk"), len(kinds) - 1 - kinds[::-1].index("chunk")
     assert kinds.count("chunk") == 15  # 900 tokens in chunks of 64
@@ -100,31 +103,32 @@ def test_the_cache_gives_back_a_long_requests_memory_when_it_ends(chunked, monke
 
 
 def test_short_prompts_prefilled_while_a_long_one_is_filled_leave_every_row_its_tokens(chunked, tiny_base, monkeypatch):
-    prompts = [long_prompt(chunked)[:100], "Hello there", "Once upon a time"]  # the long one: two chunks of 64
+    prompts = [long_prompt(chunked)[:300], "Hello there", "Once upon a time"]  # the long one: 256 tokens, then 44
     whole = TransformersEngine(tiny_base, model_id="tiny", quantize="none", max_batch=4, prefill_chunk=0)
     try:
         alone = [asyncio.run(chunks(whole, request(whole, p, sampling=SCORED))) for p in prompts]
     finally:
         asyncio.run(whole.close())
     runner, filled, seen = chunked._runner, threading.Event(), []
-    chunk, forward = runner._chunk, runner.forward
+    fill, forward = runner._fill, runner.forward
 
-    def chunk_then_wait(row):  # the fault point: after the first chunk, hold until both short prompts are queued
-        chunk(row)
+    def fill_then_wait(parts):  # the fault point: after the first part, hold until both short prompts are queued
+        ended = fill(parts)
         if not filled.is_set():
             filled.set()
             deadline = time.monotonic() + 60
             while len(chunked._waiting) < 2 and time.monotonic() < deadline:
                 time.sleep(0.001)
+        return ended
 
-    def forward_failing_once(ids, mask, positions):  # the short prompts' joint pass fails, its keys written
-        seen.append((len(ids), runner.filling is not None))
+    def forward_failing_once(ids, mask, positions):  # the three prompts' joint pass fails, its keys written
+        seen.append(len(ids))
         hidden = forward(ids, mask, positions)
-        if seen.count((2, True)) == 1 and len(ids) == 2:
+        if seen.count(3) == 1 and len(ids) == 3:
             raise RuntimeError("a pass that fails")
         return hidden
 
-    monkeypatch.setattr(runner, "_chunk", chunk_then_wait)
+    monkeypatch.setattr(runner, "_fill", fill_then_wait)
     monkeypatch.setattr(runner, "forward", forward_failing_once)
 
     async def run() -> list[list[Chunk]]:
@@ -136,8 +140,106 @@ def test_short_prompts_prefilled_while_a_long_one_is_filled_leave_every_row_its_
         return [long.chunks, *short[1:]]
 
     found = asyncio.run(run())
-    # The short prompts were prefilled (together, failing, then each alone) while the long one held its row mid-fill.
-    assert seen[:4] == [(1, True), (2, True), (1, True), (1, True)]
+    # The long prompt's last part and the short prompts shared a pass (failing, then each alone) mid-fill.
+    assert seen[:5] == [1, 3, 1, 1, 1]
     for got, expected in zip(found, alone, strict=True):  # the same tokens, scored alike: the same keys attended
         scored = [(p.token, round(p.logprob, 4)) for chunk in got for p in chunk.logprobs]
         assert scored == [(p.token, round(p.logprob, 4)) for chunk in expected for p in chunk.logprobs]
+
+
+def hold_until_waiting(engine: TransformersEngine, count: int, monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """A fault point: the worker's next admission waits until COUNT generations are queued; set once it has."""
+    admission, held = engine._admission, threading.Event()
+    admit = admission.admit
+
+    def admit_when_all_wait(waiting, running):
+        if not held.is_set() and any(w.request.request_id.startswith("burst") for w in waiting):
+            deadline = time.monotonic() + 60
+            while len(waiting) < count and time.monotonic() < deadline:
+                time.sleep(0.001)
+            held.set()
+        return admit(waiting, running)
+
+    monkeypatch.setattr(admission, "admit", admit_when_all_wait)
+    return held
+
+
+def burst(engine: TransformersEngine, prompt: list[int], number: int, sampling: Sampling) -> GenerateRequest:
+    return GenerateRequest(f"burst-{number}", tuple(prompt), None, sampling)
+
+
+def test_a_burst_of_prompts_is_prefilled_within_the_budget_while_running_rows_get_a_token_every_step(
+    tiny_base, monkeypatch
+):
+    engine = TransformersEngine(
+        tiny_base, model_id="tiny", quantize="none", max_batch=12, prefill_chunk=16, max_batched_tokens=48
+    )
+    try:
+        runner, events = engine._runner, []
+        fill, decode = runner._fill, runner.decode
+
+        def fill_recorded(parts):
+            burst = any(row.generation.request.request_id.startswith("burst") for row, _ in parts)
+            events.append(("fill" if burst else "other", len(parts) * max(take for _, take in parts)))
+            return fill(parts)
+
+        def decode_recorded():
+            events.append(("decode", {row.generation.request.request_id for row in runner.rows}))
+            decode()
+
+        monkeypatch.setattr(runner, "_fill", fill_recorded)
+        monkeypatch.setattr(runner, "decode", decode_recorded)
+        hold_until_waiting(engine, 8, monkeypatch)
+        prompt = engine.encode(" ".join(["fox"] * 40))[:12]  # 12 tokens: four fill a pass of 48
+
+        async def run() -> list[str]:
+            running = [Reader(engine, request(engine, p, sampling=RUNNING)) for p in ("Hello there", "Once upon")]
+            await asyncio.gather(*(r.started.wait() for r in running))
+            await asyncio.gather(*(chunks(engine, burst(engine, prompt, i, LONG)) for i in range(8)))
+            await asyncio.gather(*(r.task for r in running))
+            return [r.request.request_id for r in running]
+
+        running_ids = set(asyncio.run(run()))
+    finally:
+        asyncio.run(engine.close())
+    assert all(computed <= 48 for kind, computed in events if kind != "decode")
+    burst_fills = [i for i, (kind, _) in enumerate(events) if kind == "fill"]
+    assert len(burst_fills) == 2  # eight prompts of 12 tokens, four a step
+    # From the burst's first pass to its last, every step decoded both running rows once.
+    window = events[burst_fills[0] : burst_fills[-1] + 2]
+    assert [kind for kind, _ in window] == ["fill", "decode", "fill", "decode"]
+    assert all(running_ids <= rows for kind, rows in window if kind == "decode")
+
+
+def test_a_short_request_is_admitted_while_a_long_one_waits_for_blocks(tiny_base, monkeypatch):
+    from transformers import AutoConfig
+
+    blocks = 20
+    config = AutoConfig.from_pretrained(tiny_base)
+    engine = TransformersEngine(
+        tiny_base, model_id="tiny", quantize="none", max_batch=4, kv_cache_gb=blocks * block_bytes(config) / (1 << 30)
+    )
+    try:
+        assert engine.kv_blocks == blocks
+        admitted: list[list[str]] = []
+        admit = engine._runner.admit
+        monkeypatch.setattr(
+            engine._runner, "admit", lambda gs: (gs and admitted.append([g.request.request_id for g in gs]), admit(gs))
+        )
+        hold_until_waiting(engine, 4, monkeypatch)
+        long_ids = long_prompt(engine)[:80]
+        long = Sampling(max_tokens=60, temperature=0, ignore_eos=True)  # 140 tokens: 9 blocks each
+        short = Sampling(max_tokens=4, temperature=0, ignore_eos=True)  # 1 block
+        jobs = [burst(engine, long_ids, i, long) for i in range(3)] + [burst(engine, [1, 2, 3], 3, short)]
+
+        async def run() -> None:
+            await asyncio.gather(*(chunks(engine, job) for job in jobs))
+
+        asyncio.run(run())
+        with pytest.raises(InvalidRequest, match="blocks"):  # more than the whole cache: refused at once
+            engine.check(burst(engine, long_ids, 9, Sampling(max_tokens=300)))
+    finally:
+        asyncio.run(engine.close())
+    # Two long ones filled 18 of 20 blocks; the third waited, and the short one went past it.
+    assert admitted[0] == ["burst-0", "burst-1", "burst-3"]
+    assert admitted[1:] == [["burst-2"]]
