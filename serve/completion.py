@@ -26,6 +26,7 @@ from serve.metrics import (
     MODEL_SECONDS,
     MODEL_TOKENS,
     TOKENS,
+    requested_as,
 )
 from serve.schemas import ChatRequest, CompletionRequest
 from serve.tenants import Tenant
@@ -297,7 +298,7 @@ async def generate(
     except BaseException:
         release(0)
         raise
-    submit = partial(server.fairness.generate, tenant.name, tenant.weight)
+    submit = requested_as(body.model, partial(server.fairness.generate, tenant.name, tenant.weight))
     run = _Run(request, server.engine, submit, generations, owners, release, started)
     shape = _Shape(isinstance(body, ChatRequest), server.engine, body.reported_logprobs())
     echo = [(prompt.text, ids) for prompt, ids in zip(prompts, prompt_ids, strict=True)] if body.echoes() else None

@@ -3,15 +3,17 @@ every scrape, so every engine reports the same figures."""
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Iterator
+from collections import Counter as Tally
+from collections.abc import AsyncIterator, Callable, Iterator
 
 from prometheus_client import REGISTRY, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from serve.engine import Engine, EngineStatus
+from serve.engine import Chunk, Engine, EngineStatus, GenerateRequest
 
 _LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -87,19 +89,77 @@ class _Engines(Collector):
             buckets=[*buckets, ("+Inf", sum(passes.values()))],
             sum_value=sum(rows * count for rows, count in passes.items()),
         )
-        # vLLM's names, which LoRA-aware routers (the Gateway API Inference Extension) read as they are.
-        yield GaugeMetricFamily("vllm:num_requests_running", "Requests in the engine's batch (vLLM's name).", running)
-        yield GaugeMetricFamily("vllm:num_requests_waiting", "Requests waiting for the batch (vLLM's name).", waiting)
-        lora = GaugeMetricFamily(
-            "vllm:lora_requests_info",
-            "Adapters of running and waiting requests; the value is when it was read (vLLM's name and labels).",
-            labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
-        )
-        for status in statuses:
-            labels = [",".join(status.running_adapters), ",".join(status.waiting_adapters), str(status.max_loaded)]
-            lora.add_metric(labels, time.time())
-        yield lora
+        yield from _vllm(self.engines, statuses)
         yield from _per_replica({r: s for status in statuses for r, s in status.replicas.items()})
+
+
+def _vllm(engines: list[Engine], statuses: list[EngineStatus]) -> Iterator[Metric]:
+    """vLLM's names and labels, which LoRA-aware routers (the Gateway API Inference Extension) read as they are."""
+    labels = ["model_name"]
+    running = GaugeMetricFamily("vllm:num_requests_running", "Requests in the engine's batch.", labels=labels)
+    waiting = GaugeMetricFamily("vllm:num_requests_waiting", "Requests waiting for the batch.", labels=labels)
+    usage = GaugeMetricFamily("vllm:kv_cache_usage_perc", "KV-cache usage; 1 means 100 percent.", labels=labels)
+    lora = GaugeMetricFamily(
+        "vllm:lora_requests_info",
+        "Adapters of running and waiting requests, by every name they were asked for; the value is when it was read.",
+        labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
+    )
+    for engine, status in zip(engines, statuses, strict=True):
+        running.add_metric([engine.model_id], status.running)
+        waiting.add_metric([engine.model_id], status.waiting)
+        if status.kv_cache_usage is not None:
+            usage.add_metric([engine.model_id], status.kv_cache_usage)
+        names = [",".join(REQUESTED.names(keys)) for keys in (status.running_adapters, status.waiting_adapters)]
+        lora.add_metric([*names, str(status.max_loaded)], time.time())
+    yield from (running, waiting, usage, lora)
+
+
+class _Requested:
+    """The names clients sent for the adapter versions now in the engine (`alpha`, `alpha#prod`), so a router that
+    matches requests to servers by `model` finds them; the engine knows only versions (`alpha@v1.0.0`)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._names: Tally[tuple[str, str]] = Tally()  # (version, name sent) -> generations in flight
+
+    def names(self, keys: tuple[str, ...]) -> list[str]:
+        """Each version of KEYS, its bare name, then every other name a generation in flight asked it by."""
+        with self._lock:
+            sent = sorted(self._names)
+        found: dict[str, None] = {}
+        for key in keys:
+            found.update(dict.fromkeys([key, key.split("@")[0], *(name for k, name in sent if k == key)]))
+        return list(found)
+
+    def add(self, key: str, name: str, count: int) -> None:
+        with self._lock:
+            self._names[key, name] += count
+            if self._names[key, name] <= 0:
+                del self._names[key, name]
+
+
+REQUESTED = _Requested()
+
+
+def requested_as(
+    model: str, submit: Callable[[GenerateRequest], AsyncIterator[Chunk]]
+) -> Callable[[GenerateRequest], AsyncIterator[Chunk]]:
+    """SUBMIT, each generation on an adapter known by MODEL (the name its client sent) while it is in flight."""
+
+    async def generate(request: GenerateRequest) -> AsyncIterator[Chunk]:
+        key = request.adapter.key if request.adapter else None
+        if key is None:
+            async for chunk in submit(request):
+                yield chunk
+            return
+        REQUESTED.add(key, model, 1)
+        try:
+            async for chunk in submit(request):
+                yield chunk
+        finally:
+            REQUESTED.add(key, model, -1)
+
+    return generate
 
 
 def _per_replica(replicas: dict[str, EngineStatus]) -> Iterator[Metric]:

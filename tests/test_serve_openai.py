@@ -353,20 +353,28 @@ def test_the_queue_under_vllms_names(served: Served, monkeypatch: Any) -> None:
                 # end the request (a client gone) before the worker holds it.
                 lines = stream.iter_lines()
                 next(line for line in lines if line.startswith("data: "))  # it runs now
-                waiter = pool.submit(served.post, "/v1/completions", **{**body, "stream": False})
+                later = {**body, "stream": False, "model": "alpha@latest"}
+                waiter = pool.submit(served.post, "/v1/completions", **later)
                 wait_for(lambda: value("vllm:num_requests_waiting") == 1, 60, "the second request to queue")
                 assert value("vllm:num_requests_running") == 1 and value("adapters_requests_waiting") == 1
-                (info,) = samples("vllm:lora_requests_info")
-                assert info.labels == {
-                    "running_lora_adapters": "alpha@v1.0.0",
-                    "waiting_lora_adapters": "alpha@v1.0.0",
-                    "max_lora": "2",
-                }
+                assert metric(served.url, "vllm:num_requests_running", model_name="tiny-llama") == 1
+                assert 0 < metric(served.url, "vllm:kv_cache_usage_perc", model_name="tiny-llama") <= 1
+                running, waiting, max_lora = _as_the_gateway_reads(samples("vllm:lora_requests_info"))
+                # Every name a request was sent by: the bare one, another reference, the version itself.
+                assert running == waiting == {"alpha", "alpha@latest", "alpha@v1.0.0"} and max_lora == 2
                 gate.set()
         finally:
             gate.set()
         assert waiter.result().status_code == 200
     wait_for(lambda: value("vllm:num_requests_running") == 0, 10, "the batch to empty")
+
+
+def _as_the_gateway_reads(samples: list[Any]) -> tuple[set[str], set[str], int]:
+    """vllm:lora_requests_info as the Gateway API Inference Extension parses it: the sample of the largest value (the
+    latest), adapter names split at commas, max_lora an integer."""
+    latest = max(samples, key=lambda sample: sample.value).labels
+    names = [{n for n in latest[label].split(",") if n} for label in ("running_lora_adapters", "waiting_lora_adapters")]
+    return names[0], names[1], int(latest["max_lora"])
 
 
 SCHEMA = {
