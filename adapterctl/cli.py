@@ -8,7 +8,7 @@ import click
 
 from registry.commands import COMMANDS
 from core.errors import AdaptersError
-from serve.cli import serve, tenants
+from serve.cli import serve, tenants, ui
 from train.cli import evaluate, models, train
 
 
@@ -41,6 +41,7 @@ main.add_command(models)
 main.add_command(evaluate)
 main.add_command(serve)
 main.add_command(tenants)
+main.add_command(ui)
 for command in COMMANDS:
     main.add_command(command)
 

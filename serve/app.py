@@ -21,13 +21,13 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serve import docs
+from serve import docs, ui
 from serve.catalog import Catalog
 from serve.connections import Limits, protocol
 from serve.dependencies import Server, Settings
 from serve.engine import Engine, EngineError
 from serve.errors import BadRequest, PayloadTooLarge, ServeError, Unavailable, from_engine
-from serve.metrics import ENGINES, REQUEST_SECONDS, REQUESTS
+from serve.metrics import ENGINES, MODEL_ERRORS, REQUEST_SECONDS, REQUESTS
 from serve.routers import admin, health, openai, vllm
 from serve.tenants import Tenants
 
@@ -63,6 +63,7 @@ def create_app(engine: Engine, catalog: Catalog, tenants: Tenants, settings: Set
     )
     app.state.server = parts
     docs.install(app)
+    ui.install(app, ui.Console(catalog.registry, tenants, catalog, engine))
     app.state.flights = flights = _Flights()
     for router in (openai.router, admin.router, admin.scrape, health.router, vllm.router):
         app.include_router(router)
@@ -299,6 +300,8 @@ class _Observe:
             endpoint = getattr(scope.get("route"), "path", "other")  # route templates: bounded label values
             REQUESTS.labels(endpoint, str(status)).inc()
             REQUEST_SECONDS.labels(endpoint).observe(seconds)
+            if status >= 400 and "model" in state:  # resolved, then failed: the console's live view shows it
+                MODEL_ERRORS.labels(state["model"], state.get("tenant", "-")).inc()
             if endpoint not in _QUIET:
                 log.info(
                     "request_id=%s %s %s tenant=%s model=%s status=%d prompt_tokens=%d completion_tokens=%d "

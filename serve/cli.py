@@ -359,6 +359,41 @@ def _listen(host: str, port: int) -> socket.socket:
     return listener
 
 
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8001, show_default=True, help="0 picks a free port.")
+@click.option(
+    "--tenants",
+    "tenants_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Tenants file with hashed API keys: each tenant browses its own adapters, the admin key acts. Default: none.",
+)
+@click.option(
+    "--registry",
+    "registry_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Adapter repository to browse. Default: the one around the current folder.",
+)
+def ui(host: str, port: int, tenants_file: Path | None, registry_dir: Path | None) -> None:
+    """Browse the registry in a web console, without a model: versions, stages, lineage, diffs, promote, rollback."""
+    registry = Registry.find(registry_dir)
+    if tenants_file is not None and not tenants_file.is_file():
+        raise ServeOptionError(f"No tenants file at {tenants_file}; create one with `adapters tenants add NAME`.")
+    tenants = Tenants(tenants_file)
+    if tenants.open and host not in LOOPBACK:
+        raise ServeOptionError(
+            f"Without --tenants anyone who reaches the console may promote and roll back, so it listens on 127.0.0.1 "
+            f"only, not {host}; pass --tenants FILE."
+        )
+    listener = _listen(host, port)
+    import uvicorn
+
+    from serve.ui import browse_app
+
+    click.echo(f"Console on {registry.root} at http://{host}:{listener.getsockname()[1]}/ui", err=True)
+    uvicorn.Server(uvicorn.Config(browse_app(registry, tenants), log_config=None)).run(sockets=[listener])
+
+
 @click.group()
 def tenants() -> None:
     """API keys of the server: which adapters each tenant may use, and how much at once."""

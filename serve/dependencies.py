@@ -66,7 +66,12 @@ def caller(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)], parts: ServerDep
 ) -> Tenant:
     """The tenant whose key the request carries (Unauthorized without a valid one); noted for the request log."""
-    tenant = parts.tenants.authenticate(credentials.credentials if credentials else None)
+    return tenant_of(request, credentials, parts.tenants)
+
+
+def tenant_of(request: Request, credentials: HTTPAuthorizationCredentials | None, tenants: Tenants) -> Tenant:
+    """The tenant of TENANTS whose key the request carries (Unauthorized without a valid one), noted for its log."""
+    tenant = tenants.authenticate(credentials.credentials if credentials else None)
     request.state.tenant = tenant.name
     return tenant
 

@@ -31,6 +31,10 @@ CACHE_HITS = Counter("adapters_adapter_cache_hits_total", "Requests whose adapte
 # Per adapter version and tenant: label values are registry versions and tenants-file names, both bounded.
 MODEL_REQUESTS = Counter("adapters_model_requests_total", "Generation requests answered.", ["model", "tenant"])
 MODEL_TOKENS = Counter("adapters_model_tokens_total", "Tokens processed.", ["model", "tenant", "kind"])
+# Requests for a model answered with an error status (4xx or 5xx), counted as the HTTP layer answers them.
+MODEL_ERRORS = Counter(
+    "adapters_model_errors_total", "Generation requests answered with an error.", ["model", "tenant"]
+)
 MODEL_SECONDS = Histogram(
     "adapters_model_request_seconds", "Time from request to last token.", ["model"], buckets=_LATENCY
 )
