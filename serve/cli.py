@@ -137,8 +137,8 @@ class EngineDied(AdaptersError):
     type=click.FloatRange(min=0, min_open=True),
     default=60,
     show_default=True,
-    help="Seconds a response may wait on a client that reads none of it (no chunks are taken from the engine "
-    "meanwhile); then the connection is closed and its generations aborted.",
+    help="Seconds a response may stay held back by a client that does not read it (no chunks are taken from the "
+    "engine meanwhile); then the connection is closed and its generations aborted.",
 )
 @click.option(
     "--max-prompts",

@@ -60,6 +60,7 @@ class _Choice:
     logprobs: list[Scored] = field(default_factory=list)
     finish_reason: str | None = None
     tokens: int = 0  # generated so far
+    length: int = 0  # characters of text so far (a stream keeps no text, only this)
     echoed: bool = False
     start: int = 0  # where its text starts in prompt + text (text_offset counts from the prompt's start)
 
@@ -377,8 +378,10 @@ def _take(
     generation: GenerateRequest,
     engine: Engine,
     echo: list[tuple[str | None, list[int]]] | None,
+    keep: bool = True,
 ) -> tuple[str, list[Scored]]:
-    """Add CHUNK to CHOICE; returns the text and scored tokens it adds (the echoed prompt before its first)."""
+    """Add CHUNK to CHOICE (its text and scores only if KEEP); returns the text and scored tokens it adds (the
+    echoed prompt before its first)."""
     text = chunk.text
     scored: list[Scored] = list(chunk.logprobs)
     if echo is not None and not choice.echoed:
@@ -387,8 +390,10 @@ def _take(
         prompt_scores: list[Scored] = [ids[0], *(chunk.prompt_logprobs or ())]
         text = (prompt_text if prompt_text is not None else engine.decode(ids)) + text
         scored = [*(prompt_scores if generation.sampling.prompt_logprobs is not None else []), *scored]
-    choice.text += text
-    choice.logprobs.extend(scored)
+    choice.length += len(text)
+    if keep:  # a stream sends each piece once: kept, a long one would hold its whole text and scores until it ends
+        choice.text += text
+        choice.logprobs.extend(scored)
     return text, scored
 
 
@@ -441,8 +446,8 @@ async def _events(
                     role = {**shape.delta(number, "", None, []), "delta": {"role": "assistant", "content": ""}}
                     yield _sse({**head, "choices": [role], **usage})
             choice = run.choices[index]
-            offset = choice.start + len(choice.text)
-            text, scored = _take(choice, chunk, run.generations[index], engine, echo)
+            offset = choice.start + choice.length
+            text, scored = _take(choice, chunk, run.generations[index], engine, echo, keep=False)
             if not (text or scored or chunk.finish_reason):
                 continue  # tokens that add no whole character yet: nothing to send
             delta = shape.delta(index, text, chunk.finish_reason, scored, offset)
