@@ -30,7 +30,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
 
 bench: $(STAMP)
-	$(BIN)/python bench/train_memory.py
+	$(BIN)/python -m bench.train_memory
 	$(BIN)/python bench/registry.py
 	$(BIN)/python bench/serve.py
 

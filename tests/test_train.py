@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import re
 import json
 import signal
 import subprocess
@@ -273,7 +275,7 @@ def test_the_lighter_defaults_leave_the_eval_loss_where_it_was(
 ) -> None:
     lighter = train(_args(tmp_path, tiny_base, json_data, max_steps=12, output=tmp_path / "a"), echo=lambda _: None)
     build = trainer_module.build_trainer
-    monkeypatch.setattr(trainer_module, "build_trainer", lambda *a: build(*a, plain_loss=True))  # as trained before
+    monkeypatch.setattr(trainer_module, "build_trainer", lambda *a, **k: build(*a, **k, plain_loss=True))  # as before
     before = train(
         _args(tmp_path, tiny_base, json_data, max_steps=12, output=tmp_path / "b", dropout=0.05), echo=lambda _: None
     )
@@ -302,3 +304,57 @@ def test_training_threads_follow_the_cores_other_processes_leave_free(monkeypatc
         seen.append(current[0])
     # Checked at the first step (0-1 s: quiet), at 6 s (1-6 s: 4 of 5 s busy) and at 11 s (6-11 s: 2 of 5 s).
     assert seen == [2, 2, 2, 2, 2, 1, 1, 1, 1, 1, 2, 2]
+
+
+def test_eval_steps_keep_the_best_checkpoint_and_tensorboard_shows_the_run(
+    tmp_path: Path, tiny_base: Path, json_data: Path
+) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    lines: list[str] = []
+    result = train(_args(tmp_path, tiny_base, json_data, max_steps=12, eval_steps=4, lr=3e-2), echo=lines.append)
+    lineage = json.loads((tmp_path / "out" / "lineage.json").read_text())
+    folder = Path(lineage["logs"]["folder"])
+    assert lineage["logs"]["report_to"] == "tensorboard"
+    assert folder.parent == tmp_path / "out.logs"  # beside the adapter, one folder per run
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    evals = events.Scalars("eval/loss")
+    assert [e.step for e in evals] == [0, 4, 8, 12, 12]  # before, every 4 steps, after (on the best checkpoint)
+    assert len(events.Scalars("train/loss")) == 12
+    during = {e.step: e.value for e in evals[1:-1]}
+    best = min(during, key=during.get)
+    assert lineage["metrics"]["best_step"] == best
+    assert result.eval_loss_after == pytest.approx(during[best], rel=1e-4)  # the adapter written is the best one
+    assert evals[-1].value == pytest.approx(result.eval_loss_after, rel=1e-6)
+    assert f"(the best checkpoint, step {best})" in "\n".join(lines)
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("optim", "adamw_typo", "Invalid value for --optim: 'adamw_typo'; choose one of adamw_torch, "),
+        ("lr_scheduler", "cosin", "Invalid value for --lr-scheduler: 'cosin'; choose one of linear, cosine, "),
+        (
+            "report_to",
+            "comet",
+            "Invalid value for --report-to: 'comet'; choose one of tensorboard, mlflow, wandb, none.",
+        ),
+        ("report_to", "wandb", r"--report-to wandb needs the wandb package: pip install it."),
+        ("eval_steps", 5, "--eval-steps needs an eval split; pass --eval-fraction above 0."),
+    ],
+)
+def test_training_options_are_checked_in_one_line(tmp_path: Path, option: str, value: object, message: str) -> None:
+    if option == "report_to" and importlib.util.find_spec("wandb"):
+        pytest.skip("wandb is installed here")
+    extra = {"eval_fraction": 0.0} if option == "eval_steps" else {}
+    with pytest.raises(TrainingError, match=re.escape(message)):
+        TrainArgs(name="people", data=tmp_path / "d.jsonl", **{option: value}, **extra)
+
+
+def test_gpus_without_bf16_train_in_fp16(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert trainer_module.compute_dtype() == "float16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert trainer_module.compute_dtype() == "bfloat16"

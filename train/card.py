@@ -53,6 +53,8 @@ def lineage(
     resumed_from_step: int | None,
     precision: Precision,
     fidelity: dict[str, Any] | None = None,
+    world_size: int = 1,
+    logs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The record that lets anyone tell exactly what went into an adapter."""
     return {
@@ -72,6 +74,8 @@ def lineage(
         },
         "hyperparameters": args.hyperparameters(),
         "seed": args.seed,
+        "world_size": world_size,
+        "logs": logs,
         "metrics": metrics,
         "parameters": {"trainable": counts["trainable"], "total": counts["total"]},
         "resumed_from_step": resumed_from_step,
@@ -137,9 +141,14 @@ def _plot_loss(log_history: list[dict[str, Any]], metrics: dict[str, Any], path:
     from matplotlib import pyplot
 
     train = [(e["step"], e["loss"]) for e in log_history if "loss" in e]
+    during = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e]  # with --eval-steps
     evals = [
         (step, value)
-        for step, value in ((0, metrics["eval_loss_before"]), (metrics["steps"], metrics["eval_loss_after"]))
+        for step, value in (
+            (0, metrics["eval_loss_before"]),
+            *during,
+            (metrics.get("best_step") or metrics["steps"], metrics["eval_loss_after"]),
+        )
         if value is not None
     ]
     figure, axes = pyplot.subplots(figsize=(6, 3.5), dpi=100)

@@ -77,9 +77,15 @@ def train(name: str, target_modules: str, no_register: bool, message: str | None
     Inside an adapter repository the result is registered as the next version of NAME.
     """
     args = TrainArgs(name=name, target_modules=[m.strip() for m in target_modules.split(",") if m.strip()], **options)
-    from registry.repo import Registry
+    from core.threads import configure_openmp
 
-    registry = None if no_register else Registry.around(Path.cwd())
+    configure_openmp()  # before torch loads: idle OpenMP threads sleep soon instead of spinning on shared cores
+    from registry.repo import Registry
+    from train.distributed import rank
+    from train.trainer import train as run_training
+
+    # Under torchrun or accelerate launch every process runs this command; rank 0 alone touches the registry.
+    registry = None if no_register or rank() != 0 else Registry.around(Path.cwd())
     output = args.output
     if registry and not args.overwrite and output.is_dir() and any(output.iterdir()):
         # The last run's folder is in the way of the next version; once registered it is safe in the
@@ -88,12 +94,9 @@ def train(name: str, target_modules: str, no_register: bool, message: str | None
         if held:
             shutil.rmtree(output)
             click.echo(f"{output} held {held.ref}, already registered; training the next version there.")
-    from core.threads import configure_openmp
-
-    configure_openmp()  # before torch loads: idle OpenMP threads sleep soon instead of spinning on shared cores
-    from train.trainer import train as run_training
-
     result = run_training(args, echo=click.echo)
+    if result is None:
+        return
     click.echo(
         f"Adapter {name!r} written to {result.output} in {result.steps} steps ({result.seconds:.0f} s): "
         f"adapter size {_mb(result.adapter_bytes)}, peak memory {_mb(result.peak_memory_bytes)}."

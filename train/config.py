@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from core.errors import TrainingError
 from registry.names import check_name
+
+REPORTERS = ["tensorboard", "mlflow", "wandb", "none"]
+
+
+def _check_choice(option: str, value: str, choices: list[str]) -> None:
+    """One line naming the choices when VALUE is not one of them."""
+    if value not in choices:
+        raise TrainingError(f"Invalid value for --{option}: {value!r}; choose one of {', '.join(choices)}.")
 
 
 @dataclass
@@ -37,9 +46,13 @@ class TrainArgs:
     max_steps: int | None = None
     """Stop after this many optimizer steps."""
     lr: float = 2e-4
-    """Peak learning rate (linear decay after a short warm-up)."""
+    """Peak learning rate, reached after a warm-up of 5% of the steps."""
+    lr_scheduler: str = "linear"
+    """How the learning rate decays after the warm-up: any of transformers' SchedulerType (cosine, constant, ...)."""
+    optim: str = "adamw_torch_fused"
+    """Optimizer: any of transformers' OptimizerNames (adamw_torch, adamw_8bit, adafactor, sgd, ...)."""
     batch_size: int = 4
-    """Examples per forward pass."""
+    """Examples per forward pass on each device; under torchrun the global batch is this x grad-accum x processes."""
     grad_accum: int = 1
     """Forward passes per optimizer step."""
     seq_len: int = 512
@@ -48,10 +61,18 @@ class TrainArgs:
     """Seed for the split, LoRA initialisation and data order."""
     eval_fraction: float = 0.1
     """Share of the examples held out to measure eval loss before and after training."""
+    eval_steps: int | None = None
+    """Evaluate every this many steps and keep the best checkpoint: the adapter written is the one of lowest eval
+    loss (its step in lineage); checkpoints are then saved at each evaluation."""
     save_steps: int = 25
     """Write a resumable checkpoint every this many steps."""
     gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass: less memory, slower steps."""
+    """Recompute each layer's activations in the backward pass: pays when activations outgrow the weights (long
+    --seq-len x --batch-size, many layers): about half the peak of LoRA/QLoRA, a third more time per step."""
+    report_to: str | None = None
+    """Where metrics go while training: tensorboard, mlflow, wandb or none; default tensorboard if installed."""
+    log_dir: Path | None = None
+    """Folder for TensorBoard event files; default: OUTPUT.logs/<start time> beside the output folder."""
     overwrite: bool = False
     """Replace an existing finished adapter in the output folder."""
     fidelity_examples: int = 16
@@ -72,16 +93,30 @@ class TrainArgs:
             "grad-accum": self.grad_accum >= 1,
             "seq-len": self.seq_len >= 8,
             "eval-fraction": 0 <= self.eval_fraction < 1,
+            "eval-steps": self.eval_steps is None or self.eval_steps >= 1,
             "save-steps": self.save_steps >= 1,
             "fidelity-examples": self.fidelity_examples >= 0,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise TrainingError(f"Invalid value for --{bad[0]}: {getattr(self, bad[0].replace('-', '_'))!r}.")
+        if self.eval_steps and not self.eval_fraction:
+            raise TrainingError("--eval-steps needs an eval split; pass --eval-fraction above 0.")
+        self.log_dir = Path(self.log_dir) if self.log_dir else None
+        self.report_to = self.report_to or ("tensorboard" if importlib.util.find_spec("tensorboard") else "none")
+        _check_choice("report-to", self.report_to, REPORTERS)
+        if self.report_to != "none" and importlib.util.find_spec(self.report_to) is None:
+            raise TrainingError(f"--report-to {self.report_to} needs the {self.report_to} package: pip install it.")
+        # transformers is imported only here, where a run is about to load it anyway, not for `adapters --help`.
+        from transformers.trainer_utils import SchedulerType
+        from transformers.training_args import OptimizerNames
+
+        _check_choice("lr-scheduler", self.lr_scheduler, [s.value for s in SchedulerType])
+        _check_choice("optim", self.optim, [o.value for o in OptimizerNames])
 
     def hyperparameters(self) -> dict[str, Any]:
         """The settings that shape the weights (no paths), as recorded in lineage and checked on resume."""
         values = asdict(self)
-        for key in ("name", "data", "output", "overwrite", "fidelity_examples"):
+        for key in ("name", "data", "output", "overwrite", "fidelity_examples", "report_to", "log_dir"):
             values.pop(key)
         return values

@@ -35,8 +35,10 @@ from core.base import BaseModel, fingerprint, resolve_base
 from core.cache import home, locked
 from core.precision import Precision, quantization_config
 from train.config import TrainArgs
+from train.distributed import Ranks, local_rank
 
 RUN_FILE = "run.json"  # inside the partial folder: the settings a resume must match
+REENTRANT_OFF = {"use_reentrant": False}  # reentrant checkpointing breaks DDP's gradient hooks and frozen inputs
 
 
 @dataclass
@@ -57,14 +59,20 @@ class TrainResult:
 
 
 def device() -> str:
-    """The device training runs on: the first GPU when there is one, else the CPU."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """The device this process trains on: its own GPU (LOCAL_RANK under a launcher) if there are GPUs, else CPU."""
+    return f"cuda:{local_rank()}" if torch.cuda.is_available() else "cpu"
+
+
+def compute_dtype() -> str:
+    """bf16 on GPUs that have it, fp16 on older ones (T4, V100); on CPUs fp32 matmuls are faster and safer."""
+    if device() == "cpu":
+        return "float32"
+    return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
 
 
 def training_precision(qlora: bool) -> Precision:
     """The form of the base weights a run trains against: NF4 for QLoRA, as saved for LoRA."""
-    # bf16 pays off on GPUs; on CPUs fp32 matmuls are faster and numerically safer.
-    return Precision.of("nf4" if qlora else "none", "bfloat16" if device() == "cuda" else "float32")
+    return Precision.of("nf4" if qlora else "none", compute_dtype())
 
 
 def load_base_model(base: BaseModel, qlora: bool, gradient_checkpointing: bool = False) -> PreTrainedModel:
@@ -86,7 +94,9 @@ def load_base_model(base: BaseModel, qlora: bool, gradient_checkpointing: bool =
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
-    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    return prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=REENTRANT_OFF
+    )
 
 
 def tokenized_splits(examples: data.Examples, tokenizer: Any, args: TrainArgs) -> tuple[list, list]:
@@ -124,9 +134,12 @@ def build_trainer(
     args: TrainArgs,
     checkpoints: Path,
     plain_loss: bool = False,
+    log_dir: Path | None = None,
 ) -> Trainer:
     """A transformers Trainer set up for our runs: the chunked loss (or, plain_loss, the model's own over full
-    logits: the benchmark's reference), checkpoints every save_steps, our progress bar, threads that share the CPU."""
+    logits: the benchmark's reference), checkpoints every save_steps (at each evaluation with eval_steps, keeping
+    the best), our progress bar, threads that share the CPU, metrics to args.report_to (TensorBoard in log_dir)."""
+    dtype = compute_dtype()
     settings = TrainingArguments(
         output_dir=str(checkpoints),
         per_device_train_batch_size=args.batch_size,
@@ -136,19 +149,28 @@ def build_trainer(
         num_train_epochs=args.epochs,
         max_steps=args.max_steps or -1,
         warmup_steps=0.05,
-        lr_scheduler_type="linear",
+        lr_scheduler_type=args.lr_scheduler,
+        optim=args.optim,
         logging_steps=1,
+        eval_strategy="steps" if args.eval_steps else "no",
+        eval_steps=args.eval_steps,
         save_strategy="steps",
-        save_steps=args.save_steps,
-        save_total_limit=2,
-        report_to="none",
+        save_steps=args.eval_steps or args.save_steps,  # the best checkpoint is one saved at an evaluation
+        save_total_limit=2,  # the latest, and the best when it is another
+        load_best_model_at_end=bool(args.eval_steps),
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        report_to=[] if args.report_to in ("none", "tensorboard") else [args.report_to],
         seed=args.seed,
         data_seed=args.seed,
         use_cpu=device() == "cpu",
-        bf16=device() == "cuda",
+        bf16=dtype == "bfloat16",
+        fp16=dtype == "float16",
         remove_unused_columns=False,
         disable_tqdm=True,
         gradient_checkpointing=args.gradient_checkpointing,
+        gradient_checkpointing_kwargs=REENTRANT_OFF,
+        ddp_find_unused_parameters=False,  # every LoRA weight takes part in every step
         dataloader_pin_memory=False,
     )
     collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=data.IGNORE_INDEX, padding=True)
@@ -162,8 +184,15 @@ def build_trainer(
     )
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(LossBar())
+    if trainer.is_world_process_zero():
+        trainer.add_callback(LossBar())
     trainer.add_callback(ShareCpus())
+    if args.report_to == "tensorboard" and log_dir is not None:
+        from transformers.integrations import TensorBoardCallback
+
+        board = TensorBoardCallback()
+        board.logging_dir = str(log_dir)  # its only other source is an environment variable, for every run at once
+        trainer.add_callback(board)
     return trainer
 
 
@@ -173,6 +202,7 @@ class LossBar(TrainerCallback):
     def __init__(self) -> None:
         self.bar: tqdm | None = None
         self.running: float | None = None
+        self.eval: float | None = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="training", unit="step")
@@ -181,10 +211,13 @@ class LossBar(TrainerCallback):
         self.bar.update(state.global_step - self.bar.n)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        if self.bar is not None and logs and "eval_loss" in logs:
+            self.eval = logs["eval_loss"]
         if self.bar is not None and logs and "loss" in logs:
             loss = logs["loss"]
             self.running = loss if self.running is None else 0.9 * self.running + 0.1 * loss
-            self.bar.set_postfix(loss=f"{self.running:.4f}", lr=f"{logs.get('learning_rate', 0):.2e}")
+            shown = {"loss": f"{self.running:.4f}", "lr": f"{logs.get('learning_rate', 0):.2e}"}
+            self.bar.set_postfix(shown if self.eval is None else {**shown, "eval loss": f"{self.eval:.4f}"})
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.bar is not None:
@@ -192,22 +225,29 @@ class LossBar(TrainerCallback):
 
 
 class StopOnSignal(TrainerCallback):
-    """On Ctrl-C or SIGTERM, finish the current step, save a checkpoint and stop; a second Ctrl-C aborts."""
+    """On Ctrl-C or SIGTERM, finish the current step, save a checkpoint and stop; a second Ctrl-C aborts.
 
-    def __init__(self) -> None:
+    Across processes every rank stops after the same step, and a second Ctrl-C does not abort: the launcher passes
+    the first one on to its workers, which already had it from the terminal.
+    """
+
+    def __init__(self, ranks: Ranks) -> None:
+        self.ranks = ranks
         self.stopped = False
         self._previous: dict[int, Any] = {}
 
     def request_stop(self, signum: int = signal.SIGINT, frame: Any = None) -> None:
         """Ask training to stop after the current step (the signal handler; tests call it directly)."""
         self.stopped = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if self.ranks.world_size == 1:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         for signum in (signal.SIGINT, signal.SIGTERM):
             self._previous[signum] = signal.signal(signum, self.request_stop)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.stopped = self.ranks.any(self.stopped)
         if self.stopped:
             control.should_save = True
             control.should_training_stop = True
@@ -224,7 +264,7 @@ def _step_of(checkpoint: Path) -> int:
 
 def peak_memory_bytes() -> int:
     """Peak memory of this process so far: GPU memory allocated on CUDA, else resident set size."""
-    if device() == "cuda":
+    if device() != "cpu":
         return torch.cuda.max_memory_allocated()
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
@@ -250,29 +290,48 @@ def _resume_point(partial: Path, run: dict[str, Any], overwrite: bool) -> tuple[
     return (complete[-1] if complete else None), previous
 
 
-def train(args: TrainArgs, echo: Callable[[str], None] = print) -> TrainResult:
-    """Train one adapter from args.data on args.base and write it, complete, to args.output."""
+def train(args: TrainArgs, echo: Callable[[str], None] = print) -> TrainResult | None:
+    """Train one adapter from args.data on args.base and write it, complete, to args.output.
+
+    Under a launcher (torchrun, accelerate launch) every process calls this; rank 0 returns the result, the others
+    None.
+    """
     output: Path = args.output
+    partial = output.parent / f".{output.name}.partial"
+    ranks = Ranks.start()
+    if not ranks.main:
+        return _train(args, lambda _: None, output, partial, ranks)
     if output.exists() and any(output.iterdir()) and not args.overwrite:
         raise TrainingError(f"{output} already exists and is not empty; pass --overwrite or another --output.")
     # One run per output folder: a second one would share (and wreck) the first one's checkpoints.
     lock_name = hashlib.sha256(str(output.resolve()).encode()).hexdigest()[:16]
     try:
         with locked(home() / "locks" / f".{lock_name}.lock", wait=False):
-            return _train(args, echo, output, output.parent / f".{output.name}.partial")
+            return _train(args, echo, output, partial, ranks)
     except BlockingIOError:
         raise TrainingError(f"Another training run is writing {output}; wait or pick another --output.") from None
 
 
-def _train(args: TrainArgs, echo: Callable[[str], None], output: Path, partial: Path) -> TrainResult:
-    """The run itself, under the output folder's lock."""
+def _train(
+    args: TrainArgs, echo: Callable[[str], None], output: Path, partial: Path, ranks: Ranks
+) -> TrainResult | None:
+    """The run itself: rank 0 under the output folder's lock; the other ranks follow its resume point."""
     started = time.monotonic()
     examples = data.load(args.data)
     base = resolve_base(args.base)
     base_fingerprint = fingerprint(base.path)
-    run = {"hyperparameters": args.hyperparameters(), "dataset_sha256": examples.sha256, "base": base_fingerprint}
-    checkpoint, run = _resume_point(partial, run, args.overwrite)
+    run = {
+        "hyperparameters": args.hyperparameters(),
+        "dataset_sha256": examples.sha256,
+        "base": base_fingerprint,
+        "world_size": ranks.world_size,
+    }
+    # Rank 0 alone looks at (and cleans) the partial folder; a failure there ends the launch, and every rank with it.
+    checkpoint, run = ranks.share(_resume_point(partial, run, args.overwrite) if ranks.main else None)
     resumed_from_step = _step_of(checkpoint) if checkpoint else None
+    # A resumed run logs on in the folder it started (run.json keeps it).
+    run.setdefault("log_dir", str(args.log_dir or Path(f"{output}.logs") / time.strftime("%Y%m%d-%H%M%S")))
+    log_dir = Path(run["log_dir"]) if args.report_to == "tensorboard" else None
 
     tokenizer = AutoTokenizer.from_pretrained(base.path)
     train_set, eval_set = tokenized_splits(examples, tokenizer, args)
@@ -284,15 +343,25 @@ def _train(args: TrainArgs, echo: Callable[[str], None], output: Path, partial: 
     method = "QLoRA (NF4 base)" if args.qlora else "LoRA"
     echo(f"{method} on {base.name}: trainable params {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
 
-    trainer = build_trainer(model, tokenizer, train_set, eval_set, args, partial / "checkpoints")
-    stopper = StopOnSignal()
+    per_step = args.batch_size * args.grad_accum * ranks.world_size
+    echo(
+        f"Batch: {args.batch_size} per device x {args.grad_accum} accumulated x {ranks.world_size} "
+        f"process{'es' if ranks.world_size > 1 else ''} = {per_step} examples per optimizer step"
+    )
+
+    trainer = build_trainer(model, tokenizer, train_set, eval_set, args, partial / "checkpoints", log_dir=log_dir)
+    stopper = StopOnSignal(ranks)
     trainer.add_callback(stopper)
     if checkpoint is None:
-        partial.mkdir(parents=True, exist_ok=True)
+        # One evaluation, its batches shared between the ranks; rank 0 records it.
         run["eval_loss_before"] = trainer.evaluate()["eval_loss"] if eval_set else None
-        (partial / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n")
+        if ranks.main:
+            partial.mkdir(parents=True, exist_ok=True)
+            (partial / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n")
     else:
         echo(f"Resuming from step {resumed_from_step} ({checkpoint})")
+    if log_dir is not None:
+        echo(f"TensorBoard: tensorboard --logdir {log_dir}")
     if run["eval_loss_before"] is not None:
         echo(f"eval loss before: {run['eval_loss_before']:.4f}")
 
@@ -302,9 +371,13 @@ def _train(args: TrainArgs, echo: Callable[[str], None], output: Path, partial: 
             f"Interrupted at step {trainer.state.global_step}/{trainer.state.max_steps}; checkpoint saved in "
             f"{partial}. Run the same command again to resume."
         )
+    history = list(trainer.state.log_history)  # the curve of training, without the evaluation after it
     eval_after = trainer.evaluate()["eval_loss"] if eval_set else None
+    if not ranks.main:
+        return None
+    best_step = trainer.state.best_global_step if args.eval_steps else None
     if eval_after is not None:
-        echo(f"eval loss after:  {eval_after:.4f}")
+        echo(f"eval loss after:  {eval_after:.4f}" + (f" (the best checkpoint, step {best_step})" if best_step else ""))
 
     staging = partial / "final"
     shutil.rmtree(staging, ignore_errors=True)
@@ -322,6 +395,7 @@ def _train(args: TrainArgs, echo: Callable[[str], None], output: Path, partial: 
         "eval_loss_before": run["eval_loss_before"],
         "eval_loss_after": eval_after,
         "steps": trainer.state.global_step,
+        "best_step": best_step,
     }
     lineage = card.lineage(
         args,
@@ -333,8 +407,10 @@ def _train(args: TrainArgs, echo: Callable[[str], None], output: Path, partial: 
         resumed_from_step=resumed_from_step,
         precision=precision,
         fidelity=measured,
+        world_size=ranks.world_size,
+        logs={"report_to": args.report_to, "folder": str(log_dir) if log_dir else None},
     )
-    card.write(staging, lineage, trainer.state.log_history)
+    card.write(staging, lineage, history)
     if output.exists():
         shutil.rmtree(output)
     output.parent.mkdir(parents=True, exist_ok=True)
