@@ -30,6 +30,7 @@ from serve.metrics import (
 )
 from serve.schemas import ChatRequest, CompletionRequest
 from serve.tenants import Tenant
+from serve.tools import ToolUse
 
 log = logging.getLogger("serve")
 # As vLLM: a temperature above 0 but below this samples at this one (smaller ones overflow the scaled logits).
@@ -73,10 +74,11 @@ class _Choice:
 class _Shape:
     """How an endpoint spells its results; /v1/completions and /v1/chat/completions differ only here."""
 
-    def __init__(self, chat: bool, engine: Engine, top: int | None) -> None:
+    def __init__(self, chat: bool, engine: Engine, top: int | None, tools: ToolUse | None = None) -> None:
         self.chat = chat
         self.engine = engine
         self.top = top  # None: no log-probabilities in the answer
+        self.tools = tools  # None: the answer is text; else its calls are parsed from the whole text at its end
         self.prefix, self.object = ("chatcmpl", "chat.completion") if chat else ("cmpl", "text_completion")
         self.chunk_object = "chat.completion.chunk" if chat else "text_completion"
 
@@ -84,7 +86,9 @@ class _Shape:
         """One choice of a whole response."""
         logprobs = self.logprobs(scored, offset)
         if self.chat:
-            message = {"role": "assistant", "content": text}
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if self.tools is not None:
+                message, finish = self.tools.message(text, finish)
             return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish}
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
@@ -93,6 +97,10 @@ class _Shape:
         logprobs = self.logprobs(scored, offset)
         if self.chat:
             delta = {"content": text} if text or finish is None else {}
+            if self.tools is not None:  # the whole answer, in one delta: calls are known only from all of it
+                message, finish = self.tools.message(text, finish)
+                calls = [{"index": i, **call} for i, call in enumerate(message.get("tool_calls", []))]
+                delta = {"content": message["content"], **({"tool_calls": calls} if calls else {})}
             return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
@@ -301,7 +309,7 @@ async def generate(
         raise
     submit = requested_as(body.model, partial(server.fairness.generate, tenant.name, tenant.weight))
     run = _Run(request, server.engine, submit, generations, owners, release, started)
-    shape = _Shape(isinstance(body, ChatRequest), server.engine, body.reported_logprobs())
+    shape = _Shape(isinstance(body, ChatRequest), server.engine, body.reported_logprobs(), body.tool_use())
     echo = [(prompt.text, ids) for prompt, ids in zip(prompts, prompt_ids, strict=True)] if body.echoes() else None
     if shape.top is not None and not shape.chat and echo is None:
         lengths = [
@@ -447,7 +455,11 @@ async def _events(
                     yield _sse({**head, "choices": [role], **usage})
             choice = run.choices[index]
             offset = choice.start + choice.length
-            text, scored = _take(choice, chunk, run.generations[index], engine, echo, keep=False)
+            text, scored = _take(choice, chunk, run.generations[index], engine, echo, keep=shape.tools is not None)
+            if shape.tools is not None:  # tool calls are parsed from the whole text: it goes out at the end
+                if chunk.finish_reason is None:
+                    continue
+                text, scored, offset = choice.text, choice.logprobs, choice.start
             if not (text or scored or chunk.finish_reason):
                 continue  # tokens that add no whole character yet: nothing to send
             delta = shape.delta(index, text, chunk.finish_reason, scored, offset)

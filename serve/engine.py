@@ -221,8 +221,9 @@ class Engine(ABC):
         """The tokenizer's special tokens, chat template, class and context length, as vLLM's /tokenizer_info."""
 
     @abstractmethod
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids of a chat, rendered with the base model's chat template and an open assistant turn."""
+    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """Token ids of a chat (and the TOOLS it may call), rendered with the base model's chat template and an open
+        assistant turn."""
 
     @property
     def dead(self) -> str | None:

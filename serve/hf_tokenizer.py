@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from core import tool_calls
+
 
 class HFTokenizer:
     """Mixin for engines holding `tokenizer` (the base folder's HF tokenizer) and `context_length`."""
@@ -34,9 +36,14 @@ class HFTokenizer:
             "vocab_size": len(self.tokenizer),
         }
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids of a chat, rendered with the base model's chat template and an open assistant turn."""
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """Token ids of a chat, rendered with the base model's chat template and an open assistant turn; TOOLS and
+        calls by the template's own tools format when it has one, else by `core.tool_calls`' generic one."""
+        if "tools" in (self.tokenizer.chat_template or ""):
+            options = {"tools": tools} if tools else {}
+        else:
+            messages, options = tool_calls.plain(messages, tools), {}
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **options)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def _token_characters(self) -> int:

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from serve.engine import MAX_LOGPROBS
 from serve.errors import BadRequest
+from serve.tools import ToolUse
 
 
 class StreamOptions(BaseModel):
@@ -47,8 +48,6 @@ class _Generate(BaseModel):
     response_format: dict[str, Any] | None = Field(
         None, description='{"type": "text"}, "json_object" or "json_schema" (enforced while decoding).'
     )
-    tools: list[dict[str, Any]] | None = Field(None, description="Not supported: a non-empty list is a 400.")
-    tool_choice: str | dict[str, Any] | None = Field(None, description='Only "none" (there are no tools).')
     user: str | None = Field(None, description="Metadata: accepted and ignored.")
     metadata: dict[str, Any] | None = Field(None, description="Metadata: accepted and ignored.")
     store: bool | None = Field(None, description="Metadata: accepted and ignored (nothing is stored).")
@@ -66,12 +65,6 @@ class _Generate(BaseModel):
 
     def candidates(self) -> int:
         """Generations per prompt (best_of, else n); refuses what the server does not do."""
-        if self.tools:
-            raise BadRequest(
-                "Tool calls are not supported by this server; send the request without tools.", param="tools"
-            )
-        if self.tool_choice not in (None, "none"):
-            raise BadRequest("tool_choice must be 'none': this server has no tools.", param="tool_choice")
         return self.n
 
     def biases(self) -> tuple[tuple[int, float], ...]:
@@ -101,6 +94,10 @@ class _Generate(BaseModel):
 
     def reported_logprobs(self) -> int | None:
         """Most likely tokens to report per position, or None for no log-probabilities."""
+        return None
+
+    def tool_use(self) -> ToolUse | None:
+        """The tools the answer may or must call; None: a plain answer."""
         return None
 
     def echoes(self) -> bool:
@@ -163,16 +160,66 @@ class TextPart(BaseModel):
     text: str
 
 
+class Function(BaseModel):
+    """A function the model may call: its name and the JSON schema of its arguments."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="JSON schema of the arguments; default any object.")
+    strict: bool | None = Field(None, description="Accepted: arguments of a forced call always match the schema.")
+
+
+class Tool(BaseModel):
+    """A tool of a chat request: a function."""
+
+    type: Literal["function"]
+    function: Function
+
+
+class CalledFunction(BaseModel):
+    """The function of an earlier call: its name and arguments as JSON text."""
+
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    """A call an earlier assistant turn made."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class Message(BaseModel):
-    """One chat message."""
+    """One chat message; an assistant turn may carry the tool calls it made, a tool turn one call's result."""
 
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = Field(None, description="Of a tool message: the call it answers.")
+    name: str | None = Field(None, description="Metadata: accepted and ignored.")
 
-    def plain(self) -> dict[str, str]:
-        """The message as the chat template takes it: text content; `developer` is the system role."""
-        content = self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": content}
+    def plain(self) -> dict[str, Any]:
+        """The message as the chat template takes it: text content; `developer` is the system role; calls with their
+        arguments as objects, as templates with a tools format expect them."""
+        content = self.content if isinstance(self.content, str) or self.content is None else None
+        if content is None:
+            content = "".join(part.text for part in self.content or [])
+        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": content}
+        if self.tool_calls:
+            message["tool_calls"] = [_called(call) for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
+
+def _called(call: ToolCall) -> dict[str, Any]:
+    try:
+        arguments = json.loads(call.function.arguments)
+    except ValueError:
+        raise BadRequest(f"tool call {call.id}'s arguments are not JSON.", param="messages") from None
+    return {"id": call.id, "type": "function", "function": {"name": call.function.name, "arguments": arguments}}
 
 
 class ChatRequest(_Generate):
@@ -184,6 +231,44 @@ class ChatRequest(_Generate):
     top_logprobs: int | None = Field(
         None, ge=0, le=MAX_LOGPROBS, description="With logprobs: this many likeliest tokens per position."
     )
+    tools: list[Tool] | None = Field(None, description="Functions the model may call (rendered by the chat template).")
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = Field(
+        None, description='"auto" (default with tools), "none", "required" or {"type": "function", "function": ...}.'
+    )
+    parallel_tool_calls: bool = Field(True, description="Whether an answer may make several calls.")
+
+    def tool_use(self) -> ToolUse | None:
+        choice = self.tool_choice or ("auto" if self.tools else "none")
+        if isinstance(choice, dict):
+            choice = ((choice.get("function") or {}).get("name")) or ""
+            if not choice:
+                raise BadRequest(
+                    'tool_choice names a function as {"type": "function", "function": {"name": ...}}.',
+                    param="tool_choice",
+                )
+        if choice == "none":
+            return None
+        tools = tuple(tool.model_dump(exclude_none=True) for tool in self.tools or [])
+        if choice not in ("auto", "required") and choice not in {t["function"]["name"] for t in tools}:
+            raise BadRequest(f"tool_choice names {choice!r}, which is not one of the tools.", param="tool_choice")
+        if not tools:
+            raise BadRequest(f"tool_choice {choice!r} needs tools.", param="tool_choice")
+        return ToolUse(tools, choice, self.parallel_tool_calls)
+
+    def schema(self) -> str | None:
+        """response_format's schema, or the one a forced tool call must match."""
+        forced = self.tool_use()
+        schema = forced.schema() if forced else None
+        if schema is None:
+            return super().schema()
+        if (self.response_format or {}).get("type", "text") != "text":
+            raise BadRequest("response_format cannot be combined with a forced tool call.", param="response_format")
+        return json.dumps(schema)
+
+    def rendered_tools(self) -> list[dict[str, Any]] | None:
+        """The tools the chat template lists for the model: none when tool_choice is "none"."""
+        use = self.tool_use()
+        return list(use.tools) if use else None
 
     def reported_logprobs(self) -> int | None:
         if self.top_logprobs is not None and not self.logprobs:

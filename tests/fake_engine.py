@@ -106,7 +106,7 @@ class FakeEngine(Engine):
     def tokenizer_info(self) -> dict[str, Any]:
         return {"tokenizer_class": "FakeBytes", "eos_token": "", "model_max_length": self.context_length}
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
         return self.encode("".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: ")
 
     @property

@@ -217,7 +217,7 @@ def test_n_choices_each_with_its_own_seed_and_best_of_keeps_the_likeliest(served
     ("extra", "param", "message"),
     [
         ({"temprature": 0.5}, "temprature", "Extra inputs are not permitted"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "Tool calls are not supported"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "Extra inputs are not permitted"),
         ({"response_format": {"type": "yaml"}}, "response_format", "'yaml' is not one of text, json_object"),
         ({"suffix": "end"}, "suffix", "suffix is not supported"),
         ({"logprobs": 21}, "logprobs", "less than or equal to 20"),

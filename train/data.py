@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core import tool_calls
 from core.errors import DataError
 
 ROLES = ("system", "user", "assistant")
@@ -108,6 +109,10 @@ def to_messages(fmt: str, record: dict[str, Any]) -> list[Message]:
     messages = record["messages"]
     if not isinstance(messages, list) or not messages:
         raise ValueError("'messages' must be a non-empty list of {'role', 'content'} objects.")
+    if record.get("tools") or any(
+        isinstance(m, dict) and (m.get("tool_calls") or m.get("role") == "tool") for m in messages
+    ):
+        messages = _with_tools(messages, record.get("tools"))
     result = []
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
@@ -125,6 +130,17 @@ def to_messages(fmt: str, record: dict[str, Any]) -> list[Message]:
     if "user" not in roles[: roles.index("assistant")]:
         raise ValueError("the first assistant message must follow a user message.")
     return result
+
+
+def _with_tools(messages: list[Any], tools: Any) -> list[Message]:
+    """OpenAI's fine-tuning format of tools and assistant tool_calls as plain turns, written as the server renders
+    them and parses its answers (`core.tool_calls`)."""
+    try:
+        return tool_calls.plain(messages, tools)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(
+            f"tools and tool_calls must be OpenAI's ({{'type': 'function', 'function': {{name, arguments}}}}): {exc!r}"
+        ) from None
 
 
 def split(count: int, eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -26,8 +27,8 @@ async def completions(body: CompletionRequest, request: Request, tenant: CallerD
 @router.post("/chat/completions")
 async def chat_completions(body: ChatRequest, request: Request, tenant: CallerDep, parts: ServerDep) -> Response:
     """Answer a chat with the base model or an adapter version, rendered with the base model's chat template."""
-    messages = [message.plain() for message in body.messages]
-    prompt = Prompt(lambda: parts.engine.encode_chat(messages), body.characters())
+    messages, tools = [message.plain() for message in body.messages], body.rendered_tools()
+    prompt = Prompt(partial(parts.engine.encode_chat, messages, tools), body.characters())
     return await generate(request, parts, tenant, body, [prompt])
 
 

@@ -1,0 +1,73 @@
+"""Tool calling as vLLM offers it: which calls a chat answer must make, the schema that enforces them, and the
+answer's text turned into OpenAI's tool_calls."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from core import tool_calls
+
+
+@dataclass(frozen=True)
+class ToolUse:
+    """A chat request's function tools and its tool_choice: "auto", "required" or one function's name."""
+
+    tools: tuple[dict[str, Any], ...]  # OpenAI's {"type": "function", "function": {name, description, parameters}}
+    choice: str
+    parallel: bool = True
+
+    def functions(self) -> dict[str, dict[str, Any]]:
+        """Each function's name -> its JSON schema of arguments."""
+        return {t["function"]["name"]: t["function"].get("parameters") or {"type": "object"} for t in self.tools}
+
+    def schema(self) -> dict[str, Any] | None:
+        """What the output must match: a named function's arguments, for "required" an array of calls; None: free."""
+        functions = self.functions()
+        if self.choice == "auto":
+            return None
+        if self.choice != "required":
+            return functions[self.choice]
+        call = [
+            {
+                "type": "object",
+                "properties": {"name": {"const": name}, "arguments": parameters},
+                "required": ["name", "arguments"],
+                "additionalProperties": False,
+            }
+            for name, parameters in functions.items()
+        ]
+        return {"type": "array", "items": {"anyOf": call}, "minItems": 1, **({} if self.parallel else {"maxItems": 1})}
+
+    def answer(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
+        """The content and OpenAI tool_calls of an answer's TEXT (a forced answer that does not parse, cut by
+        max_tokens, is content)."""
+        if self.choice == "auto":
+            content, found = tool_calls.parse(text)
+            found = found if self.parallel else found[:1]
+            return content or None, [_call(name, arguments) for name, arguments in found]
+        try:
+            value = json.loads(text)
+        except ValueError:
+            return text, []
+        if self.choice != "required":
+            return None, [_call(self.choice, json.dumps(value, ensure_ascii=False))]
+        return None, [_call(c["name"], json.dumps(c["arguments"], ensure_ascii=False)) for c in value]
+
+    def message(self, text: str, finish: str | None) -> tuple[dict[str, Any], str | None]:
+        """The assistant message of TEXT and its finish reason ("tool_calls" once it called one)."""
+        content, calls = self.answer(text)
+        message: dict[str, Any] = {"role": "assistant", "content": content}
+        if calls:
+            message["tool_calls"] = calls
+        return message, ("tool_calls" if calls and finish == "stop" else finish)
+
+
+def _call(name: str, arguments: str) -> dict[str, Any]:
+    return {
+        "id": f"call_{secrets.token_hex(12)}",
+        "type": "function",
+        "function": {"name": name, "arguments": arguments},
+    }
