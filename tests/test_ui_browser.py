@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from serving import ROOT
-from test_ui import SCRIPT, Console, start_console
+from serving import ROOT, serving
+from test_ui import SCRIPT, Console, big_registry, start_console
 
 CHROMIUM = Path("/usr/bin/chromium")
 IMAGES = ROOT / "docs" / "images"
@@ -184,3 +185,18 @@ def test_screenshots_for_the_readme(page: Any, console: Console) -> None:
     page.get_by_role("link", name="acme-a", exact=True).wait_for()
     shot(page, "console-adapters.png")
     assert (IMAGES / "console-adapters.png").stat().st_size > 0 and shutil.which("git")
+
+
+def test_first_paint_on_2000_versions_is_under_a_second(page: Any, tmp_path: Path) -> None:
+    from serve.tenants import Tenants
+    from serve.ui import browse_app
+
+    with serving(browse_app(big_registry(tmp_path), Tenants(None))) as url:
+        page.goto(f"{url}/ui")  # the first read of the registry writes what later reads reuse
+        page.get_by_role("link", name="adapter-000", exact=True).wait_for()
+        for path, shown in (("/ui", "adapter-049"), ("/ui/adapters/adapter-150", "v1.9.0")):
+            started = time.perf_counter()
+            page.goto(f"{url}{path}")
+            page.get_by_role("link", name=shown, exact=True).wait_for()
+            seconds = time.perf_counter() - started
+            assert seconds < 1.0, (path, seconds)

@@ -3,6 +3,8 @@ package (no CDN), behind strict security headers."""
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -13,7 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from registry.repo import Registry
 from serve.errors import ServeError
 from serve.tenants import Tenants
-from serve.ui.routes import Console, router
+from serve.ui.routes import TEMPLATES, Console, router
 
 __all__ = ["Console", "browse_app", "install"]
 STATIC = Path(__file__).parent / "static"
@@ -33,6 +35,16 @@ def install(app: FastAPI, console: Console) -> None:
     app.include_router(router)
     app.mount("/ui/static", StaticFiles(directory=STATIC), name="ui-static")
     app.add_middleware(_Headers)
+    # The first page of a large registry would wait for every tag to be read: read them now, while nobody waits.
+    threading.Thread(target=_warm, args=(console,), name="console-warm", daemon=True).start()
+
+
+def _warm(console: Console) -> None:
+    """Read the registry's state and compile the templates ahead of the first page; a failure is the page's to say."""
+    with contextlib.suppress(Exception):
+        console.pages.state()
+        for name in TEMPLATES.env.list_templates():
+            TEMPLATES.get_template(name)
 
 
 def browse_app(registry: Registry, tenants: Tenants) -> FastAPI:
