@@ -74,11 +74,10 @@ def protocol(limits: Limits, http: str = "auto") -> type[asyncio.Protocol]:
                     timer.cancel()
             super().connection_lost(exc)
 
-        def data_received(self, data: bytes) -> None:
-            # Between requests (none yet, or the previous one answered) these bytes start a new request's headers.
-            if self._header_timer is None and (self.cycle is None or self.cycle.response_complete):
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():  # kept alive: the next request's head has as long as the first's
                 self._await_headers()
-            super().data_received(data)
 
         def pause_writing(self) -> None:
             super().pause_writing()
@@ -92,12 +91,15 @@ def protocol(limits: Limits, http: str = "auto") -> type[asyncio.Protocol]:
                 self._stall_timer = None
 
         def _await_headers(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
             awaited = self.cycle  # a new request's cycle replaces it once its headers are in
             self._header_timer = self.loop.call_later(limits.header_seconds, self._headers_late, awaited)
 
         def _headers_late(self, awaited: Any) -> None:
             self._header_timer = None
-            if self.cycle is awaited and not self.transport.is_closing():
+            idle = awaited is None or awaited.response_complete  # not a pipelined request whose head came already
+            if self.cycle is awaited and idle and not self.transport.is_closing():
                 log.info("Closed a connection from %s: no whole request head in %g s.", self._address,
                          limits.header_seconds)  # fmt: skip
                 _answer(self.transport, _TIMEOUT, f"No whole request head came in {limits.header_seconds:g} s.")

@@ -26,8 +26,14 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
     return Registry.init(tmp_path_factory.mktemp("connections") / "registry")[0]
 
 
+@pytest.fixture(params=["httptools", "h11"])
+def http(request: pytest.FixtureRequest) -> str:
+    """uvicorn's two HTTP/1.1 implementations: the guards subclass whichever it runs."""
+    return request.param
+
+
 @contextmanager
-def guarded(registry: Registry, limits: Limits) -> Iterator[tuple[int, Any, Any]]:
+def guarded(registry: Registry, limits: Limits, http: str) -> Iterator[tuple[int, Any, Any]]:
     """A server of the fake engine whose connections LIMITS guards, on a free port; yields the port, the engine and
     the uvicorn server."""
     import uvicorn
@@ -43,7 +49,7 @@ def guarded(registry: Registry, limits: Limits) -> Iterator[tuple[int, Any, Any]
     catalog = Catalog(registry, registry.root.parent / "cache", base_id="fake", fingerprint="f", max_rank=64)
     app = create_app(engine, catalog, Tenants(None), Settings(max_tokens_cap=MAX_TOKENS))
     listener = socket.create_server(("127.0.0.1", 0))
-    config = uvicorn.Config(app, log_config=None, access_log=False, http=protocol(limits))
+    config = uvicorn.Config(app, log_config=None, access_log=False, http=protocol(limits, http))
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
     thread.start()
@@ -84,13 +90,13 @@ def answer(sock: socket.socket) -> bytes:
 
 
 def test_a_stream_nobody_reads_pauses_its_generation_then_is_aborted(
-    registry: Registry, caplog: pytest.LogCaptureFixture
+    registry: Registry, http: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     from serve.completion import BUFFERED
     from fake_engine import UNREAD
 
     caplog.set_level(logging.INFO, logger="serve")
-    with guarded(registry, Limits(stall_seconds=2)) as (port, engine, server):
+    with guarded(registry, Limits(stall_seconds=2), http) as (port, engine, server):
         body = {"model": "fake", "prompt": "once", "max_tokens": MAX_TOKENS, "ignore_eos": True, "stream": True}
         sock = connect(port, receive_buffer=4096)
         sock.sendall(request("/v1/completions", {**body, "n": 2, "logprobs": 20}))  # and never reads
@@ -117,18 +123,20 @@ def answer_until(sock: socket.socket, end: bytes) -> bytes:
     return received
 
 
-def test_a_request_head_that_comes_too_slowly_is_closed(registry: Registry) -> None:
-    with guarded(registry, Limits(header_seconds=0.5)) as (port, _, _):
+def test_a_request_head_that_comes_too_slowly_is_closed(registry: Registry, http: str) -> None:
+    with guarded(registry, Limits(header_seconds=0.5), http) as (port, _, _):
         slow = connect(port)
         slow.sendall(b"GET /v1/mod")  # and no more
         assert answer(slow).startswith(b"HTTP/1.1 408 Request Timeout")
-        quick = connect(port)
-        quick.sendall(request("/healthz"))
-        assert answer_until(quick, b"\r\n").startswith(b"HTTP/1.1 200")
+        kept = connect(port)
+        kept.sendall(request("/healthz"))
+        assert answer_until(kept, b'"ok"}').startswith(b"HTTP/1.1 200")  # answered; the connection is kept alive
+        kept.sendall(b"GET /v1/mod")  # a second request's head, half sent on it
+        assert answer(kept).startswith(b"HTTP/1.1 408 Request Timeout")
 
 
-def test_one_address_gets_at_most_its_connections_and_others_are_served(registry: Registry) -> None:
-    with guarded(registry, Limits(per_client=3)) as (port, _, _):
+def test_one_address_gets_at_most_its_connections_and_others_are_served(registry: Registry, http: str) -> None:
+    with guarded(registry, Limits(per_client=3), http) as (port, _, _):
         held = [connect(port) for _ in range(3)]
         refused = connect(port)
         refused.sendall(request("/healthz"))
