@@ -43,6 +43,7 @@ def protocol(limits: Limits, http: str = "auto") -> type[asyncio.Protocol]:
     """uvicorn's HTTP protocol class HTTP, guarded by LIMITS; its connections share one count per address."""
     base: Any = import_from_string(HTTP_PROTOCOLS[http])
     open_by_address: Counter[str] = Counter()
+    refusing: set[str] = set()  # addresses at their cap, warned about once until they drop below it
 
     class Guarded(base):  # type: ignore[misc, valid-type]
         """One connection, closed when its headers come too slowly or its client stops reading."""
@@ -56,17 +57,21 @@ def protocol(limits: Limits, http: str = "auto") -> type[asyncio.Protocol]:
             self._address = self.client[0] if self.client else ""
             open_by_address[self._address] += 1
             if open_by_address[self._address] > limits.per_client:
-                log.warning(
-                    "Refused a connection from %s: it holds %d already (--max-connections-per-client).",
-                    self._address,
-                    limits.per_client,
-                )
+                if self._address not in refusing:
+                    refusing.add(self._address)
+                    log.warning(
+                        "Refusing connections from %s: it holds %d already (--max-connections-per-client).",
+                        self._address,
+                        limits.per_client,
+                    )
                 _answer(transport, _BUSY, f"This client holds {limits.per_client} connections already; retry later.")
                 return
             self._await_headers()
 
         def connection_lost(self, exc: Exception | None) -> None:
             open_by_address[self._address] -= 1
+            if open_by_address[self._address] < limits.per_client:
+                refusing.discard(self._address)
             if not open_by_address[self._address]:
                 del open_by_address[self._address]
             for timer in (self._header_timer, self._stall_timer):
