@@ -28,7 +28,7 @@ from serve.dependencies import Server, Settings
 from serve.engine import Engine, EngineError
 from serve.errors import BadRequest, PayloadTooLarge, ServeError, Unavailable, from_engine
 from serve.metrics import ENGINES, MODEL_ERRORS, REQUEST_SECONDS, REQUESTS
-from serve.routers import admin, health, openai, vllm
+from serve.routers import admin, health, openai, responses, vllm
 from serve.tenants import Tenants
 
 log = logging.getLogger("serve")
@@ -65,7 +65,7 @@ def create_app(engine: Engine, catalog: Catalog, tenants: Tenants, settings: Set
     docs.install(app)
     ui.install(app, ui.Console(catalog.registry, tenants, catalog, engine))
     app.state.flights = flights = _Flights()
-    for router in (openai.router, admin.router, admin.scrape, health.router, vllm.router):
+    for router in (openai.router, responses.router, admin.router, admin.scrape, health.router, vllm.router):
         app.include_router(router)
     app.add_exception_handler(ServeError, _serve_error)
     app.add_exception_handler(EngineError, _engine_error)
