@@ -173,3 +173,21 @@ def test_auto_answers_parse_into_content_and_calls() -> None:
     assert message["content"] == "Sure.  <tool_call>not json</tool_call>" and finish == "tool_calls"
     assert [c["function"] for c in message["tool_calls"]] == [{"name": "set_alarm", "arguments": '{"at": "06:00"}'}]
     assert use.message("No call.", "stop") == ({"role": "assistant", "content": "No call."}, "stop")
+
+
+def test_langchain_structured_output_by_function_calling(url: str) -> None:
+    """LangChain's `with_structured_output(method="function_calling")`: a forced call, parsed into its model."""
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel, Field
+
+    class Weather(BaseModel):
+        """A forecast request."""
+
+        city: str = Field(max_length=6)
+        days: int = Field(ge=1, le=7)
+
+    chat = ChatOpenAI(base_url=f"{url}/v1", api_key="unused", model="alpha", temperature=0, max_tokens=80)
+    # strict: closed objects (additionalProperties false), else a random model writes keys until max_tokens.
+    structured = chat.with_structured_output(Weather, method="function_calling", strict=True, include_raw=True)
+    answer = structured.invoke("Weather in Paris for 3 days?")
+    assert isinstance(answer["parsed"], Weather), answer
