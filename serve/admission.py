@@ -12,6 +12,10 @@ from serve.slots import IN_SLOT, Adapter, Slots, State
 # How many younger generations may go first past one that waits for blocks: past it, nothing younger is admitted
 # until it fits (running rows end within their max_tokens), so a long prompt is never starved by short ones.
 OVERTAKES = 32
+# The share of the blocks kept for short generations (each needing at most a RESERVE-th of that share): without it,
+# long prompts fill the cache to the last block (48 of 1,771 tokens did on the embedded model) and a 3-token request
+# waits for one of them to end.
+RESERVE = 8
 
 
 class Admission:
@@ -19,8 +23,9 @@ class Admission:
     has a slot to go to.
 
     A generation holds the blocks of its whole prompt plus its max_tokens (within the context) from admission on,
-    so running rows never run out of blocks. One that does not fit the blocks left waits; younger ones that fit
-    (shorter prompts, fewer max_tokens) go first, up to OVERTAKES times past it.
+    so running rows never run out of blocks. The last RESERVE-th of the blocks goes only to short generations. One
+    that does not fit the blocks left waits; younger ones that fit (shorter prompts, fewer max_tokens) go first, up
+    to OVERTAKES times past it.
 
     Admitting a generation pins its adapter at once, so the slots promised to new adapters are never taken by
     others, and an adapter in use is never evicted. The slots allow an adapter per batch row, so the adapters a
@@ -32,6 +37,9 @@ class Admission:
         self.max_batch = max_batch
         self.capacity = capacity  # blocks of the cache
         self.context_length = context_length
+        self.reserve = capacity // RESERVE  # kept for short generations
+        self.short = max(1, self.reserve // RESERVE)  # the most blocks a generation that may use the reserve needs
+        self.largest = capacity - self.reserve  # the most blocks any generation may hold
 
     def blocks(self, request: GenerateRequest) -> int:
         """Blocks REQUEST holds while it runs: its prompt and every token it may generate."""
@@ -51,7 +59,7 @@ class Admission:
                 waiting.remove(generation)
                 continue
             need = self.blocks(generation.request)
-            if need > free:
+            if need > (free if need <= self.short else free - self.reserve):
                 if generation.overtaken >= OVERTAKES:
                     break  # its turn: nothing younger goes first
                 blocked.append(generation)

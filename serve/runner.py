@@ -49,8 +49,8 @@ class Runner:
 
     Admitted prompts are prefilled over steps, one pass per step between decode steps, so that running rows get a
     token every step: a pass computes at most MAX_BATCHED_TOKENS prompt positions (its rows x its longest part,
-    padding included). Each row in it takes at most PREFILL_CHUNK tokens of its prompt (0: a whole prompt), a row
-    alone up to the whole budget. Its rows are, in turn: the oldest prompt that needs more than one part (so long
+    padding included). Each row in it takes at most PREFILL_CHUNK tokens of its prompt (0: a whole prompt); when fewer
+    rows share a pass, larger parts, up to the budget. Its rows are, in turn: the oldest prompt that needs more than one part (so long
     prompts always advance), prompts that end in this pass, oldest first (so a short prompt is never held behind long
     ones), then the other long prompts. Rows being prefilled hold the cache rows just past the running ones.
     """

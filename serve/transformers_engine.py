@@ -211,10 +211,10 @@ class TransformersEngine(HFTokenizer, Engine):
 
     def check(self, request: GenerateRequest) -> None:
         super().check(request)
-        if (need := self._admission.blocks(request)) > self.kv_blocks:
+        if (need := self._admission.blocks(request)) > self._admission.largest:
             raise InvalidRequest(
                 f"The prompt and max_tokens need {need} blocks of {BLOCK} tokens; this server's cache holds "
-                f"{self.kv_blocks} (--kv-cache-gb): send a lower max_tokens.",
+                f"{self._admission.largest} for one request (--kv-cache-gb): send a lower max_tokens.",
                 param="max_tokens",
             )
 
