@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from core.errors import Conflict, DetachedHead, RegistryError, RemoteError
@@ -102,9 +103,9 @@ class Git:
             )
         raise _failure(args[0], stderr, remote=False)
 
-    @property
+    @cached_property
     def git_dir(self) -> Path:
-        """The repository's .git folder (absolute)."""
+        """The repository's .git folder (absolute); asked once, as a work tree's never moves."""
         return Path(self.run("rev-parse", "--absolute-git-dir").strip())
 
     def branch(self) -> str:

@@ -7,7 +7,7 @@ import json
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -152,12 +152,34 @@ class Registry:
 
     def meta(self, version: AdapterVersion) -> dict[str, Any]:
         """The summary recorded with VERSION (base, rank, metrics, dataset)."""
-        return (yaml.safe_load(self.dvcfile(version)) or {}).get("meta") or {}
+        return _summary(self.dvcfile(version))
 
     def metas(self, versions: list[AdapterVersion]) -> list[dict[str, Any]]:
-        """Summaries of many versions in one git call."""
-        texts = self.git.show_many([f"{v.commit}:{ADAPTERS_DIR}/{v.name}.dvc" for v in versions])
-        return [(yaml.safe_load(t) or {}).get("meta") or {} if t else {} for t in texts]
+        """Summaries of many versions: remembered ones unread, the others read in one git call."""
+        found = self._remembered("adapters-pointer-metas.json", [_pointer(v) for v in versions], _summary)
+        return [meta if meta is not None else {} for meta in found]
+
+    def _remembered(self, record: str, specs: list[str], read: Callable[[str], Any]) -> list[Any]:
+        """READ(text) of each pointer file SPECS names (COMMIT:PATH or a blob id; None where absent), kept in
+        .git/RECORD.
+
+        Such a spec names one file for ever: only those not seen before are read from git (in one call), so
+        commands over thousands of versions parse none of them twice. A value that does not come back from JSON
+        as it went in is read afresh each time instead.
+        """
+        path = self.git.git_dir / record
+        try:
+            known: dict[str, Any] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            known = {}
+        unknown = list(dict.fromkeys(spec for spec in specs if spec not in known))
+        fresh = {}
+        for spec, text in zip(unknown, self.git.show_many(unknown), strict=True):
+            fresh[spec] = read(text) if text is not None else None
+        kept = {spec: value for spec, value in fresh.items() if value is not None and _round_trips(value)}
+        if kept:
+            write_atomic(path, json.dumps({**known, **kept}))
+        return [fresh[spec] if spec in fresh else known[spec] for spec in specs]
 
     def add(
         self,
@@ -396,9 +418,9 @@ class Registry:
         return version
 
     def pointers(self, versions: list[AdapterVersion]) -> list[tuple[str, str]]:
-        """(NAME@vX.Y.Z, folder object) for each version, read in one git call."""
-        texts = self.git.show_many([f"{v.commit}:{ADAPTERS_DIR}/{v.name}.dvc" for v in versions])
-        return [(v.ref, store.dir_md5(t)) for v, t in zip(versions, texts, strict=True) if t]
+        """(NAME@vX.Y.Z, folder object) for each version whose commit holds its pointer file (new ones read at once)."""
+        md5s = self._remembered(_FOLDER_OBJECTS, [_pointer(v) for v in versions], _folder_object)
+        return [(v.ref, md5) for v, md5 in zip(versions, md5s, strict=True) if md5]
 
     def tree_blobs(self, rev: str) -> dict[str, str]:
         """{NAME: blob id of adapters/NAME.dvc} at REV, in one call: equal ids mean the same version, unread."""
@@ -407,16 +429,13 @@ class Registry:
         return {Path(path).stem: meta.split()[2] for meta, path in rows if path.endswith(".dvc")}
 
     def blob_pointers(self, blobs: dict[str, str]) -> dict[str, str]:
-        """{NAME: folder object} for the pointer-file blobs {NAME: blob id}, read in one call."""
-        texts = self.git.show_many(list(blobs.values()))
-        return {name: store.dir_md5(t) for name, t in zip(blobs, texts, strict=True) if t}
+        """{NAME: folder object} for the pointer-file blobs {NAME: blob id}; blobs not seen before read in one call."""
+        md5s = self._remembered(_FOLDER_OBJECTS, list(blobs.values()), _folder_object)
+        return {name: md5 for name, md5 in zip(blobs, md5s, strict=True) if md5}
 
     def tree_pointers(self, rev: str) -> list[tuple[str, str]]:
         """(NAME, folder object) for every adapter the pointer files at REV name: what a checkout of REV holds."""
-        names = self.git.run("ls-tree", "--name-only", rev, f"{ADAPTERS_DIR}/").split()
-        paths = [p for p in names if p.endswith(".dvc")]
-        texts = self.git.show_many([f"{rev}:{p}" for p in paths])
-        return [(Path(p).stem, store.dir_md5(t)) for p, t in zip(paths, texts, strict=True) if t]
+        return list(self.blob_pointers(self.tree_blobs(rev)).items())
 
     def registered_as(self, name: str, folder: Path, objects: store.Store | None = None) -> AdapterVersion | None:
         """The version of NAME whose files are exactly FOLDER's, if one is (newest first); OBJECTS: a store open."""
@@ -477,6 +496,35 @@ class Registry:
                 raw = objects.read(md5, name)
                 docs[name] = yaml.safe_load(raw) if raw else {}
         return entries, docs
+
+
+# Where the folder object each pointer file records is remembered (see Registry._remembered).
+_FOLDER_OBJECTS = "adapters-pointer-objects.json"
+# libyaml's parser where PyYAML was built with it: ten times faster on the pointer files a log reads.
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def _pointer(version: AdapterVersion) -> str:
+    """COMMIT:PATH of VERSION's pointer file."""
+    return f"{version.commit}:{ADAPTERS_DIR}/{version.name}.dvc"
+
+
+def _folder_object(dvcfile: str) -> str | None:
+    """The folder object a pointer file's text records (None for an empty file)."""
+    return store.dir_md5(dvcfile) if dvcfile else None
+
+
+def _summary(dvcfile: str) -> dict[str, Any]:
+    """The `meta:` summary of a pointer file's text."""
+    return (yaml.load(dvcfile, Loader=_YAML_LOADER) or {}).get("meta") or {}
+
+
+def _round_trips(value: Any) -> bool:
+    """Whether VALUE comes back from JSON as it is (YAML also has dates, integer keys and NaN)."""
+    try:
+        return json.loads(json.dumps(value)) == value
+    except (TypeError, ValueError):
+        return False
 
 
 def _declared(text: str | None, name: str) -> str:

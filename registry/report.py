@@ -123,7 +123,7 @@ def status(registry: Registry, remote: str | None) -> dict[str, Any]:
         remote_refs: dict[str, str] | None = registry.git.remote_refs(remote)
     except RemoteError as exc:
         remote_refs, unreachable = None, str(exc)
-    tags = [t.name for t in state.tags]
+    tags = {t.name for t in state.tags}
     pointers = dict(zip(versions, (md5 for _, md5 in registry.pointers(versions)), strict=True))
     here = dict(registry.tree_pointers("HEAD")) if registry.git.head() else {}
     with store.opened(registry.root) as objects:

@@ -300,6 +300,8 @@ class Store:
         self._opened: Repo | None = None
         self._files = _cache_files(root)
         self._listings: dict[str, list[dict[str, str]]] = {}
+        self._verified: set[str] = set()
+        """Folder objects whose files this command has hashed already: a pull checks, then writes, each once."""
         self._hashes: dict[str, list[Any]] | None = None
         self._hashes_dirty = False
 
@@ -358,11 +360,14 @@ class Store:
     def verify(self, md5: str) -> list[dict[str, str]]:
         """Check every file of a folder object against its hash; a bad one is removed from the cache and reported."""
         entries = self.listing(md5)
+        if md5 in self._verified:
+            return entries
         paths = [self._path(entry["md5"]) for entry in entries]
         total = sum(p.stat().st_size for p in paths if p.exists())
         with _bar("Checking hashes", total) as bar:
             for entry, path in zip(entries, paths, strict=True):
                 self._check_file(md5, entry, path, bar)
+        self._verified.add(md5)
         return entries
 
     def _check_file(self, md5: str, entry: dict[str, str], path: Path, bar: Any) -> None:
@@ -481,6 +486,8 @@ class Store:
     def discard(self, md5s: Iterable[str], on_remote: bool = False, remote: str | None = None) -> None:
         """Delete these (corrupt) objects here or on REMOTE, so the next transfer copies them again."""
         odb = self._odb(on_remote, remote)
+        if not on_remote:
+            self._verified.clear()  # a folder checked earlier may hold one of these files
         for md5 in set(md5s):
             self._listings.pop(md5, None)
             if odb.exists(md5):
@@ -496,9 +503,7 @@ class Store:
             sources = [self._path(entry["md5"]) for entry in entries]
             with _bar(f"Writing {dest.name}", sum(p.stat().st_size for p in sources)) as bar:
                 for entry, source in zip(entries, sources, strict=True):
-                    target = staging / entry["relpath"]
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(source, target)
+                    shutil.copyfile(source, staging / entry["relpath"])  # a plain name (checked_listing): flat
                     bar.update(source.stat().st_size)
             os.replace(staging, dest)
         except BaseException as exc:
@@ -522,8 +527,15 @@ class Store:
         if folder.absolute().is_relative_to(self._root):  # a workspace folder, perhaps linked by a merge just now
             refuse_links(self._root, folder.absolute())
         expected = {e["relpath"]: e["md5"] for e in self.listing(md5)}
-        # A link inside is a change, never read: its target may be anywhere.
-        present = {p.relative_to(folder).as_posix(): p for p in folder.rglob("*") if p.is_symlink() or p.is_file()}
+        # A link inside is a change, never read: its target may be anywhere. os.walk, not rglob: a status of
+        # hundreds of folders spent most of its time making rglob's paths.
+        present = {}
+        for top, dirs, files in os.walk(folder):
+            under = os.path.relpath(top, folder)
+            for name in [*dirs, *files]:
+                path = Path(top, name)
+                if path.is_symlink() or path.is_file():
+                    present[name if under == "." else f"{under}/{name}"] = path
         changed = []
         for relpath in sorted(set(expected) | set(present)):
             if (
