@@ -256,6 +256,16 @@ class Git:
                 refs.setdefault(ref, sha)
         return refs
 
+    def remote_tag_objects(self, remote: str) -> dict[str, str]:
+        """Tags on REMOTE mapped to the objects their refs hold (annotated tags unpeeled), in one call."""
+        out = self.run("ls-remote", "--tags", "--refs", remote, remote=True)
+        return {ref.removeprefix("refs/tags/"): sha for sha, ref in (line.split("\t") for line in out.splitlines())}
+
+    def tag_objects(self) -> dict[str, str]:
+        """Every tag here, annotated or not, mapped to the object its ref holds, in one call."""
+        out = self.run("for-each-ref", "--format=%(objectname) %(refname:lstrip=2)", "refs/tags")
+        return {name: sha for sha, name in (line.split(" ", 1) for line in out.splitlines())}
+
 
 def toplevel(path: Path) -> Path | None:
     """The work tree that contains PATH, or None outside git."""
@@ -270,9 +280,14 @@ def init_bare(path: Path, branch: str) -> None:
         raise RegistryError(f"git init {path} failed: {_last_words(proc.stderr.decode(errors='replace'))}")
 
 
-def clone(url: str, directory: Path) -> Git:
-    """Clone URL into DIRECTORY (its checkout runs no hook of the user's); returns the new work tree."""
-    proc = _git(Path.cwd(), "clone", "--quiet", url, str(directory))
+def clone(url: str, directory: Path, also: str | None = None) -> Git:
+    """Clone URL into DIRECTORY (its checkout runs no hook of the user's); returns the new work tree.
+
+    ALSO: one more refspec of the remote to fetch, for this clone only (not kept in its config). Fetched here, its
+    refs are written in the clone's single packed file, where a later fetch writes a file per ref.
+    """
+    extra = ("-c", f"remote.origin.fetch={also}") if also else ()
+    proc = _git(Path.cwd(), *extra, "clone", "--quiet", url, str(directory))
     if proc.returncode != 0:
         raise RemoteError(f"git clone {url} failed: {_last_words(proc.stderr.decode(errors='replace'))}")
     return Git(directory)
