@@ -37,17 +37,24 @@ CHAT = [{"role": "user", "content": "Weather in Paris for 3 days?"}]
 SCHEMAS = {"get_weather": WEATHER, "set_alarm": ALARM}
 
 
-@pytest.fixture(scope="module")
-def url(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, make_adapter: Any) -> Iterator[str]:
+@pytest.fixture(scope="module", params=["transformers", "vllm"])
+def url(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, make_adapter: Any
+) -> Iterator[str]:
+    """The same server on each engine: forced calls are their JSON schema, which both engines enforce."""
     from serve.app import create_app
     from serve.catalog import Catalog
     from serve.dependencies import Settings
     from serve.tenants import Tenants
-    from serve.transformers_engine import TransformersEngine
 
     root = tmp_path_factory.mktemp("tools")
     registry = registry_with(root / "registry", {"alpha": [make_adapter(1)]})
-    engine = TransformersEngine(tiny_base, model_id="tiny-llama", quantize="none", max_loaded=2, max_batch=8)
+    if request.param == "vllm":
+        engine = request.getfixturevalue("vllm_engine")
+    else:
+        from serve.transformers_engine import TransformersEngine
+
+        engine = TransformersEngine(tiny_base, model_id="tiny-llama", quantize="none", max_loaded=2, max_batch=8)
     catalog = Catalog.serving(registry, root / "cache", tiny_base, engine)
     with serving(create_app(engine, catalog, Tenants(None), Settings())) as url:
         yield url
