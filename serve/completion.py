@@ -78,7 +78,7 @@ class _Shape:
         self.chat = chat
         self.engine = engine
         self.top = top  # None: no log-probabilities in the answer
-        self.tools = tools  # None: the answer is text; else its calls are parsed from the whole text at its end
+        self.tools = tools  # None: the answer is text; else it holds the calls of a tool_choice
         self.prefix, self.object = ("chatcmpl", "chat.completion") if chat else ("cmpl", "text_completion")
         self.chunk_object = "chat.completion.chunk" if chat else "text_completion"
 
@@ -97,10 +97,8 @@ class _Shape:
         logprobs = self.logprobs(scored, offset)
         if self.chat:
             delta = {"content": text} if text or finish is None else {}
-            if self.tools is not None:  # the whole answer, in one delta: calls are known only from all of it
-                message, finish = self.tools.message(text, finish)
-                calls = [{"index": i, **call} for i, call in enumerate(message.get("tool_calls", []))]
-                delta = {"content": message["content"], **({"tool_calls": calls} if calls else {})}
+            if self.tools is not None:
+                delta, finish = self.tools.delta(text, finish, first=offset == 0)
             return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
@@ -455,8 +453,9 @@ async def _events(
                     yield _sse({**head, "choices": [role], **usage})
             choice = run.choices[index]
             offset = choice.start + choice.length
-            text, scored = _take(choice, chunk, run.generations[index], engine, echo, keep=shape.tools is not None)
-            if shape.tools is not None:  # tool calls are parsed from the whole text: it goes out at the end
+            whole = shape.tools is not None and not shape.tools.streams
+            text, scored = _take(choice, chunk, run.generations[index], engine, echo, keep=whole)
+            if whole:  # tool calls are parsed from the whole text: it goes out at the end
                 if chunk.finish_reason is None:
                     continue
                 text, scored, offset = choice.text, choice.logprobs, choice.start

@@ -41,28 +41,45 @@ class ToolUse:
         ]
         return {"type": "array", "items": {"anyOf": call}, "minItems": 1, **({} if self.parallel else {"maxItems": 1})}
 
+    @property
+    def streams(self) -> bool:
+        """Whether the answer streams as it comes: a named function's text is its arguments, so each piece is
+        theirs; other choices' calls are known only from the whole text."""
+        return self.choice not in ("auto", "required")
+
     def answer(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
-        """The content and OpenAI tool_calls of an answer's TEXT (a forced answer that does not parse, cut by
-        max_tokens, is content)."""
+        """The content and OpenAI tool_calls of an answer's TEXT: a named function's arguments are the text, as vLLM
+        gives them (a prefix of them when max_tokens cut it); "required" calls that do not parse (cut) are content."""
         if self.choice == "auto":
             content, found = tool_calls.parse(text)
             found = found if self.parallel else found[:1]
             return content or None, [_call(name, arguments) for name, arguments in found]
+        if self.choice != "required":
+            return None, [_call(self.choice, text)]
         try:
             value = json.loads(text)
         except ValueError:
             return text, []
-        if self.choice != "required":
-            return None, [_call(self.choice, json.dumps(value, ensure_ascii=False))]
         return None, [_call(c["name"], json.dumps(c["arguments"], ensure_ascii=False)) for c in value]
 
     def message(self, text: str, finish: str | None) -> tuple[dict[str, Any], str | None]:
-        """The assistant message of TEXT and its finish reason ("tool_calls" once it called one)."""
+        """The assistant message of TEXT and its finish reason: "tool_calls" once it chose to call, "stop" for a
+        named function, as vLLM and OpenAI say."""
         content, calls = self.answer(text)
         message: dict[str, Any] = {"role": "assistant", "content": content}
         if calls:
             message["tool_calls"] = calls
-        return message, ("tool_calls" if calls and finish == "stop" else finish)
+        return message, ("tool_calls" if calls and finish == "stop" and not self.streams else finish)
+
+    def delta(self, text: str, finish: str | None, first: bool) -> tuple[dict[str, Any], str | None]:
+        """A streamed chunk's delta: a named function's call opens with its FIRST piece and each piece adds to its
+        arguments; other choices send their whole TEXT's content and calls at once."""
+        if self.streams:
+            call = _call(self.choice, text) if first else {"function": {"arguments": text}}
+            return ({"tool_calls": [{"index": 0, **call}]} if text or first else {}), finish
+        message, finish = self.message(text, finish)
+        calls = [{"index": i, **call} for i, call in enumerate(message.get("tool_calls", []))]
+        return {"content": message["content"], **({"tool_calls": calls} if calls else {})}, finish
 
 
 def _call(name: str, arguments: str) -> dict[str, Any]:

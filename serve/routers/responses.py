@@ -215,7 +215,7 @@ async def _events(chunks: AsyncIterator[Any], head: dict[str, Any]) -> AsyncIter
     yield event("response.created", response=started)
     yield event("response.in_progress", response=started)
     item_id, where = f"msg_{secrets.token_hex(12)}", {"output_index": 0, "content_index": 0}
-    text, calls, finish, usage, model, opened = "", [], None, None, head["model"], False
+    text, calls, finish, usage, model, opened = "", {}, None, None, head["model"], False
     async for sse in chunks:
         data = (sse if isinstance(sse, str) else sse.decode()).removeprefix("data: ").strip()
         if data == "[DONE]":
@@ -227,7 +227,10 @@ async def _events(chunks: AsyncIterator[Any], head: dict[str, Any]) -> AsyncIter
         model, usage = chunk.get("model", model), chunk.get("usage") or usage
         for choice in chunk["choices"]:
             piece, finish = choice["delta"].get("content"), choice.get("finish_reason") or finish
-            calls += choice["delta"].get("tool_calls") or []
+            for fragment in choice["delta"].get("tool_calls") or []:  # a call's pieces, joined by its index
+                call = calls.setdefault(fragment["index"], {"id": fragment.get("id"), "name": "", "arguments": ""})
+                call["name"] += fragment.get("function", {}).get("name") or ""
+                call["arguments"] += fragment.get("function", {}).get("arguments") or ""
             if piece:
                 if not opened:
                     opened = True
@@ -245,8 +248,8 @@ async def _events(chunks: AsyncIterator[Any], head: dict[str, Any]) -> AsyncIter
         yield event("response.content_part.done", item_id=item_id, **where, part=part)
         output.append(_text_item(item_id, text))
         yield event("response.output_item.done", output_index=0, item=output[-1])
-    for call in calls:
-        item, index = _call_item(call), len(output)
+    for call in calls.values():
+        item, index = _call_item({"id": call["id"], "function": call}), len(output)
         yield event(
             "response.output_item.added", output_index=index, item={**item, "arguments": "", "status": "in_progress"}
         )
