@@ -1,12 +1,12 @@
 """No request stalls the others: the prefill budget and block-aware admission, measured side by side in one run.
 
-Usage: python bench/scheduling.py [--quantize nf4] [--budgets 128,256,512] [--long 48] [--json out.json]
+Usage: python bench/scheduling.py [--quantize nf4] [--budgets 64,128,256,512] [--long 48] [--repeats 2] [--json F]
 
 The embedded SmolLM2-135M-Instruct, driven in-process as the HTTP layer drives it.
   (a) 16 running streams; once each has 8 tokens, a burst of 32 prompts of about 60 tokens arrives at once. The
       running streams' inter-token gaps (p50, p95, max) while the burst is prefilled (and before it), and the burst's
       first tokens, with each --max-batched-tokens budget against no budget (the whole burst in one pass, as before
-      the budget).
+      the budget); the median of --repeats runs of each, interleaved.
   (b) --long requests of 1,771-token prompts (max_tokens 16), then a 3-token request: its time to first token with
       admission by KV blocks (the default --kv-cache-gb) against admission by rows alone (a cache that never binds).
 """
@@ -111,24 +111,36 @@ async def behind(engine: TransformersEngine, long: int) -> float | None:
     return None
 
 
+def median(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each figure of RUNS (nested dicts of numbers alike), its median over them."""
+    return {
+        key: median([run[key] for run in runs]) if isinstance(value, dict) else statistics.median(r[key] for r in runs)
+        for key, value in runs[0].items()
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quantize", default="nf4", choices=["nf4", "int8", "none"])
-    parser.add_argument("--budgets", default="128,256,512")
+    parser.add_argument("--budgets", default="64,128,256,512")
     parser.add_argument("--long", type=int, default=48)
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     base = ensure_embedded()
-    results: dict[str, Any] = {"quantize": args.quantize, "load_at_start": os.getloadavg(), "burst": {}}
+    results: dict[str, Any] = {"quantize": args.quantize, "load_at_start": os.getloadavg()}
 
     engine = TransformersEngine(base, model_id="base", quantize=args.quantize, max_batch=48)
     asyncio.run(burst(engine))  # warm up
     runner, chunk = engine._runner, engine.prefill_chunk
-    for budget in [None, *(int(b) for b in args.budgets.split(","))]:
-        # No budget: prompts whole, all in one pass, as before the budget.
-        runner.max_batched_tokens, runner.prefill_chunk = (budget, chunk) if budget else (1 << 30, 0)
-        results["burst"][str(budget or "none")] = asyncio.run(burst(engine))
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for _ in range(args.repeats):  # interleaved, so drift on a noisy machine hits every budget alike
+        for budget in [None, *(int(b) for b in args.budgets.split(","))]:
+            # No budget: prompts whole, all in one pass, as before the budget.
+            runner.max_batched_tokens, runner.prefill_chunk = (budget, chunk) if budget else (1 << 30, 0)
+            runs.setdefault(str(budget or "none"), []).append(asyncio.run(burst(engine)))
     asyncio.run(engine.close())
+    results["burst"] = {budget: median(found) for budget, found in runs.items()}
 
     results["behind"] = {}
     for name, gb in (("blocks", KV_CACHE_GB), ("rows", 64.0)):
