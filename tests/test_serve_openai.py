@@ -20,7 +20,7 @@ import httpx
 import openai
 import pytest
 import torch
-from serving import events, metric, registry_with, serving, wait_for
+from serving import events, metric, serving_alpha, wait_for
 
 PROMPTS = ["The quick brown fox", "Once upon a time"]
 
@@ -44,21 +44,7 @@ def served(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, make_adapter: Any
 ) -> Iterator[Served]:
     """The same server on each engine: every API feature works on both."""
-    from serve.app import create_app
-    from serve.catalog import Catalog
-    from serve.dependencies import Settings
-    from serve.tenants import Tenants
-
-    root = tmp_path_factory.mktemp("openai")
-    registry = registry_with(root / "registry", {"alpha": [make_adapter(1)]})
-    if request.param == "vllm":
-        engine = request.getfixturevalue("vllm_engine")
-    else:
-        from serve.transformers_engine import TransformersEngine
-
-        engine = TransformersEngine(tiny_base, model_id="tiny-llama", quantize="none", max_loaded=2, max_batch=16)
-    catalog = Catalog.serving(registry, root / "cache", tiny_base, engine)
-    with serving(create_app(engine, catalog, Tenants(None), Settings())) as url:
+    with serving_alpha(request, tmp_path_factory.mktemp("openai"), tiny_base, make_adapter(1)) as (url, engine):
         yield Served(url, engine, make_adapter(1))
 
 

@@ -13,7 +13,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from serving import registry_with, serving
+from serving import serving_alpha
 
 from core import tool_calls
 
@@ -42,21 +42,7 @@ def url(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, make_adapter: Any
 ) -> Iterator[str]:
     """The same server on each engine: forced calls are their JSON schema, which both engines enforce."""
-    from serve.app import create_app
-    from serve.catalog import Catalog
-    from serve.dependencies import Settings
-    from serve.tenants import Tenants
-
-    root = tmp_path_factory.mktemp("tools")
-    registry = registry_with(root / "registry", {"alpha": [make_adapter(1)]})
-    if request.param == "vllm":
-        engine = request.getfixturevalue("vllm_engine")
-    else:
-        from serve.transformers_engine import TransformersEngine
-
-        engine = TransformersEngine(tiny_base, model_id="tiny-llama", quantize="none", max_loaded=2, max_batch=8)
-    catalog = Catalog.serving(registry, root / "cache", tiny_base, engine)
-    with serving(create_app(engine, catalog, Tenants(None), Settings())) as url:
+    with serving_alpha(request, tmp_path_factory.mktemp("tools"), tiny_base, make_adapter(1)) as (url, _):
         yield url
 
 
