@@ -1,12 +1,14 @@
 """Registry costs, measured side by side in one run: push time and bytes moved, `adapters list`, CLI start-up,
-and how `pull REF`, a no-op pull, `checkout REF`, `status` and `list` grow with the registry's size.
+and how the first push, `clone`, `pull REF` of one version, `log`, `list` and `status` grow with the registry's
+size (50 against 2,000 versions by default, 10 per adapter), with each ratio.
 
 Usage: python bench/registry.py [--adapters 20] [--versions 3] [--mb 2.0] [--list-versions 500]
-                                [--scale 50,250,1000] [--json out.json]
+                                [--scale 50,2000] [--scale-only] [--quick] [--code CHECKOUT] [--json out.json]
 
 Adapters are synthetic but real in form: a safetensors file of LoRA-shaped tensors (about --mb MB each),
 adapter_config.json, lineage.json and a model card, registered with `adapters add` into a repository
-whose remote is a local bare git repository with its DVC storage inside it.
+whose remote is a local bare git repository with its DVC storage inside it. --code measures the `adapters`
+of another checkout (an older commit, say) with this bench.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -85,18 +88,19 @@ def median_time(command: list[str], cwd: Path, runs: int) -> float:
     return statistics.median(times)
 
 
-VERSIONS_PER_ADAPTER = 5
+VERSIONS_PER_ADAPTER = 10
 
 
 def grow(registry: Path, work: Path, versions: int) -> None:
-    """A registry of VERSIONS versions over VERSIONS/5 adapters, cheaply: one real adapter's pointer file is
-    reused by every name (the same DVC objects), one commit and one tag per version, as `adapters add` makes."""
+    """A registry of VERSIONS versions, 10 per adapter, cheaply: one real adapter's pointer file is reused by every
+    name (the same DVC objects), one commit per round of versions and one annotated tag per version, as `adapters
+    add` makes; the tag objects are written in one git call and their refs in one transaction."""
     seed = work / "seed-adapter"
     make_adapter(seed, 0, 0.1)
     adapters("add", "seed", str(seed), cwd=registry)
     pointer = (registry / "adapters" / "seed.dvc").read_text()
     names = [f"adapter-{i:03d}" for i in range(max(1, versions // VERSIONS_PER_ADAPTER))]
-    tags = []
+    commits = []
     for minor in range(VERSIONS_PER_ADAPTER):
         for name in names:
             (registry / "adapters" / f"{name}.dvc").write_text(
@@ -110,34 +114,61 @@ def grow(registry: Path, work: Path, versions: int) -> None:
                 project.read_text()
                 + "".join(f"  {name}:\n    path: adapters/{name}\n    type: model\n" for name in names)
             )
-        subprocess.run(["git", "add", "-A", "adapters", "dvc.yaml"], cwd=registry, env=ENV, check=True)
-        subprocess.run(["git", "commit", "-qm", f"Register round {minor}"], cwd=registry, env=ENV, check=True)
-        tags += [(f"{name}@v1.{minor}.0", minor) for name in names]
+        git("add", "-A", "adapters", "dvc.yaml", cwd=registry)
+        git("commit", "-qm", f"Register round {minor}", cwd=registry)
+        commits.append(git("rev-parse", "HEAD", cwd=registry).strip())
     start = int(time.time())
-    for number, (tag, _) in enumerate(tags):
-        date = {**ENV, "GIT_COMMITTER_DATE": f"{start + number} +0000"}
-        commit = f"HEAD~{VERSIONS_PER_ADAPTER - 1 - int(tag.rsplit('.', 2)[1])}"
-        subprocess.run(["git", "tag", "-a", tag, commit, "-m", "bench"], cwd=registry, env=date, check=True)
+    tags = [(f"{name}@v1.{minor}.0", commits[minor]) for minor in range(VERSIONS_PER_ADAPTER) for name in names]
+    objects = work / "tag-objects"
+    objects.mkdir()
+    for number, (tag, commit) in enumerate(tags):
+        (objects / str(number)).write_text(
+            f"object {commit}\ntype commit\ntag {tag}\ntagger bench <bench@example.com> {start + number} +0000\n\n"
+            f"Register {tag}\n"
+        )
+    paths = "".join(f"{objects / str(number)}\n" for number in range(len(tags)))
+    shas = git("hash-object", "-t", "tag", "-w", "--stdin-paths", cwd=registry, input=paths).split()
+    updates = "".join(f"create refs/tags/{tag} {sha}\n" for (tag, _), sha in zip(tags, shas, strict=True))
+    git("update-ref", "--stdin", cwd=registry, input=updates)
 
 
-def scale(work: Path, versions: int, mb: float) -> dict[str, float]:
-    """Seconds for pull of one new version into a clone holding the rest, a no-op pull, checkout, status, list."""
+def git(*args: str, cwd: Path, input: str = "") -> str:
+    """`git ARGS` in CWD; its stdout."""
+    return subprocess.run(
+        ["git", *args], cwd=cwd, env=ENV, input=input, capture_output=True, text=True, check=True
+    ).stdout
+
+
+def median_of(runs: int, command: Callable[[int], float]) -> float:
+    """The median of RUNS timings of COMMAND(run number)."""
+    return statistics.median(command(run) for run in range(runs))
+
+
+def scale(work: Path, versions: int, mb: float, runs: int) -> dict[str, float]:
+    """Seconds (and bytes) of the first push of a registry of VERSIONS versions, a clone of it, pull of one new
+    version into the clone, and `log` (every adapter: the first, then again), `list` and `status` there."""
     registry, origin, mate = work / "registry", work / "origin.git", work / "mate"
     adapters("init", str(registry), cwd=work)
     adapters("remote", "add", "origin", str(origin), "--create", cwd=registry)
     grow(registry, work, versions)
-    adapters("push", cwd=registry)
+    before = tree_bytes(origin)
+    first_push = adapters("push", cwd=registry)
+    pushed = tree_bytes(origin) - before
+    clone = median_of(runs, lambda run: adapters("clone", str(origin), str(work / f"clone-{run}"), cwd=work))
     adapters("clone", str(origin), str(mate), cwd=work)
     make_adapter(work / "new", 10**6, mb)
     adapters("add", "adapter-000", str(work / "new"), cwd=registry)
     adapters("push", cwd=registry)
-    ref = f"adapter-000@v1.{VERSIONS_PER_ADAPTER}.0"
     return {
-        "pull_one_s": adapters("pull", ref, cwd=mate),
-        "pull_noop_s": adapters("pull", ref, cwd=mate),
-        "checkout_s": adapters("checkout", ref, "-o", str(work / "out"), cwd=mate),
-        "status_s": adapters("status", cwd=mate),
-        "list_s": adapters("list", cwd=mate),
+        "first_push_s": first_push,
+        "first_push_mb": pushed / MB,
+        "clone_s": clone,
+        "pull_one_s": adapters("pull", f"adapter-000@v1.{VERSIONS_PER_ADAPTER}.0", cwd=mate),
+        # The first log in a clone reads every version's summary; later ones only the versions new since.
+        "log_first_s": adapters("log", cwd=mate),
+        "log_s": median_of(runs, lambda _: adapters("log", cwd=mate)),
+        "list_s": median_of(runs, lambda _: adapters("list", cwd=mate)),
+        "status_s": median_of(runs, lambda _: adapters("status", cwd=mate)),
     }
 
 
@@ -148,23 +179,31 @@ def main() -> None:
     parser.add_argument("--mb", type=float, default=2.0, help="Approximate size of one adapter version.")
     parser.add_argument("--list-versions", type=int, default=500)
     parser.add_argument("--runs", type=int, default=7, help="Runs per start-up measurement.")
-    parser.add_argument("--scale", default="50,250,1000", help="Registry sizes (versions) for the scale table.")
+    parser.add_argument("--scale", default="50,2000", help="Registry sizes (versions, 10 per adapter) to compare.")
+    parser.add_argument("--scale-runs", type=int, default=3, help="Runs (median) of clone, log, list and status.")
     parser.add_argument("--scale-only", action="store_true", help="Only the scale table.")
+    parser.add_argument("--quick", action="store_true", help="Tiny sizes and one run each: checks the bench runs.")
+    parser.add_argument("--code", type=Path, default=ROOT, help="Checkout whose `adapters` is measured.")
     parser.add_argument("--json", type=Path, help="Also write the figures here.")
     args = parser.parse_args()
+    if args.quick:
+        args.adapters, args.versions, args.mb, args.list_versions, args.runs = 2, 1, 0.1, 4, 1
+        args.scale, args.scale_runs = "10,20", 1
+    ENV["PYTHONPATH"] = str(args.code.resolve())
     sizes = [int(n) for n in args.scale.split(",") if n]
     scaled = {}
     for size in sizes:
         with tempfile.TemporaryDirectory(prefix="bench-registry-scale-") as tmp:
-            scaled[size] = scale(Path(tmp), size, args.mb)
+            scaled[size] = scale(Path(tmp), size, args.mb, args.scale_runs)
         print(f"scale {size}: {scaled[size]}", file=sys.stderr)
     if sizes:
         columns = list(next(iter(scaled.values())))
         print("| versions | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns))
         for size, row in scaled.items():
-            print(f"| {size} | " + " | ".join(f"{row[c]:.2f}" for c in columns) + " |")
-        ratio = scaled[sizes[-1]]["pull_one_s"] / scaled[sizes[0]]["pull_one_s"]
-        print(f"pull of one version at {sizes[-1]} versions vs {sizes[0]}: {ratio:.2f}x")
+            print(f"| {size:,} | " + " | ".join(f"{row[c]:.2f}" for c in columns) + " |")
+        first, last = scaled[sizes[0]], scaled[sizes[-1]]
+        ratios = " | ".join(f"{last[c] / first[c]:.2f}x" for c in columns)
+        print(f"| {sizes[-1]:,} / {sizes[0]:,} | {ratios} |")
     if args.scale_only:
         if args.json:
             args.json.write_text(json.dumps({"scale": scaled}, indent=2))

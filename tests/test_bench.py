@@ -34,3 +34,18 @@ def test_train_memory_runs_as_a_script_beside_bench_registry(tmp_path: Path, tin
     assert results["settings"] == {"steps": 3, "batch_size": 2, "seq_len": 64}
     assert [r["method"] for r in results["results"]] == ["full", "lora"]
     assert "peak / full" in done.stdout
+
+
+def test_registry_bench_runs_tiny_as_a_script(tmp_path: Path) -> None:
+    """`python bench/registry.py --quick`: the scale table at two sizes with each ratio, and the push table."""
+    out = tmp_path / "figures.json"
+    command = [sys.executable, str(ROOT / "bench" / "registry.py"), "--quick", "--json", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    figures = json.loads(out.read_text())
+    assert set(figures["scale"]) == {"10", "20"}
+    assert set(figures["scale"]["20"]) == {
+        "first_push_s", "first_push_mb", "clone_s", "pull_one_s", "log_first_s", "log_s", "list_s", "status_s"
+    }  # fmt: skip
+    assert "| 20 / 10 |" in done.stdout
+    assert figures["versions_first_push"] == 2
