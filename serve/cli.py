@@ -345,13 +345,15 @@ def _cuda() -> bool:
 
 
 def _listen(host: str, port: int) -> socket.socket:
-    """Bind the listening socket now, so a taken port fails before the model loads."""
+    """Bind and listen now, so a taken port fails before the model loads, and a client that connects once the
+    address is announced waits in the backlog until the server accepts, instead of being refused."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         family, _, _, _, address = infos[0]
         listener = socket.socket(family, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(address)
+        listener.listen(2048)  # uvicorn's own backlog
     except OSError as exc:
         raise ServeOptionError(
             f"Cannot listen on {host}:{port}: {exc.strerror or exc}; choose another --port."
