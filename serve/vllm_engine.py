@@ -115,6 +115,7 @@ class VLLMEngine(HFTokenizer, Engine):
         self.precision = Precision.of(quantize, dtype)
         self.max_rank = max_rank
         self.max_loaded = kept  # adapters in memory at once
+        self.max_batch = max_batch  # so tenants' fair share decides who enters vLLM's batch, not its arrival order
         self.tokenizer = AutoTokenizer.from_pretrained(base_path)
         log.info("vLLM engine: the base model computes in %s, %s.", dtype, self.precision.describe())
         self._ids: dict[str, int] = {}  # adapter key -> its LoRA id for the engine's life (ids only grow)

@@ -78,6 +78,11 @@ async def settled(engine: Engine) -> None:
     raise AssertionError(f"still busy: {engine.status()}")
 
 
+def test_the_engine_states_the_batch_it_runs(subject: Subject) -> None:
+    """Tenants' fair share holds generations above any engine that states its batch (serve/fairness.py)."""
+    assert subject.engine.max_batch in (8, 16)  # as the fixtures build them: 8 rows, or 16 for the vLLM engine
+
+
 def test_chunks_come_in_order_and_only_the_last_carries_a_finish_reason(subject: Subject) -> None:
     engine = subject.engine
     got = asyncio.run(chunks(engine, request(engine, PROMPTS[0], subject.adapter(1))))
