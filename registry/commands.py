@@ -122,6 +122,12 @@ def clone(url: str, directory: Path | None) -> None:
     click.echo(
         f"Cloned into {registry.root}; {count} version{'s' * (count != 1)} ready ({result.files} files fetched)."
     )
+    if elsewhere := sync.storage_elsewhere(registry, url):
+        click.echo(
+            f"Note: adapter files come from the DVC storage {elsewhere} (committed in .dvc/config), not from beside "
+            f"{url}; to give this copy its own: adapters remote add origin {url} --dvc PATH",
+            err=True,
+        )
 
 
 @click.command()

@@ -500,6 +500,22 @@ def _merge_project_file(registry: Registry) -> None:
     (registry.root / PROJECT_FILE).write_text(yaml.safe_dump(merged, sort_keys=False))
 
 
+def storage_elsewhere(registry: Registry, url: str) -> str | None:
+    """The DVC storage a clone of the local git remote URL uses, when it is not the one beside URL's git files.
+
+    A copy made with `git push --mirror` carries the original's committed DVC remote, so its files still come from
+    (and go to) the original's storage; a user should know.
+    """
+    beside = store.default_dvc_url(url)
+    found, default = store.remotes(registry.root)
+    used = (found.get(default or "") or {}).get("url")
+    where = store.local_path(used) if used else None
+    if beside is None or where is None:
+        return None
+    where = where if where.is_absolute() else registry.root / ".dvc" / where
+    return None if where.resolve() == Path(beside).resolve() else str(used)
+
+
 def clone(url: str, directory: Path | None, refs: list[str]) -> tuple[Registry, PullResult]:
     """Clone an adapter repository and pull its stage heads and latest versions (or REFS)."""
     directory = directory or Path(Path(urlparse(url).path).name.removesuffix(".git") or "registry")

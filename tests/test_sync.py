@@ -435,3 +435,21 @@ def test_a_push_killed_at_any_moment_never_publishes_a_ref_without_its_files(
     for seed in range(1, 7):
         version = "v1.0.0" if seed <= 3 else "v1.1.0"
         assert_checks_out(cli, mate, f"a{seed % 3}@{version}", make_adapter(seed), tmp_path / f"out-{seed}")
+
+
+def test_a_clone_of_a_mirrored_copy_says_where_its_files_come_from(
+    registry: Registry, make_adapter, tmp_path: Path, cli
+) -> None:
+    registry.add("support", make_adapter(1))
+    assert cli("push", cwd=registry.root).exit_code == 0
+    origin, copy = tmp_path / "origin.git", tmp_path / "copy.git"
+    git(tmp_path, "init", "-q", "--bare", str(copy))
+    git(origin, "push", "-q", "--mirror", str(copy))  # git's refs only: the DVC storage stays beside the original
+    result = cli("clone", str(copy), str(tmp_path / "mate"), cwd=tmp_path)
+    assert result.exit_code == 0, result.output
+    assert result.stderr == (
+        f"Note: adapter files come from the DVC storage {origin.resolve() / 'dvc'} (committed in .dvc/config), not "
+        f"from beside {copy}; to give this copy its own: adapters remote add origin {copy} --dvc PATH\n"
+    )
+    plain = cli("clone", str(origin), str(tmp_path / "plain"), cwd=tmp_path)
+    assert plain.exit_code == 0 and plain.stderr == ""
