@@ -124,6 +124,7 @@ class VLLMEngine(HFTokenizer, Engine):
         self._lock = threading.Lock()  # `status` reads the tables above from other threads
         self._loads = self._evictions = 0
         self._passes: Counter[int] = Counter()
+        self._kv_cache_usage: float | None = None  # vLLM's own figure, from its last step
         # vLLM's CPU LoRA kernels give a row without an adapter (index -1) the adapter in the last LoRA slot. vLLM
         # fills the first free slot and this engine never registers more adapters than it keeps, so one slot more
         # than that stays empty, all zeros, for base rows. (CUDA's kernels skip those rows.)
@@ -166,12 +167,17 @@ class VLLMEngine(HFTokenizer, Engine):
         self._freed = asyncio.Condition()  # a generation released its adapter
         self._turns = _Turns()
         self._changing = asyncio.Lock()  # one change to vLLM's adapters at a time
-        counter = lambda config, index: _PassCounter(self._count_pass)  # noqa: E731
-        return AsyncLLM.from_engine_args(args, stat_loggers=[counter, _NoPrometheus])
+        stats = lambda config, index: _StepStats(self._step)  # noqa: E731
+        return AsyncLLM.from_engine_args(args, stat_loggers=[stats, _NoPrometheus])
 
-    def _count_pass(self, rows: int) -> None:
+    def _step(self, scheduler_stats: Any) -> None:
+        """Keep what vLLM's scheduler reports of a step: the rows of its pass and the KV cache's use."""
+        details = getattr(scheduler_stats, "iteration_details", None)
         with self._lock:
-            self._passes[rows] += 1
+            if scheduler_stats is not None:
+                self._kv_cache_usage = float(scheduler_stats.kv_cache_usage)
+            if details is not None and not details.is_dummy:
+                self._passes[details.num_ctx_requests + details.num_generation_requests] += 1
 
     async def _on_loop(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run CORO on the engine's loop and wait for it from the caller's; a dead engine core is EngineDead."""
@@ -236,6 +242,7 @@ class VLLMEngine(HFTokenizer, Engine):
                 loads=self._loads,
                 evictions=self._evictions,
                 passes=dict(self._passes),
+                kv_cache_usage=self._kv_cache_usage,
             )
 
     async def close(self) -> None:
@@ -511,16 +518,14 @@ class _NoPrometheus(PrometheusStatLogger):
         pass
 
 
-class _PassCounter(StatLoggerBase):
-    """Hands the engine the rows of each of vLLM's forward passes, from its per-step scheduler details."""
+class _StepStats(StatLoggerBase):
+    """Hands the engine vLLM's per-step scheduler report (rows of the pass, KV cache use)."""
 
-    def __init__(self, count: Callable[[int], None]) -> None:
-        self._count = count
+    def __init__(self, step: Callable[[Any], None]) -> None:
+        self._step = step
 
     def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None, engine_idx: int = 0):
-        details = getattr(scheduler_stats, "iteration_details", None)
-        if details is not None and not details.is_dummy:
-            self._count(details.num_ctx_requests + details.num_generation_requests)
+        self._step(scheduler_stats)
 
     def log_engine_initialized(self) -> None:
         pass

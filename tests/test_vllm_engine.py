@@ -297,6 +297,18 @@ def test_status_reports_the_rows_of_each_forward_pass(vllm_engine):
     assert max(passes) >= len(PROMPTS)
 
 
+def test_status_reports_vllms_own_kv_cache_usage_while_requests_hold_blocks(vllm_engine):
+    seen: list[float | None] = []
+
+    async def watch() -> None:
+        async for _ in vllm_engine.generate(request(PROMPTS[0], None, GREEDY, vllm_engine)):
+            seen.append(vllm_engine.status().kv_cache_usage)  # reported by vLLM's scheduler each step
+
+    asyncio.run(watch())
+    assert seen and all(usage is not None and 0 <= usage <= 1 for usage in seen)
+    assert max(u for u in seen if u is not None) > 0  # the running request holds blocks of vLLM's cache
+
+
 async def wait_until(condition: Callable[[], bool], seconds: float = 120) -> None:
     """Poll CONDITION on the event loop; fail after SECONDS."""
     deadline = asyncio.get_running_loop().time() + seconds
