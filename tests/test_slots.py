@@ -183,15 +183,16 @@ def test_admission_takes_the_oldest_first_while_rows_are_free_and_their_adapters
             for i, name in enumerate(names)
         )
 
-    admission = Admission(slots, max_batch=4)
+    admission = Admission(slots, max_batch=4, capacity=1024, context_length=64)  # blocks to spare: rows decide
     queue = waiting("a", None, "b", "c", "a", None)
     queue[1].cancelled = True  # its client left while it waited
-    admitted, new = admission.admit(queue, running=1)  # three rows free
+    admitted, new = admission.admit(queue, running=list(waiting(None)))  # three rows free
     assert [g.request.request_id for g in admitted] == ["r0", "r2", "r4"]  # c has no slot to go to: it waits
     assert [a.key for a in new] == ["a@v1.0.0", "b@v1.0.0"] and all(a.state is R for a in new)
     assert [g.request.request_id for g in queue] == ["r3", "r5"] and admitted[2].pinned is admitted[0].pinned
     assert new[0].users == 2 and new[1].users == 1 and slots.busy() == 2
-    admitted, new = admission.admit(queue, running=3)  # one row free: the base row, behind c, which still waits
+    # One row free: the base row, behind c, which still waits.
+    admitted, new = admission.admit(queue, running=list(waiting(None, None, None)))
     assert [g.request.request_id for g in admitted] == ["r5"] and new == [] and admitted[0].pinned is None
 
 
