@@ -89,7 +89,7 @@ class EngineDied(AdaptersError):
     "--max-batched-tokens",
     type=click.IntRange(min=1),
     help="Transformers only: prompt positions one step's prefill computes (rows x its longest part), so a burst of "
-    "prompts delays running streams by about that much per token. Default: 256.",
+    "prompts delays running streams by about that much per token. Default: 128.",
 )
 @click.option(
     "--kv-cache-gb",

@@ -50,9 +50,10 @@ class Runner:
     Admitted prompts are prefilled over steps, one pass per step between decode steps, so that running rows get a
     token every step: a pass computes at most MAX_BATCHED_TOKENS prompt positions (its rows x its longest part,
     padding included). Each row in it takes at most PREFILL_CHUNK tokens of its prompt (0: a whole prompt); when fewer
-    rows share a pass, larger parts, up to the budget. Its rows are, in turn: the oldest prompt that needs more than one part (so long
-    prompts always advance), prompts that end in this pass, oldest first (so a short prompt is never held behind long
-    ones), then the other long prompts. Rows being prefilled hold the cache rows just past the running ones.
+    rows share a pass, larger parts, up to the budget. Its rows are, in turn: the oldest prompt that needs more than
+    one part (so long prompts always advance), prompts that end in this pass, oldest first (so a short prompt is never
+    held behind long ones), then the other long prompts. Rows being prefilled hold the cache rows just past the
+    running ones.
     """
 
     def __init__(
@@ -67,7 +68,7 @@ class Runner:
         eos: set[int],
         capacity: int,
         prefill_chunk: int = 0,
-        max_batched_tokens: int = 256,
+        max_batched_tokens: int = 128,
     ) -> None:
         model.set_attn_implementation(attention.NAME)
         if model.config._attn_implementation != attention.NAME:

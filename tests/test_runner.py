@@ -23,7 +23,9 @@ SCORED = Sampling(max_tokens=6, temperature=0, ignore_eos=True, logprobs=0)
 
 @pytest.fixture(scope="module")
 def chunked(tiny_base: Path) -> Iterator[TransformersEngine]:
-    built = TransformersEngine(tiny_base, model_id="tiny", quantize="none", max_batch=4, prefill_chunk=64)
+    built = TransformersEngine(
+        tiny_base, model_id="tiny", quantize="none", max_batch=4, prefill_chunk=64, max_batched_tokens=256
+    )
     yield built
     asyncio.run(built.close())
 
