@@ -30,6 +30,7 @@ from serve.engine import (
     Engine,
     EngineDead,
     EngineStatus,
+    EngineUnavailable,
     GenerateRequest,
     InvalidRequest,
     Sampling,
@@ -235,6 +236,8 @@ class TransformersEngine(HFTokenizer, Engine):
         with self._cond:
             if self._dead is not None:  # it died since `check`: no worker would ever take this generation
                 generation.publish(EngineDead(self._dead))
+            elif self._closed:  # nor after `close`: an answer, not a wait for ever
+                generation.publish(EngineUnavailable("The engine was closed; it serves nothing more."))
             else:
                 self._waiting.append(generation)
                 self._notify()  # the worker and `unload` calls wait on this condition: wake the worker for sure

@@ -440,3 +440,13 @@ def test_a_prompt_the_model_fails_on_fails_alone_and_its_batch_is_prefilled_agai
     assert str(error) == "The engine failed on this request (RuntimeError); see the server log." and [text] == alone
     assert "the model failed on this prompt" in caplog.text  # the cause went to the log
     assert passes[:3] == [2, 1, 1]  # together, then each alone
+
+
+def test_a_closed_engine_answers_a_generation_at_once_instead_of_holding_it(tiny_base: Path) -> None:
+    from serve.engine import EngineUnavailable
+    from serve.transformers_engine import TransformersEngine
+
+    engine = TransformersEngine(tiny_base, model_id="tiny", quantize="none", max_batch=2)
+    asyncio.run(engine.close())  # as a server does when it stops
+    with pytest.raises(EngineUnavailable, match="The engine was closed"):
+        asyncio.run(chunks(engine, request(engine, "Hello", sampling=GREEDY)))

@@ -65,12 +65,14 @@ def test_a_schema_over_the_size_bound_is_refused_before_it_is_compiled(engine):
         prepared(engine, huge)
 
 
-def test_a_large_schema_compiles_once_off_the_event_loop_while_healthz_answers(engine, tmp_path, monkeypatch):
+def test_a_large_schema_compiles_once_off_the_event_loop_while_healthz_answers(tiny_base, tmp_path, monkeypatch):
     from serve.app import create_app
     from serve.catalog import Catalog
     from serve.dependencies import Settings
     from serve.tenants import Tenants
 
+    # An engine of its own: the server closes its engine when it stops, and the module's serves the tests after this.
+    engine = TransformersEngine(tiny_base, model_id="tiny-llama", quantize="none", max_batch=8)
     grammars, entered, release, compiles = engine._grammars, threading.Event(), threading.Event(), []
     compile_schema = grammars.compile
 
