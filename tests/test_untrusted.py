@@ -51,6 +51,18 @@ def _evil_remote(registry: Registry, make_adapter, tmp_path: Path, cli, files: d
     return origin
 
 
+def _clone_with_link(registry: Registry, relpath: str, target: Path, tmp_path: Path, cli) -> tuple[object, Path]:
+    """Commit RELPATH as a link to TARGET (moving what was there aside), push it with plain git, clone as a victim."""
+    link = registry.root / relpath
+    link.rename(tmp_path / f"moved-{link.name}")
+    link.symlink_to(target)
+    git(registry.root, "add", "-f", relpath)
+    git(registry.root, "commit", "-qm", f"link {relpath}")
+    git(registry.root, "push", "-q", "origin", "HEAD")
+    victim = tmp_path / "victim"
+    return cli("clone", str(tmp_path / "origin.git"), str(victim), cwd=tmp_path), victim
+
+
 def _escapes(tmp_path: Path) -> dict[str, bytes]:
     """A folder listing whose names climb out of the adapter folder and name an absolute path."""
     return {
@@ -144,16 +156,7 @@ def test_a_committed_link_in_adapters_is_never_followed(registry: Registry, make
     registry.add("support", make_adapter(1))
     assert cli("push", cwd=registry.root).exit_code == 0
     # The attacker commits adapters/support as a link (DVC's .gitignore entry does not stop `git add -f`).
-    link = registry.root / "adapters" / "support"
-    backup = registry.root / "support-files"
-    link.rename(backup)
-    link.symlink_to(elsewhere)
-    git(registry.root, "add", "-f", "adapters/support")
-    git(registry.root, "commit", "-qm", "link")
-    git(registry.root, "push", "-q", "origin", "HEAD")
-
-    victim = tmp_path / "victim"
-    result = cli("clone", str(tmp_path / "origin.git"), str(victim), cwd=tmp_path)
+    result, victim = _clone_with_link(registry, "adapters/support", elsewhere, tmp_path, cli)
     assert result.exit_code == 5
     assert result.stderr.strip() == (
         "Error: adapters/support is a symbolic link; the registry never follows links out of the repository: "
@@ -215,15 +218,7 @@ def test_a_committed_link_in_place_of_the_dvc_cache_is_refused(
     assert cli("push", cwd=registry.root).exit_code == 0
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    cache = registry.root / ".dvc" / "cache"
-    cache.rename(tmp_path / "old-cache")
-    cache.symlink_to(elsewhere)
-    git(registry.root, "add", "-f", ".dvc/cache")
-    git(registry.root, "commit", "-qm", "link the cache")
-    git(registry.root, "push", "-q", "origin", "HEAD")
-
-    victim = tmp_path / "victim"
-    result = cli("clone", str(tmp_path / "origin.git"), str(victim), cwd=tmp_path)
+    result, victim = _clone_with_link(registry, ".dvc/cache", elsewhere, tmp_path, cli)
     assert result.exit_code == 5
     assert result.stderr.startswith("Error: .dvc/cache is a symbolic link; the registry never follows links out")
     assert not victim.exists() and not any(elsewhere.iterdir())
