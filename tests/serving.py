@@ -152,3 +152,14 @@ def serving_alpha(request: Any, tmp_path: Path, base: Path, adapter: Path) -> It
     catalog = Catalog.serving(registry, tmp_path / "cache", base, engine)
     with serving(create_app(engine, catalog, Tenants(None), Settings())) as url:
         yield url, engine
+
+
+def tenants_cli(tenants_file: Path, *args: str) -> str:
+    """Run `adapters tenants ARGS --file TENANTS_FILE` in this process (it must succeed); its output, a key for add."""
+    from click.testing import CliRunner
+
+    from adapterctl.cli import main
+
+    result = CliRunner().invoke(main, ["tenants", *args, "--file", str(tenants_file)])
+    assert result.exit_code == 0, result.output
+    return result.stdout.strip()

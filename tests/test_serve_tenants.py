@@ -12,6 +12,7 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import httpx
 import openai
 import pytest
 import yaml
-from serving import events, metric, registry_with, server_process, serving, wait_for
+from serving import events, metric, registry_with, server_process, serving, tenants_cli, wait_for
 
 from registry.repo import Registry
 
@@ -68,9 +69,7 @@ class Hosted:
 
 @pytest.fixture(scope="module")
 def hosted(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, make_adapter: Any) -> Iterator[Hosted]:
-    from click.testing import CliRunner
 
-    from adapterctl.cli import main
     from serve.app import create_app
     from serve.catalog import Catalog
     from serve.dependencies import Settings
@@ -83,10 +82,7 @@ def hosted(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, make_adapt
     registry = registry_with(root / "registry", {n: [make_adapter(s) for s in seeds] for n, seeds in adapters.items()})
     tenants_file = root / "tenants.yaml"
 
-    def key(*args: str) -> str:
-        result = CliRunner().invoke(main, ["tenants", *args, "--file", str(tenants_file)])
-        assert result.exit_code == 0, result.output
-        return result.stdout.strip()
+    key = partial(tenants_cli, tenants_file)
 
     keys = {
         "acme": key("add", "acme", "--adapters", "acme-*", "--max-concurrent", "1", "--max-tokens", "400"),

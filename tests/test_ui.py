@@ -13,12 +13,13 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from serving import ROOT, crafted, registry_with, serving, wait_for
+from serving import ROOT, crafted, registry_with, serving, tenants_cli, wait_for
 
 from registry.repo import Registry
 
@@ -61,9 +62,7 @@ def hostile(source: Path, dest: Path) -> Path:
 
 def start_console(root: Path, make_adapter: Any, engine: Any) -> Iterator[Console]:
     """Serve a console with ENGINE on a fresh registry and a tenants file (yields it while it runs)."""
-    from click.testing import CliRunner
 
-    from adapterctl.cli import main
     from serve.app import create_app
     from serve.catalog import Catalog
     from serve.dependencies import Settings
@@ -73,10 +72,7 @@ def start_console(root: Path, make_adapter: Any, engine: Any) -> Iterator[Consol
     registry.add("acme-a", hostile(make_adapter(3), root / "hostile"), message=f"Try {SCRIPT}")
     tenants_file = root / "tenants.yaml"
 
-    def key(*args: str) -> str:
-        result = CliRunner().invoke(main, ["tenants", *args, "--file", str(tenants_file)])
-        assert result.exit_code == 0, result.output
-        return result.stdout.strip()
+    key = partial(tenants_cli, tenants_file)
 
     keys = {
         "acme": key("add", "acme", "--adapters", "acme-*"),
