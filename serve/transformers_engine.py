@@ -404,10 +404,10 @@ class TransformersEngine(HFTokenizer, Engine):
                 self._fail(failed, exc)
         self._runner.admit(admitted)
         self._runner.prefill()
-        self._leave(self._runner.drop_finished())
+        self._retire()
         if self._runner.rows:
             self._runner.decode()
-            self._leave(self._runner.drop_finished())
+            self._retire()
 
     def _install(self, adapter: Adapter) -> None:
         """Read ADAPTER unless `load` did, and install it in the slot the admission promised; rejected if it fails."""
@@ -437,12 +437,17 @@ class TransformersEngine(HFTokenizer, Engine):
                     generation.pinned = None
             self._slots.trim()
 
+    def _retire(self) -> None:
+        """Finished rows leave the batch and release their adapters under one hold, so `status` never sees half."""
+        with self._cond:
+            self._leave(self._runner.drop_finished())
+
     def _fail(self, generations: list[Generation], exc: BaseException) -> None:
         """End GENERATIONS with EXC: rows leave the batch, admitted ones not yet in it are released."""
         running = {id(g) for g in self._runner.generations()}
         fail(generations, exc)
         self._leave([g for g in generations if id(g) not in running])
-        self._leave(self._runner.drop_finished())
+        self._retire()
 
 
 def block_bytes(config: object) -> int:
