@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from serve.engine import AdapterSpec, GenerateRequest, Item, Sampling, TokenLogprob
 from serve.slots import Adapter
+
+UNREAD = 8  # chunks a generation may have waiting for its reader; past that its row pauses (a bounded queue)
 
 
 @dataclass(eq=False)
@@ -20,6 +23,9 @@ class Generation:
     prompt_logprobs: list[TokenLogprob] | None = None  # scored at prefill, sent with the first chunk
     started: bool = False  # its first chunk is sent
     overtaken: int = 0  # younger generations admitted while it waited for blocks (`serve.admission`)
+    sent: int = 0  # chunks the worker handed over (written by the worker only)
+    taken: int = 0  # chunks its reader took (written by the reader only)
+    resumed: Callable[[], None] = field(default=lambda: None, repr=False)  # its reader caught up: wake the worker
     loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop, repr=False)
     queue: asyncio.Queue[Item] = field(default_factory=asyncio.Queue, repr=False)
 
@@ -34,6 +40,17 @@ class Generation:
     @property
     def sampling(self) -> Sampling:
         return self.request.sampling
+
+    @property
+    def behind(self) -> bool:
+        """Whether its reader left UNREAD chunks waiting: its row pauses until the reader takes some."""
+        return self.sent - self.taken >= UNREAD and not self.cancelled
+
+    def take(self) -> None:
+        """Its reader took a chunk: when that ends a pause, the worker is woken to run its row again."""
+        self.taken += 1
+        if self.sent - self.taken == UNREAD - 1:
+            self.resumed()
 
     def publish(self, item: Item) -> None:
         """Hand a chunk (or the error that ended the generation) to the request's event loop; any thread."""

@@ -52,8 +52,9 @@ class Runner:
     padding included). Each row in it takes at most PREFILL_CHUNK tokens of its prompt (0: a whole prompt); when fewer
     rows share a pass, larger parts, up to the budget. Its rows are, in turn: the oldest prompt that needs more than
     one part (so long prompts always advance), prompts that end in this pass, oldest first (so a short prompt is never
-    held behind long ones), then the other long prompts. Rows being prefilled hold the cache rows just past the
-    running ones.
+    held behind long ones), then the other long prompts. A running row whose reader is behind (`Generation.behind`)
+    is parked: it keeps its cache but sits out decode passes until its reader catches up. The cache rows hold the
+    running rows, then the parked ones, then those being prefilled (so that admitting more moves none).
     """
 
     def __init__(
@@ -86,15 +87,36 @@ class Runner:
         self.prefill_chunk = prefill_chunk  # 0: every prompt in one pass
         self.max_batched_tokens = max_batched_tokens
         self.filling: list[Row] = []  # admitted, their prompts being prefilled, oldest first
+        self.parked: list[Row] = []  # running rows whose reader is behind
         self.passes: Counter[int] = Counter()  # rows per forward pass -> passes
 
     def held(self) -> int:
-        """Batch rows taken: running or being filled."""
-        return len(self.rows) + len(self.filling)
+        """Batch rows taken: running, being filled or parked."""
+        return len(self.rows) + len(self.filling) + len(self.parked)
 
     def generations(self) -> list[Generation]:
         """The generations holding rows now."""
-        return [row.generation for row in self.rows + self.filling]
+        return [row.generation for row in self._held()]
+
+    def busy(self) -> bool:
+        """Whether a step has work: rows to fill or decode, or a parked row whose reader caught up or left."""
+        return bool(self.rows or self.filling or any(not row.generation.behind for row in self.parked))
+
+    def park(self) -> None:
+        """Running rows whose reader is behind sit out the next decode passes; parked rows caught up run again."""
+        parking = [row for row in self.rows if row.generation.behind]
+        resuming = [row for row in self.parked if not row.generation.behind]
+        if not parking and not resuming:
+            return
+        index = {id(row): i for i, row in enumerate(self._held())}
+        rows = [row for row in self.rows if row not in parking] + resuming
+        parked = [row for row in self.parked if row not in resuming] + parking
+        self.cache.keep([index[id(row)] for row in rows + parked + self.filling])
+        self.rows, self.parked = rows, parked
+
+    def _held(self) -> list[Row]:
+        """Every row, in the order of their cache rows."""
+        return self.rows + self.parked + self.filling
 
     def admit(self, generations: list[Generation]) -> None:
         """GENERATIONS take rows; their prompts are prefilled over the next steps (`prefill`)."""
@@ -146,7 +168,7 @@ class Runner:
 
     def _fill(self, parts: list[tuple[Row, int]]) -> list[tuple[Row, torch.Tensor]]:
         """Run PARTS (row, tokens) of prompts in one pass; the rows whose prompt it ends, with their next logits."""
-        first = len(self.rows)
+        first = len(self.rows) + len(self.parked)
         rows = [row for row, _ in parts]
         cache_rows = [first + self.filling.index(row) for row in rows]
         starts = torch.tensor([row.length for row in rows])
@@ -188,10 +210,11 @@ class Runner:
         if not ended:
             return
         done = {id(row) for row, _ in ended}
-        running, filling = len(self.rows), range(len(self.rows), self.held())
+        running, parked = len(self.rows), range(len(self.rows), len(self.rows) + len(self.parked))
+        filling = range(parked.stop, self.held())
         joining = [i for i, row in zip(filling, self.filling, strict=True) if id(row) in done]
         staying = [i for i, row in zip(filling, self.filling, strict=True) if id(row) not in done]
-        self.cache.keep(list(range(running)) + joining + staying)
+        self.cache.keep(list(range(running)) + joining + list(parked) + staying)
         rows = [row for row in self.filling if id(row) in done]
         self.filling = [row for row in self.filling if id(row) not in done]
         self.rows.extend(rows)
@@ -227,12 +250,13 @@ class Runner:
 
     def drop_finished(self) -> list[Generation]:
         """Free the rows of finished or cancelled generations (the others keep their order); returns theirs."""
-        held = self.rows + self.filling
+        held = self._held()
         left = [row.generation for row in held if row.generation.cancelled]
         if left:
             self.cache.keep([i for i, row in enumerate(held) if not row.generation.cancelled])
             self.rows = [row for row in self.rows if not row.generation.cancelled]
             self.filling = [row for row in self.filling if not row.generation.cancelled]
+            self.parked = [row for row in self.parked if not row.generation.cancelled]
         self.cache.shrink(self.held())
         return left
 
@@ -280,6 +304,7 @@ class Runner:
                     log.exception("The engine failed one row; its request gets an error.")
                 chunk = failure(exc)
             outbox.append((generation, chunk))
+            generation.sent += 1
             if isinstance(chunk, BaseException) or chunk.finish_reason:
                 generation.cancelled = True  # finished or failed: the row leaves the batch
         deliver(outbox)

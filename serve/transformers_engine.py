@@ -228,7 +228,7 @@ class TransformersEngine(HFTokenizer, Engine):
         self.check(request)
         if request.sampling.json_schema is not None and request.sampling.grammar is None:  # not `prepare`d above
             request = replace(request, sampling=(await self.prepare([request.sampling]))[0])
-        generation = Generation(request)
+        generation = Generation(request, resumed=self._wake)
         with self._ids_lock:
             if request.request_id in self._ids:
                 raise InvalidRequest(f"Request id {request.request_id!r} is already running.")
@@ -243,9 +243,13 @@ class TransformersEngine(HFTokenizer, Engine):
                 self._notify()  # the worker and `unload` calls wait on this condition: wake the worker for sure
         try:
             async for chunk in received(generation.queue):
+                generation.take()
                 yield chunk
         finally:
+            parked = generation.behind
             generation.cancelled = True  # the consumer left (or it ended): the worker drops its row
+            if parked:  # the worker may be waiting with nothing else to do
+                self._wake()
             with self._ids_lock:
                 if self._ids.get(request.request_id) is generation:
                     del self._ids[request.request_id]
@@ -272,6 +276,12 @@ class TransformersEngine(HFTokenizer, Engine):
                 kv_cache_usage=self._runner.cache.held() / self._runner.cache.capacity,
             )
 
+    @property
+    def paused(self) -> int:
+        """Running generations whose reader is behind: their rows sit out decode passes until it catches up."""
+        with self._cond:
+            return len(self._runner.parked)
+
     async def close(self) -> None:
         with self._cond:
             self._closed = True
@@ -291,6 +301,11 @@ class TransformersEngine(HFTokenizer, Engine):
             self._asked.append((adapter, answer))
             self._notify()
         return adapter
+
+    def _wake(self) -> None:
+        """A parked row's reader caught up: wake the worker if it waits with nothing else to do."""
+        with self._cond:
+            self._cond.notify_all()
 
     def _notify(self) -> None:
         """Wake the threads waiting on the condition; answer the `load` calls whose adapter has settled (lock held)."""
@@ -386,7 +401,7 @@ class TransformersEngine(HFTokenizer, Engine):
         return bool(
             self._closed
             or self._waiting
-            or self._runner.held()
+            or self._runner.busy()
             or self._slots.in_state(State.READING, State.PENDING, State.UNLOADING)
         )
 
@@ -405,6 +420,7 @@ class TransformersEngine(HFTokenizer, Engine):
         self._runner.admit(admitted)
         self._runner.prefill()
         self._retire()
+        self._runner.park()
         if self._runner.rows:
             self._runner.decode()
             self._retire()

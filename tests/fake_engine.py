@@ -33,10 +33,10 @@ from serve.engine import (
     TokenLogprob,
     received,
 )
+from serve.generation import UNREAD
 
 EOS = 256  # byte tokens 0-255, then end-of-sequence
 _LIKELY = [ord(c) for c in "abcdefghijklmnopqrstuvwxyz "]  # the bytes the model favours; others score -20
-UNREAD = 8  # chunks a row may have waiting for its reader; past that it pauses (a bounded per-request queue)
 
 
 @dataclass(eq=False)

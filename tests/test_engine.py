@@ -160,6 +160,61 @@ def test_a_short_request_joins_the_running_batch_and_finishes_first(engine, lora
     assert at_short_end < 100 and total == 300
 
 
+def paused(engine: TransformersEngine, count: int = 1) -> dict[int, int]:
+    """The engine's passes by rows per pass, once COUNT generations are parked (and it runs nothing else)."""
+    for _ in range(2000):
+        if engine.paused == count and engine.status().running == count:
+            return dict(engine.status().passes)
+        time.sleep(0.01)
+    raise AssertionError(f"{count} generations never paused")
+
+
+def test_a_generation_its_reader_leaves_unread_pauses_then_goes_on_where_it_was(engine, lora):
+    from serve.generation import UNREAD
+
+    long = Sampling(max_tokens=40, temperature=0, ignore_eos=True)
+    jobs = [(lora(1), PROMPTS[0]), (lora(2), PROMPTS[1]), (None, PROMPTS[2])]
+    expected = generate(engine, [(adapter, prompt, long, 0) for adapter, prompt in jobs])
+
+    async def run() -> tuple[list[str], dict[int, int], dict[int, int], dict[int, int]]:
+        start = dict(engine.status().passes)
+        slow = engine.generate(request(engine, jobs[0][1], jobs[0][0], long))
+        texts = [(await anext(slow)).text]  # one chunk read, then none for a while
+        parked = await asyncio.to_thread(paused, engine)
+        others = [Reader(engine, request(engine, prompt, adapter, long)) for adapter, prompt in jobs[1:]]
+        await asyncio.gather(*(other.result() for other in others))
+        after_others = dict(engine.status().passes)
+        texts += [chunk.text async for chunk in slow]  # read at last: it goes on
+        texts = ["".join(texts)] + [other.text for other in others]
+        return texts, start, parked, after_others
+
+    texts, start, parked, after_others = asyncio.run(run())
+    assert texts == expected  # parked and moved in the cache, then resumed: the same greedy text
+    alone = parked.get(1, 0) - start.get(1, 0)
+    assert alone <= UNREAD + 2  # its prefill, then decode passes until UNREAD chunks waited: then it sat out
+    assert after_others.get(3, 0) == parked.get(3, 0)  # the two others ran without it while it was parked
+    assert engine.status().running == 0 and engine.status().kv_cache_usage == 0
+
+
+def test_a_parked_generation_whose_reader_leaves_frees_its_row(engine, lora):
+    long = Sampling(max_tokens=200, temperature=0, ignore_eos=True)
+
+    async def run() -> int:
+        slow = engine.generate(request(engine, PROMPTS[3], lora(3), long))
+        await anext(slow)
+        await asyncio.to_thread(paused, engine)
+        held = engine.status().running
+        await slow.aclose()  # as the server does when the client hangs up or the stall timer fires
+        return held
+
+    assert asyncio.run(run()) == 1
+    for _ in range(400):
+        if not engine.status().running:
+            break
+        time.sleep(0.01)
+    assert engine.status().running == 0 and engine.status().kv_cache_usage == 0 and engine.paused == 0
+
+
 def test_lru_keeps_max_loaded_idle_and_a_batch_runs_an_adapter_per_row_beyond_it(tiny_base, lora):
     small = TransformersEngine(tiny_base, model_id="tiny", quantize="none", max_loaded=2, max_batch=4)
     try:
