@@ -63,18 +63,16 @@ def plain(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) ->
 
 
 def parse(text: str) -> tuple[str, list[tuple[str, str]]]:
-    """TEXT's content outside its calls, and each well-formed call as (name, arguments as JSON text); a block that is
-    not a call object stays in the content."""
+    """TEXT's content and each well-formed call as (name, arguments as JSON text). The content is the text before the
+    first call; what follows the calls (a model that missed its end) is dropped, as vLLM does."""
     calls: list[tuple[str, str]] = []
-
-    def take(match: re.Match[str]) -> str:
+    start = len(text)
+    for match in _CALL.finditer(text):
         try:
             call = json.loads(match[1])
         except ValueError:
-            return match[0]
-        if not (isinstance(call, dict) and isinstance(call.get("name"), str)):
-            return match[0]
-        calls.append((call["name"], json.dumps(call.get("arguments", {}), ensure_ascii=False)))
-        return ""
-
-    return _CALL.sub(take, text).strip(), calls
+            continue
+        if isinstance(call, dict) and isinstance(call.get("name"), str):
+            start = min(start, match.start())
+            calls.append((call["name"], json.dumps(call.get("arguments", {}), ensure_ascii=False)))
+    return text[:start].strip(), calls

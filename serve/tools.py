@@ -63,13 +63,14 @@ class ToolUse:
         return None, [_call(c["name"], json.dumps(c["arguments"], ensure_ascii=False)) for c in value]
 
     def message(self, text: str, finish: str | None) -> tuple[dict[str, Any], str | None]:
-        """The assistant message of TEXT and its finish reason: "tool_calls" once it chose to call, "stop" for a
-        named function, as vLLM and OpenAI say."""
+        """The assistant message of TEXT and its finish reason, as vLLM gives them: "tool_calls" once "auto" made a call
+        (however it ended) or "required" made its calls, the engine's reason for a named function."""
         content, calls = self.answer(text)
         message: dict[str, Any] = {"role": "assistant", "content": content}
         if calls:
             message["tool_calls"] = calls
-        return message, ("tool_calls" if calls and finish == "stop" and not self.streams else finish)
+        called = calls and (self.choice == "auto" or finish == "stop") and not self.streams
+        return message, ("tool_calls" if called else finish)
 
     def delta(self, text: str, finish: str | None, first: bool) -> tuple[dict[str, Any], str | None]:
         """A streamed chunk's delta: a named function's call opens with its FIRST piece and each piece adds to its

@@ -164,8 +164,11 @@ def test_auto_answers_parse_into_content_and_calls() -> None:
         '<tool_call>{"name": "get_weather", "arguments": {}}</tool_call> <tool_call>not json</tool_call>'
     )
     message, finish = use.message(text, "stop")
-    assert message["content"] == "Sure.  <tool_call>not json</tool_call>" and finish == "tool_calls"
+    assert message["content"] == "Sure." and finish == "tool_calls"  # what follows the calls is dropped, as in vLLM
     assert [c["function"] for c in message["tool_calls"]] == [{"name": "set_alarm", "arguments": '{"at": "06:00"}'}]
+    assert use.message(text, "length")[1] == "tool_calls"  # it called: cut after its call, still a call, as in vLLM
+    cut = "Sure. <tool_call>not json</tool_call> <tool_call>" + '{"name": "set_al'
+    assert use.message(cut, "length") == ({"role": "assistant", "content": cut}, "length")
     assert use.message("No call.", "stop") == ({"role": "assistant", "content": "No call."}, "stop")
 
 
