@@ -137,17 +137,23 @@ def server_process(command: list[str], cwd: Path) -> Iterator[tuple[subprocess.P
 def serving_alpha(request: Any, tmp_path: Path, base: Path, adapter: Path) -> Iterator[tuple[str, Any]]:
     """A server on BASE whose registry holds ADAPTER as alpha@v1.0.0, on the engine REQUEST.param names (a fresh
     transformers engine, or the session's vLLM one); yields its URL and engine."""
+    registry = registry_with(tmp_path / "registry", {"alpha": [adapter]})
+    engine = request.getfixturevalue("vllm_engine") if request.param == "vllm" else None
+    with serving_registry(registry, tmp_path, base, engine) as served:
+        yield served
+
+
+@contextmanager
+def serving_registry(registry: Registry, tmp_path: Path, base: Path, engine: Any = None) -> Iterator[tuple[str, Any]]:
+    """A server on BASE for every adapter in REGISTRY, on ENGINE (None: a fresh transformers engine); its URL and
+    engine."""
     from serve.app import create_app
     from serve.catalog import Catalog
     from serve.dependencies import Settings
     from serve.tenants import Tenants
+    from serve.transformers_engine import TransformersEngine
 
-    registry = registry_with(tmp_path / "registry", {"alpha": [adapter]})
-    if request.param == "vllm":
-        engine = request.getfixturevalue("vllm_engine")
-    else:
-        from serve.transformers_engine import TransformersEngine
-
+    if engine is None:
         engine = TransformersEngine(base, model_id="tiny-llama", quantize="none", max_loaded=2, max_batch=16)
     catalog = Catalog.serving(registry, tmp_path / "cache", base, engine)
     with serving(create_app(engine, catalog, Tenants(None), Settings())) as url:

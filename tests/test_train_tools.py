@@ -14,9 +14,11 @@ from train.data import IGNORE_INDEX, load, tokenize
 WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}}]
 CITIES = ["Oslo", "Rome", "Lima", "Kyiv", "Doha", "Bern", "Riga", "Baku"]
+STEPS = 200  # enough for the tiny model to learn the call's shape
 
 
-def _dataset(path: Path) -> Path:
+def _dataset(path: Path, answered: bool = True) -> Path:
+    """Calls of get_weather, each ANSWERED with the tool's result and a reply, or the call alone."""
     records = [
         {
             "messages": [
@@ -31,8 +33,14 @@ def _dataset(path: Path) -> Path:
                         }
                     ],
                 },
-                {"role": "tool", "tool_call_id": f"call_{i}", "content": "Sunny"},
-                {"role": "assistant", "content": f"Sunny in {city}."},
+                *(
+                    [
+                        {"role": "tool", "tool_call_id": f"call_{i}", "content": "Sunny"},
+                        {"role": "assistant", "content": f"Sunny in {city}."},
+                    ]
+                    if answered
+                    else []
+                ),
             ],
             "tools": TOOLS,
         }
@@ -69,3 +77,35 @@ def test_a_short_run_trains_on_tool_calls(tmp_path: Path, tiny_base: Path) -> No
     )  # fmt: skip
     train(args, echo=lambda _: None)
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+def test_a_tool_use_adapter_trained_here_calls_the_tool_when_served(tmp_path: Path, tiny_base: Path) -> None:
+    """Trained on calls, registered and served: through the openai client with `tools` offered (`auto`), the adapter
+    answers with a parsed call where the base answers in text."""
+    import openai
+    from serving import registry_with, serving_registry
+
+    from train.config import TrainArgs
+    from train.trainer import train
+
+    args = TrainArgs(
+        name="caller", data=_dataset(tmp_path / "calls.jsonl", answered=False), base=str(tiny_base),
+        output=tmp_path / "out", lr=1e-2, batch_size=4, seq_len=512, eval_fraction=0.25, rank=8, alpha=16,
+        qlora=False, max_steps=STEPS,
+    )  # fmt: skip
+    train(args, echo=lambda _: None)
+    registry = registry_with(tmp_path / "registry", {"caller": [tmp_path / "out"]})
+    with serving_registry(registry, tmp_path, tiny_base) as (url, _):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        asked = [{"role": "user", "content": "Weather in Rome?"}]
+        answers = {
+            model: client.chat.completions.create(
+                model=model, messages=asked, tools=TOOLS, temperature=0, max_tokens=40
+            )
+            for model in ("caller", "tiny-llama")
+        }
+    trained, base = (answers[model].choices[0] for model in ("caller", "tiny-llama"))
+    assert trained.finish_reason == "tool_calls" and trained.message.content in (None, "")
+    [call] = trained.message.tool_calls
+    assert call.function.name == "get_weather" and set(json.loads(call.function.arguments)) == {"city"}
+    assert base.finish_reason != "tool_calls" and not base.message.tool_calls
