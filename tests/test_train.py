@@ -123,13 +123,33 @@ def test_qlora_trains_on_an_nf4_base_on_cpu(tmp_path: Path, tiny_base: Path, jso
 
 
 @pytest.mark.parametrize("qlora", [False, True])
-def test_gradient_checkpointing_still_trains(tmp_path: Path, tiny_base: Path, json_data: Path, qlora: bool) -> None:
-    args = _args(tmp_path, tiny_base, json_data, max_steps=12, qlora=qlora, gradient_checkpointing=True)
-    result = train(args, echo=lambda _: None)
-    assert result.eval_loss_after < result.eval_loss_before
-    weights = load_file(tmp_path / "out" / "adapter_model.safetensors")
+def test_gradient_checkpointing_trains_to_the_same_eval_loss(
+    tmp_path: Path, tiny_base: Path, json_data: Path, qlora: bool
+) -> None:
+    results = {
+        kept: train(
+            _args(tmp_path, tiny_base, json_data, max_steps=12, qlora=qlora, gradient_checkpointing=not kept,
+                  output=tmp_path / f"kept-{kept}"),
+            echo=lambda _: None,
+        )
+        for kept in (False, True)
+    }  # fmt: skip
+    assert results[False].eval_loss_after < results[False].eval_loss_before
+    assert results[False].eval_loss_after == pytest.approx(results[True].eval_loss_after, rel=0.01)
+    weights = load_file(tmp_path / "kept-False" / "adapter_model.safetensors")
     first_layer_b = [v for k, v in weights.items() if "layers.0." in k and "lora_B" in k]
     assert first_layer_b and all(v.abs().sum() > 0 for v in first_layer_b)  # gradients reached the first layer
+
+
+def test_gradient_checkpointing_is_on_by_default_from_1024_tokens_per_device_batch(json_data: Path) -> None:
+    def checkpointed(batch_size: int, seq_len: int, **given: bool) -> bool | None:
+        args = TrainArgs(name="x", data=json_data, batch_size=batch_size, seq_len=seq_len, **given)
+        return args.gradient_checkpointing
+
+    assert checkpointed(8, 256) is True and checkpointed(2, 512) is True
+    assert checkpointed(4, 128) is False and checkpointed(1, 1023) is False
+    assert checkpointed(8, 256, gradient_checkpointing=False) is False  # --no-gradient-checkpointing
+    assert checkpointed(1, 64, gradient_checkpointing=True) is True
 
 
 def test_qlora_gradients_after_an_eval_pass_match_a_dequantized_base(tiny_base: Path) -> None:

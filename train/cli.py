@@ -48,6 +48,8 @@ def _options(command: Callable[..., Any]) -> Callable[..., Any]:
             option = click.option(*names, default=",".join(spec.default_factory()), show_default=True, help=help_text)
         elif kind is bool and spec.default:
             option = click.option(f"{flag}/--no-{flag[2:]}", default=True, show_default=True, help=help_text)
+        elif kind == bool | None:  # on, off, or decided from the other options when neither is given
+            option = click.option(f"{flag}/--no-{flag[2:]}", default=None, help=help_text)
         elif kind is bool:
             option = click.option(*names, is_flag=True, help=help_text)
         elif spec.default is dataclasses.MISSING:

@@ -11,6 +11,9 @@ from core.errors import TrainingError
 from registry.names import check_name
 
 REPORTERS = ["tensorboard", "mlflow", "wandb", "none"]
+# Tokens per device batch from which gradient checkpointing is on by default: at 1,024 a LoRA step's activations on
+# SmolLM2-135M already outweigh its weights (bench/train_memory.py), and the recomputation costs less than it saves.
+CHECKPOINT_TOKENS = 1024
 
 
 def _check_choice(option: str, value: str, choices: list[str]) -> None:
@@ -66,9 +69,9 @@ class TrainArgs:
     loss (its step in lineage); checkpoints are then saved at each evaluation."""
     save_steps: int = 25
     """Write a resumable checkpoint every this many steps."""
-    gradient_checkpointing: bool = False
-    """Recompute each layer's activations in the backward pass: pays when activations outgrow the weights (long
-    --seq-len x --batch-size, many layers): at batch 8 x 256 on SmolLM2 about 0.6x the peak, slower steps."""
+    gradient_checkpointing: bool | None = None
+    """Recompute each layer's activations in the backward pass instead of keeping them; default: on when a device
+    batch holds 1,024 tokens or more (--batch-size x --seq-len), where activations outgrow a small model's weights."""
     report_to: str | None = None
     """Where metrics go while training: tensorboard, mlflow, wandb or none; default tensorboard if installed."""
     log_dir: Path | None = None
@@ -102,6 +105,8 @@ class TrainArgs:
             raise TrainingError(f"Invalid value for --{bad[0]}: {getattr(self, bad[0].replace('-', '_'))!r}.")
         if self.eval_steps and not self.eval_fraction:
             raise TrainingError("--eval-steps needs an eval split; pass --eval-fraction above 0.")
+        if self.gradient_checkpointing is None:
+            self.gradient_checkpointing = self.batch_size * self.seq_len >= CHECKPOINT_TOKENS
         self.log_dir = Path(self.log_dir) if self.log_dir else None
         self.report_to = self.report_to or ("tensorboard" if importlib.util.find_spec("tensorboard") else "none")
         _check_choice("report-to", self.report_to, REPORTERS)
