@@ -75,7 +75,7 @@ class Ingress:
         logging.getLogger("serve").setLevel(logging.INFO)
         description = await self.replicas.describe.remote()
         base = resolve_base(config.base).path
-        engine = RayEngine(self.replicas, self.board, base, description, config.affinity)
+        engine = RayEngine(self.replicas, self.board, base, description, config.replicas, config.affinity)
         catalog = Catalog.serving(
             Registry(config.registry),
             home() / "serve",

@@ -37,10 +37,12 @@ class RayEngine(HFTokenizer, Engine):
     name = "ray"
 
     def __init__(
-        self, handle: Any, board: Any, base_path: Path, description: Description, affinity: bool = True
+        self, handle: Any, board: Any, base_path: Path, description: Description, replicas: int, affinity: bool = True
     ) -> None:
         for item in fields(description):
             setattr(self, item.name, getattr(description, item.name))
+        # Every replica's batch: what tenants' fair share (`serve.fairness`) lets in at once, over all of them.
+        self.max_batch = description.max_batch and description.max_batch * replicas
         self.tokenizer = AutoTokenizer.from_pretrained(base_path)
         self._handle = handle
         self._board = board

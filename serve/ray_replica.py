@@ -100,6 +100,7 @@ class Description:
     prompt_characters: int
     max_rank: int
     max_loaded: int
+    max_batch: int | None = None  # generations one replica runs at once
 
 
 @ray.remote(num_cpus=0)
@@ -220,6 +221,7 @@ class EngineReplica:
             engine.prompt_characters,
             engine.max_rank,
             engine.max_loaded,
+            engine.max_batch,
         )
         self.adapters = RemoteAdapters(remote, branch, model.path, self.description)
         self.replica = serve.get_replica_context().replica_id.unique_id
@@ -236,6 +238,11 @@ class EngineReplica:
     def _tell(self) -> None:
         with contextlib.suppress(Exception):  # the board restarting: the next report tells it again
             self._board.put.remote(self.replica, os.getpid(), self.engine.status())
+
+    def check_health(self) -> None:
+        """Ray Serve's periodic probe: an engine that can serve nothing more fails it, so Ray replaces the replica."""
+        if self.engine.dead is not None:
+            raise RuntimeError(f"The engine cannot serve any more: {self.engine.dead}.")
 
     async def describe(self) -> Description:
         """The engine's model, limits and precision."""

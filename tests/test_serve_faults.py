@@ -431,6 +431,30 @@ def test_a_dead_batch_loop_turns_the_probes_and_requests_503(tiny_base: Path, re
         assert call(url, greedy("tiny-llama")) == (503, message)
 
 
+def test_a_replica_whose_engine_died_fails_ray_serves_health_check(tiny_base: Path, monkeypatch: Any) -> None:
+    """Fault point: the engine's batch loop dies on its first decode. Ray Serve calls a replica's `check_health`
+    every few seconds and replaces the replica when it raises (its documented contract, not run here: a fault cannot
+    be put inside a replica's process); this checks the replica's side on a real engine."""
+    from faultpoint import raising
+
+    from engines import chunks, request
+    from serve.engine import EngineDead
+    from serve.ray_replica import EngineReplica
+    from serve.transformers_engine import TransformersEngine
+
+    replica = object.__new__(EngineReplica)  # its engine alone: the rest needs a Ray Serve replica context
+    replica.engine = TransformersEngine(tiny_base, model_id="tiny-llama", quantize="none")
+    try:
+        replica.check_health()  # alive: passes
+        monkeypatch.setattr(replica.engine._runner, "decode", raising(replica.engine._runner.decode, 1))
+        with pytest.raises(EngineDead):
+            asyncio.run(chunks(replica.engine, request(replica.engine, "Hello")))
+        with pytest.raises(RuntimeError, match=r"^The engine cannot serve any more: its batch loop stopped on Fault"):
+            replica.check_health()
+    finally:
+        asyncio.run(replica.engine.close())
+
+
 @pytest.mark.parametrize("engine", ["transformers", "vllm"])
 def test_a_server_whose_engine_died_exits_12_after_answering_its_requests(
     engine: str, tiny_base: Path, registry: Registry
