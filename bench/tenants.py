@@ -12,6 +12,8 @@ Measured: short's time to first token alone and while flood floods (p95, target:
 served per second (prompt tokens of each generation, and generated ones) alone and while short runs, against the whole
 server's (flood's and short's) while both run (target: flood alone at least 0.9x of that: a tenant alone gets every
 slot). With one first-in-first-out queue, short would wait for the rest of the list: up to its seconds, printed too.
+Then the same server without --tenants (one caller, no fair share) runs short alone and flood alone again: what fair
+share costs a tenant alone.
 --quick: 200 prompts, n 1, 10 streams (under 3 minutes on 2 quiet cores).
 Run it on a quiet machine.
 """
@@ -101,13 +103,15 @@ async def shorts(client: httpx.AsyncClient, key: str, model: str, count: int, un
     return list(await asyncio.gather(*sent))
 
 
-async def measure(url: str, keys: dict[str, str], models: dict[str, str], args: argparse.Namespace) -> dict:
-    """Short alone, flood alone, then both at once."""
+async def measure(url: str, keys: dict[str, str], models: dict[str, str], args: argparse.Namespace, both: bool) -> dict:
+    """Short alone, flood alone, then (if BOTH) both at once."""
     async with httpx.AsyncClient(base_url=url, timeout=900) as client:
         for who in keys:  # warm-up: each adapter loaded, each code path run once
             await stream(client, keys[who], models[who], 4)
         alone = await shorts(client, keys["short"], models["short"], args.streams, None)
         flood_alone = await flood(client, keys["flood"], models["flood"], args.prompts, args.n)
+        if not both:
+            return {"short_alone": alone, "flood_alone": flood_alone}
         flooding = asyncio.ensure_future(flood(client, keys["flood"], models["flood"], args.prompts, args.n))
         await asyncio.sleep(1)  # the list is in: its generations wait for the engine
         during = await shorts(client, keys["short"], models["short"], args.streams, flooding)
@@ -141,17 +145,21 @@ def main() -> None:
             "flood": add_tenant(tenants, "flood", [models["flood"]], args.prompts * args.n + SLOW_READERS, None),
             "short": add_tenant(tenants, "short", [models["short"]], None, None),
         }
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        command = [sys.executable, "-m", "adapterctl", "serve", "--registry", str(registry), "--tenants", str(tenants)]
-        with started([*command, "--max-rank", "16", "--port", str(port)], url, root / "server.log"):
-            results.update(asyncio.run(measure(url, keys, models, args)))
+        command = [sys.executable, "-m", "adapterctl", "serve", "--registry", str(registry), "--max-rank", "16"]
+        for mode, options in (("fair", ["--tenants", str(tenants)]), ("open", [])):
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            with started([*command, *options, "--port", str(port)], url, root / f"server-{mode}.log"):
+                measured = asyncio.run(measure(url, keys, models, args, both=mode == "fair"))
+            results.update(measured if mode == "fair" else {f"open_{k}": v for k, v in measured.items()})
     results["load_at_end"] = os.getloadavg()
     if not results["short_during"]:
         raise SystemExit("The flood ended before short sent a stream: raise --prompts or --n.")
     alone = p95([r["first_token"] for r in results["short_alone"]])
     during = p95([r["first_token"] for r in results["short_during"]])
-    flood_alone, flood_busy = results["flood_alone"], results["flood_busy"]
+    flood_alone, flood_busy, flood_open = results["flood_alone"], results["flood_busy"], results["open_flood_alone"]
+    open_alone = p95([r["first_token"] for r in results["open_short_alone"]])
+    open_rate = flood_open["tokens"] / flood_open["seconds"]
     alone_rate = flood_alone["tokens"] / flood_alone["seconds"]
     busy_rate = flood_busy["tokens"] / flood_busy["seconds"]
     short_rate = sum(r["tokens"] for r in results["short_during"]) / flood_busy["seconds"]
@@ -178,6 +186,18 @@ def main() -> None:
             f"{busy_rate:.0f} vs {alone_rate:.0f} tok/s",
             busy_rate / alone_rate,
             "",
+        ),
+        (
+            "flood alone, tok/s: fair share / without tenants",
+            f"{alone_rate:.0f} vs {open_rate:.0f} tok/s",
+            alone_rate / open_rate,
+            "~ 1",
+        ),
+        (
+            "short alone, first token p95: fair share / without",
+            f"{alone * 1000:.0f} vs {open_alone * 1000:.0f} ms",
+            alone / open_alone,
+            "~ 1",
         ),
     ]
     for name, figures, ratio, target in rows:

@@ -203,6 +203,7 @@ class Engine(ABC):
     max_rank: int  # the largest LoRA rank this engine accepts
     max_loaded: int  # adapters in memory at once
     max_batch: int | None = None  # generations it runs at once (its batch; more wait in its queue); None: unsaid
+    max_batched_tokens: int | None = None  # prompt tokens one step prefills at most; None: unsaid
 
     @abstractmethod
     def encode(self, prompt: str, add_special_tokens: bool = True) -> list[int]:

@@ -2,8 +2,12 @@
 Models" (OSDI 2024), kept above the engine so that every engine gets it.
 
 Generations wait here, at most `capacity` of them (the engine's batch) in the engine at once, so that the order in
-which they enter is decided here, not by the engine's first-in-first-out queue. Each tenant has a counter of the
-tokens served to it, divided by its weight; when a slot frees, the waiting tenant with the lowest counter goes next.
+which they enter is decided here, not by the engine's first-in-first-out queue. Of those in the engine, the ones whose
+prompt has not started (no first token yet) hold at most one step's prefill of prompt tokens (the engine's
+`max_batched_tokens`), so a prompt let in here waits behind at most that much in the engine's queue (half a step
+costs a tenant alone a third of its throughput on short prompts: bench/tenants.py). Each tenant has
+a counter of the tokens served to it, divided by its weight; when a slot frees, the waiting tenant with the lowest
+counter goes next.
 A tenant that goes from idle to waiting has its counter lifted to the lowest of those waiting (or, with none
 waiting, to that of the last tenant to stop waiting), so time spent idle is not banked. A tenant alone uses every
 slot.
@@ -26,9 +30,9 @@ OUTPUT_WEIGHT = 2.0
 
 @dataclass(eq=False)
 class _Waiter:
-    """One generation waiting for a slot: its prompt's cost, charged when it is admitted."""
+    """One generation waiting for a slot: its prompt's tokens, charged when it is admitted."""
 
-    cost: float
+    tokens: int
     admitted: asyncio.Future[None]
 
 
@@ -48,6 +52,8 @@ class FairShare:
         self.engine = engine
         self.capacity = capacity
         self.running = 0  # generations admitted to the engine and not yet ended
+        self.unstarted = 0  # prompt tokens of those that have no first token yet
+        self.window = engine.max_batched_tokens
         self._accounts: dict[str, _Account] = {}
         self._waiting = 0  # over every tenant
         self._last_left: _Account | None = None  # the last tenant whose queue emptied
@@ -70,35 +76,42 @@ class FairShare:
             return
         account = self._accounts.setdefault(tenant, _Account())
         account.weight = weight  # the tenants file may have changed it
-        await self._admit(account, PROMPT_WEIGHT * len(request.prompt_ids))
-        held = True
+        tokens = len(request.prompt_ids)
+        await self._admit(account, tokens)
+        held = unstarted = True
         try:
             async for chunk in self.engine.generate(request):
                 account.counter += OUTPUT_WEIGHT * len(chunk.token_ids) / account.weight
+                if unstarted:  # its prompt has run: the next prompt may enter
+                    unstarted = False
+                    self._started(tokens)
                 if chunk.finish_reason is not None and held:  # its row is free now: no need to wait for the reader
                     held = False
                     self._free()
                 yield chunk
         finally:
+            if unstarted:
+                self._started(tokens)
             if held:
                 self._free()
 
-    async def _admit(self, account: _Account, cost: float) -> None:
-        """Wait until ACCOUNT's generation of COST may enter the engine; charged then."""
+    async def _admit(self, account: _Account, tokens: int) -> None:
+        """Wait until ACCOUNT's generation of a TOKENS prompt may enter the engine; charged then."""
         assert self.capacity is not None
         if not account.waiting:
             self._lift(account)
-        if self.running < self.capacity and not self._waiting:
-            self._start(account, cost)
+        if self._room(tokens) and not self._waiting:
+            self._start(account, tokens)
             return
-        waiter = _Waiter(cost, asyncio.get_running_loop().create_future())
+        waiter = _Waiter(tokens, asyncio.get_running_loop().create_future())
         account.waiting.append(waiter)
         self._waiting += 1
         try:
             await waiter.admitted
         except asyncio.CancelledError:
             if waiter.admitted.done() and not waiter.admitted.cancelled():
-                self._free()  # admitted just as its client left: the slot goes to the next
+                self._started(tokens)  # admitted just as its client left: the slot goes to the next
+                self._free()
             elif waiter in account.waiting:  # its client left while it waited: it never reaches the engine
                 account.waiting.remove(waiter)
                 self._waiting -= 1
@@ -120,23 +133,37 @@ class FairShare:
         if not account.waiting:
             self._last_left = account
 
-    def _start(self, account: _Account, cost: float) -> None:
+    def _room(self, tokens: int) -> bool:
+        """Whether a generation of a TOKENS prompt may enter the engine now: a free row, and room in the window (a
+        prompt longer than the window enters alone)."""
+        assert self.capacity is not None
+        fits = self.window is None or not self.unstarted or self.unstarted + tokens <= self.window
+        return self.running < self.capacity and fits
+
+    def _start(self, account: _Account, tokens: int) -> None:
         self.running += 1
-        account.counter += cost / account.weight
+        self.unstarted += tokens
+        account.counter += PROMPT_WEIGHT * tokens / account.weight
+
+    def _started(self, tokens: int) -> None:
+        self.unstarted -= tokens
+        self._dispatch()
 
     def _free(self) -> None:
         self.running -= 1
         self._dispatch()
 
     def _dispatch(self) -> None:
-        """Fill the free slots, each with the oldest waiting generation of the tenant with the lowest counter."""
-        assert self.capacity is not None
-        while self.running < self.capacity and self._waiting:
+        """Let in, while there is room, the oldest waiting generation of the tenant with the lowest counter."""
+        while self._waiting:
             account = min((a for a in self._accounts.values() if a.waiting), key=lambda a: a.counter)
-            waiter = account.waiting.popleft()
+            waiter = account.waiting[0]
+            if not waiter.admitted.cancelled() and not self._room(waiter.tokens):
+                return  # its turn holds: none overtakes it, or a long prompt would wait for ever
+            account.waiting.popleft()
             self._waiting -= 1
             self._left(account)
             if waiter.admitted.cancelled():  # its client left; its task has not run since
                 continue
-            self._start(account, waiter.cost)
+            self._start(account, waiter.tokens)
             waiter.admitted.set_result(None)

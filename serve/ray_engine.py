@@ -43,6 +43,7 @@ class RayEngine(HFTokenizer, Engine):
             setattr(self, item.name, getattr(description, item.name))
         # Every replica's batch: what tenants' fair share (`serve.fairness`) lets in at once, over all of them.
         self.max_batch = description.max_batch and description.max_batch * replicas
+        self.max_batched_tokens = description.max_batched_tokens and description.max_batched_tokens * replicas
         self.tokenizer = AutoTokenizer.from_pretrained(base_path)
         self._handle = handle
         self._board = board

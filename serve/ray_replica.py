@@ -101,6 +101,7 @@ class Description:
     max_rank: int
     max_loaded: int
     max_batch: int | None = None  # generations one replica runs at once
+    max_batched_tokens: int | None = None  # prompt tokens one replica's step prefills
 
 
 @ray.remote(num_cpus=0)
@@ -222,6 +223,7 @@ class EngineReplica:
             engine.max_rank,
             engine.max_loaded,
             engine.max_batch,
+            engine.max_batched_tokens,
         )
         self.adapters = RemoteAdapters(remote, branch, model.path, self.description)
         self.replica = serve.get_replica_context().replica_id.unique_id

@@ -158,6 +158,7 @@ class VLLMEngine(HFTokenizer, Engine):
             self._stop_loop()
             raise
         self.context_length = int(self._llm.model_config.max_model_len)
+        self.max_batched_tokens = int(self._llm.vllm_config.scheduler_config.max_num_batched_tokens)
         self.vocab_size = int(self._llm.model_config.get_vocab_size())
         self._grammars = Grammars(self.tokenizer, self.vocab_size)  # the llguidance check of response_format
         self.prompt_characters = self.context_length * self._token_characters()

@@ -15,14 +15,20 @@ FIRST = 3  # tokens a generation sends at once; one more when the test ends it
 
 
 class Stub:
-    """An engine that records the order generations reach it; each sends FIRST tokens, then one more when told."""
+    """An engine that records the order generations reach it; each sends FIRST tokens (once its prompt is told to run,
+    with HOLD), then one more when told."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_batched_tokens: int | None = None, hold: bool = False) -> None:
+        self.max_batched_tokens = max_batched_tokens
+        self.hold = hold
         self.started: list[str] = []
+        self.prefilled: defaultdict[str, asyncio.Event] = defaultdict(asyncio.Event)
         self.go: defaultdict[str, asyncio.Event] = defaultdict(asyncio.Event)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
         self.started.append(request.request_id)
+        if self.hold:
+            await self.prefilled[request.request_id].wait()
         yield Chunk("abc", (1,) * FIRST)
         await self.go[request.request_id].wait()
         yield Chunk("d", (1,), "length")
@@ -31,8 +37,8 @@ class Stub:
 class Bench:
     """A FairShare over a Stub, and one task per generation reading it to the end."""
 
-    def __init__(self, capacity: int | None) -> None:
-        self.engine = Stub()
+    def __init__(self, capacity: int | None, max_batched_tokens: int | None = None, hold: bool = False) -> None:
+        self.engine = Stub(max_batched_tokens, hold)
         self.fair = FairShare(self.engine, capacity)  # type: ignore[arg-type]
         self.tasks: dict[str, asyncio.Task[None]] = {}
 
@@ -45,6 +51,11 @@ class Bench:
     async def _read(self, tenant: str, weight: float, request: GenerateRequest) -> None:
         async for _ in self.fair.generate(tenant, weight, request):
             pass
+
+    async def prefill(self, rid: str) -> None:
+        """Let generation RID's prompt run (its first tokens come), and everything that follows from it happen."""
+        self.engine.prefilled[rid].set()
+        await settle()
 
     async def end(self, rid: str) -> None:
         """Let generation RID finish, and everything that follows from it happen."""
@@ -201,5 +212,38 @@ def test_without_a_capacity_everything_goes_to_the_engine_at_once() -> None:
         await settle()
         assert bench.engine.started == ["a0", "a1", "a2", "a3", "a4", "b0"] and bench.fair.running == 0
         await bench.end_each(6)
+
+    run(test)
+
+
+def test_prompts_not_yet_started_in_the_engine_hold_at_most_one_step_of_prefill() -> None:
+    async def test() -> None:
+        bench = Bench(capacity=8, max_batched_tokens=2 * PROMPT, hold=True)  # a window of two prompts
+        bench.send("a", 6)
+        await settle()
+        assert bench.engine.started == ["a0", "a1"]  # rows are free, but two prompts fill the window
+        bench.send("b", 1)  # its counter is lifted to a's, and a's grows with a0's first tokens
+        await settle()
+        await bench.prefill("a0")
+        assert bench.engine.started == ["a0", "a1", "b0"]  # next in, not behind a's list in the engine's queue
+        for rid in ("a1", "b0", "a2", "a3"):
+            await bench.prefill(rid)
+        assert bench.engine.started == ["a0", "a1", "b0", "a2", "a3", "a4", "a5"]
+        for rid in bench.engine.started:
+            bench.engine.prefilled[rid].set()
+            await bench.end(rid)
+        assert bench.fair.running == 0 and bench.fair.unstarted == 0
+
+    run(test)
+
+
+def test_a_prompt_longer_than_the_window_enters_alone() -> None:
+    async def test() -> None:
+        bench = Bench(capacity=8, max_batched_tokens=PROMPT // 2, hold=True)  # a window shorter than one prompt
+        bench.send("a", 2)
+        await settle()
+        assert bench.engine.started == ["a0"]
+        await bench.prefill("a0")
+        assert bench.engine.started == ["a0", "a1"]
 
     run(test)
