@@ -116,3 +116,18 @@ def test_nothing_is_kept_so_a_previous_response_is_refused(client: openai.OpenAI
     body = {"model": "alpha", "input": "Hi", "previous_response_id": "resp_1"}
     response = httpx.post(f"{url}/responses", json=body, timeout=60)
     assert response.status_code == 400 and response.json()["error"]["param"] == "previous_response_id"
+
+
+def test_langchain_on_the_responses_api_answers_and_streams(client: openai.OpenAI) -> None:
+    """LangChain's `ChatOpenAI(use_responses_api=True)`: the same text whole and streamed, and usage."""
+    from langchain_openai import ChatOpenAI
+
+    chat = ChatOpenAI(
+        base_url=str(client.base_url), api_key="unused", model="alpha", temperature=0, max_tokens=6,
+        use_responses_api=True, max_retries=0,
+    )  # fmt: skip
+    whole = chat.invoke("Hi")
+    expected = client.responses.create(model="alpha", input="Hi", max_output_tokens=6, temperature=0).output_text
+    assert whole.text == expected and whole.usage_metadata["output_tokens"] >= 1
+    streamed = "".join(piece.text for piece in chat.stream("Hi"))
+    assert streamed == expected
