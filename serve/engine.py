@@ -88,6 +88,9 @@ class GenerateRequest:
     prompt_ids: tuple[int, ...]
     adapter: AdapterSpec | None
     sampling: Sampling
+    # Among prompts ready to prefill in one step, lower goes first (then the older): fair share gives the number of
+    # its tenant's prompts already waiting in the engine, so one tenant's queue does not hold another's prompt back.
+    priority: int = 0
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from serve.engine import Chunk, Engine, GenerateRequest
 
@@ -33,7 +33,7 @@ class _Waiter:
     """One generation waiting for a slot: its prompt's tokens, charged when it is admitted."""
 
     tokens: int
-    admitted: asyncio.Future[None]
+    admitted: asyncio.Future[int]  # its priority in the engine, once admitted
 
 
 @dataclass(eq=False)
@@ -43,6 +43,7 @@ class _Account:
     weight: float = 1.0
     counter: float = 0.0
     waiting: deque[_Waiter] = field(default_factory=deque)
+    unstarted: int = 0  # its generations in the engine whose prompt has not started
 
 
 class FairShare:
@@ -77,40 +78,39 @@ class FairShare:
         account = self._accounts.setdefault(tenant, _Account())
         account.weight = weight  # the tenants file may have changed it
         tokens = len(request.prompt_ids)
-        await self._admit(account, tokens)
+        request = replace(request, priority=await self._admit(account, tokens))
         held = unstarted = True
         try:
             async for chunk in self.engine.generate(request):
                 account.counter += OUTPUT_WEIGHT * len(chunk.token_ids) / account.weight
                 if unstarted:  # its prompt has run: the next prompt may enter
                     unstarted = False
-                    self._started(tokens)
+                    self._started(account, tokens)
                 if chunk.finish_reason is not None and held:  # its row is free now: no need to wait for the reader
                     held = False
                     self._free()
                 yield chunk
         finally:
             if unstarted:
-                self._started(tokens)
+                self._started(account, tokens)
             if held:
                 self._free()
 
-    async def _admit(self, account: _Account, tokens: int) -> None:
-        """Wait until ACCOUNT's generation of a TOKENS prompt may enter the engine; charged then."""
+    async def _admit(self, account: _Account, tokens: int) -> int:
+        """Wait until ACCOUNT's generation of a TOKENS prompt may enter the engine; charged then. Its priority there."""
         assert self.capacity is not None
         if not account.waiting:
             self._lift(account)
         if self._room(tokens) and not self._waiting:
-            self._start(account, tokens)
-            return
+            return self._start(account, tokens)
         waiter = _Waiter(tokens, asyncio.get_running_loop().create_future())
         account.waiting.append(waiter)
         self._waiting += 1
         try:
-            await waiter.admitted
+            return await waiter.admitted
         except asyncio.CancelledError:
             if waiter.admitted.done() and not waiter.admitted.cancelled():
-                self._started(tokens)  # admitted just as its client left: the slot goes to the next
+                self._started(account, tokens)  # admitted just as its client left: the slot goes to the next
                 self._free()
             elif waiter in account.waiting:  # its client left while it waited: it never reaches the engine
                 account.waiting.remove(waiter)
@@ -140,13 +140,17 @@ class FairShare:
         fits = self.window is None or not self.unstarted or self.unstarted + tokens <= self.window
         return self.running < self.capacity and fits
 
-    def _start(self, account: _Account, tokens: int) -> None:
+    def _start(self, account: _Account, tokens: int) -> int:
+        """ACCOUNT's generation enters the engine; its priority there: how many of its prompts are there before it."""
         self.running += 1
         self.unstarted += tokens
         account.counter += PROMPT_WEIGHT * tokens / account.weight
+        account.unstarted += 1
+        return account.unstarted - 1
 
-    def _started(self, tokens: int) -> None:
+    def _started(self, account: _Account, tokens: int) -> None:
         self.unstarted -= tokens
+        account.unstarted -= 1
         self._dispatch()
 
     def _free(self) -> None:
@@ -165,5 +169,4 @@ class FairShare:
             self._left(account)
             if waiter.admitted.cancelled():  # its client left; its task has not run since
                 continue
-            self._start(account, waiter.tokens)
-            waiter.admitted.set_result(None)
+            waiter.admitted.set_result(self._start(account, waiter.tokens))

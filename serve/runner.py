@@ -51,8 +51,9 @@ class Runner:
     token every step: a pass computes at most MAX_BATCHED_TOKENS prompt positions (its rows x its longest part,
     padding included). Each row in it takes at most PREFILL_CHUNK tokens of its prompt (0: a whole prompt); when fewer
     rows share a pass, larger parts, up to the budget. Its rows are, in turn: the oldest prompt that needs more than
-    one part (so long prompts always advance), prompts that end in this pass, oldest first (so a short prompt is never
-    held behind long ones), then the other long prompts. A running row whose reader is behind (`Generation.behind`)
+    one part (so long prompts always advance), prompts that end in this pass, by their request's priority then oldest
+    first (so a short prompt is never held behind long ones, nor one tenant's behind another's queue), then the other
+    long prompts. A running row whose reader is behind (`Generation.behind`)
     is parked: it keeps its cache but sits out decode passes until its reader catches up. The cache rows hold the
     running rows, then the parked ones, then those being prefilled (so that admitting more moves none).
     """
@@ -128,7 +129,7 @@ class Runner:
         chunk = self.prefill_chunk or self.context_length
         left = {id(row): len(row.generation.prompt_ids) - row.length for row in self.filling}
         long = [row for row in self.filling if left[id(row)] > chunk]
-        ending = [row for row in self.filling if left[id(row)] <= chunk]
+        ending = sorted((row for row in self.filling if left[id(row)] <= chunk), key=_priority)
         chosen: list[Row] = []
         width = 0
         for row in long[:1] + ending + long[1:]:
@@ -339,6 +340,10 @@ class Runner:
         if generation.completion_tokens >= sampling.max_tokens or row.length + 1 >= self.context_length:
             return Chunk(text + row.stream.rest(), ids, "length", scored)
         return Chunk(text, ids, None, scored)
+
+
+def _priority(row: Row) -> int:
+    return row.generation.request.priority
 
 
 def fail(generations: list[Generation], exc: BaseException) -> None:

@@ -22,11 +22,13 @@ class Stub:
         self.max_batched_tokens = max_batched_tokens
         self.hold = hold
         self.started: list[str] = []
+        self.priorities: dict[str, int] = {}
         self.prefilled: defaultdict[str, asyncio.Event] = defaultdict(asyncio.Event)
         self.go: defaultdict[str, asyncio.Event] = defaultdict(asyncio.Event)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
         self.started.append(request.request_id)
+        self.priorities[request.request_id] = request.priority
         if self.hold:
             await self.prefilled[request.request_id].wait()
         yield Chunk("abc", (1,) * FIRST)
@@ -226,6 +228,8 @@ def test_prompts_not_yet_started_in_the_engine_hold_at_most_one_step_of_prefill(
         await settle()
         await bench.prefill("a0")
         assert bench.engine.started == ["a0", "a1", "b0"]  # next in, not behind a's list in the engine's queue
+        # In the engine, b's prompt goes before a's waiting one: each ranks by its tenant's prompts already there.
+        assert [bench.engine.priorities[rid] for rid in ("a0", "a1", "b0")] == [0, 1, 0]
         for rid in ("a1", "b0", "a2", "a3"):
             await bench.prefill(rid)
         assert bench.engine.started == ["a0", "a1", "b0", "a2", "a3", "a4", "a5"]

@@ -166,8 +166,10 @@ def hold_until_waiting(engine: TransformersEngine, count: int, monkeypatch: pyte
     return held
 
 
-def burst(engine: TransformersEngine, prompt: list[int], number: int, sampling: Sampling) -> GenerateRequest:
-    return GenerateRequest(f"burst-{number}", tuple(prompt), None, sampling)
+def burst(
+    engine: TransformersEngine, prompt: list[int], number: int, sampling: Sampling, priority: int = 0
+) -> GenerateRequest:
+    return GenerateRequest(f"burst-{number}", tuple(prompt), None, sampling, priority)
 
 
 def test_a_burst_of_prompts_is_prefilled_within_the_budget_while_running_rows_get_a_token_every_step(
@@ -211,6 +213,33 @@ def test_a_burst_of_prompts_is_prefilled_within_the_budget_while_running_rows_ge
     window = events[burst_fills[0] : burst_fills[-1] + 2]
     assert [kind for kind, _ in window] == ["fill", "decode", "fill", "decode"]
     assert all(running_ids <= rows for kind, rows in window if kind == "decode")
+
+
+def test_prompts_ready_in_one_pass_go_by_priority_then_age(tiny_base, monkeypatch):
+    engine = TransformersEngine(tiny_base, model_id="tiny", quantize="none", max_batch=8, max_batched_tokens=48)
+    try:
+        runner, passes = engine._runner, []
+        fill = runner._fill
+
+        def fill_recorded(parts):
+            passes.append([row.generation.request.request_id for row, _ in parts])
+            return fill(parts)
+
+        monkeypatch.setattr(runner, "_fill", fill_recorded)
+        hold_until_waiting(engine, 8, monkeypatch)
+        prompt = engine.encode(" ".join(["fox"] * 40))[:12]  # 12 tokens: four fill a pass of 48
+        # The youngest comes from a tenant with nothing else waiting (priority 0); the others from one with a queue.
+        requests = [burst(engine, prompt, i, LONG, priority=i + 1) for i in range(7)]
+        requests.append(burst(engine, prompt, 7, LONG, priority=0))
+
+        async def run() -> None:
+            await asyncio.gather(*(chunks(engine, r) for r in requests))
+
+        asyncio.run(run())
+    finally:
+        asyncio.run(engine.close())
+    assert passes[0] == ["burst-7", "burst-0", "burst-1", "burst-2"]
+    assert passes[1] == ["burst-3", "burst-4", "burst-5", "burst-6"]
 
 
 def test_a_short_request_is_admitted_while_a_long_one_waits_for_blocks(tiny_base, monkeypatch):
