@@ -444,6 +444,7 @@ def test_a_replica_whose_engine_died_fails_ray_serves_health_check(tiny_base: Pa
 
     replica = object.__new__(EngineReplica)  # its engine alone: the rest needs a Ray Serve replica context
     replica.engine = TransformersEngine(tiny_base, model_id="tiny-llama", quantize="none")
+    replica._stop = threading.Event()  # what its status reporter would stop on
     try:
         replica.check_health()  # alive: passes
         monkeypatch.setattr(replica.engine._runner, "decode", raising(replica.engine._runner.decode, 1))

@@ -69,7 +69,7 @@ def shot(page: Any, name: str) -> None:
 
 def test_browse_versions_lineage_and_loss_curve(page: Any, console: Console) -> None:
     page.goto(f"{console.url}/ui")
-    assert "API key" in page.locator("#notice").inner_text(timeout=10_000)
+    playwright.expect(page.locator("#notice")).to_contain_text("API key", timeout=10_000)  # written once it asked
     sign_in(page, console, "acme")
     page.get_by_role("link", name="acme-a", exact=True).click()
     page.get_by_role("heading", name="acme-a").wait_for()
@@ -77,7 +77,8 @@ def test_browse_versions_lineage_and_loss_curve(page: Any, console: Console) -> 
     page.get_by_role("link", name="v1.1.0").click()
     page.get_by_role("heading", name="acme-a@v1.1.0").wait_for()
     plot = page.get_by_role("img", name="Training and evaluation loss of acme-a@v1.1.0")
-    assert plot.evaluate("img => img.complete && img.naturalWidth > 0")
+    loaded = "img => img.complete && img.naturalWidth > 0"
+    assert any(plot.evaluate(loaded) or time.sleep(0.1) for _ in range(100)), "the loss plot never loaded"
     page.locator("#lineage summary").click()
     assert page.get_by_role("row", name="base_model.fingerprint").is_visible()
     card = page.locator("article.card").inner_text()
