@@ -30,6 +30,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from core.errors import BaseModelError, DataError, TrainingError, TrainingInterrupted
 from train import card, data, fidelity
 from train.loss import ChunkedLoss
+from train.heap import TrimHeap
 from train.threads import ShareCpus
 from core.base import BaseModel, fingerprint, resolve_base
 from core.cache import home, locked
@@ -187,6 +188,7 @@ def build_trainer(
     if trainer.is_world_process_zero():
         trainer.add_callback(LossBar())
     trainer.add_callback(ShareCpus())
+    trainer.add_callback(TrimHeap())
     if args.report_to == "tensorboard" and log_dir is not None:
         from transformers.integrations import TensorBoardCallback
 
