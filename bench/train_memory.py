@@ -7,7 +7,7 @@ Each method trains in its own process, so its peak RSS is its own. "before" rows
 before the loss was chunked (LoRA dropout 0.05, the model's own loss over full logits, activations kept); LoRA and
 QLoRA rows train as it does by default (gradient checkpointing from 1,024 tokens per batch), "activations kept" rows
 the same without checkpointing; the busy row trains LoRA beside one Python busy loop the bench starts, to show how
-training shares a machine. Full fine-tuning keeps its activations.
+training shares a machine. Full fine-tuning keeps its activations. Every row gives the C heap back after each step.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ class TrimHeap(TrainerCallback):
     """glibc's `malloc_trim` after the model is loaded and after each optimizer step.
 
     The tensors a step frees stay in the C heap, in pieces the next step cannot always reuse, so the process grows
-    step by step (at batch 8 x 256 on SmolLM2-135M, QLoRA's peak is 0.15 GB lower with it: bench/train_memory.py).
+    step by step (at batch 8 x 256 on SmolLM2-135M, QLoRA's peak is about 0.15 GB lower with it: bench/train_memory.py).
     Nothing happens where the C library has no malloc_trim.
     """
 
