@@ -53,7 +53,7 @@ from bench.servers import prepared, serving  # noqa: E402
 from bench.workload import make_adapters, prompt, run_over_http  # noqa: E402
 from serve.engine import AdapterSpec, GenerateRequest, Sampling  # noqa: E402
 from core.precision import quantization_config  # noqa: E402
-from serve.kvcache import trim  # noqa: E402
+from core.memory import resident_bytes, trim  # noqa: E402
 from serve.transformers_engine import TransformersEngine  # noqa: E402
 from core.base import ensure_embedded  # noqa: E402
 
@@ -109,11 +109,6 @@ def naive(base: Path, quantize: str, adapters: list[AdapterSpec], tokens: int) -
     return generated / (time.perf_counter() - start)
 
 
-def rss() -> int:
-    """This process's resident memory in bytes."""
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def long_prompt(engine: TransformersEngine, tokens: int = 1900) -> tuple[int, ...]:
     """A prompt of exactly TOKENS tokens."""
     ids = engine.encode(" ".join(prompt(i) for i in range(tokens // 10)))
@@ -131,11 +126,11 @@ def memory(engine: TransformersEngine) -> dict[str, Any]:
     """RSS before, at the peak of and after one 1,900-token request alone; the cache's bytes at the peak."""
     idle(engine)
     trim()  # what earlier runs freed goes back first, so that "before" is where the process stands
-    before, peak, cache_peak, done = rss(), [0], [0], threading.Event()
+    before, peak, cache_peak, done = resident_bytes(), [0], [0], threading.Event()
 
     def sample() -> None:
         while not done.is_set():
-            peak[0], cache_peak[0] = max(peak[0], rss()), max(cache_peak[0], engine._runner.cache.nbytes())
+            peak[0], cache_peak[0] = max(peak[0], resident_bytes()), max(cache_peak[0], engine._runner.cache.nbytes())
             time.sleep(0.005)
 
     sampler = threading.Thread(target=sample)
@@ -151,7 +146,8 @@ def memory(engine: TransformersEngine) -> dict[str, Any]:
     done.set()
     sampler.join()
     time.sleep(0.5)
-    return {"before": before, "peak": peak[0], "after": rss(), "cache_peak": cache_peak[0], "tokens": 1900 + 16}
+    after = resident_bytes()
+    return {"before": before, "peak": peak[0], "after": after, "cache_peak": cache_peak[0], "tokens": 1900 + 16}
 
 
 async def streams(engine: TransformersEngine, count: int, tokens: int, long: bool) -> dict[str, Any]:

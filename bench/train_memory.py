@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -49,12 +48,6 @@ REFERENCE = {
 MB = 1024 * 1024
 
 
-def rss_now() -> int:
-    """This process's resident memory right now, in bytes (Linux)."""
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def measure(method: str, steps: int, batch_size: int, seq_len: int, base_name: str | None) -> dict[str, Any]:
     """Train `steps` optimizer steps with one method in this process and report what it cost."""
     from core.threads import configure_openmp
@@ -65,6 +58,7 @@ def measure(method: str, steps: int, batch_size: int, seq_len: int, base_name: s
     from transformers import AutoTokenizer, TrainerCallback
 
     from core.base import resolve_base
+    from core.memory import resident_bytes
     from train import data
     from train.config import TrainArgs
     from train.trainer import add_lora, build_trainer, device, load_base_model, peak_memory_bytes, tokenized_splits
@@ -103,7 +97,7 @@ def measure(method: str, steps: int, batch_size: int, seq_len: int, base_name: s
     else:
         model = add_lora(model, args, base)
         trainable, total = model.get_nb_trainable_parameters()
-    load_rss = rss_now()
+    load_rss = resident_bytes()
 
     clock = StepClock()
     with tempfile.TemporaryDirectory() as checkpoints:

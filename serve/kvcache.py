@@ -3,13 +3,11 @@ ones."""
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from core.memory import trim
 from serve import attention
 
 
@@ -197,24 +195,6 @@ class BlockCache:
         self.tables = [[renumber[block] for block in table] for table in self.tables]
         self.free = list(range(blocks - 1, len(held) - 1, -1))
         self.blocks = blocks
-
-
-def _glibc_trim() -> Callable[[int], int] | None:
-    """glibc's `malloc_trim`, or None on another C library."""
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-_malloc_trim = _glibc_trim()
-
-
-def trim() -> None:
-    """Hand freed memory back to the system: glibc keeps freed blocks under its mmap threshold (which grows to
-    32 MB as large tensors are freed), so without this the process stays at a long request's peak."""
-    if _malloc_trim is not None:
-        _malloc_trim(0)
 
 
 def blocks_for(tokens: int) -> int:

@@ -6,7 +6,6 @@ import hashlib
 import importlib.util
 import re
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -382,18 +381,14 @@ def test_gpus_without_bf16_train_in_fp16(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 def test_each_step_gives_memory_freed_in_the_c_heap_back_to_the_system() -> None:
-    from train.heap import TrimHeap, malloc_trim
+    from core.memory import resident_bytes, trim
+    from train.heap import TrimHeap
 
-    if malloc_trim() is None:
+    if not trim():
         pytest.skip("this C library has no malloc_trim")
-
-    def resident() -> int:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
     blocks = [bytearray(64 * 1024) for _ in range(2000)]  # 125 MB in the C heap: each is below its mmap threshold
     last = blocks[-1]
     del blocks  # freed, but below a live block: glibc keeps it resident
-    before = resident()
+    before = resident_bytes()
     TrimHeap().on_step_end(None, None, None)
-    assert resident() < before - 100 * 2**20 and len(last) == 64 * 1024
+    assert resident_bytes() < before - 100 * 2**20 and len(last) == 64 * 1024

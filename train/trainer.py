@@ -29,8 +29,8 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from core.errors import BaseModelError, DataError, TrainingError, TrainingInterrupted
 from train import card, data, fidelity
-from train.loss import ChunkedLoss
 from train.heap import TrimHeap
+from train.loss import ChunkedLoss
 from train.threads import ShareCpus
 from core.base import BaseModel, fingerprint, resolve_base
 from core.cache import home, locked
