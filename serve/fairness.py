@@ -53,7 +53,7 @@ class FairShare:
         self.engine = engine
         self.capacity = capacity
         self.running = 0  # generations admitted to the engine and not yet ended
-        self.unstarted = 0  # prompt tokens of those that have no first token yet
+        self.unstarted_tokens = 0  # prompt tokens of those that have no first token yet
         self.window = engine.max_batched_tokens
         self._accounts: dict[str, _Account] = {}
         self._waiting = 0  # over every tenant
@@ -137,19 +137,19 @@ class FairShare:
         """Whether a generation of a TOKENS prompt may enter the engine now: a free row, and room in the window (a
         prompt longer than the window enters alone)."""
         assert self.capacity is not None
-        fits = self.window is None or not self.unstarted or self.unstarted + tokens <= self.window
+        fits = self.window is None or not self.unstarted_tokens or self.unstarted_tokens + tokens <= self.window
         return self.running < self.capacity and fits
 
     def _start(self, account: _Account, tokens: int) -> int:
         """ACCOUNT's generation enters the engine; its priority there: how many of its prompts are there before it."""
         self.running += 1
-        self.unstarted += tokens
+        self.unstarted_tokens += tokens
         account.counter += PROMPT_WEIGHT * tokens / account.weight
         account.unstarted += 1
         return account.unstarted - 1
 
     def _started(self, account: _Account, tokens: int) -> None:
-        self.unstarted -= tokens
+        self.unstarted_tokens -= tokens
         account.unstarted -= 1
         self._dispatch()
 

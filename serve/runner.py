@@ -53,9 +53,9 @@ class Runner:
     rows share a pass, larger parts, up to the budget. Its rows are, in turn: the oldest prompt that needs more than
     one part (so long prompts always advance), prompts that end in this pass, by their request's priority then oldest
     first (so a short prompt is never held behind long ones, nor one tenant's behind another's queue), then the other
-    long prompts. A running row whose reader is behind (`Generation.behind`)
-    is parked: it keeps its cache but sits out decode passes until its reader catches up. The cache rows hold the
-    running rows, then the parked ones, then those being prefilled (so that admitting more moves none).
+    long prompts. A running row whose reader is behind (`Generation.behind`) is parked: it keeps its cache but sits out
+    decode passes until its reader catches up. The cache rows hold the running rows, then the parked ones, then those
+    being prefilled (so that admitting more moves none).
     """
 
     def __init__(

@@ -246,9 +246,9 @@ class TransformersEngine(HFTokenizer, Engine):
                 generation.take()
                 yield chunk
         finally:
-            parked = generation.behind
+            behind = generation.behind
             generation.cancelled = True  # the consumer left (or it ended): the worker drops its row
-            if parked:  # the worker may be waiting with nothing else to do
+            if behind:  # its row may be parked, the worker waiting with nothing else to do
                 self._wake()
             with self._ids_lock:
                 if self._ids.get(request.request_id) is generation:

@@ -8,7 +8,7 @@ import json
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,6 +18,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from engines import GREEDY, Reader, chunks, generate, request, tokens
+from serving import wait_for
 
 from serve import attention, sgmv
 from serve.engine import AdapterLoadFailed, AdapterSpec, GenerationFailed, Sampling
@@ -112,14 +113,6 @@ def test_nf4_base_gives_what_peft_gives_on_the_same_nf4_model(lora, tiny_base):
         asyncio.run(nf4.close())
 
 
-def wait_for(condition: Callable[[], bool], seconds: float = 60) -> None:
-    """Poll CONDITION until it holds; fail after SECONDS."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.005)
-
-
 def passes_wider_than(engine: TransformersEngine, rows: int) -> int:
     """ENGINE's forward passes so far that held more than ROWS rows."""
     return sum(count for width, count in engine.status().passes.items() if width > rows)
@@ -138,7 +131,7 @@ def test_mixed_batch_gives_each_request_what_it_gets_alone(engine, lora, monkeyp
         status = engine.status()
         return status.running + status.waiting == len(jobs)
 
-    threading.Thread(target=lambda: (wait_for(all_in), gate.set()), daemon=True).start()
+    threading.Thread(target=lambda: (wait_for(all_in, 60, "every job to be queued"), gate.set()), daemon=True).start()
     wide = passes_wider_than(engine, 4)
     assert generate(engine, jobs) == alone  # staggered: requests join a batch that is already running
     assert passes_wider_than(engine, 4) > wide  # they did share passes: rows of several adapters in one
@@ -160,13 +153,10 @@ def test_a_short_request_joins_the_running_batch_and_finishes_first(engine, lora
     assert at_short_end < 100 and total == 300
 
 
-def paused(engine: TransformersEngine, count: int = 1) -> dict[int, int]:
-    """The engine's passes by rows per pass, once COUNT generations are parked (and it runs nothing else)."""
-    for _ in range(2000):
-        if engine.paused == count and engine.status().running == count:
-            return dict(engine.status().passes)
-        time.sleep(0.01)
-    raise AssertionError(f"{count} generations never paused")
+def paused(engine: TransformersEngine) -> dict[int, int]:
+    """The engine's passes by rows per pass, once one generation is parked and it runs nothing else."""
+    wait_for(lambda: engine.paused == 1 and engine.status().running == 1, 20, "a generation to pause")
+    return dict(engine.status().passes)
 
 
 def test_a_generation_its_reader_leaves_unread_pauses_then_goes_on_where_it_was(engine, lora):
@@ -208,10 +198,7 @@ def test_a_parked_generation_whose_reader_leaves_frees_its_row(engine, lora):
         return held
 
     assert asyncio.run(run()) == 1
-    for _ in range(400):
-        if not engine.status().running:
-            break
-        time.sleep(0.01)
+    wait_for(lambda: not engine.status().running, 4, "its row to be freed")
     assert engine.status().running == 0 and engine.status().kv_cache_usage == 0 and engine.paused == 0
 
 
@@ -244,10 +231,8 @@ def test_lru_keeps_max_loaded_idle_and_a_batch_runs_an_adapter_per_row_beyond_it
         texts, done_by_then = asyncio.run(fourth_joins())
         assert done_by_then < long.max_tokens  # its first token came while all three still ran
         assert texts[3] == expected[3] and all(texts[i].startswith(expected[i]) for i in range(3))
-        for _ in range(2000):  # the rows leave at the end of the step that sent their last chunk
-            if not small.status().running:
-                break
-            time.sleep(0.005)
+        # The rows leave at the end of the step that sent their last chunk.
+        wait_for(lambda: not small.status().running, 10, "the rows to leave")
         assert len(small.status().loaded) == 2  # once idle, those beyond max_loaded went
         assert lora_bytes(small) == 2 * slots  # memory for the four a batch used at once
     finally:

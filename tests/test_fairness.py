@@ -236,7 +236,7 @@ def test_prompts_not_yet_started_in_the_engine_hold_at_most_one_step_of_prefill(
         for rid in bench.engine.started:
             bench.engine.prefilled[rid].set()
             await bench.end(rid)
-        assert bench.fair.running == 0 and bench.fair.unstarted == 0
+        assert bench.fair.running == 0 and bench.fair.unstarted_tokens == 0
 
     run(test)
 
