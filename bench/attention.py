@@ -20,8 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from serve import attention  # noqa: E402
-from serve.kvcache import BLOCK, BlockCache  # noqa: E402
+from adapterctl.serve.engines.transformers import attention  # noqa: E402
+from adapterctl.serve.engines.transformers.kvcache import BLOCK, BlockCache  # noqa: E402
 
 HEADS, KV_HEADS, DIM = 9, 3, 64
 LAYER = SimpleNamespace(layer_idx=0, num_key_value_groups=HEADS // KV_HEADS, is_causal=True)

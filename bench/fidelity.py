@@ -17,17 +17,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from peft.tuners.lora import LoraLayer
 from transformers import AutoTokenizer
 
-from core.base import resolve_base
-from core.precision import QUANTIZE, Precision
-from tests.test_slow import HELDOUT, in_pirate_voice
-from train import compare, data, fidelity
-from train.config import TrainArgs
-from train.trainer import tokenized_splits, train
+from adapterctl.core.base import resolve_base
+from adapterctl.core.precision import QUANTIZE, Precision
+from adapterctl.train import compare, data, fidelity
+from adapterctl.train.config import TrainArgs
+from adapterctl.train.trainer import tokenized_splits, train
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.pirate import HELDOUT, in_pirate_voice  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1] / "examples" / "pirate.jsonl"
 DEFAULTS = TrainArgs(name="pirate", data=DATA)  # the schedule `adapters train` uses unless told otherwise

@@ -25,14 +25,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from serve.threads import configure_openmp  # noqa: E402
+from adapterctl.serve.engines.transformers.threads import configure_openmp  # noqa: E402
 
 configure_openmp()  # as `adapters serve` does, before torch loads
 
 from bench.workload import prompt  # noqa: E402
-from core.base import ensure_embedded  # noqa: E402
-from serve.engine import GenerateRequest, Sampling  # noqa: E402
-from serve.transformers_engine import KV_CACHE_GB, TransformersEngine  # noqa: E402
+from adapterctl.core.base import ensure_embedded  # noqa: E402
+from adapterctl.serve.engines.base import GenerateRequest, Sampling  # noqa: E402
+from adapterctl.serve.engines.transformers.engine import KV_CACHE_GB, TransformersEngine  # noqa: E402
 
 WAIT = 120.0  # seconds (b) waits for the short request's first token
 

@@ -41,7 +41,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from serve.threads import configure_openmp  # noqa: E402
+from adapterctl.serve.engines.transformers.threads import configure_openmp  # noqa: E402
 
 configure_openmp()  # as `adapters serve` does, before torch loads
 
@@ -51,11 +51,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from bench.servers import prepared, serving  # noqa: E402
 from bench.workload import make_adapters, prompt, run_over_http  # noqa: E402
-from serve.engine import AdapterSpec, GenerateRequest, Sampling  # noqa: E402
-from core.precision import quantization_config  # noqa: E402
-from core.memory import resident_bytes, trim  # noqa: E402
-from serve.transformers_engine import TransformersEngine  # noqa: E402
-from core.base import ensure_embedded  # noqa: E402
+from adapterctl.serve.engines.base import AdapterSpec, GenerateRequest, Sampling  # noqa: E402
+from adapterctl.core.precision import quantization_config  # noqa: E402
+from adapterctl.core.memory import resident_bytes, trim  # noqa: E402
+from adapterctl.serve.engines.transformers.engine import TransformersEngine  # noqa: E402
+from adapterctl.core.base import ensure_embedded  # noqa: E402
 
 
 async def serve(

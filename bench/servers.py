@@ -34,9 +34,9 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.workload import make_adapters, run_over_http  # noqa: E402
-from core.base import ensure_embedded  # noqa: E402
-from registry.repo import Registry  # noqa: E402
-from serve.engine import AdapterSpec  # noqa: E402
+from adapterctl.core.base import ensure_embedded  # noqa: E402
+from adapterctl.registry.repo import Registry  # noqa: E402
+from adapterctl.serve.engines.base import AdapterSpec  # noqa: E402
 
 SERVERS = ("transformers-nf4", "transformers-none", "vllm-engine", "vllm-server")
 

@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.servers import free_port, prepared, started  # noqa: E402
 from bench.workload import prompt  # noqa: E402
-from core.base import ensure_embedded  # noqa: E402
-from serve.tenants import add_tenant  # noqa: E402
+from adapterctl.core.base import ensure_embedded  # noqa: E402
+from adapterctl.serve.api.tenants import add_tenant  # noqa: E402
 
 SLOW_READERS, SLOW_TOKENS, SLOW_PAUSE = 3, 64, 0.2
 SHORT_TOKENS = 5

@@ -50,18 +50,25 @@ MB = 1024 * 1024
 
 def measure(method: str, steps: int, batch_size: int, seq_len: int, base_name: str | None) -> dict[str, Any]:
     """Train `steps` optimizer steps with one method in this process and report what it cost."""
-    from core.threads import configure_openmp
+    from adapterctl.core.threads import configure_openmp
 
     configure_openmp()  # as `adapters train` does, before torch loads
     # Imported here, in the child only: the parent stays light and quiet (bitsandbytes warns on import).
     import torch
     from transformers import AutoTokenizer, TrainerCallback
 
-    from core.base import resolve_base
-    from core.memory import resident_bytes
-    from train import data
-    from train.config import TrainArgs
-    from train.trainer import add_lora, build_trainer, device, load_base_model, peak_memory_bytes, tokenized_splits
+    from adapterctl.core.base import resolve_base
+    from adapterctl.core.memory import resident_bytes
+    from adapterctl.train import data
+    from adapterctl.train.config import TrainArgs
+    from adapterctl.train.trainer import (
+        add_lora,
+        build_trainer,
+        device,
+        load_base_model,
+        peak_memory_bytes,
+        tokenized_splits,
+    )
 
     class StepClock(TrainerCallback):
         """Timestamps the end of every optimizer step."""

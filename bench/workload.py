@@ -14,8 +14,8 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from core.base import fingerprint
-from serve.engine import AdapterSpec
+from adapterctl.core.base import fingerprint
+from adapterctl.serve.engines.base import AdapterSpec
 
 WORDS = ["cat", "dog", "fox", "owl", "bee", "elk", "yak", "ant"]
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from core.cache import home, locked, utc, write_atomic
-from core.errors import BaseModelError
-from core.hashing import SHA256
+from adapterctl.core.cache import home, locked, utc, write_atomic
+from adapterctl.core.errors import BaseModelError
+from adapterctl.core.hashing import SHA256
 
 EMBEDDED_NAME = "smollm2-135m-instruct"
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"

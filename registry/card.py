@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from core.precision import Precision
+from adapterctl.core.precision import Precision
 
 if TYPE_CHECKING:
     from huggingface_hub import ModelCardData

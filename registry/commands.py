@@ -11,12 +11,12 @@ from typing import Any
 import click
 from click.shell_completion import CompletionItem
 
-from core.errors import IntegrityError, RegistryError
-from registry import hub as hub_api
-from registry import importing, report, store, sync
-from registry.names import BUMPS
-from registry.refs import State
-from registry.repo import Registry
+from adapterctl.core.errors import IntegrityError, RegistryError
+from adapterctl.registry import hub as hub_api
+from adapterctl.registry import importing, report, store, sync
+from adapterctl.registry.names import BUMPS
+from adapterctl.registry.refs import State
+from adapterctl.registry.repo import Registry
 
 _json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 _base_option = click.option(

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.base import FINGERPRINT
-from core.errors import RegistryError
-from core.precision import Precision
+from adapterctl.core.base import FINGERPRINT
+from adapterctl.core.errors import RegistryError
+from adapterctl.core.precision import Precision
 
 # Formats that unpickle (and so can run code) when loaded; a registry never accepts them.
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz"}
@@ -26,7 +26,11 @@ _FLOATS = {"F16": ("<u2", 0x7C00), "BF16": ("<u2", 0x7F80), "F32": ("<u4", 0x7F8
 LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
 _BIG_FILE = 64 << 20  # bytes: below this a sparse file costs nothing to read
 NOT_PLAIN = "is not a plain file; an adapter folder holds files only."
+# The files of an adapter folder, named here once.
+WEIGHTS = "adapter_model.safetensors"
+CONFIG = "adapter_config.json"
 LINEAGE = "lineage.json"
+CARD = "README.md"
 # LoRA options the engines cannot apply: PEFT's DoRA, trained biases, layer replication, whole modules and tokens.
 UNSERVABLE = ("use_dora", "modules_to_save", "layer_replication", "lora_bias", "trainable_token_indices")
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from core.errors import Conflict, DetachedHead, RegistryError, RemoteError
+from adapterctl.core.errors import Conflict, DetachedHead, RegistryError, RemoteError
 
 # The registry's own commits, merges, checkouts and ref updates are its bookkeeping, not the user's work: the
 # user's hooks (core.hooksPath included) never run on them, as git's own plumbing runs none. A push runs one,

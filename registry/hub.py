@@ -12,16 +12,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from core.base import HUB_ID
-from core.cache import utc
-from core.hashing import SHA256, sha256_file
-from registry import folder, importing, store
-from registry.card import METHODS, card_data, peft_snippet, precision_section, render
-from core.errors import AuthError, Conflict, IntegrityError, InvalidName, NotFound, RegistryError, RemoteError
-from registry.folder import InvalidAdapter
-from registry.names import Ref, check_name
-from registry.refs import AdapterVersion
-from registry.repo import Registry
+from adapterctl.core.base import HUB_ID
+from adapterctl.core.cache import utc
+from adapterctl.core.hashing import SHA256, sha256_file
+from adapterctl.registry import folder, importing, store
+from adapterctl.registry.card import METHODS, card_data, peft_snippet, precision_section, render
+from adapterctl.core.errors import (
+    AuthError,
+    Conflict,
+    IntegrityError,
+    InvalidName,
+    NotFound,
+    RegistryError,
+    RemoteError,
+)
+from adapterctl.registry.folder import InvalidAdapter
+from adapterctl.registry.names import Ref, check_name
+from adapterctl.registry.refs import AdapterVersion
+from adapterctl.registry.repo import Registry
 
 if TYPE_CHECKING:
     from huggingface_hub import GitRefs, HfApi
@@ -452,7 +460,7 @@ def _check_base(adapter: Path, label: str) -> None:
 
 def _local_fingerprint(base: dict[str, Any]) -> str | None:
     """The fingerprint of the local copy of the base model lineage names: a cached model, or an absolute folder."""
-    from core.base import cached_models, fingerprint
+    from adapterctl.core.base import cached_models, fingerprint
 
     names = {base.get("hub_id"), base.get("name")} - {None, ""}
     for model in cached_models():

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.cache import utc
-from core.errors import BaseModelError
-from registry import folder
-from registry.folder import InvalidAdapter
+from adapterctl.core.cache import utc
+from adapterctl.core.errors import BaseModelError
+from adapterctl.registry import folder
+from adapterctl.registry.folder import InvalidAdapter
 
 # What a version holds of a folder written by other tools; everything else is training state or tokenizer files.
 KEPT = ("adapter_config.json", "adapter_model.safetensors", "README.md")
@@ -73,7 +73,7 @@ def staged(source: Path, base: str | None, name: str, label: str | None = None) 
             f"{shown} has no {folder.LINEAGE}: it was trained elsewhere, so name the base it was trained on with "
             f"--base (here perhaps --base {named}: a cached model name, a local folder or a Hub id)."
         )
-    from core.base import fingerprint, resolve_base
+    from adapterctl.core.base import fingerprint, resolve_base
 
     try:
         model = resolve_base(base)

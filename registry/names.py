@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from core.errors import InvalidName
+from adapterctl.core.errors import InvalidName
 
 # ASCII only, so look-alike letters, whitespace, '/', '.' and '..' can never reach a path or a tag;
 # also inside what GTO and DVC accept as an artifact name.

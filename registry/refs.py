@@ -6,9 +6,9 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from core.errors import InvalidName, NotFound
-from registry.git import NewTag, Tag
-from registry.names import Ref, Version, check_name, check_stage, version_ref
+from adapterctl.core.errors import InvalidName, NotFound
+from adapterctl.registry.git import NewTag, Tag
+from adapterctl.registry.names import Ref, Version, check_name, check_stage, version_ref
 
 REGISTER_TAG = re.compile(r"(?P<name>[^@#!]+)@(?P<version>v[0-9.]+)(?P<cancel>!?)(?:#(?P<counter>\d+))?")
 DEPRECATE_TAG = re.compile(r"(?P<name>[^@#!]+)@deprecated(?:#(?P<counter>\d+))?")

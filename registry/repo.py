@@ -14,11 +14,11 @@ from typing import Any
 
 import yaml
 
-from core.cache import locked, write_atomic
-from registry import folder, store
-from core.errors import Conflict, IntegrityError, InvalidName, NotFound, RegistryError
-from registry.git import Git, NewTag, Tag, toplevel
-from registry.names import (
+from adapterctl.core.cache import locked, write_atomic
+from adapterctl.registry import folder, store
+from adapterctl.core.errors import Conflict, IntegrityError, InvalidName, NotFound, RegistryError
+from adapterctl.registry.git import Git, NewTag, Tag, toplevel
+from adapterctl.registry.names import (
     BUMPS,
     FIRST_VERSION,
     Ref,
@@ -28,7 +28,7 @@ from registry.names import (
     check_stage,
     version_ref,
 )
-from registry.refs import AdapterVersion, State, tag_adapter, unassignments, with_action
+from adapterctl.registry.refs import AdapterVersion, State, tag_adapter, unassignments, with_action
 
 ADAPTERS_DIR = "adapters"
 PROJECT_FILE = "dvc.yaml"

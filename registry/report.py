@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from core.cache import utc
-from core.errors import RemoteError
-from core.precision import Precision
-from registry import store
-from registry.names import Ref, check_name
-from registry.refs import AdapterVersion, State
-from registry.repo import Registry
-from registry.sync import resolve_remote
+from adapterctl.core.cache import utc
+from adapterctl.core.errors import RemoteError
+from adapterctl.core.precision import Precision
+from adapterctl.registry import store
+from adapterctl.registry.names import Ref, check_name
+from adapterctl.registry.refs import AdapterVersion, State
+from adapterctl.registry.repo import Registry
+from adapterctl.registry.sync import resolve_remote
 
 
 def _version(version: AdapterVersion, state: State) -> dict[str, Any]:

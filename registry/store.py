@@ -18,8 +18,8 @@ from urllib.parse import urlparse
 
 import yaml
 
-from core.cache import write_atomic
-from core.errors import IntegrityError, RegistryError, RemoteError
+from adapterctl.core.cache import write_atomic
+from adapterctl.core.errors import IntegrityError, RegistryError, RemoteError
 
 if TYPE_CHECKING:
     from dvc.repo import Repo

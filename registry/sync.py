@@ -10,13 +10,13 @@ from urllib.parse import urlparse
 
 import yaml
 
-from registry import store
-from core.errors import Conflict, NotFound, RegistryError, RemoteError
-from registry.git import Git, NewTag, Tag, init_bare
-from registry.git import clone as git_clone
-from registry.names import Ref, check_name, version_ref
-from registry.refs import ASSIGN_TAG, REGISTER_TAG, AdapterVersion, State, tag_adapter, unassignments
-from registry.repo import ADAPTERS_DIR, PROJECT_FILE, Registry
+from adapterctl.registry import store
+from adapterctl.core.errors import Conflict, NotFound, RegistryError, RemoteError
+from adapterctl.registry.git import Git, NewTag, Tag, init_bare
+from adapterctl.registry.git import clone as git_clone
+from adapterctl.registry.names import Ref, check_name, version_ref
+from adapterctl.registry.refs import ASSIGN_TAG, REGISTER_TAG, AdapterVersion, State, tag_adapter, unassignments
+from adapterctl.registry.repo import ADAPTERS_DIR, PROJECT_FILE, Registry
 
 # Remote tags are fetched here first, so a clash with a local tag is seen before anything changes.
 _REMOTE_TAGS = "refs/adapters/remote-tags"

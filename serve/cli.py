@@ -9,11 +9,11 @@ from typing import Any
 
 import click
 
-from core.errors import AdaptersError, BaseModelError
-from core.precision import default_quantize
-from registry.repo import Registry
-from serve.factory import ENGINES, EngineOptions, ServeOptionError
-from serve.tenants import Tenants, add_tenant, set_admin, set_metrics
+from adapterctl.core.errors import AdaptersError, BaseModelError
+from adapterctl.core.precision import default_quantize
+from adapterctl.registry.repo import Registry
+from adapterctl.serve.engines.factory import ENGINES, EngineOptions, ServeOptionError
+from adapterctl.serve.api.tenants import Tenants, add_tenant, set_admin, set_metrics
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _tenants_file = click.option(
@@ -235,7 +235,7 @@ def serve(
             f"Without --tenants anyone who reaches the server may use every adapter, so it listens on 127.0.0.1 "
             f"only, not {host}; create keys with `adapters tenants add NAME` and pass --tenants FILE."
         )
-    from serve.dependencies import Settings
+    from adapterctl.serve.api.dependencies import Settings
 
     settings = Settings(
         max_tokens_cap=max_tokens_cap,
@@ -251,13 +251,13 @@ def serve(
         return
     listener = _listen(host, port)
 
-    from serve.app import create_app, run
-    from serve.catalog import Catalog
-    from serve.connections import Limits
-    from serve.factory import build
-    from serve.fidelity import Fidelity
-    from serve.threads import configure_openmp
-    from core.base import home, resolve_base
+    from adapterctl.serve.api.app import create_app, run
+    from adapterctl.serve.catalog.versions import Catalog
+    from adapterctl.serve.api.connections import Limits
+    from adapterctl.serve.engines.factory import build
+    from adapterctl.serve.catalog.fidelity import Fidelity
+    from adapterctl.serve.engines.transformers.threads import configure_openmp
+    from adapterctl.core.base import home, resolve_base
 
     if engine == "transformers":  # vLLM sets its own threads
         configure_openmp()  # before torch loads
@@ -307,7 +307,7 @@ def _on_replicas(
 ) -> None:
     """Serve through Ray Serve: this process deploys the ingress and REPLICAS engine replicas, then waits."""
     try:
-        from serve import ray_cluster
+        from adapterctl.serve.ray import cluster as ray_cluster
     except ImportError as exc:
         raise ServeOptionError(
             f"--replicas needs Ray Serve: {exc}; install it with `pip install 'adapterctl[ray]'`."
@@ -390,7 +390,7 @@ def ui(host: str, port: int, tenants_file: Path | None, registry_dir: Path | Non
     listener = _listen(host, port)
     import uvicorn
 
-    from serve.ui import browse_app
+    from adapterctl.serve.ui import browse_app
 
     click.echo(f"Console on {registry.root} at http://{host}:{listener.getsockname()[1]}/ui", err=True)
     uvicorn.Server(uvicorn.Config(browse_app(registry, tenants), log_config=None)).run(sockets=[listener])

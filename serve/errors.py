@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from core.errors import AdaptersError
-from serve.engine import AdapterLoadFailed, EngineError, EngineUnavailable, InvalidRequest
+from adapterctl.core.errors import AdaptersError
+from adapterctl.serve.engines.base import AdapterLoadFailed, EngineError, EngineUnavailable, InvalidRequest
 
 
 class ServeError(AdaptersError):

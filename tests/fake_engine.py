@@ -19,8 +19,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from core.precision import Precision
-from serve.engine import (
+from adapterctl.core.precision import Precision
+from adapterctl.serve.engines.base import (
     ABORTED,
     AdapterLoadFailed,
     AdapterSpec,
@@ -33,7 +33,7 @@ from serve.engine import (
     TokenLogprob,
     received,
 )
-from serve.generation import UNREAD
+from adapterctl.serve.engines.transformers.generation import UNREAD
 
 EOS = 256  # byte tokens 0-255, then end-of-sequence
 _LIKELY = [ord(c) for c in "abcdefghijklmnopqrstuvwxyz "]  # the bytes the model favours; others score -20

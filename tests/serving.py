@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from registry.repo import Registry
+from adapterctl.registry.repo import Registry
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -147,11 +147,11 @@ def serving_alpha(request: Any, tmp_path: Path, base: Path, adapter: Path) -> It
 def serving_registry(registry: Registry, tmp_path: Path, base: Path, engine: Any = None) -> Iterator[tuple[str, Any]]:
     """A server on BASE for every adapter in REGISTRY, on ENGINE (None: a fresh transformers engine); its URL and
     engine."""
-    from serve.app import create_app
-    from serve.catalog import Catalog
-    from serve.dependencies import Settings
-    from serve.tenants import Tenants
-    from serve.transformers_engine import TransformersEngine
+    from adapterctl.serve.api.app import create_app
+    from adapterctl.serve.catalog.versions import Catalog
+    from adapterctl.serve.api.dependencies import Settings
+    from adapterctl.serve.api.tenants import Tenants
+    from adapterctl.serve.engines.transformers.engine import TransformersEngine
 
     if engine is None:
         engine = TransformersEngine(base, model_id="tiny-llama", quantize="none", max_loaded=2, max_batch=16)

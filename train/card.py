@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any
 
 
-from core.base import BaseModel
-from core.cache import utc
-from core.precision import Precision
-from registry.card import METHODS, card_data, peft_snippet, precision_section, render
-from train.config import TrainArgs
-from train.data import Examples
+from adapterctl.core.base import BaseModel
+from adapterctl.core.cache import utc
+from adapterctl.core.precision import Precision
+from adapterctl.registry.card import METHODS, card_data, peft_snippet, precision_section, render
+from adapterctl.train.config import TrainArgs
+from adapterctl.train.data import Examples
 
 LINEAGE_FILE = "lineage.json"
 LOSS_PLOT = "loss.png"

@@ -15,8 +15,8 @@ from typing import Any
 
 import click
 
-from core.precision import QUANTIZE
-from train.config import TrainArgs
+from adapterctl.core.precision import QUANTIZE
+from adapterctl.train.config import TrainArgs
 
 # Options that are not plain values of TrainArgs: short names, and a list typed as one comma-separated string.
 _SHORT = {"output": "-o"}
@@ -79,12 +79,12 @@ def train(name: str, target_modules: str, no_register: bool, message: str | None
     Inside an adapter repository the result is registered as the next version of NAME.
     """
     args = TrainArgs(name=name, target_modules=[m.strip() for m in target_modules.split(",") if m.strip()], **options)
-    from core.threads import configure_openmp
+    from adapterctl.core.threads import configure_openmp
 
     configure_openmp()  # before torch loads: idle OpenMP threads sleep soon instead of spinning on shared cores
-    from registry.repo import Registry
-    from train.distributed import rank
-    from train.trainer import train as run_training
+    from adapterctl.registry.repo import Registry
+    from adapterctl.train.distributed import rank
+    from adapterctl.train.trainer import train as run_training
 
     # Under torchrun or accelerate launch every process runs this command; rank 0 alone touches the registry.
     registry = None if no_register or rank() != 0 else Registry.around(Path.cwd())
@@ -117,7 +117,7 @@ def models() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def list_models(as_json: bool) -> None:
     """List cached base models with their size and fingerprint."""
-    from core.base import cached_models, models_dir
+    from adapterctl.core.base import cached_models, models_dir
 
     found = cached_models()
     if as_json:
@@ -134,7 +134,7 @@ def list_models(as_json: bool) -> None:
 @click.argument("base", required=False)
 def prepare(base: str | None) -> None:
     """Convert the embedded base model (or fetch BASE) into the cache now instead of on first use."""
-    from core.base import fingerprint, resolve_base
+    from adapterctl.core.base import fingerprint, resolve_base
 
     model = resolve_base(base)
     click.echo(f"{model.name}: {model.path} ({fingerprint(model.path)})")
@@ -172,11 +172,11 @@ def evaluate(
     as_json: bool,
 ) -> None:
     """Eval loss and greedy answers of base vs adapter REF on the base precision you will serve it on."""
-    from core.precision import default_quantize
-    from registry.repo import Registry
+    from adapterctl.core.precision import default_quantize
+    from adapterctl.registry.repo import Registry
 
     registry = Registry.find()
-    from train.fidelity import evaluate as run_eval
+    from adapterctl.train.fidelity import evaluate as run_eval
 
     result = run_eval(registry, ref, quantize or default_quantize(), dataset, base, limit, samples, max_new_tokens)
     if as_json:

@@ -9,9 +9,9 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from core.base import BaseModel
-from core.errors import BaseModelError
-from core.precision import quantization_config
+from adapterctl.core.base import BaseModel
+from adapterctl.core.errors import BaseModelError
+from adapterctl.core.precision import quantization_config
 
 
 def load(base: BaseModel, adapter: Path, quantize: str = "none") -> tuple[PeftModel, Any]:

@@ -7,8 +7,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.errors import TrainingError
-from registry.names import check_name
+from adapterctl.core.errors import TrainingError
+from adapterctl.registry.names import check_name
 
 REPORTERS = ["tensorboard", "mlflow", "wandb", "none"]
 # Tokens per device batch from which gradient checkpointing is on by default: at 1,024 a LoRA step's activations on

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core import tool_calls
-from core.errors import DataError
+from adapterctl.core import tool_calls
+from adapterctl.core.errors import DataError
 
 ROLES = ("system", "user", "assistant")
 IGNORE_INDEX = -100  # label value the loss skips (prompt tokens, padding)

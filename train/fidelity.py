@@ -11,12 +11,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from core.base import BaseModel, fingerprint, resolve_base
-from core.errors import BaseModelError, DataError
-from core.precision import QUANTIZE, Precision
-from registry.names import Ref
-from registry.repo import Registry
-from train import compare, data
+from adapterctl.core.base import BaseModel, fingerprint, resolve_base
+from adapterctl.core.errors import BaseModelError, DataError
+from adapterctl.core.precision import QUANTIZE, Precision
+from adapterctl.registry.names import Ref
+from adapterctl.registry.repo import Registry
+from adapterctl.train import compare, data
 
 
 @torch.inference_mode()

@@ -6,7 +6,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from core.memory import trim
+from adapterctl.core.memory import trim
 
 
 class TrimHeap(TrainerCallback):

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn import functional
 from torch.utils.checkpoint import checkpoint
 
-from train.data import IGNORE_INDEX
+from adapterctl.train.data import IGNORE_INDEX
 
 CHUNK_TOKENS = 256  # logits held at once: 256 x 49k vocabulary x 4 bytes = 50 MB, and as much for their gradient
 

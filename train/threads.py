@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from core.threads import busy_seconds, cpus, free_cpus
+from adapterctl.core.threads import busy_seconds, cpus, free_cpus
 
 
 class ShareCpus(TrainerCallback):

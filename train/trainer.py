@@ -27,16 +27,16 @@ from transformers import (
 )
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from core.errors import BaseModelError, DataError, TrainingError, TrainingInterrupted
-from train import card, data, fidelity
-from train.heap import TrimHeap
-from train.loss import ChunkedLoss
-from train.threads import ShareCpus
-from core.base import BaseModel, fingerprint, resolve_base
-from core.cache import home, locked
-from core.precision import Precision, quantization_config
-from train.config import TrainArgs
-from train.distributed import Ranks, local_rank
+from adapterctl.core.errors import BaseModelError, DataError, TrainingError, TrainingInterrupted
+from adapterctl.train import card, data, fidelity
+from adapterctl.train.heap import TrimHeap
+from adapterctl.train.loss import ChunkedLoss
+from adapterctl.train.threads import ShareCpus
+from adapterctl.core.base import BaseModel, fingerprint, resolve_base
+from adapterctl.core.cache import home, locked
+from adapterctl.core.precision import Precision, quantization_config
+from adapterctl.train.config import TrainArgs
+from adapterctl.train.distributed import Ranks, local_rank
 
 RUN_FILE = "run.json"  # inside the partial folder: the settings a resume must match
 REENTRANT_OFF = {"use_reentrant": False}  # reentrant checkpointing breaks DDP's gradient hooks and frozen inputs

@@ -12,10 +12,10 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from registry.repo import Registry
-from serve.errors import ServeError
-from serve.tenants import Tenants
-from serve.ui.routes import TEMPLATES, Console, router
+from adapterctl.registry.repo import Registry
+from adapterctl.serve.errors import ServeError
+from adapterctl.serve.api.tenants import Tenants
+from adapterctl.serve.ui.routes import TEMPLATES, Console, router
 
 __all__ = ["Console", "browse_app", "install"]
 STATIC = Path(__file__).parent / "static"

@@ -7,10 +7,10 @@ from typing import Any
 
 from prometheus_client import Counter, Histogram
 
-from serve.engine import Engine
-from serve.fidelity import Fidelity
-from serve.metrics import MODEL_ERRORS, MODEL_REQUESTS, MODEL_SECONDS, MODEL_TOKENS
-from serve.tenants import Tenant
+from adapterctl.serve.engines.base import Engine
+from adapterctl.serve.catalog.fidelity import Fidelity
+from adapterctl.serve.api.metrics import MODEL_ERRORS, MODEL_REQUESTS, MODEL_SECONDS, MODEL_TOKENS
+from adapterctl.serve.api.tenants import Tenant
 
 
 def _samples(metric: Counter | Histogram, suffix: str) -> list[tuple[dict[str, str], float]]:

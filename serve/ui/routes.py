@@ -14,14 +14,14 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, Field
 
-from core.errors import AdaptersError, Conflict, InvalidName, NotFound
-from registry.repo import Registry
-from serve.catalog import Catalog
-from serve.dependencies import tenant_of
-from serve.engine import Engine
-from serve.errors import AdapterNotFound, BadRequest, Forbidden, ServeError, Unavailable
-from serve.tenants import Tenant, Tenants
-from serve.ui import live, views
+from adapterctl.core.errors import AdaptersError, Conflict, InvalidName, NotFound
+from adapterctl.registry.repo import Registry
+from adapterctl.serve.catalog.versions import Catalog
+from adapterctl.serve.api.dependencies import tenant_of
+from adapterctl.serve.engines.base import Engine
+from adapterctl.serve.errors import AdapterNotFound, BadRequest, Forbidden, ServeError, Unavailable
+from adapterctl.serve.api.tenants import Tenant, Tenants
+from adapterctl.serve.ui import live, views
 
 TEMPLATES = Jinja2Templates(directory=Path(__file__).parent / "templates")  # autoescaping every .html template
 PLAYGROUND_COLUMNS = 4  # versions or stages beside the base model

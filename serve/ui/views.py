@@ -11,15 +11,15 @@ from typing import Any
 
 from markdown_it import MarkdownIt
 
-from core.errors import InvalidName, NotFound
-from core.precision import QUANTIZE, Precision
-from registry import report, store
-from registry.names import Ref
-from registry.git import Tag
-from registry.refs import AdapterVersion, State
-from registry.repo import Registry
-from serve.errors import AdapterNotFound
-from serve.fidelity import Fidelity
+from adapterctl.core.errors import InvalidName, NotFound
+from adapterctl.core.precision import QUANTIZE, Precision
+from adapterctl.registry import report, store
+from adapterctl.registry.names import Ref
+from adapterctl.registry.git import Tag
+from adapterctl.registry.refs import AdapterVersion, State
+from adapterctl.registry.repo import Registry
+from adapterctl.serve.errors import AdapterNotFound
+from adapterctl.serve.catalog.fidelity import Fidelity
 
 PAGE = 50  # rows per page: a registry of thousands of versions is cut server-side
 LOSS_PLOT = "loss.png"
@@ -112,7 +112,7 @@ def adapter(registry: Registry, allowed: Allowed, name: str, number: int) -> dic
 
 
 def fidelity_classes(ref: str, meta: dict[str, Any]) -> dict[str, str]:
-    """The fidelity class of a version on each serving precision, judged as a server would (serve/fidelity.py)."""
+    """The fidelity class of a version on each serving precision, judged as the server would (catalog/fidelity.py)."""
     trained = Precision.from_lineage(meta.get("precision"))
     dtype = trained.compute_dtype or "float32"
     return {q: Fidelity(Precision.of(q, dtype)).judge(ref, meta).fidelity_class for q in QUANTIZE}

@@ -1,0 +1,1 @@
+"""The HTTP API: OpenAI-compatible routes, operator routes, tenants, metrics; engines only through their contract."""

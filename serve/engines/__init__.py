@@ -1,0 +1,1 @@
+"""Inference engines behind one contract (base.py): the transformers engine and the vLLM engine."""

@@ -1,0 +1,1 @@
+"""The transformers engine: one base model, many LoRA adapters per batch, continuous batching on a block cache."""
