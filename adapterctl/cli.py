@@ -45,6 +45,20 @@ main.add_command(ui)
 for command in COMMANDS:
     main.add_command(command)
 
+# The manual's page for each command, shown at the foot of its --help (the registry's commands: docs/registry.md).
+MANUAL = {"train": "training", "models": "training", "eval": "precision", "serve": "serving", "tenants": "tenants"}
+MANUAL |= {"ui": "console", "hub": "hub"}
+
+
+def _point_at_the_manual(command: click.Command, page: str) -> None:
+    """End COMMAND's help, and its subcommands', with the docs page that covers it."""
+    command.epilog = f"Manual: docs/{page}.md"
+    for name, sub in getattr(command, "commands", {}).items():
+        _point_at_the_manual(sub, MANUAL.get(name, "registry") if command is main else page)
+
+
+_point_at_the_manual(main, "index")
+
 
 if __name__ == "__main__":
     main()

@@ -109,3 +109,30 @@ def test_slugs_follow_github() -> None:
     assert _slug("Scheduling: no request stalls the others") == "scheduling-no-request-stalls-the-others"
     assert _slug("Exit codes of `adapters serve`") == "exit-codes-of-adapters-serve"
     assert _slug("Many replicas: Ray Serve and Kubernetes") == "many-replicas-ray-serve-and-kubernetes"
+
+
+def _commands() -> list[tuple[str, ...]]:
+    """Every `adapters` command and subcommand, as the words that name it."""
+    import click
+
+    from adapterctl.cli import main
+
+    def walk(group: click.Group, path: tuple[str, ...]) -> list[tuple[str, ...]]:
+        found = [path]
+        for name, command in group.commands.items():
+            found += walk(command, (*path, name)) if isinstance(command, click.Group) else [(*path, name)]
+        return found
+
+    return walk(main, ())
+
+
+@pytest.mark.parametrize("words", _commands(), ids=lambda words: " ".join(words) or "adapters")
+def test_every_command_s_help_points_at_its_page_of_the_manual(words: tuple[str, ...]) -> None:
+    from click.testing import CliRunner
+
+    from adapterctl.cli import main
+
+    shown = CliRunner().invoke(main, [*words, "--help"], terminal_width=200)
+    assert shown.exit_code == 0, shown.output
+    pages = re.findall(r"Manual: (docs/[\w-]+\.md)", shown.output)
+    assert len(pages) == 1 and (ROOT / pages[0]).is_file(), shown.output
