@@ -14,7 +14,6 @@ import hashlib
 import logging
 import os
 import shutil
-import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -26,6 +25,7 @@ import ray
 from ray import serve
 
 from adapterctl.core.cache import home, locked
+from adapterctl.registry.git import Git
 from adapterctl.registry.repo import Registry
 from adapterctl.serve.catalog.versions import Catalog
 from adapterctl.serve.engines.base import (
@@ -174,9 +174,9 @@ def replica_home(url: str) -> Path:
 
 def _git(cwd: Path, *args: str) -> None:
     cwd.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
+    proc = Git(cwd).attempt(*args)  # as the registry runs git: no hook of the user's
     if proc.returncode != 0:
-        reason = (proc.stderr.strip().splitlines() or ["no message"])[-1]
+        reason = (proc.stderr.decode(errors="replace").strip().splitlines() or ["no message"])[-1]
         raise OSError(f"git {args[0]} of the registry's remote failed: {reason}")
 
 
