@@ -5,19 +5,20 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import platform
-import subprocess
 from pathlib import Path
 from typing import Any
 
 
 from adapterctl.core.base import BaseModel
 from adapterctl.core.cache import utc
+from adapterctl.core.errors import RegistryError
 from adapterctl.core.precision import Precision
 from adapterctl.registry.card import METHODS, card_data, peft_snippet, precision_section, render
+from adapterctl.registry.folder import CARD, LINEAGE
+from adapterctl.registry.git import Git
 from adapterctl.train.config import TrainArgs
 from adapterctl.train.data import Examples
 
-LINEAGE_FILE = "lineage.json"
 LOSS_PLOT = "loss.png"
 _LIBRARIES = ("adapterctl", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "safetensors")
 
@@ -36,9 +37,10 @@ def _versions() -> dict[str, str | None]:
 def _git_state() -> dict[str, Any] | None:
     """The commit of the git repository around the working directory, if any, and whether it is dirty."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout
-        status = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
+        git = Git(Path.cwd())
+        commit = git.run("rev-parse", "HEAD")
+        status = git.run("status", "--porcelain")
+    except (OSError, RegistryError):  # no git here, or no repository around the working directory
         return None
     return {"commit": commit.strip(), "dirty": bool(status.strip())}
 
@@ -128,7 +130,7 @@ A {METHODS[record["method"]]} adapter for `{base_id}`, trained on `{dataset["fil
 - git commit: `{(record["git"] or {}).get("commit", "n/a")}`
 - libraries: {", ".join(f"{k} {v}" for k, v in record["versions"].items() if v)}
 
-The full record is in `{LINEAGE_FILE}`.
+The full record is in `{LINEAGE}`.
 """
     return render(meta, body)
 
@@ -167,6 +169,6 @@ def _plot_loss(log_history: list[dict[str, Any]], metrics: dict[str, Any], path:
 
 def write(folder: Path, record: dict[str, Any], log_history: list[dict[str, Any]]) -> None:
     """Write lineage.json, README.md and loss.png next to the adapter weights."""
-    (folder / LINEAGE_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    (folder / "README.md").write_text(_model_card(record))
+    (folder / LINEAGE).write_text(json.dumps(record, indent=2) + "\n")
+    (folder / CARD).write_text(_model_card(record))
     _plot_loss(log_history, record["metrics"], folder / LOSS_PLOT)

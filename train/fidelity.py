@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from adapterctl.core.base import BaseModel, fingerprint, resolve_base
 from adapterctl.core.errors import BaseModelError, DataError
 from adapterctl.core.precision import QUANTIZE, Precision
+from adapterctl.registry.folder import LINEAGE
 from adapterctl.registry.names import Ref
 from adapterctl.registry.repo import Registry
 from adapterctl.train import compare, data
@@ -121,7 +122,7 @@ def evaluate(
     with tempfile.TemporaryDirectory(prefix="adapters-eval-") as work:
         folder = Path(work) / "adapter"
         registry.checkout(version, folder)
-        lineage = json.loads((folder / "lineage.json").read_text()) if (folder / "lineage.json").is_file() else {}
+        lineage = json.loads((folder / LINEAGE).read_text()) if (folder / LINEAGE).is_file() else {}
         base = resolve_base(base_spec)
         trained_on = (lineage.get("base_model") or {}).get("fingerprint")
         if trained_on and trained_on != fingerprint(base.path):

@@ -35,6 +35,7 @@ from adapterctl.train.threads import ShareCpus
 from adapterctl.core.base import BaseModel, fingerprint, resolve_base
 from adapterctl.core.cache import home, locked
 from adapterctl.core.precision import Precision, quantization_config
+from adapterctl.registry.folder import WEIGHTS
 from adapterctl.train.config import TrainArgs
 from adapterctl.train.distributed import Ranks, local_rank
 
@@ -419,7 +420,7 @@ def _train(
     staging.rename(output)
     shutil.rmtree(partial)
 
-    adapter_bytes = sum(f.stat().st_size for f in output.iterdir() if f.name.startswith("adapter_model"))
+    adapter_bytes = (output / WEIGHTS).stat().st_size  # safetensors only: never a pickle beside it
     return TrainResult(
         output=output,
         steps=trainer.state.global_step,
