@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import signal
 import socket
@@ -27,6 +26,7 @@ from adapterctl.serve.api import docs
 from adapterctl.serve.catalog.versions import Catalog
 from adapterctl.serve.api.connections import Limits, protocol
 from adapterctl.serve.api.dependencies import Server, Settings
+from adapterctl.serve.api.formatting import sse
 from adapterctl.serve.engines.base import Engine, EngineError
 from adapterctl.serve.errors import BadRequest, PayloadTooLarge, ServeError, Unavailable, from_engine
 from adapterctl.serve.api.metrics import ENGINES, MODEL_ERRORS, REQUEST_SECONDS, REQUESTS
@@ -326,7 +326,7 @@ async def _cut(flight: _Flight, send: Send) -> None:
     if not flight.started:
         await JSONResponse(error.body(), status_code=error.status)({"type": "http"}, _nothing, send)
     elif not flight.finished:
-        event = f"data: {json.dumps(error.body(), separators=(',', ':'))}\n\n" if flight.streaming else ""
+        event = sse(error.body()) if flight.streaming else ""
         await send({"type": "http.response.body", "body": event.encode(), "more_body": False})
 
 

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from adapterctl.registry.refs import AdapterVersion
-from adapterctl.serve.api.completion import Prompt, generate
+from adapterctl.serve.api.serving import Prompt, generate
 from adapterctl.serve.api.dependencies import CallerDep, Server, ServerDep
 from adapterctl.serve.api.protocol import ChatRequest, CompletionRequest
 

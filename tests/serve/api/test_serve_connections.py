@@ -92,7 +92,7 @@ def answer(sock: socket.socket) -> bytes:
 def test_a_stream_nobody_reads_pauses_its_generation_then_is_aborted(
     registry: Registry, http: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from adapterctl.serve.api.completion import BUFFERED
+    from adapterctl.serve.api.serving import BUFFERED
     from fake_engine import UNREAD
 
     caplog.set_level(logging.INFO, logger="serve")
