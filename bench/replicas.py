@@ -30,7 +30,8 @@ from bench.servers import free_port, started  # noqa: E402
 from bench.workload import make_adapters, run_over_http  # noqa: E402
 from adapterctl.core.base import ensure_embedded  # noqa: E402
 from adapterctl.registry.repo import Registry  # noqa: E402
-from adapterctl.registry.sync import push, set_remote  # noqa: E402
+from adapterctl.registry.push import push  # noqa: E402
+from adapterctl.registry.remotes import set_remote  # noqa: E402
 
 SERVERS = {  # name -> (replicas, threads each, routing)
     "2x1-affinity": (2, 1, "affinity"),

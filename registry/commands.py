@@ -13,7 +13,10 @@ from click.shell_completion import CompletionItem
 
 from adapterctl.core.errors import IntegrityError, RegistryError
 from adapterctl.registry import hub as hub_api
-from adapterctl.registry import importing, report, store, sync
+from adapterctl.registry import importing, remotes, report, store
+from adapterctl.registry import pull as pull_api
+from adapterctl.registry import push as push_api
+from adapterctl.registry import verify as verify_api
 from adapterctl.registry.names import BUMPS
 from adapterctl.registry.refs import State
 from adapterctl.registry.repo import Registry
@@ -76,7 +79,7 @@ def remote(ctx: click.Context, verbose: bool) -> None:
         if verbose:
             ctx.invoke(remote_list, as_json=False)
         else:
-            for row in sync.list_remotes(Registry.find()):
+            for row in remotes.list_remotes(Registry.find()):
                 click.echo(row["name"])
 
 
@@ -89,7 +92,7 @@ def remote(ctx: click.Context, verbose: bool) -> None:
 def remote_add(name: str, url: str, dvc_url: str | None, endpoint_url: str | None, create: bool) -> None:
     """Add remote NAME: git refs go to URL, adapter files to its DVC storage."""
     options = {"endpointurl": endpoint_url} if endpoint_url else {}
-    stored = sync.set_remote(Registry.find(), name, url, dvc_url, options, create=create)
+    stored = remotes.set_remote(Registry.find(), name, url, dvc_url, options, create=create)
     click.echo(f"Remote {name}: git {url}, DVC {stored}.")
 
 
@@ -97,7 +100,7 @@ def remote_add(name: str, url: str, dvc_url: str | None, endpoint_url: str | Non
 @click.argument("name")
 def remote_remove(name: str) -> None:
     """Forget remote NAME (its git remote and its DVC storage entry); nothing on the remote is deleted."""
-    sync.remove_remote(Registry.find(), name)
+    remotes.remove_remote(Registry.find(), name)
     click.echo(f"Removed remote {name}.")
 
 
@@ -105,7 +108,7 @@ def remote_remove(name: str) -> None:
 @_json_option
 def remote_list(as_json: bool) -> None:
     """List remotes with their git and DVC URLs."""
-    rows = sync.list_remotes(Registry.find())
+    rows = remotes.list_remotes(Registry.find())
     if as_json:
         return _print_json(rows)
     for row in rows:
@@ -117,12 +120,12 @@ def remote_list(as_json: bool) -> None:
 @click.argument("directory", required=False, type=click.Path(path_type=Path))
 def clone(url: str, directory: Path | None) -> None:
     """Clone the adapter repository at URL and pull every stage head and latest version."""
-    registry, result = sync.clone(url, directory, [])
+    registry, result = pull_api.clone(url, directory, [])
     count = len(result.versions)
     click.echo(
         f"Cloned into {registry.root}; {count} version{'s' * (count != 1)} ready ({result.files} files fetched)."
     )
-    if elsewhere := sync.storage_elsewhere(registry, url):
+    if elsewhere := remotes.storage_elsewhere(registry, url):
         click.echo(
             f"Note: adapter files come from the DVC storage {elsewhere} (committed in .dvc/config), not from beside "
             f"{url}; to give this copy its own: adapters remote add origin {url} --dvc PATH",
@@ -299,7 +302,7 @@ def rollback(name: str, stage: str, to: str | None) -> None:
 @click.option("--verify", is_flag=True, help="Hash every file on the remote and upload again any that rotted.")
 def push(names: tuple[str, ...], remote: str | None, verify: bool) -> None:
     """Upload adapter files the remote lacks, then the branch and version/stage tags (all adapters, or NAMES)."""
-    result = sync.push(Registry.find(), list(names), remote, verify=verify)
+    result = push_api.push(Registry.find(), list(names), remote, verify=verify)
     if not result.tags and not result.branch_updated and not result.files:
         click.echo(f"Everything is already on {result.remote}.")
         return
@@ -317,7 +320,7 @@ def push(names: tuple[str, ...], remote: str | None, verify: bool) -> None:
 def verify(check_remote: bool, remote: str | None, as_json: bool) -> None:
     """Check every adapter file against its hash, here (and on the remote); say what is wrong and what fixes it."""
     store.PROGRESS = not as_json
-    checked, problems = sync.verify(Registry.find(), remote, check_remote)
+    checked, problems = verify_api.verify(Registry.find(), remote, check_remote)
     if as_json:
         _print_json({"checked": checked, "problems": [vars(p) for p in problems]})
     else:
@@ -336,7 +339,7 @@ def verify(check_remote: bool, remote: str | None, as_json: bool) -> None:
 @click.option("--force", is_flag=True, help="Discard local edits in adapters/NAME folders the pull replaces.")
 def pull(refs: tuple[str, ...], remote: str | None, force: bool) -> None:
     """Fetch refs, then the files of REFS (default: every stage head and latest version), hashes checked."""
-    result = sync.pull(Registry.find(), list(refs), remote, force=force)
+    result = pull_api.pull(Registry.find(), list(refs), remote, force=force)
     for old, new in result.renumbered.items():
         click.echo(f"{old} was also registered on {result.remote}; yours is now {new}.")
     click.echo(

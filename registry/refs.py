@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from adapterctl.core.errors import InvalidName, NotFound
 from adapterctl.registry.git import NewTag, Tag
@@ -155,6 +156,40 @@ class Adapter:
         return max((e.counter for e in self.events), default=0)
 
 
+class _Register(NamedTuple):
+    """A register tag (or, CANCEL, a deregistration) read from its name."""
+
+    tag: Tag
+    name: str
+    version: Version
+    cancel: bool
+
+
+_OUTSIDE = "not in the registry's tag grammar"
+
+
+def _versions(registers: list[_Register]) -> dict[str, Adapter]:
+    """The adapters the live REGISTERS name, each with its versions (in tag order)."""
+    adapters: dict[str, Adapter] = {}
+    for r in registers:
+        text, _ = split_action(r.tag.message)
+        adapter = adapters.setdefault(r.name, Adapter(r.name))
+        adapter.versions.append(
+            AdapterVersion(r.name, r.version, r.tag.commit, r.tag.name, r.tag.date, r.tag.author, text)
+        )
+    return adapters
+
+
+def _withdraw(adapters: dict[str, Adapter], cancels: list[_Register]) -> None:
+    """Hide each version a deregistration of CANCELS names; its number stays taken and its tag travels."""
+    for r in cancels:
+        if r.name in adapters:
+            adapter = adapters[r.name]
+            adapter.retired.append(r.version)
+            adapter.withdrawn += [v for v in adapter.versions if v.version == r.version]
+            adapter.versions = [v for v in adapter.versions if v.version != r.version]
+
+
 class State:
     """The registry as its tags describe it; tags outside the grammar, or for other artifacts, are skipped."""
 
@@ -164,7 +199,21 @@ class State:
         self.adapters: dict[str, Adapter] = {}
         self.deprecated: dict[str, Adapter] = {}
         """Adapters deprecated with `gto deprecate NAME`: hidden until a new version is registered."""
-        registers: list[tuple[Tag, str, Version, bool]] = []
+        registers, assigns, deprecations = self._parse(tags)
+        live = self._with_pointer([r for r in registers if not r.cancel], has_pointer)
+        adapters = _versions(live)
+        _withdraw(adapters, [r for r in registers if r.cancel])
+        self._add_events(adapters, {(r.name, r.tag.commit): r.version for r in live}, assigns)
+        for tag, name in deprecations:
+            if name in adapters:
+                adapters[name].deprecated_at = max(tag.date, adapters[name].deprecated_at or 0)
+        self.tags = [t for t in tags if t.name not in self.skipped and tag_adapter(t.name) in adapters]
+        """The registry tags it was read from (deprecated adapters' included)."""
+        self._file(adapters)
+
+    def _parse(self, tags: list[Tag]) -> tuple[list[_Register], list[tuple[Tag, re.Match[str]]], list[tuple[Tag, str]]]:
+        """TAGS sorted by kind (registers, stage assignments, deprecations); the rest of ours is skipped."""
+        registers: list[_Register] = []
         assigns: list[tuple[Tag, re.Match[str]]] = []
         deprecations: list[tuple[Tag, str]] = []
         for tag in tags:
@@ -172,7 +221,7 @@ class State:
             try:
                 if match:
                     version = Version.parse(match["version"])
-                    registers.append((tag, check_name(match["name"]), version, bool(match["cancel"])))
+                    registers.append(_Register(tag, check_name(match["name"]), version, bool(match["cancel"])))
                 elif match := DEPRECATE_TAG.fullmatch(tag.name):
                     deprecations.append((tag, check_name(match["name"])))
                 elif match := ASSIGN_TAG.fullmatch(tag.name):
@@ -180,28 +229,30 @@ class State:
                     check_stage(match["stage"])
                     assigns.append((tag, match))
                 elif "@" in tag.name or "#" in tag.name:
-                    self.skipped[tag.name] = "not in the registry's tag grammar"
+                    self.skipped[tag.name] = _OUTSIDE
             except InvalidName:
-                self.skipped[tag.name] = "not in the registry's tag grammar"
-        live = [r for r in registers if not r[3]]
-        if has_pointer:
-            found = has_pointer([tag for tag, *_ in live])
-            for (tag, *_), ok in zip(live, found, strict=True):
-                if not ok:
-                    self.skipped[tag.name] = "its commit holds no adapter (another artifact, or files removed)"
-            live = [r for r, ok in zip(live, found, strict=True) if ok]
-        adapters: dict[str, Adapter] = {}
-        by_commit: dict[tuple[str, str], Version] = {}
-        for tag, name, version, _ in live:
-            text, _ = split_action(tag.message)
-            adapter = adapters.setdefault(name, Adapter(name))
-            adapter.versions.append(AdapterVersion(name, version, tag.commit, tag.name, tag.date, tag.author, text))
-            by_commit[(name, tag.commit)] = version
-        for _tag, name, version, _ in (r for r in registers if r[3]):
-            if name in adapters:
-                adapters[name].retired.append(version)
-                adapters[name].withdrawn += [v for v in adapters[name].versions if v.version == version]
-                adapters[name].versions = [v for v in adapters[name].versions if v.version != version]
+                self.skipped[tag.name] = _OUTSIDE
+        return registers, assigns, deprecations
+
+    def _with_pointer(
+        self, live: list[_Register], has_pointer: Callable[[list[Tag]], list[bool]] | None
+    ) -> list[_Register]:
+        """The registers of LIVE whose commit holds the adapter (when HAS_POINTER can tell); the others skipped."""
+        if not has_pointer:
+            return live
+        found = has_pointer([r.tag for r in live])
+        for register, ok in zip(live, found, strict=True):
+            if not ok:
+                self.skipped[register.tag.name] = "its commit holds no adapter (another artifact, or files removed)"
+        return [r for r, ok in zip(live, found, strict=True) if ok]
+
+    def _add_events(
+        self,
+        adapters: dict[str, Adapter],
+        by_commit: dict[tuple[str, str], Version],
+        assigns: list[tuple[Tag, re.Match[str]]],
+    ) -> None:
+        """Each stage tag of ASSIGNS as an event of its adapter; one on a commit no version of it holds is skipped."""
         for tag, match in assigns:
             name = match["name"]
             if (name, tag.commit) not in by_commit:
@@ -223,11 +274,9 @@ class State:
                     action,
                 )
             )
-        for tag, name in deprecations:
-            if name in adapters:
-                adapters[name].deprecated_at = max(tag.date, adapters[name].deprecated_at or 0)
-        self.tags = [t for t in tags if t.name not in self.skipped and tag_adapter(t.name) in adapters]
-        """The registry tags it was read from (deprecated adapters' included)."""
+
+    def _file(self, adapters: dict[str, Adapter]) -> None:
+        """Put each of ADAPTERS, its versions and events in order, under adapters or deprecated."""
         for name, adapter in sorted(adapters.items()):
             adapter.versions.sort(key=lambda v: v.version)
             adapter.events.sort(key=lambda e: (e.date, e.counter))

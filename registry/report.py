@@ -10,8 +10,8 @@ from adapterctl.core.precision import Precision
 from adapterctl.registry import store
 from adapterctl.registry.names import Ref, check_name
 from adapterctl.registry.refs import AdapterVersion, State
+from adapterctl.registry.remotes import resolve_remote
 from adapterctl.registry.repo import Registry
-from adapterctl.registry.sync import resolve_remote
 
 
 def _version(version: AdapterVersion, state: State) -> dict[str, Any]:

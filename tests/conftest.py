@@ -284,7 +284,7 @@ def cli(monkeypatch: pytest.MonkeyPatch) -> Callable[..., Any]:
 def registry(tmp_path: Path) -> Any:
     """A fresh adapter repository with a bare git remote 'origin' whose DVC storage sits inside it."""
     from adapterctl.registry.repo import Registry
-    from adapterctl.registry.sync import set_remote
+    from adapterctl.registry.remotes import set_remote
 
     reg, _ = Registry.init(tmp_path / "registry")
     set_remote(reg, "origin", str(tmp_path / "origin.git"), None, {}, create=True)

@@ -24,7 +24,7 @@ from ray import serve
 from adapterctl.core.errors import NotFound
 from adapterctl.registry import store
 from adapterctl.registry.repo import Registry
-from adapterctl.registry.sync import resolve_remote
+from adapterctl.registry.remotes import resolve_remote
 from adapterctl.serve.api.dependencies import Settings
 from adapterctl.serve.engines.factory import EngineOptions, ServeOptionError
 from adapterctl.serve.ray.replica import Board, replica_class

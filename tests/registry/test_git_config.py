@@ -14,7 +14,7 @@ import pytest
 from conftest import assert_checks_out, git, killed_at, sha_tree, two_clones
 
 from adapterctl.registry.repo import Registry
-from adapterctl.registry.sync import set_remote
+from adapterctl.registry.remotes import set_remote
 
 # Every hook the registry's own commits, merges, checkouts and ref updates would run, each one failing loudly.
 _HOOKS = [

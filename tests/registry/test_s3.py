@@ -18,7 +18,7 @@ import pytest
 from conftest import assert_checks_out, environment, sha_tree, start_adapters
 
 from adapterctl.registry.repo import Registry
-from adapterctl.registry.sync import set_remote
+from adapterctl.registry.remotes import set_remote
 
 BUCKET = "adapters"
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from conftest import adapters_cli, assert_checks_out, git, killed_at, sha_tree, two_clones
 
-from adapterctl.registry import sync
+from adapterctl.registry.push import push
 from adapterctl.registry.git import Git
 from adapterctl.registry.repo import Registry
 
@@ -396,7 +396,7 @@ def test_dvc_artifacts_get_reads_the_same_repository(registry: Registry, make_ad
     registry.add("support", make_adapter(1))
     registry.add("support", make_adapter(2))
     registry.promote("support@v1.0.0", "prod")
-    sync.push(registry, [])
+    push(registry, [])
     dvc = Path(sys.executable).with_name("dvc")
     origin = str(tmp_path / "origin.git")
     for args, expected in ((["--rev", "v1.1.0"], 2), (["--stage", "prod"], 1)):

@@ -20,7 +20,8 @@ import pytest
 from conftest import sha_tree
 from serving import crafted, events, metric, registry_with, reweighted, serving, wait_for
 
-from adapterctl.registry import sync
+from adapterctl.registry.pull import clone
+from adapterctl.registry.push import push
 from adapterctl.registry.repo import Registry
 from adapterctl.serve.catalog.versions import Catalog
 
@@ -345,8 +346,8 @@ def test_catalog_fetches_a_missing_version_from_the_remote_once_under_concurrent
 
     registry.add("remote", make_adapter(1))
     registry.add("remote", make_adapter(2))
-    sync.push(registry, [])
-    server_side, _ = sync.clone(str(tmp_path / "origin.git"), tmp_path / "server", [])  # holds v1.1.0's files only
+    push(registry, [])
+    server_side, _ = clone(str(tmp_path / "origin.git"), tmp_path / "server", [])  # holds v1.1.0's files only
     catalog = Catalog(server_side, tmp_path / "cache", base_id="base", fingerprint=fingerprint(tiny_base), max_rank=64)
 
     def resolve(_: int) -> Any:

@@ -18,7 +18,8 @@ import pytest
 from serving import metric, registry_with, server_process, wait_for
 
 from adapterctl.registry.repo import Registry
-from adapterctl.registry.sync import push, set_remote
+from adapterctl.registry.push import push
+from adapterctl.registry.remotes import set_remote
 from adapterctl.serve.api.dependencies import Settings
 from adapterctl.serve.engines.base import AdapterSpec
 from adapterctl.serve.engines.factory import EngineOptions
