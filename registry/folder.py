@@ -65,17 +65,16 @@ def _checked(folder: Path, scan: bool, allow_unservable: bool) -> dict[str, Any]
             raise InvalidAdapter(f"{path} {NOT_PLAIN}")
         if path.suffix in PICKLE_SUFFIXES:
             raise InvalidAdapter(f"{path.name}: pickle-based weights are refused; save with safetensors.")
-    config = read_json(folder / "adapter_config.json")
+    config = read_json(folder / CONFIG)
     if "r" not in config or not isinstance(config.get("base_model_name_or_path"), str):
-        raise InvalidAdapter(f"{folder / 'adapter_config.json'} lacks 'r' or 'base_model_name_or_path'.")
-    settings = lora_settings(config, str(folder / "adapter_config.json"))
+        raise InvalidAdapter(f"{folder / CONFIG} lacks 'r' or 'base_model_name_or_path'.")
+    settings = lora_settings(config, str(folder / CONFIG))
     options = unservable(config)
     if options and not allow_unservable:
         raise Unservable(
-            f"{folder / 'adapter_config.json'}: LoRA options {', '.join(options)} cannot be applied by the server's "
-            "engines"
+            f"{folder / CONFIG}: LoRA options {', '.join(options)} cannot be applied by the server's engines"
         )
-    _check_weights(folder / "adapter_model.safetensors", settings, scan)
+    _check_weights(folder / WEIGHTS, settings, scan)
     if not (folder / LINEAGE).exists():
         raise InvalidAdapter(
             f"{folder} has no {LINEAGE}: it was trained elsewhere; name the base it was trained on with --base."

@@ -26,7 +26,7 @@ from adapterctl.core.errors import (
     RegistryError,
     RemoteError,
 )
-from adapterctl.registry.folder import InvalidAdapter
+from adapterctl.registry.folder import CARD, LINEAGE, InvalidAdapter
 from adapterctl.registry.names import Ref, check_name
 from adapterctl.registry.refs import AdapterVersion
 from adapterctl.registry.repo import Registry
@@ -35,7 +35,6 @@ if TYPE_CHECKING:
     from huggingface_hub import GitRefs, HfApi
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
-CARD = "README.md"
 # Beside the version's files on the Hub: their names and sha256s, and the card the version was registered with
 # (README.md there is the Hub card), so a pull restores the version byte for byte.
 MANIFEST = "adapters.json"
@@ -84,7 +83,7 @@ def push(registry: Registry, ref: str, repo_id: str, private: bool = False, stag
         files = Path(tmp) / "version"
         registry.checkout(version.ref, files)
         manifest = _manifest(version, files)
-        card = model_card(version, registry.meta(version), json.loads((files / "lineage.json").read_text()), repo_id)
+        card = model_card(version, registry.meta(version), json.loads((files / LINEAGE).read_text()), repo_id)
         api = _api(token)
         with _hub_errors(repo_id, write=True), _progress():
             api.create_repo(repo_id, private=private, exist_ok=True)
@@ -203,7 +202,7 @@ adapters serve
 
 {chr(10).join(lineage_lines)}
 
-The full record is in `lineage.json`. `{MANIFEST}` lists every file of this version with its sha256 and
+The full record is in `{LINEAGE}`. `{MANIFEST}` lists every file of this version with its sha256 and
 `{VERSION_CARD}` is the card it was registered with; `adapters hub pull` checks them and restores the version
 byte for byte.
 """
@@ -449,7 +448,7 @@ def _restore(snapshot: Path, manifest: dict[str, Any] | None, dest: Path, label:
 
 def _check_base(adapter: Path, label: str) -> None:
     """Refuse an adapter trained on other weights than the local base model of the same name, when there is one."""
-    base = json.loads((adapter / "lineage.json").read_text())["base_model"]  # folder.check has parsed it
+    base = json.loads((adapter / LINEAGE).read_text())["base_model"]  # folder.check has parsed it
     theirs, ours = base["fingerprint"], _local_fingerprint(base)
     if ours and ours != theirs:
         raise InvalidAdapter(

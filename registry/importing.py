@@ -16,7 +16,7 @@ from adapterctl.registry import folder
 from adapterctl.registry.folder import InvalidAdapter
 
 # What a version holds of a folder written by other tools; everything else is training state or tokenizer files.
-KEPT = ("adapter_config.json", "adapter_model.safetensors", "README.md")
+KEPT = (folder.CONFIG, folder.WEIGHTS, folder.CARD)
 # Adapter settings worth recording as the version's hyper-parameters, as PEFT names them.
 _SETTINGS = ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "bias", "task_type")
 # What transformers' Trainer state tells of the run (trainer_state.json, JSON; training_args.bin is a pickle).
@@ -42,7 +42,7 @@ class Imported:
 
 def foreign(source: Path) -> bool:
     """Whether SOURCE is an adapter folder some other tool wrote: PEFT files without our lineage."""
-    return (source / "adapter_config.json").is_file() and not (source / folder.LINEAGE).exists()
+    return (source / folder.CONFIG).is_file() and not (source / folder.LINEAGE).exists()
 
 
 @contextmanager
@@ -65,7 +65,7 @@ def staged_if_foreign(source: Path, base: str | None, name: str, label: str | No
 @contextmanager
 def staged(source: Path, base: str | None, name: str, label: str | None = None) -> Iterator[Imported]:
     """SOURCE's adapter files with a lineage naming BASE, in a temporary folder for as long as the block runs."""
-    config = folder.read_json(source / "adapter_config.json")
+    config = folder.read_json(source / folder.CONFIG)
     shown = label or str(source)
     if base is None:
         named = config.get("base_model_name_or_path") or "BASE"

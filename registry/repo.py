@@ -492,7 +492,7 @@ class Registry:
             self.ensure_objects(objects, [(version.ref, md5)], remote)
             entries = objects.listing(md5)
             docs = {}
-            for name in ("adapter_config.json", "lineage.json"):
+            for name in (folder.CONFIG, folder.LINEAGE):
                 raw = objects.read(md5, name)
                 docs[name] = yaml.safe_load(raw) if raw else {}
         return entries, docs

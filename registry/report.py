@@ -8,6 +8,7 @@ from adapterctl.core.cache import utc
 from adapterctl.core.errors import RemoteError
 from adapterctl.core.precision import Precision
 from adapterctl.registry import store
+from adapterctl.registry.folder import CONFIG, LINEAGE
 from adapterctl.registry.names import Ref, check_name
 from adapterctl.registry.refs import AdapterVersion, State
 from adapterctl.registry.remotes import resolve_remote
@@ -88,9 +89,9 @@ def diff(registry: Registry, left: str, right: str) -> dict[str, Any]:
     sides = [state.resolve(Ref.parse(r)) for r in (left, right)]
     data = [registry.files(v) for v in sides]
     (files_a, docs_a), (files_b, docs_b) = data
-    lineage_a, lineage_b = docs_a["lineage.json"], docs_b["lineage.json"]
+    lineage_a, lineage_b = docs_a[LINEAGE], docs_b[LINEAGE]
     sections = {
-        "config": _changes(docs_a["adapter_config.json"], docs_b["adapter_config.json"]),
+        "config": _changes(docs_a[CONFIG], docs_b[CONFIG]),
         "hyperparameters": _changes(lineage_a.get("hyperparameters", {}), lineage_b.get("hyperparameters", {})),
         "metrics": _changes(lineage_a.get("metrics", {}), lineage_b.get("metrics", {})),
         "lineage": _changes(

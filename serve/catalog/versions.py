@@ -305,7 +305,7 @@ class Catalog:
     def _fits(self, spec: AdapterSpec) -> None:
         """Refuse an adapter whose LoRA pairs name modules the base lacks or do not fit their layers' shapes."""
         assert self.layers is not None
-        tensors, _ = folder.safetensors_header(spec.path / "adapter_model.safetensors")
+        tensors, _ = folder.safetensors_header(spec.path / folder.WEIGHTS)
         pairs: dict[str, dict[str, list[int]]] = {}
         for name, tensor in tensors.items():
             if match := folder.LORA_KEY.match(name):

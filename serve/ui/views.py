@@ -14,6 +14,7 @@ from markdown_it import MarkdownIt
 from adapterctl.core.errors import InvalidName, NotFound
 from adapterctl.core.precision import QUANTIZE, Precision
 from adapterctl.registry import report, store
+from adapterctl.registry.folder import CARD, CONFIG, LINEAGE
 from adapterctl.registry.names import Ref
 from adapterctl.registry.git import Tag
 from adapterctl.registry.refs import AdapterVersion, State
@@ -136,14 +137,14 @@ def version(registry: Registry, allowed: Allowed, ref: str) -> dict[str, Any]:
     md5 = store.dir_md5(registry.dvcfile(found))
     with store.opened(registry.root) as objects:
         files = [{**e, "size": len(objects.read(md5, e["relpath"]) or b"")} for e in entries]
-        card = objects.read(md5, "README.md")
+        card = objects.read(md5, CARD)
         plot = objects.read(md5, LOSS_PLOT)
     kind, provenance = origin(shown)
     return {
         **shown,
         "requested": ref,
-        "lineage": flatten(docs["lineage.json"]),
-        "config": flatten(docs["adapter_config.json"]),
+        "lineage": flatten(docs[LINEAGE]),
+        "config": flatten(docs[CONFIG]),
         "files": files,
         "card": markdown(_without_front_matter(card.decode(errors="replace"))) if card else None,
         "loss_plot": f"data:image/png;base64,{base64.b64encode(plot).decode()}" if plot else None,
