@@ -15,7 +15,8 @@ import math
 import random
 import threading
 from collections import Counter, OrderedDict, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,6 +92,8 @@ class FakeEngine(Engine):
         self.tokens = 0  # generated since it started, over every row
         self._closed = False
         self._dead: str | None = None  # why its worker ended without being closed
+        self._holds = 0  # `paused` calls holding the batch loop at a step boundary
+        self._between_steps = False  # the batch loop waits at a step boundary
         self._worker = threading.Thread(target=self._work, name="fake-engine", daemon=True)
         self._worker.start()
 
@@ -210,11 +213,15 @@ class FakeEngine(Engine):
                 for row in self._ids.values():
                     row.cancelled = True
                     row.send(EngineDead(self._dead))
+                self._cond.notify_all()
 
     def _loop(self) -> None:
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._closed or self._waiting or self._runnable())
+                self._between_steps = True
+                self._cond.notify_all()  # a `paused` call waits for this boundary
+                self._cond.wait_for(lambda: self._closed or (not self._holds and (self._waiting or self._runnable())))
+                self._between_steps = False
                 if self._closed:
                     return
                 self._admit()
@@ -229,10 +236,23 @@ class FakeEngine(Engine):
             threading.Event().wait(self.step_seconds)  # rows join between steps, as in a real batch
 
     @property
-    def paused(self) -> int:
+    def parked(self) -> int:
         """Running rows that wait for their reader to take chunks before they generate more."""
         with self._cond:
             return sum(row.unread >= UNREAD for row in self._running)
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Hold the batch loop at a step boundary while inside (no step runs): for tests and operators' diagnostics."""
+        with self._cond:
+            self._holds += 1
+            self._cond.wait_for(lambda: self._between_steps or self._closed or self._dead is not None)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._holds -= 1
+                self._cond.notify_all()
 
     def _runnable(self) -> list[_Row]:
         return [row for row in self._running if row.unread < UNREAD or row.cancelled]

@@ -9,12 +9,13 @@ Entry points that start it need a `__main__` guard: vLLM may spawn its child pro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
 import threading
 from collections import Counter, OrderedDict
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -245,6 +246,16 @@ class VLLMEngine(HFTokenizer, Engine):
                 passes=dict(self._passes),
                 kv_cache_usage=self._kv_cache_usage,
             )
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Hold vLLM's scheduler between steps while inside (no step runs): for tests and operators' diagnostics."""
+        pause = self._llm.pause_generation(mode="keep", clear_cache=False)  # requests stay, frozen where they are
+        asyncio.run_coroutine_threadsafe(pause, self._loop).result()
+        try:
+            yield
+        finally:
+            asyncio.run_coroutine_threadsafe(self._llm.resume_generation(), self._loop).result()
 
     async def close(self) -> None:
         if self._loop.is_closed():

@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -123,6 +123,8 @@ class TransformersEngine(HFTokenizer, Engine):
         # `load` calls waiting for their adapter to settle: the worker resolves each future on its caller's loop.
         self._asked: list[tuple[Adapter, Callable[[], object]]] = []
         self._step_seconds = 0.0  # how long the last batch step took
+        self._holds = 0  # `paused` calls holding the batch loop at a step boundary
+        self._between_steps = False  # the batch loop waits at a step boundary
         # Every torch operation runs on the worker thread, model loading included: OpenMP gives each thread
         # that computes its own team of threads, and two teams on the same cores slow every operation down.
         started: list[BaseException | None] = []
@@ -284,10 +286,23 @@ class TransformersEngine(HFTokenizer, Engine):
             )
 
     @property
-    def paused(self) -> int:
+    def parked(self) -> int:
         """Running generations whose reader is behind: their rows sit out decode passes until it catches up."""
         with self._cond:
             return len(self._runner.parked)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Hold the batch loop at a step boundary while inside (no step runs): for tests and operators' diagnostics."""
+        with self._cond:
+            self._holds += 1
+            self._cond.wait_for(lambda: self._between_steps or self._closed or self._dead is not None)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._holds -= 1
+                self._cond.notify_all()
 
     async def close(self) -> None:
         with self._cond:
@@ -386,7 +401,11 @@ class TransformersEngine(HFTokenizer, Engine):
         with torch.inference_mode():
             while True:
                 with self._cond:
-                    self._cond.wait_for(self._has_work)
+                    self._between_steps = True
+                    if self._holds:  # a `paused` call waits for this boundary
+                        self._cond.notify_all()
+                    self._cond.wait_for(lambda: self._closed or (not self._holds and self._has_work()))
+                    self._between_steps = False
                     if self._closed:
                         return
                     reading = self._slots.in_state(State.READING)

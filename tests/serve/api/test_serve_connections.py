@@ -101,13 +101,13 @@ def test_a_stream_nobody_reads_pauses_its_generation_then_is_aborted(
         sock = connect(port, receive_buffer=4096)
         sock.sendall(request("/v1/completions", {**body, "n": 2, "logprobs": 20}))  # and never reads
         # The socket's buffers full, uvicorn holds back the response; then the chunks fill the buffers behind it.
-        full = lambda: engine.paused == 2 and any(c.flow.write_paused for c in server.server_state.connections)  # noqa: E731
+        full = lambda: engine.parked == 2 and any(c.flow.write_paused for c in server.server_state.connections)  # noqa: E731
         wait_for(full, 60, "the response to be held back and both generations to pause")
         at_pause = engine.tokens
         wait_for(lambda: engine.status().running == 0, 30, "the stalled request to be aborted")
         # Nobody reads: since the response was held back, only what the per-request buffers hold was generated.
         assert engine.tokens <= at_pause + 2 * (BUFFERED + UNREAD + 1) + 1 and engine.tokens < MAX_TOKENS // 10
-        assert engine.paused == 0
+        assert engine.parked == 0
         assert "its response was held back for 2 s" in caplog.text
         assert "status=499" in caplog.text
         assert answer(sock).startswith(b"HTTP/1.1 200")  # what the buffers held, then the connection closed

@@ -7,7 +7,6 @@ import gc
 import json
 import shutil
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -155,9 +154,9 @@ def test_a_short_request_joins_the_running_batch_and_finishes_first(engine, lora
     assert at_short_end < 100 and total == 300
 
 
-def paused(engine: TransformersEngine) -> dict[int, int]:
+def once_parked(engine: TransformersEngine) -> dict[int, int]:
     """The engine's passes by rows per pass, once one generation is parked and it runs nothing else."""
-    wait_for(lambda: engine.paused == 1 and engine.status().running == 1, 20, "a generation to pause")
+    wait_for(lambda: engine.parked == 1 and engine.status().running == 1, 20, "a generation to be parked")
     return dict(engine.status().passes)
 
 
@@ -172,7 +171,7 @@ def test_a_generation_its_reader_leaves_unread_pauses_then_goes_on_where_it_was(
         start = dict(engine.status().passes)
         slow = engine.generate(request(engine, jobs[0][1], jobs[0][0], long))
         texts = [(await anext(slow)).text]  # one chunk read, then none for a while
-        parked = await asyncio.to_thread(paused, engine)
+        parked = await asyncio.to_thread(once_parked, engine)
         others = [Reader(engine, request(engine, prompt, adapter, long)) for adapter, prompt in jobs[1:]]
         await asyncio.gather(*(other.result() for other in others))
         after_others = dict(engine.status().passes)
@@ -194,14 +193,14 @@ def test_a_parked_generation_whose_reader_leaves_frees_its_row(engine, lora):
     async def run() -> int:
         slow = engine.generate(request(engine, PROMPTS[3], lora(3), long))
         await anext(slow)
-        await asyncio.to_thread(paused, engine)
+        await asyncio.to_thread(once_parked, engine)
         held = engine.status().running
         await slow.aclose()  # as the server does when the client hangs up or the stall timer fires
         return held
 
     assert asyncio.run(run()) == 1
     wait_for(lambda: not engine.status().running, 4, "its row to be freed")
-    assert engine.status().running == 0 and engine.status().kv_cache_usage == 0 and engine.paused == 0
+    assert engine.status().running == 0 and engine.status().kv_cache_usage == 0 and engine.parked == 0
 
 
 def test_lru_keeps_max_loaded_idle_and_a_batch_runs_an_adapter_per_row_beyond_it(tiny_base, lora):
@@ -241,28 +240,18 @@ def test_lru_keeps_max_loaded_idle_and_a_batch_runs_an_adapter_per_row_beyond_it
         asyncio.run(small.close())
 
 
-def test_loads_waiting_for_the_worker_hold_no_thread_other_requests_need(engine, lora, monkeypatch):
+def test_loads_waiting_for_the_worker_hold_no_thread_other_requests_need(engine, lora):
     adapters = [lora(60 + i) for i in range(4)]
-    entered, release = threading.Event(), threading.Event()
-    apply = engine._apply_loads
-
-    def held(reading):  # the worker stops at the step boundary where it reads the adapters asked for
-        entered.set()
-        release.wait(60)
-        apply(reading)
-
-    monkeypatch.setattr(engine, "_apply_loads", held)
 
     async def run() -> tuple[bool, list[bool]]:
         asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(2))  # fewer threads than waiting loads
-        loads = [asyncio.create_task(engine.load(adapter)) for adapter in adapters]
-        try:
-            assert await asyncio.wait_for(asyncio.to_thread(entered.wait, 60), 60)
+        with engine.paused():  # a fault point: the worker holds at a step boundary, before it reads any adapter
+            loads = [asyncio.create_task(engine.load(adapter)) for adapter in adapters]
+            while len(engine._slots.in_state(State.READING)) < 4:  # all four asked for, waiting for the worker
+                await asyncio.sleep(0.001)
             # Tokenizing (a request's work on the executor) goes on while all four wait.
             ids = await asyncio.wait_for(asyncio.to_thread(engine.encode, PROMPTS[0]), 10)
             waited = bool(ids) and not any(load.done() for load in loads)
-        finally:
-            release.set()
         return waited, await asyncio.gather(*loads)
 
     waited, answers = asyncio.run(run())
@@ -270,44 +259,48 @@ def test_loads_waiting_for_the_worker_hold_no_thread_other_requests_need(engine,
     assert set(asyncio.run(engine.loaded())) >= {adapter.key for adapter in adapters}
 
 
-def test_a_burst_of_loads_is_read_a_budget_per_step_while_rows_run(engine, lora, monkeypatch):
-    events, read, decode = [], engine._read, engine._runner.decode
-    go, stopped = threading.Event(), threading.Event()
-    go.set()
+class Clock:
+    """The engine's `time` while a test runs: seconds pass only when the test moves them on."""
 
-    def slow_read(spec):  # each read outlasts half the budget: two fit in one step boundary, not three
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def test_a_burst_of_loads_is_read_a_budget_per_step_while_rows_run(engine, lora, monkeypatch):
+    from adapterctl.serve.engines.transformers import engine as module
+
+    clock, events, read, decode = Clock(), [], engine._read, engine._runner.decode
+
+    def timed_read(spec):  # each read takes 0.6 of the budget on the engine's clock: two fit in one boundary, not three
         events.append("read")
-        time.sleep(engine._load_budget() * 0.6)
+        clock.now += 0.6 * module.LOAD_BUDGET
         return read(spec)
 
-    def held_decode():  # a decode pass waits while GO is clear
-        stopped.set()
-        go.wait(60)
-        events.append("decode")
-        decode()
-
-    monkeypatch.setattr(engine, "_read", slow_read)
-    monkeypatch.setattr(engine._runner, "decode", held_decode)
+    monkeypatch.setattr(module, "time", clock)  # steps take no time: the budget is LOAD_BUDGET, whatever the machine
+    monkeypatch.setattr(engine, "_read", timed_read)
+    monkeypatch.setattr(engine._runner, "decode", lambda: (events.append("decode"), decode())[1])
     adapters = [lora(70 + i) for i in range(3)]
 
     async def run() -> list[bool]:
-        holder = Reader(engine, request(engine, PROMPTS[0], None, Sampling(max_tokens=200, ignore_eos=True)))
+        holder = Reader(engine, request(engine, PROMPTS[0], None, Sampling(max_tokens=1000, ignore_eos=True)))
         await holder.started.wait()
-        go.clear()
-        stopped.clear()
-        assert await asyncio.to_thread(stopped.wait, 60)  # the worker is inside a decode pass
-        events.clear()
-        loads = [asyncio.create_task(engine.load(adapter)) for adapter in adapters]
-        while len(engine._slots.in_state(State.READING)) < 3:  # all three asked for before the next boundary
-            await asyncio.sleep(0.001)
-        go.set()
+        with engine.paused():  # a fault point: all three are asked for at one step boundary while a row runs
+            assert engine.status().running == 1
+            loads = [asyncio.create_task(engine.load(adapter)) for adapter in adapters]
+            while len(engine._slots.in_state(State.READING)) < 3:
+                await asyncio.sleep(0.001)
+            events.clear()
         answers = await asyncio.gather(*loads)
+        await engine.abort(holder.request.request_id)
         await holder.result()
         return answers
 
     assert asyncio.run(run()) == [True] * 3
-    # The held pass ends; at the boundary two reads fill the budget; a pass; the third read.
-    assert events[:5] == ["decode", "read", "read", "decode", "read"]
+    # At the boundary two reads fill the budget; a pass; the third read.
+    assert events[:4] == ["read", "read", "decode", "read"]
 
 
 def test_unload_refuses_an_unknown_key_and_drops_a_loaded_one(engine, lora):
@@ -468,7 +461,7 @@ def test_a_prompt_the_model_fails_on_fails_alone_and_its_batch_is_prefilled_agai
     monkeypatch.setattr(engine._runner, "forward", failing)
 
     async def run() -> tuple[BaseException | None, str]:
-        with engine._cond:  # a fault point: the worker waits until both are queued, so that one prefill takes both
+        with engine.paused():  # a fault point: the worker waits until both are queued, so that one prefill takes both
             good, bad = Reader(engine, request(engine, good_ids)), Reader(engine, request(engine, bad_ids))
             while engine.status().waiting < 2:
                 await asyncio.sleep(0)

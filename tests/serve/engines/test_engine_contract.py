@@ -127,6 +127,28 @@ def test_a_stop_string_ends_the_text_before_it(subject: Subject) -> None:
     assert "".join(c.text for c in got) == whole[: whole.index(stop)] and got[-1].finish_reason == "stop"
 
 
+def test_paused_holds_every_step_until_it_lets_go(subject: Subject) -> None:
+    """`paused` (a hook for tests and operators): a running generation and one that arrives meanwhile make no step
+    while it holds, then both go on to the text they get alone."""
+    engine = subject.engine
+    long = Sampling(max_tokens=40, temperature=0, ignore_eos=True)
+    jobs = [(subject.adapter(1), PROMPTS[0], long), (None, PROMPTS[1], GREEDY)]
+    alone = [texts(engine, [job])[0] for job in jobs]
+
+    async def run() -> tuple[list[str], int]:
+        generations = [aiter(engine.generate(request(engine, p, a, s))) for a, p, s in jobs]
+        first = [await anext(generations[0])]
+        with engine.paused():
+            arrived = asyncio.ensure_future(anext(generations[1]))  # queued while the engine holds
+            await asyncio.sleep(0.3)
+            moved = arrived.done()
+        rest = [[c async for c in generations[0]], [await arrived] + [c async for c in generations[1]]]
+        return ["".join(c.text for c in first + rest[0]), "".join(c.text for c in rest[1])], moved
+
+    got, moved = asyncio.run(run())
+    assert not moved and got == alone
+
+
 def test_abort_ends_a_generation_without_a_finish_reason_and_frees_its_row(subject: Subject) -> None:
     engine = subject.engine
     long = Sampling(max_tokens=400, temperature=0, ignore_eos=True)
