@@ -42,84 +42,117 @@ class Limits:
 def protocol(limits: Limits, http: str = "auto") -> type[asyncio.Protocol]:
     """uvicorn's HTTP protocol class HTTP, guarded by LIMITS; its connections share one count per address."""
     base: Any = import_from_string(HTTP_PROTOCOLS[http])
-    open_by_address: Counter[str] = Counter()
-    refusing: set[str] = set()  # addresses at their cap, warned about once until they drop below it
+    clients = _Clients(limits)
 
-    class Guarded(base):  # type: ignore[misc, valid-type]
+    class Guarded(_Guard, base):  # type: ignore[misc, valid-type]
         """One connection, closed when its headers come too slowly or its client stops reading."""
 
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            if (sock := transport.get_extra_info("socket")) is not None:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, limits.send_buffer)
-            self._header_timer: asyncio.TimerHandle | None = None
-            self._stall_timer: asyncio.TimerHandle | None = None
-            self._address = self.client[0] if self.client else ""
-            open_by_address[self._address] += 1
-            if open_by_address[self._address] > limits.per_client:
-                if self._address not in refusing:
-                    refusing.add(self._address)
-                    log.warning(
-                        "Refusing connections from %s: it holds %d already (--max-connections-per-client).",
-                        self._address,
-                        limits.per_client,
-                    )
-                _answer(transport, _BUSY, f"This client holds {limits.per_client} connections already; retry later.")
-                return
-            self._await_headers()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            open_by_address[self._address] -= 1
-            if open_by_address[self._address] < limits.per_client:
-                refusing.discard(self._address)
-            if not open_by_address[self._address]:
-                del open_by_address[self._address]
-            for timer in (self._header_timer, self._stall_timer):
-                if timer is not None:
-                    timer.cancel()
-            super().connection_lost(exc)
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            if not self.transport.is_closing():  # kept alive: the next request's head has as long as the first's
-                self._await_headers()
-
-        def pause_writing(self) -> None:
-            super().pause_writing()
-            if self._stall_timer is None:
-                self._stall_timer = self.loop.call_later(limits.stall_seconds, self._stalled)
-
-        def resume_writing(self) -> None:
-            super().resume_writing()
-            if self._stall_timer is not None:
-                self._stall_timer.cancel()
-                self._stall_timer = None
-
-        def _await_headers(self) -> None:
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-            awaited = self.cycle  # a new request's cycle replaces it once its headers are in
-            self._header_timer = self.loop.call_later(limits.header_seconds, self._headers_late, awaited)
-
-        def _headers_late(self, awaited: Any) -> None:
-            self._header_timer = None
-            idle = awaited is None or awaited.response_complete  # not a pipelined request whose head came already
-            if self.cycle is awaited and idle and not self.transport.is_closing():
-                log.info("Closed a connection from %s: no whole request head in %g s.", self._address,
-                         limits.header_seconds)  # fmt: skip
-                _answer(self.transport, _TIMEOUT, f"No whole request head came in {limits.header_seconds:g} s.")
-
-        def _stalled(self) -> None:
-            self._stall_timer = None
-            log.warning(
-                "Closed a connection from %s: its response was held back for %g s, its client reading too little "
-                "(--stall-timeout).",
-                self._address,
-                limits.stall_seconds,
-            )
-            self.transport.abort()  # the buffered bytes go too; the request sees a disconnect and aborts its work
+        _clients = clients
 
     return Guarded
+
+
+class _Clients:
+    """The connections one server holds per client address, within LIMITS."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.open_by_address: Counter[str] = Counter()
+        self.refusing: set[str] = set()  # addresses at their cap, warned about once until they drop below it
+
+    def opened(self, address: str) -> bool:
+        """Count a connection from ADDRESS; False when that takes it over its cap (warned about once)."""
+        self.open_by_address[address] += 1
+        if self.open_by_address[address] <= self.limits.per_client:
+            return True
+        if address not in self.refusing:
+            self.refusing.add(address)
+            log.warning(
+                "Refusing connections from %s: it holds %d already (--max-connections-per-client).",
+                address,
+                self.limits.per_client,
+            )
+        return False
+
+    def closed(self, address: str) -> None:
+        """Uncount a connection from ADDRESS."""
+        self.open_by_address[address] -= 1
+        if self.open_by_address[address] < self.limits.per_client:
+            self.refusing.discard(address)
+        if not self.open_by_address[address]:
+            del self.open_by_address[address]
+
+
+class _Guard:
+    """The guards, mixed into uvicorn's protocol class (which `protocol` picks): a header timer and a stall timer
+    per connection, and the count of its client's connections."""
+
+    _clients: _Clients
+    # uvicorn's protocol classes set these.
+    transport: asyncio.Transport
+    loop: asyncio.AbstractEventLoop
+    client: tuple[str, int] | None
+    cycle: Any
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
+        limits = self._clients.limits
+        if (sock := transport.get_extra_info("socket")) is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, limits.send_buffer)
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._stall_timer: asyncio.TimerHandle | None = None
+        self._address = self.client[0] if self.client else ""
+        if not self._clients.opened(self._address):
+            _answer(transport, _BUSY, f"This client holds {limits.per_client} connections already; retry later.")
+            return
+        self._await_headers()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._clients.closed(self._address)
+        for timer in (self._header_timer, self._stall_timer):
+            if timer is not None:
+                timer.cancel()
+        super().connection_lost(exc)  # type: ignore[misc]
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # type: ignore[misc]
+        if not self.transport.is_closing():  # kept alive: the next request's head has as long as the first's
+            self._await_headers()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()  # type: ignore[misc]
+        if self._stall_timer is None:
+            self._stall_timer = self.loop.call_later(self._clients.limits.stall_seconds, self._stalled)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()  # type: ignore[misc]
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+
+    def _await_headers(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        awaited = self.cycle  # a new request's cycle replaces it once its headers are in
+        self._header_timer = self.loop.call_later(self._clients.limits.header_seconds, self._headers_late, awaited)
+
+    def _headers_late(self, awaited: Any) -> None:
+        self._header_timer = None
+        seconds = self._clients.limits.header_seconds
+        idle = awaited is None or awaited.response_complete  # not a pipelined request whose head came already
+        if self.cycle is awaited and idle and not self.transport.is_closing():
+            log.info("Closed a connection from %s: no whole request head in %g s.", self._address, seconds)
+            _answer(self.transport, _TIMEOUT, f"No whole request head came in {seconds:g} s.")
+
+    def _stalled(self) -> None:
+        self._stall_timer = None
+        log.warning(
+            "Closed a connection from %s: its response was held back for %g s, its client reading too little "
+            "(--stall-timeout).",
+            self._address,
+            self._clients.limits.stall_seconds,
+        )
+        self.transport.abort()  # the buffered bytes go too; the request sees a disconnect and aborts its work
 
 
 def _answer(transport: asyncio.Transport, head: bytes, text: str) -> None:

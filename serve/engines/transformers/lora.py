@@ -16,6 +16,7 @@ from adapterctl.registry.folder import (
     LORA_KEY,
     WEIGHTS,
     InvalidAdapter,
+    LoraSettings,
     lora_settings,
     safetensors_header,
     unservable,
@@ -213,6 +214,22 @@ def wrap_linears(model: nn.Module, rows: Rows) -> dict[str, MultiLoRALinear]:
 
 def read_adapter(key: str, folder: Path, layers: dict[str, MultiLoRALinear], max_rank: int) -> AdapterWeights:
     """Read a PEFT LoRA adapter folder and check that every pair fits the model's layers and is finite."""
+    settings = _settings(key, folder)
+    if not (folder / WEIGHTS).is_file():
+        raise AdapterLoadFailed(key, f"no {WEIGHTS}; the server loads safetensors weights only.")
+    pairs = {}
+    for module, half in _halves(key, folder / WEIGHTS).items():
+        layer = layers.get(module)
+        if layer is None:
+            raise AdapterLoadFailed(key, f"it targets {module}, which this base model has no linear layer for.")
+        pairs[module] = _pair(key, module, half, layer, settings, max_rank)
+    if not pairs:
+        raise AdapterLoadFailed(key, f"{WEIGHTS} holds no LoRA weights.")
+    return AdapterWeights(key, max(a.shape[1] for a, _, _ in pairs.values()), pairs)
+
+
+def _settings(key: str, folder: Path) -> LoraSettings:
+    """The adapter's LoRA settings from its config, refused when the server cannot apply them."""
     try:
         config = json.loads((folder / CONFIG).read_text())
         if not isinstance(config, dict):
@@ -225,41 +242,47 @@ def read_adapter(key: str, folder: Path, layers: dict[str, MultiLoRALinear], max
     if unsupported:
         raise AdapterLoadFailed(key, f"LoRA options {', '.join(unsupported)} are not supported by the server.")
     try:
-        settings = lora_settings(config, CONFIG)
+        return lora_settings(config, CONFIG)
     except InvalidAdapter as exc:
         raise AdapterLoadFailed(key, f"{exc}") from None
-    if not (folder / WEIGHTS).is_file():
-        raise AdapterLoadFailed(key, f"no {WEIGHTS}; the server loads safetensors weights only.")
+
+
+def _halves(key: str, path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """The weights file's tensors by module, then by part (A or B); anything but LoRA A/B weights is refused."""
     halves: dict[str, dict[str, torch.Tensor]] = {}
-    for name, tensor in _mapped(key, folder / WEIGHTS).items():
+    for name, tensor in _mapped(key, path).items():
         match = LORA_KEY.match(name)
         if not match:
             raise AdapterLoadFailed(key, f"tensor {name} is not a LoRA A/B weight of a linear layer.")
         halves.setdefault(match["module"], {})[match["part"]] = tensor
-    pairs = {}
-    for module, half in halves.items():
-        layer = layers.get(module)
-        if layer is None:
-            raise AdapterLoadFailed(key, f"it targets {module}, which this base model has no linear layer for.")
-        rank = settings.rank(module)
-        if rank > max_rank:
-            raise AdapterLoadFailed(key, f"rank {rank} is above this server's maximum rank {max_rank}.")
-        a, b = half.get("A"), half.get("B")
-        d_in, d_out = layer.base_layer.in_features, layer.base_layer.out_features
-        if a is None or b is None or a.shape != (rank, d_in) or b.shape != (d_out, rank):
-            raise AdapterLoadFailed(key, f"LoRA weights of {module} do not fit a {d_in}x{d_out} layer at rank {rank}.")
-        scaling = settings.scaling(module)
-        for part, tensor in (("A", a), ("B", b)):
-            low, high = (float(v) for v in torch.aminmax(tensor))  # NaN if any is NaN
-            if not (math.isfinite(low) and math.isfinite(high)):
-                raise AdapterLoadFailed(key, f"the LoRA {part} weight of {module} holds NaN or infinite values; "
-                                        "the adapter is broken.")  # fmt: skip
-            if part == "B" and max(-low, high) * abs(scaling) > _LARGEST:
-                raise AdapterLoadFailed(key, f"LoRA weights of {module} overflow once scaled by lora_alpha.")
-        pairs[module] = (a.T, b.T, scaling)
-    if not pairs:
-        raise AdapterLoadFailed(key, f"{WEIGHTS} holds no LoRA weights.")
-    return AdapterWeights(key, max(a.shape[1] for a, _, _ in pairs.values()), pairs)
+    return halves
+
+
+def _pair(
+    key: str,
+    module: str,
+    half: dict[str, torch.Tensor],
+    layer: MultiLoRALinear,
+    settings: LoraSettings,
+    max_rank: int,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """MODULE's (A transposed, B transposed, scaling), checked to fit LAYER at its rank and to be finite once scaled."""
+    rank = settings.rank(module)
+    if rank > max_rank:
+        raise AdapterLoadFailed(key, f"rank {rank} is above this server's maximum rank {max_rank}.")
+    a, b = half.get("A"), half.get("B")
+    d_in, d_out = layer.base_layer.in_features, layer.base_layer.out_features
+    if a is None or b is None or a.shape != (rank, d_in) or b.shape != (d_out, rank):
+        raise AdapterLoadFailed(key, f"LoRA weights of {module} do not fit a {d_in}x{d_out} layer at rank {rank}.")
+    scaling = settings.scaling(module)
+    for part, tensor in (("A", a), ("B", b)):
+        low, high = (float(v) for v in torch.aminmax(tensor))  # NaN if any is NaN
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise AdapterLoadFailed(key, f"the LoRA {part} weight of {module} holds NaN or infinite values; "
+                                    "the adapter is broken.")  # fmt: skip
+        if part == "B" and max(-low, high) * abs(scaling) > _LARGEST:
+            raise AdapterLoadFailed(key, f"LoRA weights of {module} overflow once scaled by lora_alpha.")
+    return a.T, b.T, scaling
 
 
 def _mapped(key: str, path: Path) -> dict[str, torch.Tensor]:
