@@ -25,7 +25,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adapterctl.serve.engines.transformers.threads import configure_openmp  # noqa: E402
+from adapterctl.core.threads import configure_openmp  # noqa: E402
 
 configure_openmp()  # as `adapters serve` does, before torch loads
 

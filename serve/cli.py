@@ -256,7 +256,7 @@ def serve(
     from adapterctl.serve.api.connections import Limits
     from adapterctl.serve.engines.factory import build
     from adapterctl.serve.catalog.fidelity import Fidelity
-    from adapterctl.serve.engines.transformers.threads import configure_openmp
+    from adapterctl.core.threads import configure_openmp
     from adapterctl.core.base import home, resolve_base
 
     if engine == "transformers":  # vLLM sets its own threads

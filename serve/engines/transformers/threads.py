@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import time
 
-from adapterctl.core.threads import busy_seconds, configure_openmp, cpus, free_cpus  # noqa: F401 (serve.cli and bench import it here)
+from adapterctl.core.threads import busy_seconds, cpus, free_cpus
 
 
 class Threads:

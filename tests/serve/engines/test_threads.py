@@ -57,7 +57,7 @@ def test_the_thread_count_drops_while_another_process_takes_a_core_and_comes_bac
 # command configured OpenMP, as in the server itself.
 _THREADS = """
 import sys
-from adapterctl.serve.engines.transformers import threads
+from adapterctl.core import threads
 configure = threads.configure_openmp
 def configured():
     configure()
