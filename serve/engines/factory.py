@@ -17,7 +17,7 @@ class ServeOptionError(AdaptersError):
     exit_code = 2
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EngineOptions:
     """What `adapters serve` asks of its engine; None means the engine's default."""
 

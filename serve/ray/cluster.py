@@ -64,28 +64,25 @@ class Ingress:
 
     async def __serve_build_asgi_app__(self) -> FastAPI:
         from adapterctl.core.base import resolve_base
-        from adapterctl.core.cache import home
-        from adapterctl.serve.api.app import create_app
-        from adapterctl.serve.catalog.versions import Catalog
-        from adapterctl.serve.catalog.fidelity import Fidelity
-        from adapterctl.serve.ray.engine import RayEngine
         from adapterctl.serve.api.tenants import Tenants
+        from adapterctl.serve.ray.engine import RayEngine
+        from adapterctl.serve.server import build_app
 
         config = self.config
         logging.getLogger("serve").setLevel(logging.INFO)
         description = await self.replicas.describe.remote()
         base = resolve_base(config.base).path
         engine = RayEngine(self.replicas, self.board, base, description, config.replicas, config.affinity)
-        catalog = Catalog.serving(
-            Registry(config.registry),
-            home() / "serve",
-            base,
+        return build_app(
             engine,
-            interval=config.interval,
+            base,
+            Registry(config.registry),
+            Tenants(config.tenants_file),
+            config.settings,
             stale_after=config.stale_after,
-            fidelity=Fidelity(engine.precision, strict=config.strict_fidelity),
+            strict_fidelity=config.strict_fidelity,
+            interval=config.interval,
         )
-        return create_app(engine, catalog, Tenants(config.tenants_file), config.settings)
 
 
 def remote_url(registry: Registry) -> str:

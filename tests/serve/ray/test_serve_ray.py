@@ -100,7 +100,9 @@ def cluster(
         replicas=2,
         threads=1,
         base=str(tiny_base),
-        options=EngineOptions("transformers", "none", max_loaded=2, max_batch=8, max_rank=64, max_context=1024),
+        options=EngineOptions(
+            engine="transformers", quantize="none", max_loaded=2, max_batch=8, max_rank=64, max_context=1024
+        ),
         registry=registry.root,
         remote=remote_url(registry),
         branch=registry.git.branch(),
