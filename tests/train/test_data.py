@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from helpers import EXAMPLES, write_jsonl
 from transformers import AutoTokenizer
 
 from adapterctl.core.errors import DataError
-from tests.conftest import EXAMPLES, write_jsonl
 from adapterctl.train import data
 
 
