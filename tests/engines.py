@@ -6,9 +6,14 @@ import asyncio
 import itertools
 from collections.abc import Sequence
 
+import pytest
+
 from adapterctl.serve.engines.base import AdapterSpec, Chunk, Engine, GenerateRequest, Sampling
 
 GREEDY = Sampling(max_tokens=12, temperature=0, ignore_eos=True)
+# The vLLM engine as a parameter of an engine-parametrised fixture or test: marked, so that `-m "not vllm"` (make
+# test-fast) starts no vLLM; the `vllm_engine` fixture skips where vLLM is not installed.
+VLLM = pytest.param("vllm", marks=pytest.mark.vllm)
 _numbers = itertools.count()
 
 

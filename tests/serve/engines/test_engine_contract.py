@@ -24,7 +24,7 @@ from adapterctl.serve.engines.base import (
     Sampling,
 )
 
-from engines import GREEDY, chunks, request, text
+from engines import GREEDY, VLLM, chunks, request, text
 
 PROMPTS = ["Hello there, how are you", "The capital of France is", "1 2 3 4 5 6 7 8 9 10", "Write a poem"]
 _ids = itertools.count()
@@ -40,7 +40,7 @@ class Subject:
     batch_adapters: int = 2
 
 
-@pytest.fixture(scope="module", params=["fake", "transformers", "vllm"])
+@pytest.fixture(scope="module", params=["fake", "transformers", VLLM])
 def subject(request: pytest.FixtureRequest, lora: Callable[..., AdapterSpec]) -> Iterator[Subject]:
     if request.param == "vllm":
         yield Subject(request.getfixturevalue("vllm_engine"), lora)  # one per session; it closes at the end
