@@ -16,17 +16,16 @@ import base64
 import hashlib
 import json
 import re
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import uvicorn
 import yaml
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from serving import serving_app
 
 GITATTRIBUTES = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -156,20 +155,9 @@ class HubServer:
     @contextmanager
     def running(self) -> Iterator[str]:
         """Serve on a free loopback port in a thread; yields the endpoint URL."""
-        config = uvicorn.Config(self.app(), host="127.0.0.1", port=0, log_level="warning", lifespan="off")
-        server = uvicorn.Server(config)
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "the Hub double did not start"
-            time.sleep(0.02)
-        self.url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-        try:
+        with serving_app(self.app(), lifespan="off") as server:
+            self.url = server.url
             yield self.url
-        finally:
-            server.should_exit = True
-            thread.join(timeout=10)
 
     # Access rules.
 

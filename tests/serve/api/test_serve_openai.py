@@ -20,32 +20,40 @@ import httpx
 import openai
 import pytest
 import torch
-from serving import events, metric, serving_alpha, wait_for
+from engines import VLLM
+from serving import Server, events, metric, serving_alpha, wait_for
 
 PROMPTS = ["The quick brown fox", "Once upon a time"]
 
 
 @dataclass
 class Served:
-    url: str
-    engine: Any
+    server: Server
     adapter: Path
 
     @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def engine(self) -> Any:
+        return self.server.engine
+
+    @property
     def client(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0)
+        return self.server.client
 
     def post(self, path: str, **body: Any) -> httpx.Response:
         return httpx.post(f"{self.url}{path}", json=body, timeout=120)
 
 
-@pytest.fixture(scope="module", params=["transformers", "vllm"])
+@pytest.fixture(scope="module", params=["transformers", VLLM])
 def served(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, make_adapter: Any
 ) -> Iterator[Served]:
     """The same server on each engine: every API feature works on both."""
-    with serving_alpha(request, tmp_path_factory.mktemp("openai"), tiny_base, make_adapter(1)) as (url, engine):
-        yield Served(url, engine, make_adapter(1))
+    with serving_alpha(request, tmp_path_factory.mktemp("openai"), tiny_base, make_adapter(1)) as server:
+        yield Served(server, make_adapter(1))
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
+from engines import VLLM
 from serving import serving_alpha
 
 SCHEMA = {
@@ -29,13 +30,13 @@ WEATHER = {
 TOOL = {"type": "function", "name": "get_weather", "description": "Forecast.", "parameters": WEATHER}
 
 
-@pytest.fixture(scope="module", params=["transformers", "vllm"])
+@pytest.fixture(scope="module", params=["transformers", VLLM])
 def client(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, make_adapter: Any
 ) -> Iterator[openai.OpenAI]:
     """The same server on each engine."""
-    with serving_alpha(request, tmp_path_factory.mktemp("responses"), tiny_base, make_adapter(1)) as (url, _):
-        yield openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    with serving_alpha(request, tmp_path_factory.mktemp("responses"), tiny_base, make_adapter(1)) as server:
+        yield server.client
 
 
 def test_a_response_is_the_chat_answer_whole_and_streamed(client: openai.OpenAI) -> None:

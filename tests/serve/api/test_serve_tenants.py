@@ -20,7 +20,7 @@ import httpx
 import openai
 import pytest
 import yaml
-from serving import events, metric, registry_with, server_process, serving, tenants_cli, wait_for
+from serving import events, metric, openai_client, registry_with, server_process, serving, tenants_cli, wait_for
 
 from adapterctl.registry.repo import Registry
 
@@ -56,7 +56,7 @@ class Hosted:
     clock: Clock
 
     def client(self, who: str) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=self.keys[who], max_retries=0)
+        return openai_client(self.url, self.keys[who])
 
     def post(self, path: str, who: str | None, **body: Any) -> httpx.Response:
         headers = {"Authorization": f"Bearer {self.keys[who]}"} if who else {}
@@ -69,13 +69,10 @@ class Hosted:
 
 @pytest.fixture(scope="module")
 def hosted(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, make_adapter: Any) -> Iterator[Hosted]:
-
-    from adapterctl.serve.api.app import create_app
-    from adapterctl.serve.catalog.versions import Catalog
-    from adapterctl.serve.api.dependencies import Settings
-    from adapterctl.core.base import fingerprint
     from fake_engine import FakeEngine
-    from adapterctl.serve.api.tenants import Limiter, Tenants
+
+    from adapterctl.core.base import fingerprint
+    from adapterctl.serve.api.tenants import Limiter
 
     root = tmp_path_factory.mktemp("hosted")
     adapters = {"acme-a": [1], "acme-b": [2, 6], "acme-c": [3], "globex-a": [4], "globex-b": [5]}
@@ -95,19 +92,11 @@ def hosted(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, make_adapt
     }
     # Keys, rights and limits are the HTTP layer's: the fake engine serves these tests (the adapters are real).
     engine = FakeEngine(model_id="tiny-llama", fingerprint=fingerprint(tiny_base), max_loaded=2, max_batch=16)
-    catalog = Catalog(
-        registry,
-        root / "cache",
-        base_id=engine.model_id,
-        fingerprint=engine.fingerprint,
-        max_rank=engine.max_rank,
-        interval=3600,  # only POST /admin/refresh re-reads the registry here
-    )
-    app = create_app(engine, catalog, Tenants(tenants_file), Settings(max_tokens_cap=900))
-    clock = Clock()
-    app.state.server.limiter = Limiter(clock)
-    with serving(app) as url:
-        yield Hosted(url, registry, tenants_file, keys, engine, clock)
+    options = {"tenants": tenants_file, "settings": {"max_tokens_cap": 900}}
+    with serving(engine, registry, tiny_base, interval=3600, **options) as server:  # refreshed by POST only
+        clock = Clock()
+        server.app.state.server.limiter = Limiter(clock)  # before any request: the token-rate window on a clock
+        yield Hosted(server.url, registry, tenants_file, keys, engine, clock)
 
 
 def test_tenants_file_keeps_only_hashes_and_keys_are_shown_once(cli: Any, tmp_path: Path) -> None:
@@ -148,7 +137,7 @@ def test_missing_or_wrong_keys_are_401_and_tenant_keys_cannot_administer(hosted:
         assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
         assert hosted.get("/admin/loaded", who).status_code == 401
     with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(base_url=f"{hosted.url}/v1", api_key="sk-nope", max_retries=0).models.list()
+        openai_client(hosted.url, "sk-nope").models.list()
     for who in ("acme", "globex"):
         denied = hosted.post("/admin/refresh", who)
         assert denied.status_code == 403 and denied.json()["error"]["type"] == "permission_error"
@@ -297,19 +286,11 @@ def test_metrics_need_the_admin_or_the_metrics_key_with_tenants(hosted: Hosted) 
     assert hosted.get("/v1/models", "metrics").status_code == 403  # the metrics key reads /metrics only
 
 
-def test_metrics_stay_open_without_tenants(hosted: Hosted, tmp_path: Path) -> None:
-    from adapterctl.serve.api.app import create_app
-    from adapterctl.serve.catalog.versions import Catalog
-    from adapterctl.serve.api.dependencies import Settings
+def test_metrics_stay_open_without_tenants(hosted: Hosted, tiny_base: Path) -> None:
     from fake_engine import FakeEngine
-    from adapterctl.serve.api.tenants import Tenants
 
-    engine = FakeEngine(model_id="tiny-llama")
-    catalog = Catalog(
-        hosted.registry, tmp_path / "cache", base_id=engine.model_id, fingerprint=engine.fingerprint, max_rank=64
-    )
-    with serving(create_app(engine, catalog, Tenants(None), Settings())) as url:
-        assert httpx.get(f"{url}/metrics").status_code == 200
+    with serving(FakeEngine(model_id="tiny-llama"), hosted.registry, tiny_base) as server:
+        assert httpx.get(f"{server.url}/metrics").status_code == 200
 
 
 def test_a_tenant_added_while_the_server_runs_can_call_at_once(hosted: Hosted, cli: Any) -> None:
@@ -557,12 +538,10 @@ class Shared:
 
 
 @pytest.fixture
-def shared(hosted: Hosted, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Shared]:
+def shared(hosted: Hosted, tiny_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Shared]:
     from fake_engine import FakeEngine
-    from adapterctl.serve.api.app import create_app
-    from adapterctl.serve.catalog.versions import Catalog
-    from adapterctl.serve.api.dependencies import Settings
-    from adapterctl.serve.api.tenants import Tenants, add_tenant, set_admin
+
+    from adapterctl.serve.api.tenants import add_tenant, set_admin
 
     path = tmp_path / "tenants.yaml"
     keys = {
@@ -571,9 +550,6 @@ def shared(hosted: Hosted, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> I
     }
     set_admin(path)
     engine = FakeEngine(model_id="tiny-llama", max_batch=2)
-    catalog = Catalog(
-        hosted.registry, tmp_path / "cache", base_id=engine.model_id, fingerprint=engine.fingerprint, max_rank=64
-    )
     # Fault points: which tenant's generation reaches the engine when, and rows held still until a test releases them.
     arrived, released, generate, step = [], threading.Event(), engine.generate, engine._step
 
@@ -584,10 +560,9 @@ def shared(hosted: Hosted, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> I
 
     monkeypatch.setattr(engine, "generate", recording)
     monkeypatch.setattr(engine, "_step", lambda row: step(row) if released.is_set() else None)
-    app = create_app(engine, catalog, Tenants(path), Settings())
     try:
-        with serving(app) as url:
-            yield Shared(url, keys, engine, app.state.server.fairness, arrived, released)
+        with serving(engine, hosted.registry, tiny_base, tenants=path) as server:
+            yield Shared(server.url, keys, engine, server.app.state.server.fairness, arrived, released)
     finally:
         released.set()
 

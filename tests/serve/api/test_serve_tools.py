@@ -11,9 +11,9 @@ from typing import Any
 
 import httpx
 import jsonschema
-import openai
 import pytest
-from serving import serving_alpha
+from engines import VLLM
+from serving import openai_client, serving_alpha
 
 from adapterctl.core import tool_calls
 
@@ -37,17 +37,13 @@ CHAT = [{"role": "user", "content": "Weather in Paris for 3 days?"}]
 SCHEMAS = {"get_weather": WEATHER, "set_alarm": ALARM}
 
 
-@pytest.fixture(scope="module", params=["transformers", "vllm"])
+@pytest.fixture(scope="module", params=["transformers", VLLM])
 def url(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, make_adapter: Any
 ) -> Iterator[str]:
     """The same server on each engine: forced calls are their JSON schema, which both engines enforce."""
-    with serving_alpha(request, tmp_path_factory.mktemp("tools"), tiny_base, make_adapter(1)) as (url, _):
-        yield url
-
-
-def _client(url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    with serving_alpha(request, tmp_path_factory.mktemp("tools"), tiny_base, make_adapter(1)) as server:
+        yield server.url
 
 
 def _valid(call: Any, schema: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -59,7 +55,7 @@ def _valid(call: Any, schema: dict[str, Any] | None = None) -> dict[str, Any]:
 @pytest.mark.parametrize("seed", [0, 1])
 def test_a_named_function_is_always_called_with_arguments_matching_its_schema(url: str, seed: int) -> None:
     choice = {"type": "function", "function": {"name": "get_weather"}}
-    answer = _client(url).chat.completions.create(
+    answer = openai_client(url).chat.completions.create(
         model="alpha", messages=CHAT, tools=TOOLS, tool_choice=choice, max_tokens=80, seed=seed, temperature=1.0
     )
     (result,) = answer.choices
@@ -70,7 +66,7 @@ def test_a_named_function_is_always_called_with_arguments_matching_its_schema(ur
 
 
 def test_required_makes_one_call_of_some_tool_when_parallel_calls_are_off(url: str) -> None:
-    answer = _client(url).chat.completions.create(
+    answer = openai_client(url).chat.completions.create(
         model="tiny-llama",
         messages=CHAT,
         tools=TOOLS,
@@ -86,7 +82,7 @@ def test_required_makes_one_call_of_some_tool_when_parallel_calls_are_off(url: s
 
 
 def test_streamed_deltas_assemble_to_the_same_call(url: str) -> None:
-    client = _client(url)
+    client = openai_client(url)
     body = {"model": "alpha", "messages": CHAT, "tools": TOOLS, "max_tokens": 80, "temperature": 0}
     choice = {"type": "function", "function": {"name": "get_weather"}}
     whole = client.chat.completions.create(**body, tool_choice=choice).choices[0].message.tool_calls[0]
@@ -115,7 +111,7 @@ def test_a_conversation_with_calls_and_their_results_is_answered(url: str) -> No
         },
         {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 21 C."},
     ]
-    answer = _client(url).chat.completions.create(
+    answer = openai_client(url).chat.completions.create(
         model="alpha", messages=history, tools=TOOLS, tool_choice="none", max_tokens=4
     )
     assert answer.choices[0].message.tool_calls is None and answer.choices[0].finish_reason in ("stop", "length")
@@ -202,7 +198,7 @@ def test_instructor_default_mode_gets_its_model_from_a_forced_call(url: str) -> 
         city: str = Field(max_length=6)
         days: int = Field(ge=1, le=7)
 
-    client = instructor.from_openai(_client(url))
+    client = instructor.from_openai(openai_client(url))
     assert client.mode is instructor.Mode.TOOLS
     weather, completion = client.chat.completions.create_with_completion(
         model="alpha", messages=CHAT, response_model=Weather, max_tokens=80, temperature=0, max_retries=1

@@ -34,10 +34,7 @@ class Operated:
 
 @pytest.fixture(scope="module")
 def operated(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, make_adapter: Any) -> Iterator[Operated]:
-    from adapterctl.serve.api.app import create_app
-    from adapterctl.serve.catalog.versions import Catalog
-    from adapterctl.serve.api.dependencies import Settings
-    from adapterctl.serve.api.tenants import Tenants, add_tenant, set_admin
+    from adapterctl.serve.api.tenants import add_tenant, set_admin
     from adapterctl.serve.engines.transformers.engine import TransformersEngine
 
     root = tmp_path_factory.mktemp("operated")
@@ -45,12 +42,8 @@ def operated(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, make_ada
     tenants_file = root / "tenants.yaml"
     keys = {"acme": add_tenant(tenants_file, "acme", ["acme-*"], None, None), "admin": set_admin(tenants_file)}
     engine = TransformersEngine(tiny_base, model_id="tiny-llama", quantize="none", max_loaded=2, max_batch=4)
-    catalog = Catalog(
-        registry, root / "cache", base_id=engine.model_id, fingerprint=engine.fingerprint, max_rank=engine.max_rank
-    )
-    app = create_app(engine, catalog, Tenants(tenants_file), Settings())
-    with serving(app) as url:
-        yield Operated(url, engine, keys)
+    with serving(engine, registry, tiny_base, tenants=tenants_file) as server:
+        yield Operated(server.url, engine, keys)
 
 
 def _error(response: httpx.Response, status: int) -> dict[str, Any]:

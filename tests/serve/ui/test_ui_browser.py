@@ -13,7 +13,8 @@ from typing import Any
 
 import httpx
 import pytest
-from serving import ROOT, serving
+from helpers import ROOT
+from serving import serving_app
 from test_ui import SCRIPT, Console, big_registry, start_console
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -31,7 +32,7 @@ def console(tmp_path_factory: pytest.TempPathFactory, make_adapter: Any, tiny_ba
     from adapterctl.serve.engines.transformers.engine import TransformersEngine
 
     engine = TransformersEngine(tiny_base, model_id="tiny-llama", quantize="none", max_loaded=4, max_batch=8)
-    yield from start_console(tmp_path_factory.mktemp("browser"), make_adapter, engine)
+    yield from start_console(tmp_path_factory.mktemp("browser"), make_adapter, engine, tiny_base)
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +193,8 @@ def test_first_paint_on_2000_versions_is_under_a_second(page: Any, tmp_path: Pat
     from adapterctl.serve.api.tenants import Tenants
     from adapterctl.serve.ui import browse_app
 
-    with serving(browse_app(big_registry(tmp_path), Tenants(None))) as url:
+    with serving_app(browse_app(big_registry(tmp_path), Tenants(None))) as browsing:
+        url = browsing.url
         page.goto(f"{url}/ui")  # the first read of the registry writes what later reads reuse
         page.get_by_role("link", name="adapter-000", exact=True).wait_for()
         for path, shown in (("/ui", "adapter-049"), ("/ui/adapters/adapter-150", "v1.9.0")):
