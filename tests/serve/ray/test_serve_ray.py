@@ -26,6 +26,7 @@ from adapterctl.serve.engines.factory import EngineOptions
 from adapterctl.serve.api.tenants import add_tenant, set_admin
 
 PROMPT = "The quick brown fox"
+NO_RAY = "Ray is not installed (the ray extra); `make test` installs it"
 
 
 @dataclass
@@ -68,7 +69,9 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def ray_url(adapters_home: Path) -> Iterator[str]:
-    """One local Ray cluster and Serve HTTP proxy for these tests (Ray's start takes seconds; it is done once)."""
+    """One local Ray cluster and Serve HTTP proxy for these tests (Ray's start takes seconds; it is done once). The
+    tests on it are marked `ray`: `make test-fast` starts no cluster."""
+    pytest.importorskip("ray", reason=NO_RAY)
     import ray
     from ray import serve
 
@@ -124,6 +127,7 @@ def _events(lines: Iterator[str]) -> Iterator[Any]:
             yield data if data == "[DONE]" else json.loads(data)
 
 
+@pytest.mark.ray
 def test_tenants_are_enforced_at_the_ingress(cluster: Cluster) -> None:
     assert cluster.complete("acme-a", who=None).status_code == 401
     other = cluster.complete("other")
@@ -135,6 +139,7 @@ def test_tenants_are_enforced_at_the_ingress(cluster: Cluster) -> None:
     assert cluster.post("/admin/refresh", who="admin").status_code == 200
 
 
+@pytest.mark.ray
 def test_a_version_not_pushed_to_the_remote_is_refused_saying_so(cluster: Cluster) -> None:
     refused = cluster.complete("acme-unpushed")
     assert refused.status_code == 422, refused.text
@@ -145,6 +150,7 @@ def test_a_version_not_pushed_to_the_remote_is_refused_saying_so(cluster: Cluste
     assert cluster.complete("acme-a").status_code == 200
 
 
+@pytest.mark.ray
 def test_admin_load_and_unload_reach_the_replicas(cluster: Cluster) -> None:
     loaded = cluster.post("/admin/load", who="admin", model="acme-support@v1.0.0")
     assert loaded.status_code == 200, loaded.text
@@ -155,6 +161,7 @@ def test_admin_load_and_unload_reach_the_replicas(cluster: Cluster) -> None:
     assert "acme-support@v1.0.0" not in unloaded.json()["adapters"]
 
 
+@pytest.mark.ray
 def test_requests_for_one_version_land_on_the_replica_that_loaded_it(cluster: Cluster) -> None:
     first = cluster.complete("acme-a")
     assert first.status_code == 200, first.text
@@ -176,6 +183,7 @@ def test_requests_for_one_version_land_on_the_replica_that_loaded_it(cluster: Cl
     assert len(cluster.holders("acme-b@v1.0.0")) == 1
 
 
+@pytest.mark.ray
 def test_a_promote_under_load_reaches_routing_while_running_requests_keep_their_version(cluster: Cluster) -> None:
     assert cluster.complete("acme-support").json()["model"] == "acme-support@v1.0.0"
     with cluster.stream("acme-support", 400) as running:
@@ -198,6 +206,7 @@ def test_a_promote_under_load_reaches_routing_while_running_requests_keep_their_
     assert {a.json()["model"] for a in answers} == {"acme-support@v1.1.0"}
 
 
+@pytest.mark.ray
 def test_a_replica_killed_mid_stream_fails_cleanly_and_ray_restarts_it(cluster: Cluster) -> None:
     assert cluster.complete("acme-c").status_code == 200
     (holder,) = wait_for(lambda: cluster.holders("acme-c@v1.0.0"), 10, "the board to show acme-c loaded")
@@ -232,6 +241,7 @@ def _has_open(pid: int, path: Path) -> bool:
         return False
 
 
+@pytest.mark.ray
 def test_a_replica_lost_before_it_answered_is_replaced_for_that_request_by_another(cluster: Cluster) -> None:
     from adapterctl.core.cache import locked
     from adapterctl.serve.ray.replica import replica_home
@@ -270,6 +280,7 @@ def test_serve_on_replicas_refuses_what_it_cannot_use_in_one_line_before_startin
         assert len(errors) == 1 and message in errors[0] and "Traceback" not in result.output, result.output
 
 
+@pytest.mark.ray
 def test_adapters_serve_replicas_joins_a_cluster_serves_and_stops_on_sigterm(cluster: Cluster, tiny_base: Path) -> None:
     """The command itself, joining this module's Ray cluster (its app replaces the one the tests above used)."""
     import ray
@@ -291,6 +302,7 @@ def test_a_replica_checks_out_the_registry_branch_whatever_the_remote_head_names
     tmp_path: Path, tiny_base: Path, make_adapter: Any
 ) -> None:
     """A remote made by plain `git init --bare` whose HEAD names master, the registry's branch being main."""
+    pytest.importorskip("ray", reason=NO_RAY)
     import subprocess
 
     from adapterctl.core.base import fingerprint
