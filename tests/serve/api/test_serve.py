@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
-import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -180,51 +178,40 @@ def test_many_concurrent_streams_on_different_adapters_each_get_their_own_answer
         assert len(versions) == 1 and text == alone[model], model
 
 
-def test_promote_and_rollback_reach_a_server_under_load_and_pins_hold(served: Served, cli: Any) -> None:
+def test_promote_and_rollback_reach_a_running_server_and_requests_finish_on_the_version_they_started_with(
+    served: Served, cli: Any
+) -> None:
     v1, v2 = "swap@v1.0.0", "swap@v1.1.0"
-    expected = {v: served.complete(v)[1] for v in (v1, v2)}
+    expected = {v: served.complete(v)[1] for v in (v1, v2)}  # both loaded now: queuing a request needs no worker
     assert expected[v1] != expected[v2]
+    engine = served.engine
 
-    def visible(version: str) -> float:
-        """Seconds until the bare name means VERSION to the running server."""
-        started = time.monotonic()
+    def visible(version: str) -> None:
+        """Wait until the bare name means VERSION to the running server (its catalog follows the registry)."""
         wait_for(
-            lambda: served.client.models.retrieve("swap").model_extra["version"] == version, 2, f"swap -> {version}"
+            lambda: served.client.models.retrieve("swap").model_extra["version"] == version, 30, f"swap -> {version}"
         )
-        return time.monotonic() - started
+
+    def queued(count: int) -> None:
+        wait_for(lambda: engine.status().waiting == count, 30, f"{count} streams to wait in the held engine")
 
     assert cli("promote", v1, "--stage", "prod", cwd=served.registry.root).exit_code == 0
     visible(v1)
-    answers: list[tuple[str, set[str], str]] = []
-    stop = threading.Event()
-
-    def client(model: str) -> None:
-        while not stop.is_set():
-            versions, text = served.stream(model)
-            answers.append((model, versions, text))
-
-    threads = [threading.Thread(target=client, args=(m,)) for m in ("swap", "swap", "swap", v1)]
-    for thread in threads:
-        thread.start()
-    try:
-        for command, version in (("promote", v2), ("rollback", v1)):
-            args = [command, v2, "--stage", "prod"] if command == "promote" else [command, "swap", "--stage", "prod"]
-            result = cli(*args, cwd=served.registry.root)
-            assert result.exit_code == 0, result.output
-            assert visible(version) < 2
-            seen = len(answers)
-            wait_for(lambda version=version, seen=seen: any(version in a[1] for a in answers[seen:]), 30, version)
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join()
-    for model, versions, text in answers:
-        assert len(versions) == 1, versions  # a stream never changes version midway
-        (version,) = versions
-        assert text == expected[version]
-        if model == v1:
-            assert version == v1
-    assert {v for _, versions, _ in answers for v in versions} == {v1, v2}
+    with ThreadPoolExecutor(5) as pool:
+        for command, old, new in ((["promote", v2], v1, v2), (["rollback", "swap"], v2, v1)):
+            # A fault point: the engine holds at a step boundary while four streams wait in it, resolved before the
+            # change; the change reaches the server; a fifth stream comes after it; then the engine goes on.
+            with engine.paused():
+                before = [pool.submit(served.stream, model) for model in ("swap", "swap", "swap", v1)]
+                queued(4)
+                result = cli(*command, "--stage", "prod", cwd=served.registry.root)
+                assert result.exit_code == 0, result.output
+                visible(new)
+                after = pool.submit(served.stream, "swap")
+                queued(5)
+            # Each stream answers whole from the one version it started with (v1 when pinned to it).
+            assert [f.result() for f in before] == [({old}, expected[old])] * 3 + [({v1}, expected[v1])]
+            assert after.result() == ({new}, expected[new])
 
 
 def test_errors_are_openai_shaped_and_leave_the_server_healthy(served: Served, make_adapter: Any) -> None:

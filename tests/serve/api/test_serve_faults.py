@@ -4,6 +4,7 @@ another request; what no engine can take is refused at the door, and `adapters a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import shutil
@@ -322,14 +323,13 @@ def test_a_stream_cut_by_its_client_is_logged_as_499(served: Server, caplog: pyt
     caplog.set_level(logging.INFO, logger="serve")
     body = json.dumps(greedy("good-a", max_tokens=400, stream=True))
     headers = {"content-type": "application/json"}
-    with httpx.stream("POST", f"{served.url}/v1/completions", content=body, headers=headers, timeout=60) as stream:
-        request_id = stream.headers["x-request-id"]
-        next(line for line in stream.iter_lines() if line.startswith("data: "))
-        served.engine._cond.acquire()  # a fault point: the batch loop stops at its next step, the stream cannot end
-    try:  # leaving the block closed the connection mid-stream
+    with contextlib.ExitStack() as held:
+        with httpx.stream("POST", f"{served.url}/v1/completions", content=body, headers=headers, timeout=60) as stream:
+            request_id = stream.headers["x-request-id"]
+            next(line for line in stream.iter_lines() if line.startswith("data: "))
+            held.enter_context(served.engine.paused())  # a fault point: no step runs, the stream cannot end
+        # Leaving the block closed the connection mid-stream.
         line = wait_for(lambda: [r.getMessage() for r in caplog.records if request_id in r.getMessage()], 10, "its log")
-    finally:
-        served.engine._cond.release()
     assert "status=499" in line[0] and int(line[0].split("completion_tokens=")[1].split()[0]) < 400
     healthy(served.url)
 

@@ -4,12 +4,13 @@ refused options, keys shown once, SIGTERM drains."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -170,12 +171,15 @@ def test_a_client_that_hangs_up_on_a_whole_answer_stops_its_generation(
     caplog.set_level(logging.INFO, logger="serve")
     headers = {"Authorization": f"Bearer {hosted.keys['acme']}"}
     body = {"model": "acme-c", "prompt": PROMPT, "max_tokens": 400, "ignore_eos": True}
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{hosted.url}/v1/completions", json=body, headers=headers, timeout=httpx.Timeout(30, read=0.5))
-    lines = wait_for(lambda: [r.getMessage() for r in caplog.records if "status=499" in r.getMessage()], 10, "499")
+    engine, generated = hosted.engine, hosted.engine.tokens
+    with engine.paused():  # a fault point: no step runs, so the answer cannot come before the client gives up
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{hosted.url}/v1/completions", json=body, headers=headers, timeout=httpx.Timeout(30, read=0.5))
+        lines = wait_for(lambda: [r.getMessage() for r in caplog.records if "status=499" in r.getMessage()], 10, "499")
     assert "tenant=acme model=acme-c@v1.0.0" in lines[0]
     assert int(lines[0].split("completion_tokens=")[1].split()[0]) < 400  # stopped, not run to the end
     assert hosted.post("/v1/completions", "acme", model="acme-c", prompt=PROMPT, max_tokens=2).status_code == 200
+    assert engine.tokens == generated + 2  # the hung-up generation left the engine without a step of its own
 
 
 def test_a_tenant_cannot_ask_for_more_tokens_than_its_limit(hosted: Hosted) -> None:
@@ -192,7 +196,7 @@ def test_a_prompt_list_holds_at_most_2048_prompts(hosted: Hosted) -> None:
     assert error["message"].startswith("prompt is a list of 2049 prompts; this server takes at most 2048")
 
 
-def test_max_concurrent_counts_generations_not_requests(hosted: Hosted, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_max_concurrent_counts_generations_not_requests(hosted: Hosted) -> None:
     def complete(prompt: str | list[str], **body: Any) -> httpx.Response:
         return hosted.post("/v1/completions", "hooli", model="tiny-llama", prompt=prompt, max_tokens=2, **body)
 
@@ -203,27 +207,23 @@ def test_max_concurrent_counts_generations_not_requests(hosted: Hosted, monkeypa
     assert "the 4 tenant 'hooli' may run at once (max_concurrent)" in too_many["message"]
     assert complete(PROMPT, best_of=5).status_code == 400
 
-    # The held prompt's rows make no progress until released: its 3 generations run as long as the test needs.
-    held, released, step = "held " + PROMPT, threading.Event(), hosted.engine._step
-
-    def holding(row: Any) -> None:
-        if row.request.prompt_ids != tuple(held.encode()) or released.is_set():
-            step(row)
-
-    monkeypatch.setattr(hosted.engine, "_step", holding)
+    # A fault point: the engine holds at a step boundary, so the streams' generations run as long as the test needs.
     headers = {"Authorization": f"Bearer {hosted.keys['hooli']}"}
-    body = {"model": "tiny-llama", "prompt": held, "n": 3, "max_tokens": 4, "stream": True}
-    try:
-        with httpx.stream("POST", f"{hosted.url}/v1/completions", json=body, headers=headers, timeout=60) as running:
+    body = {"model": "tiny-llama", "prompt": PROMPT, "max_tokens": 4, "stream": True}
+
+    def stream(n: int) -> Any:
+        return httpx.stream("POST", f"{hosted.url}/v1/completions", json={**body, "n": n}, headers=headers, timeout=60)
+
+    with contextlib.ExitStack() as streams:
+        with hosted.engine.paused():
+            running = streams.enter_context(stream(3))
             assert running.status_code == 200  # admitted: its 3 generations count from now
             over = complete(PROMPT, n=2)
             assert over.status_code == 429 and over.json()["error"]["type"] == "rate_limit_error"
             assert "runs 3 of its 4 generations at once" in over.json()["error"]["message"]
-            assert complete(PROMPT).status_code == 200  # 3 + 1 fit
-            released.set()
-            assert events(running)[-1] == "[DONE]"
-    finally:
-        released.set()
+            fits = streams.enter_context(stream(1))
+            assert fits.status_code == 200  # 3 + 1 fit
+        assert events(running)[-1] == events(fits)[-1] == "[DONE]"
     wait_for(lambda: complete([PROMPT] * 2, n=2).status_code == 200, 10, "hooli's generations to be given back")
 
 
@@ -527,7 +527,7 @@ class Shared:
     engine: Any
     fairness: Any
     arrived: list[str]  # the tenant of each generation, in the order it reached the engine
-    released: threading.Event  # until set, the engine's rows make no progress
+    release: Callable[[], None]  # until called, the engine holds at a step boundary: its rows make no progress
 
     def send(self, who: str, prompts: int, **body: Any) -> httpx.Response:
         """WHO's list of PROMPTS prompts (each names WHO, all of one length), 4 tokens each."""
@@ -550,8 +550,8 @@ def shared(hosted: Hosted, tiny_base: Path, tmp_path: Path, monkeypatch: pytest.
     }
     set_admin(path)
     engine = FakeEngine(model_id="tiny-llama", max_batch=2)
-    # Fault points: which tenant's generation reaches the engine when, and rows held still until a test releases them.
-    arrived, released, generate, step = [], threading.Event(), engine.generate, engine._step
+    # Fault points: which tenant's generation reaches the engine when, and the engine held until a test releases it.
+    arrived, generate = [], engine.generate
 
     async def recording(request: Any) -> Any:
         arrived.append(bytes(request.prompt_ids).decode().split()[0])
@@ -559,12 +559,9 @@ def shared(hosted: Hosted, tiny_base: Path, tmp_path: Path, monkeypatch: pytest.
             yield chunk
 
     monkeypatch.setattr(engine, "generate", recording)
-    monkeypatch.setattr(engine, "_step", lambda row: step(row) if released.is_set() else None)
-    try:
-        with serving(engine, hosted.registry, tiny_base, tenants=path) as server:
-            yield Shared(server.url, keys, engine, server.app.state.server.fairness, arrived, released)
-    finally:
-        released.set()
+    with serving(engine, hosted.registry, tiny_base, tenants=path) as server, contextlib.ExitStack() as held:
+        held.enter_context(engine.paused())
+        yield Shared(server.url, keys, engine, server.app.state.server.fairness, arrived, held.close)
 
 
 def test_a_tenant_alone_uses_every_slot_and_another_gets_the_next_free_one(shared: Shared) -> None:
@@ -574,7 +571,7 @@ def test_a_tenant_alone_uses_every_slot_and_another_gets_the_next_free_one(share
         assert shared.arrived == ["ann", "ann"]  # work-conserving: alone, ann fills both rows of the engine
         one = pool.submit(shared.send, "bob", 1, stream=True)
         wait_for(lambda: shared.fairness.waiting("bob") == 1, 10, "bob's request to wait")
-        shared.released.set()
+        shared.release()
         assert flood.result().status_code == 200 and one.result().status_code == 200
     # bob's generation went in at the first slot that freed, not after ann's 62 waiting ones.
     assert shared.arrived[:3] == ["ann", "ann", "bob"] and len(shared.arrived) == 65
@@ -586,7 +583,7 @@ def test_weights_split_the_engine_between_backlogged_tenants(shared: Shared) -> 
         wait_for(lambda: shared.fairness.waiting("ann") == 46, 10, "ann's list to wait")
         bob = pool.submit(shared.send, "bob", 48)
         wait_for(lambda: shared.fairness.waiting("bob") == 48, 10, "bob's list to wait")
-        shared.released.set()
+        shared.release()
         assert ann.result().status_code == 200 and bob.result().status_code == 200
     both = shared.arrived[2:50]  # admitted while both lists waited
     assert 29 <= both.count("ann") <= 35, both  # weight 2 to 1: 32 to 16
@@ -606,7 +603,7 @@ def test_a_request_whose_client_leaves_while_it_waits_never_reaches_the_engine(s
             assert stream.status_code == 200
             wait_for(lambda: shared.fairness.waiting("bob") == 1, 10, "bob's stream to wait")
         wait_for(lambda: shared.fairness.waiting("bob") == 0, 10, "the stream's generation to leave the queue")
-        shared.released.set()
+        shared.release()
         assert ann.result().status_code == 200
     assert shared.arrived == ["ann", "ann"]
     wait_for(lambda: shared.fairness.running == 0, 10, "every slot to be free")
