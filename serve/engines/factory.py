@@ -61,7 +61,6 @@ def build(path: Path, model_id: str, options: EngineOptions) -> Engine:
         return VLLMEngine(
             path,
             model_id=model_id,
-            quantize=options.quantize,
             dtype=options.dtype or "bfloat16",
             max_loaded=options.max_loaded,
             max_cpu_loras=options.max_cpu_loras,

@@ -96,15 +96,12 @@ class VLLMEngine(HFTokenizer, Engine):
         max_rank: int = 64,
         max_context: int = 2048,
         kv_cache_gb: float | None = None,
-        quantize: str = "none",
     ) -> None:
         """Start vLLM on BASE_PATH: MAX_CPU_LORAS adapters kept loaded (default MAX_LOADED), MAX_LOADED of them in
         one batch (vLLM's max_loras; on CPU all those kept), MAX_BATCH rows (max_num_seqs), KV_CACHE_GB of cache (on
-        CPU default 1 GiB, or VLLM_CPU_KVCACHE_SPACE when set). QUANTIZE "nf4" (bitsandbytes) runs on CUDA only."""
+        CPU default 1 GiB, or VLLM_CPU_KVCACHE_SPACE when set). The base runs as saved, in DTYPE: vLLM 0.32 has no
+        bitsandbytes, so no NF4 or int8 base (`factory.EngineOptions` refuses those before any model loads)."""
         on_cpu = current_platform.is_cpu()
-        if quantize not in ("none", "nf4") or (quantize == "nf4" and on_cpu):
-            where = "on CPU" if on_cpu else "here"
-            raise BaseModelError(f"The vLLM engine cannot run --quantize {quantize} {where}; use --quantize none.")
         kept = max_loaded if max_cpu_loras is None else max_cpu_loras
         lora_rank = next((r for r in _VLLM_RANKS if r >= max_rank), None)
         if lora_rank is None:
@@ -113,7 +110,7 @@ class VLLMEngine(HFTokenizer, Engine):
             raise BaseModelError(f"--max-cpu-loras ({kept}) must be at least --max-loaded ({max_loaded}).")
         self.model_id = model_id
         self.fingerprint = fingerprint(base_path)
-        self.precision = Precision.of(quantize, dtype)
+        self.precision = Precision.of("none", dtype)
         self.max_rank = max_rank
         self.max_loaded = kept  # adapters in memory at once
         self.max_batch = max_batch  # so tenants' fair share decides who enters vLLM's batch, not its arrival order
@@ -134,7 +131,6 @@ class VLLMEngine(HFTokenizer, Engine):
             model=str(base_path),
             tokenizer=str(base_path),
             dtype=dtype,
-            quantization="bitsandbytes" if quantize == "nf4" else None,
             enable_lora=True,
             max_loras=slots,
             max_cpu_loras=max(slots, kept),
