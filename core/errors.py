@@ -77,3 +77,8 @@ class AuthError(RemoteError):
     """No token to send to the Hugging Face Hub, or the Hub refused the one sent (401/403)."""
 
     exit_code = 10
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (or its type when it says nothing), for one-line errors."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

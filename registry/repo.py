@@ -16,7 +16,7 @@ import yaml
 
 from adapterctl.core.cache import locked, write_atomic
 from adapterctl.registry import folder, store
-from adapterctl.core.errors import Conflict, IntegrityError, InvalidName, NotFound, RegistryError
+from adapterctl.core.errors import Conflict, IntegrityError, InvalidName, NotFound, RegistryError, first_line
 from adapterctl.registry.git import Git, NewTag, Tag, toplevel
 from adapterctl.registry.names import (
     BUMPS,
@@ -538,7 +538,7 @@ def _declared(text: str | None, name: str) -> str:
     try:
         data = yaml_rt.load(text or "") or {}
     except Exception as exc:  # ruamel raises a family of its own for one cause: not YAML
-        raise RegistryError(f"{PROJECT_FILE} is not valid YAML ({store.first_line(exc)}); fix it.") from None
+        raise RegistryError(f"{PROJECT_FILE} is not valid YAML ({first_line(exc)}); fix it.") from None
     if not isinstance(data, dict) or not isinstance(data.setdefault("artifacts", {}), dict):
         raise RegistryError(f"{PROJECT_FILE} must be a mapping whose `artifacts:` maps names to artifacts; fix it.")
     wanted = {"path": f"{ADAPTERS_DIR}/{name}", "type": "model", "desc": "LoRA adapter", "labels": ["lora", "peft"]}

@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 import yaml
 
 from adapterctl.core.cache import write_atomic
-from adapterctl.core.errors import IntegrityError, RegistryError, RemoteError
+from adapterctl.core.errors import IntegrityError, RegistryError, RemoteError, first_line
 
 if TYPE_CHECKING:
     from dvc.repo import Repo
@@ -598,8 +598,3 @@ def _object_md5(odb: Any, md5: str) -> str | None:
     except FileNotFoundError:
         return None
     return digest.hexdigest()
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (or its type when it says nothing)."""
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

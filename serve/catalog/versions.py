@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from adapterctl.core.base import MARKER, linear_shapes
 from adapterctl.core.cache import locked
-from adapterctl.core.errors import AdaptersError, InvalidName, NotFound
+from adapterctl.core.errors import AdaptersError, InvalidName, NotFound, first_line
 from adapterctl.registry import folder
 from adapterctl.registry.git import Tag
 from adapterctl.registry.names import Ref, Version, check_name
@@ -116,7 +116,7 @@ class Catalog:
             try:
                 state = self._read()
             except Exception as exc:  # a folder gone, git failing, anything: keep serving the last state read
-                reason = _one_line(exc)
+                reason = first_line(exc)
                 if reason != self._failure:  # once per distinct failure, not twice a second
                     log.warning("Cannot re-read the registry, serving what it held before: %s", reason)
                 if self._failure is None:
@@ -269,7 +269,7 @@ class Catalog:
 
     def _unfetchable(self, version: AdapterVersion, exc: Exception) -> ServeError:
         """The answer to a request whose files cannot be had: 503 while the registry is unreadable, else 422."""
-        reason = self._public(_one_line(exc))
+        reason = self._public(first_line(exc))
         if isinstance(exc, OSError):
             return Unavailable(f"The files of {version.ref} cannot be read now ({reason}); try again later.")
         return AdapterRejected(f"{version.ref} cannot be served: {reason}")
@@ -329,7 +329,3 @@ def base_names(base: Path) -> tuple[str, ...]:
     marker = base / MARKER
     hub_id = json.loads(marker.read_text()).get("hub_id") if marker.is_file() else None
     return (base.name, hub_id) if hub_id else (base.name,)
-
-
-def _one_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

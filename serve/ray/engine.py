@@ -22,6 +22,7 @@ from ray.exceptions import RayError, TaskCancelledError
 from ray.serve.exceptions import RayServeException
 from transformers import AutoTokenizer
 
+from adapterctl.core.errors import first_line
 from adapterctl.serve.engines.base import AdapterSpec, Chunk, Engine, EngineStatus, GenerateRequest
 from adapterctl.serve.engines.tokenizer import HFTokenizer
 from adapterctl.serve.api.metrics import REPLICA_RETRIES, REPLICA_ROUTES
@@ -84,7 +85,7 @@ class RayEngine(HFTokenizer, Engine):
                 return
             except _LOST as exc:
                 if produced or attempt:
-                    log.warning("request_id=%s lost its replica: %s", request.request_id, _first_line(exc))
+                    log.warning("request_id=%s lost its replica: %s", request.request_id, first_line(exc))
                     raise unavailable(exc) from None
                 log.warning("request_id=%s lost its replica before it answered; sending it again.", request.request_id)
                 REPLICA_RETRIES.inc()
@@ -179,7 +180,3 @@ def _result(routed: Routed, key: str) -> str:
     if not key:
         return "base"
     return "cold" if routed.cold else "hit"
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
