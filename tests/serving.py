@@ -92,7 +92,7 @@ def serving(
 @contextmanager
 def serving_app(app: Any, **config: Any) -> Iterator[Server]:
     """Run the ASGI APP with uvicorn (CONFIG: options of its Config) on 127.0.0.1, a free port, in a thread; stops it
-    after. For apps other than the server's own (the console alone); `serving` starts the server."""
+    after. For apps other than the server's own (the console alone, the Hub double); `serving` starts the server."""
     import uvicorn
 
     listener = socket.create_server(("127.0.0.1", 0))
