@@ -10,20 +10,7 @@ from typing import Any
 
 import pytest
 
-# The helpers' old home: tests/registry imports them from here until it imports them from helpers.
-from helpers import (  # noqa: F401
-    EXAMPLES,
-    ROOT,
-    adapters_cli,
-    assert_checks_out,
-    environment,
-    git,
-    killed_at,
-    sha_tree,
-    start_adapters,
-    two_clones,
-    write_jsonl,
-)
+from helpers import environment, write_jsonl
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, git, killed_at, sha_tree
+from helpers import ROOT, git, killed_at, sha_tree
 
 from adapterctl.registry.repo import Registry
 

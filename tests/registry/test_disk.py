@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import git, sha_tree
+from helpers import git, sha_tree
 
 from adapterctl.registry.repo import Registry
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import assert_checks_out, git, killed_at, sha_tree, two_clones
+from helpers import assert_checks_out, git, killed_at, sha_tree, two_clones
 
 from adapterctl.registry.repo import Registry
 from adapterctl.registry.remotes import set_remote

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, adapters_cli, sha_tree
+from helpers import ROOT, adapters_cli, sha_tree
 from huggingface_hub import ModelCard
 from hubserver import HubServer
 

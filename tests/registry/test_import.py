@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import git
+from helpers import git
 
 from adapterctl.core.base import fingerprint
 from adapterctl.registry.repo import Registry

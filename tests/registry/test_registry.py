@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, adapters_cli, git, sha_tree, start_adapters
+from helpers import ROOT, adapters_cli, git, sha_tree, start_adapters
 
 from adapterctl.core.errors import Conflict, NotFound
 from adapterctl.registry import folder as folder_module

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import git
+from helpers import git
 
 from adapterctl.registry import store
 from adapterctl.registry.repo import Registry

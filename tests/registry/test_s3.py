@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import assert_checks_out, environment, sha_tree, start_adapters
+from helpers import assert_checks_out, environment, sha_tree, start_adapters
 
 from adapterctl.registry.repo import Registry
 from adapterctl.registry.remotes import set_remote

@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import killed_at
+from helpers import killed_at
 
 from adapterctl.registry.repo import Registry
 

@@ -10,7 +10,7 @@ import sys
 import threading
 from pathlib import Path
 
-from conftest import adapters_cli, assert_checks_out, git, killed_at, sha_tree, two_clones
+from helpers import adapters_cli, assert_checks_out, git, killed_at, sha_tree, two_clones
 
 from adapterctl.registry.push import push
 from adapterctl.registry.git import Git

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import git, sha_tree
+from helpers import git, sha_tree
 
 from adapterctl.registry.repo import Registry
 

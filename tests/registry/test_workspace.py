@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ROOT, git, killed_at, sha_tree, two_clones
+from helpers import ROOT, git, killed_at, sha_tree, two_clones
 
 from adapterctl.registry.repo import Registry
 
@@ -124,7 +124,7 @@ def _on_a_terminal(*args: str, cwd: Path) -> str:
 def test_transfers_show_progress_on_a_terminal_and_nothing_in_a_pipe(
     registry: Registry, make_adapter, tmp_path: Path, cli
 ) -> None:
-    from conftest import adapters_cli
+    from helpers import adapters_cli
 
     registry.add("support", make_adapter(1))
     assert "Uploading adapter files" in _on_a_terminal("push", cwd=registry.root)
