@@ -25,7 +25,7 @@ from adapterctl.serve import ui
 from adapterctl.serve.api import docs
 from adapterctl.serve.catalog.versions import Catalog
 from adapterctl.serve.api.connections import Limits, protocol
-from adapterctl.serve.api.dependencies import Server, Settings
+from adapterctl.serve.api.dependencies import ServerState, Settings
 from adapterctl.serve.api.formatting import sse
 from adapterctl.serve.engines.base import Engine, EngineError
 from adapterctl.serve.errors import BadRequest, PayloadTooLarge, ServeError, Unavailable, from_engine
@@ -41,7 +41,7 @@ DEAD_DRAIN_SECONDS = 5.0
 
 def create_app(engine: Engine, catalog: Catalog, tenants: Tenants, settings: Settings) -> FastAPI:
     """An app serving ENGINE's base model and CATALOG's adapters to TENANTS."""
-    parts = Server(engine, catalog, tenants, settings)
+    parts = ServerState(engine, catalog, tenants, settings)
     # Files already in memory are not read, so not re-checked.
     catalog.in_memory = lambda key: key in engine.status().loaded
 
@@ -106,7 +106,7 @@ class _Uvicorn(uvicorn.Server):
     """uvicorn's server with this server's drain: /readyz says 503 at the first signal, a second one cuts; a dead
     engine stops it as a signal does, for its supervisor to start it again."""
 
-    def __init__(self, config: uvicorn.Config, parts: Server, flights: _Flights) -> None:
+    def __init__(self, config: uvicorn.Config, parts: ServerState, flights: _Flights) -> None:
         super().__init__(config)
         self.parts = parts
         self.flights = flights
@@ -160,7 +160,7 @@ class _Uvicorn(uvicorn.Server):
         await self.lifespan.shutdown()
 
 
-async def _close(parts: Server) -> None:
+async def _close(parts: ServerState) -> None:
     """Turn new generations away and stop the engine and the registry thread (requests have drained by now)."""
     parts.draining = True
     status = parts.engine.status()

@@ -34,7 +34,7 @@ class Settings:
 
 
 @dataclass
-class Server:
+class ServerState:
     """The parts one app serves with; `draining` turns new generations away while shutting down."""
 
     engine: Engine
@@ -54,12 +54,12 @@ class Server:
 _bearer = HTTPBearer(auto_error=False, description="An API key from the tenants file (none in open mode).")
 
 
-def server(request: Request) -> Server:
+def server(request: Request) -> ServerState:
     """The server this app was created with."""
     return request.app.state.server
 
 
-ServerDep = Annotated[Server, Depends(server)]
+ServerDep = Annotated[ServerState, Depends(server)]
 
 
 def caller(

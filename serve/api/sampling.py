@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from adapterctl.serve.api.dependencies import Server
+from adapterctl.serve.api.dependencies import ServerState
 from adapterctl.serve.api.protocol import ChatRequest, CompletionRequest
 from adapterctl.serve.api.tenants import Tenant
 from adapterctl.serve.engines.base import Sampling
@@ -20,7 +20,9 @@ def prompt_field(body: CompletionRequest | ChatRequest) -> str:
     return "messages" if isinstance(body, ChatRequest) else "prompt"
 
 
-def sampling(server: Server, tenant: Tenant, body: CompletionRequest | ChatRequest, prompt_tokens: int) -> Sampling:
+def sampling(
+    server: ServerState, tenant: Tenant, body: CompletionRequest | ChatRequest, prompt_tokens: int
+) -> Sampling:
     """The request's sampling, its max_tokens within the server's cap, the tenant's limit and the context."""
     context = server.engine.context_length
     room = context - prompt_tokens
@@ -63,7 +65,7 @@ def sampling(server: Server, tenant: Tenant, body: CompletionRequest | ChatReque
 
 
 def bound_prompt_logprobs(
-    server: Server, samplings: list[Sampling], prompt_ids: list[list[int]], candidates: int
+    server: ServerState, samplings: list[Sampling], prompt_ids: list[list[int]], candidates: int
 ) -> None:
     """Refuse echo + logprobs whose prompt log-probabilities (each generation returns its own) exceed the bound."""
     top = samplings[0].prompt_logprobs

@@ -18,7 +18,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from adapterctl.serve.api.dependencies import Server
+from adapterctl.serve.api.dependencies import ServerState
 from adapterctl.serve.api.formatting import DONE, Choice, Echo, Shape, sse, take, usage
 from adapterctl.serve.api.metrics import (
     ADAPTER_LOAD_SECONDS,
@@ -50,7 +50,7 @@ class Prompt:
     text: str | None = None  # the prompt as sent, when it came as text (echo repeats it)
 
 
-class _Run:
+class _InFlight:
     """A request's generations (one per choice) in the engine and the tenant's limits it holds until it ends."""
 
     def __init__(
@@ -156,7 +156,7 @@ async def _merged(
 class _EventStream(StreamingResponse):
     """Server-sent events that end the run however the stream ends: finished, failed or the client gone."""
 
-    def __init__(self, events: AsyncIterator[str], run: _Run) -> None:
+    def __init__(self, events: AsyncIterator[str], run: _InFlight) -> None:
         super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         self.run = run
 
@@ -170,7 +170,7 @@ class _EventStream(StreamingResponse):
 
 
 async def generate(
-    request: Request, server: Server, tenant: Tenant, body: CompletionRequest | ChatRequest, prompts: list[Prompt]
+    request: Request, server: ServerState, tenant: Tenant, body: CompletionRequest | ChatRequest, prompts: list[Prompt]
 ) -> Response:
     """Admit, resolve, tokenize, check and submit one request (one generation per prompt and candidate); answer
     with the whole texts or a stream."""
@@ -189,7 +189,7 @@ async def generate(
         release(0)
         raise
     submit = requested_as(body.model, partial(server.fairness.generate, tenant.name, tenant.weight))
-    run = _Run(request, server.engine, submit, generations, owners, release, started)
+    run = _InFlight(request, server.engine, submit, generations, owners, release, started)
     shape = Shape(isinstance(body, ChatRequest), server.engine, body.reported_logprobs(), body.tool_use())
     echo = [(prompt.text, ids) for prompt, ids in zip(prompts, prompt_ids, strict=True)] if body.echoes() else None
     if shape.top is not None and not shape.chat and echo is None:
@@ -200,7 +200,7 @@ async def generate(
     return await _whole(run, shape, head, body.n, echo)
 
 
-def _admit(server: Server, prompts: list[Prompt]) -> None:
+def _admit(server: ServerState, prompts: list[Prompt]) -> None:
     """Turn the request away while the server drains, or when it sends more prompts than the server takes."""
     if server.draining:
         raise Unavailable("The server is shutting down; send the request again to another instance.")
@@ -214,7 +214,7 @@ def _admit(server: Server, prompts: list[Prompt]) -> None:
 
 async def _prepare(
     request: Request,
-    server: Server,
+    server: ServerState,
     tenant: Tenant,
     body: CompletionRequest | ChatRequest,
     prompts: list[Prompt],
@@ -246,7 +246,7 @@ async def _prepare(
     return prompt_ids, generations
 
 
-async def _tokens(server: Server, body: CompletionRequest | ChatRequest, prompt: Prompt) -> list[int]:
+async def _tokens(server: ServerState, body: CompletionRequest | ChatRequest, prompt: Prompt) -> list[int]:
     """The prompt's token ids, tokenized off the event loop; a text too long for the context is refused untokenized."""
     context, field = server.engine.context_length, prompt_field(body)
     if prompt.characters > server.engine.prompt_characters:
@@ -277,7 +277,7 @@ def _offset(choices: list[Choice], prompts: list[Prompt], prompt_ids: list[list[
         choice.start = lengths[choice.prompt]
 
 
-async def _whole(run: _Run, shape: Shape, head: dict[str, Any], n: int, echo: Echo | None) -> JSONResponse:
+async def _whole(run: _InFlight, shape: Shape, head: dict[str, Any], n: int, echo: Echo | None) -> JSONResponse:
     """The whole answer in one body, best_of's N best candidates per prompt, unless the client hangs up first."""
     try:
         await _unless_gone(run, echo)
@@ -308,7 +308,7 @@ class _ClientGone(ServeError):
     status = 499
 
 
-async def _unless_gone(run: _Run, echo: Echo | None) -> None:
+async def _unless_gone(run: _InFlight, echo: Echo | None) -> None:
     """Collect RUN's whole texts, unless the client disconnects first: then stop waiting, freeing its rows at once."""
 
     async def collect() -> None:
@@ -331,7 +331,7 @@ async def _unless_gone(run: _Run, echo: Echo | None) -> None:
 
 
 async def _events(
-    run: _Run, shape: Shape, head: dict[str, Any], include_usage: bool, echo: Echo | None
+    run: _InFlight, shape: Shape, head: dict[str, Any], include_usage: bool, echo: Echo | None
 ) -> AsyncIterator[str]:
     """The SSE body: OpenAI-format chunks, usage last if asked, then [DONE]; an engine failure is an error event."""
     usage = {"usage": None} if include_usage else {}  # OpenAI's chunks say null until the last

@@ -27,7 +27,7 @@ from adapterctl.registry.repo import Registry
 from adapterctl.registry.remotes import resolve_remote
 from adapterctl.serve.api.dependencies import Settings
 from adapterctl.serve.engines.factory import EngineOptions, ServeOptionError
-from adapterctl.serve.ray.replica import Board, replica_class
+from adapterctl.serve.ray.replica import StatusBoard, replica_class
 
 log = logging.getLogger("serve")
 APP = "adapters"  # the Ray Serve application's name
@@ -101,7 +101,7 @@ def remote_url(registry: Registry) -> str:
 
 def application(config: ReplicaConfig) -> Any:
     """The Ray Serve application: the ingress on this machine, CONFIG.replicas engine replicas anywhere."""
-    board = Board.options(name=f"{APP}-board", namespace=NAMESPACE, get_if_exists=True).remote()
+    board = StatusBoard.options(name=f"{APP}-board", namespace=NAMESPACE, get_if_exists=True).remote()
     threads = config.threads
     replica = serve.deployment(
         replica_class(config.options.max_loaded),

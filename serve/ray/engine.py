@@ -26,7 +26,7 @@ from adapterctl.core.errors import first_line
 from adapterctl.serve.engines.base import AdapterSpec, Chunk, Engine, EngineStatus, GenerateRequest
 from adapterctl.serve.engines.tokenizer import HFTokenizer
 from adapterctl.serve.api.metrics import REPLICA_RETRIES, REPLICA_ROUTES
-from adapterctl.serve.ray.replica import STATUS_SECONDS, Description, Failed, Routed, unavailable
+from adapterctl.serve.ray.replica import STATUS_SECONDS, EngineDescription, Failed, Routed, unavailable
 
 log = logging.getLogger("serve")
 _LOST = (RayError, RayServeException)  # a replica died, restarts or cannot be reached (cancellation aside)
@@ -38,7 +38,13 @@ class RayEngine(HFTokenizer, Engine):
     name = "ray"
 
     def __init__(
-        self, handle: Any, board: Any, base_path: Path, description: Description, replicas: int, affinity: bool = True
+        self,
+        handle: Any,
+        board: Any,
+        base_path: Path,
+        description: EngineDescription,
+        replicas: int,
+        affinity: bool = True,
     ) -> None:
         for item in fields(description):
             setattr(self, item.name, getattr(description, item.name))

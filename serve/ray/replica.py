@@ -89,7 +89,7 @@ class Failed:
 
 
 @dataclass(frozen=True)
-class Description:
+class EngineDescription:
     """What the ingress needs to know of the replicas' engine to check requests before routing them."""
 
     model_id: str
@@ -105,7 +105,7 @@ class Description:
 
 
 @ray.remote(num_cpus=0)
-class Board:
+class StatusBoard:
     """Each live replica's latest status, which the ingress reads for /metrics and the catalog."""
 
     def __init__(self) -> None:
@@ -128,7 +128,7 @@ class RemoteAdapters:
     materialized and verified by the same catalog code as a single server's.
     """
 
-    def __init__(self, url: str, branch: str, base: Path, description: Description) -> None:
+    def __init__(self, url: str, branch: str, base: Path, description: EngineDescription) -> None:
         self.url = url
         folder = replica_home(url)
         root = folder / "registry"
@@ -213,7 +213,7 @@ class EngineReplica:
         model = resolve_base(base)
         self.engine = build(model.path, model.hub_id or model.path.name, options)
         engine = self.engine
-        self.description = Description(
+        self.description = EngineDescription(
             engine.model_id,
             engine.fingerprint,
             engine.precision,
@@ -246,7 +246,7 @@ class EngineReplica:
         if self.engine.dead is not None:
             raise RuntimeError(f"The engine cannot serve any more: {self.engine.dead}.")
 
-    async def describe(self) -> Description:
+    async def describe(self) -> EngineDescription:
         """The engine's model, limits and precision."""
         return self.description
 

@@ -10,7 +10,7 @@ from fastapi.responses import Response
 
 from adapterctl.registry.refs import AdapterVersion
 from adapterctl.serve.api.serving import Prompt, generate
-from adapterctl.serve.api.dependencies import CallerDep, Server, ServerDep
+from adapterctl.serve.api.dependencies import CallerDep, ServerState, ServerDep
 from adapterctl.serve.api.protocol import ChatRequest, CompletionRequest
 
 
@@ -32,7 +32,7 @@ async def chat_completions(body: ChatRequest, request: Request, tenant: CallerDe
     return await generate(request, parts, tenant, body, [prompt])
 
 
-def _prompt(parts: Server, prompt: str | list[int]) -> Prompt:
+def _prompt(parts: ServerState, prompt: str | list[int]) -> Prompt:
     """A completion prompt: text tokenized when it runs, or token ids as sent."""
     if isinstance(prompt, str):
         return Prompt(lambda: parts.engine.encode(prompt), len(prompt), prompt)
@@ -53,7 +53,7 @@ async def model(model: str, tenant: CallerDep, parts: ServerDep) -> dict[str, An
     return _entry(parts, model, parts.catalog.lookup(model, tenant.may_use))
 
 
-def _entry(parts: Server, model: str, version: AdapterVersion | None) -> dict[str, Any]:
+def _entry(parts: ServerState, model: str, version: AdapterVersion | None) -> dict[str, Any]:
     """A model object as OpenAI lists it, with vLLM's root and max_model_len; an adapter also names its parent and
     the version it means now (its root: vLLM's is the adapter's path, which a registry version stands for here)."""
     common = {"id": model, "object": "model", "owned_by": "adapters", "max_model_len": parts.engine.context_length}

@@ -42,7 +42,7 @@ from adapterctl.serve.engines.tokenizer import HFTokenizer
 from adapterctl.serve.engines.transformers.kvcache import BLOCK
 from adapterctl.serve.engines.transformers.lora import (
     AdapterWeights,
-    Rows,
+    SharedPlan,
     install,
     read_adapter,
     uninstall,
@@ -151,7 +151,7 @@ class TransformersEngine(HFTokenizer, Engine):
             # Each batch row keeps room for the longest running request, so the context bounds memory too.
             self.context_length = min(int(model.config.max_position_embeddings), max_context)
             self.prompt_characters = self.context_length * self._token_characters()
-            rows = Rows()
+            rows = SharedPlan()
             self._layers = wrap_linears(model, rows)
             self.vocab_size = int(model.get_input_embeddings().num_embeddings)
             self._grammars = Grammars(self.tokenizer, self.vocab_size)  # its token table: now, not at a first schema

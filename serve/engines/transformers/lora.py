@@ -108,7 +108,7 @@ def plan(slots: list[int | None], tokens: int) -> Plan | None:
 
 
 @dataclass
-class Rows:
+class SharedPlan:
     """The current pass's plan, shared by every LoRA layer of the model."""
 
     plan: Plan | None = None
@@ -122,7 +122,7 @@ class MultiLoRALinear(nn.Module):
     stays zero. The slots grow as adapters are installed: memory goes to the slots used, not to every one allowed.
     """
 
-    def __init__(self, base: nn.Module, rows: Rows) -> None:
+    def __init__(self, base: nn.Module, rows: SharedPlan) -> None:
         super().__init__()
         self.base_layer = base
         self.rows = rows
@@ -196,7 +196,7 @@ class AdapterWeights:
     pairs: dict[str, tuple[torch.Tensor, torch.Tensor, float]]  # module path -> (A^T, B^T, scaling)
 
 
-def wrap_linears(model: nn.Module, rows: Rows) -> dict[str, MultiLoRALinear]:
+def wrap_linears(model: nn.Module, rows: SharedPlan) -> dict[str, MultiLoRALinear]:
     """Put every linear layer of the decoder blocks behind a MultiLoRALinear; returns them by module path."""
     targets = [
         (name, module)

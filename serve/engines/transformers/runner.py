@@ -15,7 +15,7 @@ from adapterctl.serve.engines.base import Item
 from adapterctl.serve.engines.transformers.generation import Generation, deliver
 from adapterctl.serve.engines.grammar import Grammars
 from adapterctl.serve.engines.transformers.kvcache import BlockCache
-from adapterctl.serve.engines.transformers.lora import Rows, plan
+from adapterctl.serve.engines.transformers.lora import SharedPlan, plan
 from adapterctl.serve.engines.transformers.textstream import TextStream
 
 log = logging.getLogger("serve")
@@ -62,7 +62,7 @@ class Runner:
         self,
         model: Any,
         tokenizer: Any,
-        rows: Rows,
+        rows: SharedPlan,
         *,
         max_batch: int,
         context_length: int,

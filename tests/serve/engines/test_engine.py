@@ -23,7 +23,7 @@ from adapterctl.serve.engines.transformers import attention
 
 from adapterctl.serve.engines.transformers.kernels import sgmv
 from adapterctl.serve.engines.base import AdapterLoadFailed, AdapterSpec, GenerationFailed, Sampling
-from adapterctl.serve.engines.transformers.lora import AdapterWeights, MultiLoRALinear, Rows, plan
+from adapterctl.serve.engines.transformers.lora import AdapterWeights, MultiLoRALinear, SharedPlan, plan
 from adapterctl.serve.engines.transformers.slots import State
 from adapterctl.serve.engines.transformers.textstream import TextStream
 from adapterctl.serve.engines.transformers.engine import TransformersEngine
@@ -72,7 +72,7 @@ def peft_generate(base: Path, adapter: AdapterSpec | None, prompt: str, tokens: 
 @pytest.mark.parametrize("per_row", [3, 1])  # 1: a decode pass, which the compiled kernel runs
 def test_each_row_gets_its_own_adapter_in_either_layout(slots, gathered, per_row, monkeypatch):
     torch.manual_seed(0)
-    rows = Rows()
+    rows = SharedPlan()
     layer = MultiLoRALinear(torch.nn.Linear(16, 8), rows)
     pairs = [(torch.randn(16, rank), torch.randn(rank, 8)) for rank in (2, 4, 3, 1)]
     for slot, (a, b) in enumerate(pairs):

@@ -13,12 +13,12 @@ from transformers import AutoModelForCausalLM
 from adapterctl.registry.folder import LORA_KEY, safetensors_header
 from adapterctl.serve.engines.base import AdapterLoadFailed
 from adapterctl.registry.folder import WEIGHTS
-from adapterctl.serve.engines.transformers.lora import Rows, install, read_adapter, wrap_linears
+from adapterctl.serve.engines.transformers.lora import SharedPlan, install, read_adapter, wrap_linears
 
 
 @pytest.fixture
 def layers(tiny_base: Path) -> dict:
-    return wrap_linears(AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32), Rows())
+    return wrap_linears(AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32), SharedPlan())
 
 
 def test_an_adapter_is_read_as_views_of_its_file_not_copies(lora, layers):

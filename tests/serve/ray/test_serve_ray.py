@@ -306,7 +306,7 @@ def test_a_replica_checks_out_the_registry_branch_whatever_the_remote_head_names
     import subprocess
 
     from adapterctl.core.base import fingerprint
-    from adapterctl.serve.ray.replica import Description, RemoteAdapters
+    from adapterctl.serve.ray.replica import EngineDescription, RemoteAdapters
 
     registry = registry_with(tmp_path / "registry", {"acme-a": [make_adapter(1)]})
     remote = tmp_path / "origin.git"
@@ -314,7 +314,7 @@ def test_a_replica_checks_out_the_registry_branch_whatever_the_remote_head_names
     set_remote(registry, "origin", str(remote), None, {})
     push(registry, [])
     version = registry.state().resolve("acme-a")
-    description = Description("tiny-llama", fingerprint(tiny_base), None, 1024, 100, 4096, 64, 2)
+    description = EngineDescription("tiny-llama", fingerprint(tiny_base), None, 1024, 100, 4096, 64, 2)
     adapters = RemoteAdapters(str(remote), registry.git.branch(), tiny_base, description)
     spec = AdapterSpec(version.name, str(version.version), tmp_path, version.commit)
     fetched = adapters.fetch(spec)
