@@ -1,11 +1,14 @@
 """The console in a real browser (headless Chromium from Debian, driven by Playwright) against a real server on the
 tiny model: browse, lineage and loss curve, the playground's streamed answers, promote and roll back as the admin,
-refused as a tenant, keyboard reach; screenshots go to docs/images/."""
+refused as a tenant, keyboard reach; screenshots (ADAPTERS_SCREENSHOTS=docs/images refreshes the manual's)."""
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,12 +16,10 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import ROOT
 from serving import serving_app
 from test_ui import SCRIPT, Console, big_registry, start_console
 
 CHROMIUM = Path("/usr/bin/chromium")
-IMAGES = ROOT / "docs" / "images"
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium (apt-get install chromium)"),
@@ -63,9 +64,17 @@ def sign_in(page: Any, console: Console, who: str, path: str = "/ui") -> None:
     page.get_by_role("button", name="Use key").click()
 
 
+@functools.cache
+def images() -> Path:
+    """Where screenshots go: a temp folder, or ADAPTERS_SCREENSHOTS (docs/images refreshes the manual's)."""
+    chosen = os.environ.get("ADAPTERS_SCREENSHOTS")
+    folder = Path(chosen) if chosen else Path(tempfile.mkdtemp(prefix="console-screenshots-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def shot(page: Any, name: str) -> None:
-    IMAGES.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(IMAGES / name), full_page=True)
+    page.screenshot(path=str(images() / name), full_page=True)
 
 
 def test_browse_versions_lineage_and_loss_curve(page: Any, console: Console) -> None:
@@ -186,7 +195,7 @@ def test_screenshots_for_the_readme(page: Any, console: Console) -> None:
     sign_in(page, console, "admin")
     page.get_by_role("link", name="acme-a", exact=True).wait_for()
     shot(page, "console-adapters.png")
-    assert (IMAGES / "console-adapters.png").stat().st_size > 0 and shutil.which("git")
+    assert (images() / "console-adapters.png").stat().st_size > 0 and shutil.which("git")
 
 
 def test_first_paint_on_2000_versions_is_under_a_second(page: Any, tmp_path: Path) -> None:
