@@ -61,10 +61,13 @@ def _links(page: Path) -> list[str]:
     return [t for t in targets if not re.match(r"^[a-z][a-z0-9+.-]*:", t, re.IGNORECASE)]
 
 
-def _contract_names() -> list[str]:
+def _contracts() -> list[dict]:
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    contracts = config.get("tool", {}).get("importlinter", {}).get("contracts", [])
-    return [contract["name"] for contract in contracts]
+    return config.get("tool", {}).get("importlinter", {}).get("contracts", [])
+
+
+def _contract_names() -> list[str]:
+    return [contract["name"] for contract in _contracts()]
 
 
 def test_the_pages_exist() -> None:
@@ -78,6 +81,23 @@ def test_every_import_contract_is_explained_in_architecture() -> None:
     page = (DOCS / "architecture.md").read_text()
     missing = [name for name in names if name not in page]
     assert not missing, f"docs/architecture.md does not name these import contracts: {missing}"
+
+
+def test_the_layer_diagram_follows_the_layers_contract_and_names_every_module() -> None:
+    """docs/architecture.md's diagram: packages stacked as the contract layers them, every module and room named."""
+    (layers,) = [c["layers"] for c in _contracts() if c["name"] == "Layers point down"]
+    page = (DOCS / "architecture.md").read_text()
+    diagram = _FENCE.search(page[page.index("## Layers") :]).group(0)
+    rows = [name for layer in layers[1:] for name in re.findall(r"\w+", layer)]  # below the command root
+    top = {name: diagram.index(f"| {name} ") for name in rows}
+    for upper, lower in zip(layers[1:], layers[2:]):
+        assert max(top[n] for n in re.findall(r"\w+", upper)) < min(top[n] for n in re.findall(r"\w+", lower))
+    words = set(re.findall(r"\w+", diagram))
+    for package in rows:
+        folder = ROOT / package
+        parts = {p.stem for p in folder.glob("*.py") if p.stem != "__init__"}
+        parts |= {p.parent.name for p in folder.glob("*/__init__.py")}
+        assert parts <= words, f"the diagram does not name {sorted(parts - words)} of {package}/"
 
 
 def test_readme_is_short() -> None:
