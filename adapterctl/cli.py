@@ -46,8 +46,15 @@ for command in COMMANDS:
     main.add_command(command)
 
 # The manual's page for each command, shown at the foot of its --help (the registry's commands: docs/registry.md).
-MANUAL = {"train": "training", "models": "training", "eval": "precision", "serve": "serving", "tenants": "tenants"}
-MANUAL |= {"ui": "console", "hub": "hub"}
+MANUAL = {
+    "train": "training",
+    "models": "training",
+    "eval": "precision",
+    "serve": "serving",
+    "tenants": "tenants",
+    "ui": "console",
+    "hub": "hub",
+}
 
 
 def _point_at_the_manual(command: click.Command, page: str) -> None:

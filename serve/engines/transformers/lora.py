@@ -24,7 +24,7 @@ from adapterctl.registry.folder import (
 from adapterctl.serve.engines.transformers.kernels import sgmv
 from adapterctl.serve.engines.base import AdapterLoadFailed
 
-# PEFT options that change what a LoRA pair means, which the layers here do not implement.
+# The linear layers wrapped: plain, and bitsandbytes' NF4 and int8 ones (the base model's quantized layers).
 _LINEAR_TYPES = ("Linear", "Linear4bit", "Linear8bitLt")
 _DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 _LARGEST = torch.finfo(torch.float32).max
