@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adapterctl.serve.engines.transformers import attention  # noqa: E402
-from adapterctl.serve.engines.transformers.kvcache import BLOCK, BlockCache  # noqa: E402
+from adapterctl.serve.engines.transformers.kvcache import BLOCK, BlockCache, blocks_for  # noqa: E402
 
 HEADS, KV_HEADS, DIM = 9, 3, 64
 LAYER = SimpleNamespace(layer_idx=0, num_key_value_groups=HEADS // KV_HEADS, is_causal=True)
@@ -40,9 +40,11 @@ def timed(call: Callable[[], object], repeats: int) -> float:
 def workload(lengths: torch.Tensor, repeats: int) -> tuple[float, float]:
     """Seconds per decode call for rows of LENGTHS tokens: the kernel over blocks, torch over a padded cache."""
     rows, longest = len(lengths), int(lengths.max())
-    cache = BlockCache(rows)
-    cache.prefill(0, lengths.tolist())
-    keys = torch.randn(rows, KV_HEADS, longest, DIM)
+    cache = BlockCache(rows, capacity=blocks_for(int(lengths.sum())) + rows)
+    cache.pack(list(range(rows)), [0] * rows, lengths.tolist())
+    keys = torch.randn(
+        1, KV_HEADS, int(lengths.sum()), DIM
+    )  # the rows' tokens one after the other, as a pass holds them
     cache.update(keys, keys, 0)
     query = torch.randn(rows, HEADS, 1, DIM)
     tables, held = cache._tables(range(rows)), lengths.clone()

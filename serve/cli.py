@@ -179,14 +179,14 @@ def _callers(tenants_file: Path | None, host: str, risk: str, remedy: str) -> Te
 @click.option(
     "--prefill-chunk",
     type=click.IntRange(min=0),
-    help="Transformers only: prompt tokens prefilled per step, between decode steps, so a long prompt delays "
-    "running streams by one chunk at most; 0 prefills a prompt in one pass. Default: 32.",
+    help="Transformers only: a prompt's tokens per step, in the pass that gives running streams their next token, "
+    "so a long prompt delays them by one chunk at most; 0 prefills a prompt in one step. Default: 32.",
 )
 @click.option(
     "--max-batched-tokens",
     type=click.IntRange(min=1),
-    help="Transformers only: prompt positions one step's prefill computes (rows x its longest part), so a burst of "
-    "prompts delays running streams by about that much per token. Default: 128.",
+    help="Transformers only: tokens one step's pass computes (running streams' next tokens and parts of prompts), so "
+    "a burst of prompts delays running streams by about that much per token. Default: 128.",
 )
 @click.option(
     "--kv-cache-gb",

@@ -30,7 +30,7 @@ class EngineOptions:
     dtype: str | None = None  # vLLM's compute dtype
     max_cpu_loras: int | None = None  # vLLM's cache of adapters in host memory
     prefill_chunk: int | None = None  # the transformers engine's prompt tokens per step
-    max_batched_tokens: int | None = None  # the transformers engine's prompt positions per step's prefill
+    max_batched_tokens: int | None = None  # the transformers engine's tokens per step's pass
     kv_cache_gb: float | None = None  # memory for keys and values
 
     def check(self) -> None:
@@ -46,6 +46,11 @@ class EngineOptions:
             raise ServeOptionError(
                 f"The vLLM engine cannot serve a --quantize {self.quantize} base (vLLM 0.32 has no bitsandbytes); "
                 "use --quantize none, or --engine transformers, which serves nf4 and int8 bases."
+            )
+        if self.max_batched_tokens is not None and self.max_batched_tokens <= self.max_batch:
+            raise ServeOptionError(  # the running rows' tokens alone would fill every pass: prompts would crawl
+                f"--max-batched-tokens ({self.max_batched_tokens}) must be above --max-batch ({self.max_batch}): a "
+                "step's pass holds every running stream's next token and parts of prompts."
             )
         if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loaded:
             raise ServeOptionError(

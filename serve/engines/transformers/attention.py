@@ -1,9 +1,9 @@
-"""The model's attention, routed to the block cache: its decode passes read each row's tokens in place.
+"""The model's attention, routed to the block cache: a running row's next token reads its row's tokens in place.
 
 Registered with transformers' attention interface as NAME; the runner passes its cache to the model as the `blocks`
 keyword, which reaches every attention layer. `kernels/attention.c` is built by `kernels/compiler.py`; where no
-compiler works a decode pass gathers the rows' keys and values and runs torch's scaled dot-product attention, with the
-same result.
+compiler works those rows' keys and values are gathered for torch's scaled dot-product attention, with the same
+result.
 """
 
 from __future__ import annotations
@@ -51,19 +51,18 @@ def sdpa(
 
 @cache
 def _kernel() -> Any:
-    """The built kernel, or None where it cannot be built (decode passes gather for torch's attention)."""
+    """The built kernel, or None where it cannot be built (running rows' tokens gather for torch's attention)."""
     pointer, count = ctypes.c_void_p, ctypes.c_int64
     argtypes = [pointer] * 5 + [count, pointer] + [count] * 5 + [ctypes.c_float]
     return compiler.function(SOURCE, "attention_decode", argtypes)
 
 
 def fits(query: torch.Tensor, keys: torch.Tensor) -> bool:
-    """Whether the kernel takes these: float32 on the CPU, one query token per row (and the kernel is built)."""
+    """Whether the kernel takes these: float32 on the CPU (and the kernel is built)."""
     return (
         query.dtype == keys.dtype == torch.float32
         and query.device.type == keys.device.type == "cpu"
-        and query.shape[2] == 1
-        and _kernel() is not None
+        and (_kernel() is not None)
     )
 
 

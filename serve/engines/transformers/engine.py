@@ -54,15 +54,13 @@ from adapterctl.serve.engines.transformers.threads import Threads
 
 log = logging.getLogger("serve")
 
-# Prompt tokens prefilled per step for a long prompt, between decode steps. On the embedded model on two busy cores,
-# 16 streams' inter-token p50 went from 126 ms to 225 ms while a 1,900-token prompt came in chunks of 32 (374 ms in
-# chunks of 64, 545 in 128; the prompt in one pass held them 4-8 s); smaller chunks delay the long prompt's own
-# first token more.
+# A prompt's tokens per step (in the pass that gives running rows their next token): what a long prompt adds to each
+# of their steps. Smaller chunks delay the long prompt's own first token more.
 PREFILL_CHUNK = 32
-# Prompt positions one step's prefill pass computes (rows x its longest part, padding included): what running rows'
-# next token waits for at most. On the embedded model on two busy cores (bench/scheduling.py), 16 streams' inter-token
-# p95 while 32 prompts of 60 tokens arrived was 13.7 s with the burst in one pass, 2.0 s with 64, 2.1 s with 128,
-# 3.9 s with 256 and 4.4 s with 512; the burst's last first token came after 13.5 s, 40, 31, 25 and 17 s.
+# Tokens one step's pass computes, the running rows' next tokens included: what running rows' next token waits for at
+# most. On the embedded model on two cores (bench/scheduling.py), 16 streams' inter-token p95 while 32 prompts of 60
+# tokens arrived was 3.1 s with the burst in one pass, 0.29 s with 64, 0.41 s with 128 and 0.68 s with 256; the
+# burst's last first token came after 3.3 s, 9.8, 6.2 and 4.5 s.
 MAX_BATCHED_TOKENS = 128
 # Memory for keys and values: the block cache never holds more, and a request is admitted only when its blocks fit.
 # On the embedded model (float32, 45 KB per token) 2 GiB hold 46,600 tokens: 22 requests of the whole context.
@@ -287,7 +285,7 @@ class TransformersEngine(HFTokenizer, Engine):
 
     @property
     def parked(self) -> int:
-        """Running generations whose reader is behind: their rows sit out decode passes until it catches up."""
+        """Running generations whose reader is behind: their rows sit out passes until it catches up."""
         with self._cond:
             return len(self._runner.parked)
 
@@ -432,8 +430,8 @@ class TransformersEngine(HFTokenizer, Engine):
         )
 
     def _step(self, admitted: list[Generation], new: list[Adapter]) -> None:
-        """Install the adapters admitted generations need, run one prefill pass within the budget (`Runner`), then
-        decode every running row once."""
+        """Install the adapters admitted generations need, then run one pass: every running row's next token and
+        parts of prompts, within the budget (`Runner`)."""
         for adapter in new:
             try:
                 self._install(adapter)
@@ -444,12 +442,9 @@ class TransformersEngine(HFTokenizer, Engine):
                 admitted[:] = [g for g in admitted if g not in failed]
                 self._fail(failed, exc)
         self._runner.admit(admitted)
-        self._runner.prefill()
-        self._retire()
         self._runner.park()
-        if self._runner.rows:
-            self._runner.decode()
-            self._retire()
+        self._runner.step()
+        self._retire()
 
     def _install(self, adapter: Adapter) -> None:
         """Read ADAPTER unless `load` did, and install it in the slot the admission promised; rejected if it fails."""

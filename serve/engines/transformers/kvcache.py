@@ -3,7 +3,7 @@ ones."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -16,25 +16,39 @@ MIN_BLOCKS = 4  # the smallest pool kept while any row holds tokens
 
 
 @dataclass
-class _Pass:
-    """Where the next forward pass writes its keys and values, and what its attention reads."""
+class _Group:
+    """Segments of a pass whose attention runs as one padded batch through torch: their queries' places in the pass,
+    the slots their keys are read from, and which key each query may see."""
 
-    write: torch.Tensor  # the token slots this pass's tokens go to, in row-major order of the real ones
-    real: torch.Tensor | None  # (rows, tokens): which of the pass's positions are real tokens (None: all)
-    read: torch.Tensor | None = None  # (rows, tokens): the slots attention reads, padded with the zero slot
-    tables: torch.Tensor | None = None  # decode: (rows, blocks) each row's blocks, for the kernel
-    lengths: torch.Tensor | None = None  # decode: each row's tokens, this one included
+    gather: torch.Tensor  # (segments, width): the pass position of each padded query place (padding: position 0)
+    real: torch.Tensor  # (segments, width): which places are real queries
+    read: torch.Tensor  # (segments, keys): the token slot of each key, padded with the zero slot
+    mask: torch.Tensor  # (segments, 1, width, keys): causal within each segment's row
+
+
+@dataclass
+class _Pass:
+    """Where the next forward pass writes its keys and values, and how its attention reads each segment's row."""
+
+    rows: list[int]
+    starts: torch.Tensor  # each segment's first position in its row
+    lengths: torch.Tensor  # each segment's tokens in this pass
+    write: torch.Tensor  # the token slot of each of the pass's tokens
+    # Built on first use, once a pass: the single-token segments' places, block tables and lengths for the kernel;
+    # the padded batches torch attends for (all segments, or those of more than one token).
+    singles: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    groups: dict[bool, _Group] = field(default_factory=dict)
 
 
 class BlockCache:
     """Keys and values in blocks of BLOCK tokens from one pool per layer; a row holds the blocks its tokens fill.
 
-    Before each forward pass the engine says what it holds: `prefill(rows, lengths, starts)` for prompt tokens written
-    to each row from its own start on (a long prompt comes in chunks), or `decode(positions)` for one new token per
-    running row at its own position. The model's attention layers write through `update` and read through
-    `attend`. Storage follows the tokens the rows hold, not rows x the longest: the pool grows by doubling as rows
-    take blocks, and is compacted when three quarters of it lie free, so one long request's peak is not kept. It never
-    grows past CAPACITY blocks: the engine admits no request whose blocks would not fit.
+    Before each forward pass the engine says what it holds (`pack`): segments of rows' tokens one after the other in one
+    sequence, each from its row's own position on (a running row's next token, a part of a prompt: a long prompt comes
+    in chunks), so no pass computes padding. The model's attention layers write through `update` and read through
+    `attend`. Storage follows the tokens the rows hold, not rows x the longest: the pool grows by doubling as rows take
+    blocks, and is compacted when three quarters of it lie free, so one long request's peak is not kept. It never grows
+    past CAPACITY blocks: the engine admits no request whose blocks would not fit.
     """
 
     def __init__(self, rows: int, capacity: int) -> None:
@@ -57,33 +71,20 @@ class BlockCache:
         """Memory the stored keys and values take."""
         return sum(tensor.nbytes for store in (self.keys, self.values) for tensor in store)
 
-    def prefill(self, rows: list[int], lengths: list[int], starts: list[int]) -> None:
-        """The next forward pass writes LENGTHS[i] tokens of a prompt into row ROWS[i], from position STARTS[i] on
-        (0: the row starts afresh); a later chunk's attention reads the row's earlier tokens too."""
+    def pack(self, rows: list[int], starts: list[int], lengths: list[int]) -> None:
+        """The next forward pass holds, one after the other in one sequence, LENGTHS[i] tokens for row ROWS[i] from its
+        position STARTS[i] on (0: the row starts afresh): a running row's next token, or a part of a prompt."""
         ends = [start + length for start, length in zip(starts, lengths, strict=True)]
         for row, start, end in zip(rows, starts, ends, strict=True):
             if start == 0:
                 self._release(row)
             self._extend(row, end)
+        lengths_t, starts_t = torch.tensor(lengths), torch.tensor(starts)
+        segment = torch.repeat_interleave(torch.arange(len(rows)), lengths_t)  # each token's segment
+        first = torch.cumsum(lengths_t, 0) - lengths_t  # each segment's first token in the pass
+        position = starts_t[segment] + torch.arange(len(segment)) - first[segment]
         slots = self._slots(self._tables(rows), torch.tensor(ends))
-        width = max(lengths)
-        real = torch.arange(width) < torch.tensor(lengths)[:, None]
-        positions = (torch.tensor(starts)[:, None] + torch.arange(width)).clamp(max=slots.shape[1] - 1)
-        self._pass = _Pass(
-            write=slots.gather(1, positions)[real],
-            real=None if bool(real.all()) else real,
-            read=slots if any(starts) else None,
-        )
-
-    def decode(self, positions: torch.Tensor) -> None:
-        """The next forward pass adds one token per running row, row i at POSITIONS[i]."""
-        rows = range(len(positions))
-        for row, position in zip(rows, positions.tolist(), strict=True):
-            self._extend(row, position + 1)
-        lengths = positions + 1
-        tables = self._tables(rows)
-        write = tables[torch.arange(len(rows)), positions // BLOCK] * BLOCK + positions % BLOCK
-        self._pass = _Pass(write=write, real=None, tables=tables, lengths=lengths)
+        self._pass = _Pass(rows, starts_t, lengths_t, write=slots[segment, position])
 
     def keep(self, order: list[int]) -> None:
         """Rows 0, 1, ... hold the tokens rows ORDER[0], ORDER[1], ... held; every other row's blocks are freed."""
@@ -113,7 +114,7 @@ class BlockCache:
     def update(
         self, key: torch.Tensor, value: torch.Tensor, layer: int, *args: object
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this pass's keys and values for LAYER; they go on to `attend` as they are."""
+        """Store this pass's keys and values (1, key/value heads, tokens, dim) for LAYER; they go on to `attend`."""
         if layer == len(self.keys):
             shape = (self.blocks * BLOCK + 1, key.shape[1], key.shape[3])
             self.keys.append(key.new_zeros(shape))
@@ -121,28 +122,58 @@ class BlockCache:
         step = self._pass
         assert step is not None
         for pool, new in ((self.keys[layer], key), (self.values[layer], value)):
-            tokens = new.transpose(1, 2)  # (rows, tokens, heads, dim)
-            pool[step.write] = tokens[step.real] if step.real is not None else tokens.reshape(-1, *tokens.shape[2:])
+            pool[step.write] = new[0].transpose(0, 1)
         return key, value
 
     def attend(
         self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         mask: torch.Tensor | None, scaling: float | None,
     ) -> torch.Tensor:  # fmt: skip
-        """This pass's attention output for MODULE's layer, (rows, tokens, heads, head dim)."""
+        """This pass's attention output for MODULE's layer, (1, tokens, heads, head dim): each segment attends to its
+        own row's tokens up to each of its own. Single-token segments (running rows' next tokens) go through the
+        compiled kernel where it fits; the other segments, padded to the longest, through torch's attention."""
         step, layer = self._pass, module.layer_idx
         assert step is not None
         keys, values = self.keys[layer], self.values[layer]
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-        if step.tables is not None:  # a decode pass
-            assert step.lengths is not None
-            if attention.fits(query, keys):
-                return attention.decode(query, keys, values, step.tables, step.lengths, BLOCK, scale)
-            if step.read is None:  # no kernel: the rows' tokens gathered, padded (once for every layer)
-                step.read = self._slots(step.tables, step.lengths)
-        if step.read is not None:
-            key, value = keys[step.read].transpose(1, 2), values[step.read].transpose(1, 2)
-        return attention.sdpa(module, query, key, value, mask, scale)
+        queries = query[0].transpose(0, 1)  # (tokens, heads, dim)
+        out = torch.empty_like(queries)
+        single = step.lengths == 1
+        kernel = bool(single.any()) and attention.fits(query, keys)
+        if kernel:
+            if step.singles is None:  # built once a pass
+                places = torch.cumsum(step.lengths, 0)[single] - 1
+                tables = self._tables([row for row, one in zip(step.rows, single.tolist(), strict=True) if one])
+                step.singles = (places, tables, step.starts[single] + 1)
+            places, tables, lengths = step.singles
+            out[places] = attention.decode(queries[places, :, None], keys, values, tables, lengths, BLOCK, scale)[:, 0]
+        if not kernel or not bool(single.all()):
+            group = self._group(step, not kernel)
+            padded = queries[group.gather].transpose(1, 2)  # (segments, heads, width, dim)
+            read_keys, read_values = keys[group.read].transpose(1, 2), values[group.read].transpose(1, 2)
+            attended = attention.sdpa(module, padded, read_keys, read_values, group.mask, scale)
+            out[group.gather[group.real]] = attended[group.real]
+        return out[None]
+
+    def _group(self, step: _Pass, everyone: bool) -> _Group:
+        """The padded batch of STEP's segments torch attends for (EVERYONE: all of them, else those of more than one
+        token), built once a pass."""
+        if everyone not in step.groups:
+            chosen = torch.ones_like(step.lengths, dtype=torch.bool) if everyone else step.lengths > 1
+            lengths, starts = step.lengths[chosen], step.starts[chosen]
+            firsts = (torch.cumsum(step.lengths, 0) - step.lengths)[chosen]
+            width = int(lengths.max())
+            places = torch.arange(width)
+            real = places < lengths[:, None]
+            gather = torch.where(real, firsts[:, None] + places, 0)
+            ends = starts + lengths
+            rows = [row for row, kept in zip(step.rows, chosen.tolist(), strict=True) if kept]
+            read = self._slots(self._tables(rows), ends)
+            keys = torch.arange(read.shape[1])
+            # A padding place sees its row's keys too (none of them would give NaN), its output is dropped.
+            mask = (keys[None, None, :] <= (starts[:, None] + places)[:, :, None]) & (keys < ends[:, None])[:, None]
+            step.groups[everyone] = _Group(gather, real, read, mask[:, None])
+        return step.groups[everyone]
 
     def _extend(self, row: int, length: int) -> None:
         """Give ROW blocks for LENGTH tokens, growing the pools when no block is free."""

@@ -37,7 +37,8 @@ class Plan:
     """How one forward pass's token rows map onto adapter slots: G groups padded to M rows each.
 
     Group g uses slot g (`slots` None: the layers' first G slots, read in place) or slot `slots[g]` (gathered).
-    A decode pass (one token a row) also lists its rows by slot for the compiled kernel, which needs no padding.
+    A pass of one token a row (the runner packs every pass so) also lists its rows by slot for the compiled kernel,
+    which needs no padding.
     """
 
     groups: int

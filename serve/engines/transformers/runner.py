@@ -47,15 +47,16 @@ class Row:
 class Runner:
     """The running rows of one model and its row cache; rows join once their prompt is prefilled and leave when done.
 
-    Admitted prompts are prefilled over steps, one pass per step between decode steps, so that running rows get a
-    token every step: a pass computes at most MAX_BATCHED_TOKENS prompt positions (its rows x its longest part,
-    padding included). Each row in it takes at most PREFILL_CHUNK tokens of its prompt (0: a whole prompt); when fewer
-    rows share a pass, larger parts, up to the budget. Its rows are, in turn: the oldest prompt that needs more than
-    one part (so long prompts always advance), prompts that end in this pass, by their request's priority then oldest
-    first (so a short prompt is never held behind long ones, nor one tenant's behind another's queue), then the other
-    long prompts. A running row whose reader is behind (`Generation.behind`) is parked: it keeps its cache but sits out
-    decode passes until its reader catches up. The cache rows hold the running rows, then the parked ones, then those
-    being prefilled (so that admitting more moves none).
+    Each step is one forward pass over one sequence of segments, no padding: every running row's next token, then parts
+    of admitted prompts (so a prompt is prefilled over steps while running rows get a token every step). A pass holds at
+    most MAX_BATCHED_TOKENS tokens, the running rows' included (a prompt part of at least one token always goes, so
+    prompts always advance). Each prompt part is at most PREFILL_CHUNK tokens (0: a whole prompt), the last one cut to
+    the budget; budget left over goes to the chosen parts, oldest first. The prompts, in turn: the oldest that needs
+    more than one part (so long prompts always advance), those that end in this pass, by their request's priority then
+    oldest first (so a short prompt is never held behind long ones, nor one tenant's behind another's queue), then the
+    other long ones. A running row whose reader is behind (`Generation.behind`) is parked: it keeps its cache but sits
+    out passes until its reader catches up. The cache rows hold the running rows, then the parked ones, then those being
+    prefilled (so that admitting more moves none).
     """
 
     def __init__(
@@ -90,6 +91,7 @@ class Runner:
         self.filling: list[Row] = []  # admitted, their prompts being prefilled, oldest first
         self.parked: list[Row] = []  # running rows whose reader is behind
         self.passes: Counter[int] = Counter()  # rows per forward pass -> passes
+        self.last_tokens = (0, 0)
 
     def held(self) -> int:
         """Batch rows taken: running, being filled or parked."""
@@ -123,78 +125,100 @@ class Runner:
         """GENERATIONS take rows; their prompts are prefilled over the next steps (`prefill`)."""
         self.filling.extend(self._new_row(g) for g in generations)
 
-    def _plan(self) -> list[tuple[Row, int]]:
-        """The rows the next prefill pass takes, each with how many of its prompt's tokens (see the class)."""
-        budget = self.max_batched_tokens
+    def _plan(self, decoding: int) -> list[tuple[Row, int]]:
+        """The prompt parts the next pass takes beside DECODING running rows' tokens, each (row, its tokens)."""
+        budget = self.max_batched_tokens - decoding
         chunk = self.prefill_chunk or self.context_length
         left = {id(row): len(row.generation.prompt_ids) - row.length for row in self.filling}
         long = [row for row in self.filling if left[id(row)] > chunk]
         ending = sorted((row for row in self.filling if left[id(row)] <= chunk), key=_priority)
-        chosen: list[Row] = []
-        width = 0
+        parts: list[list] = []
         for row in long[:1] + ending + long[1:]:
-            part = min(left[id(row)], chunk)
-            if chosen and (len(chosen) + 1) * max(width, part) > budget:
+            part = min(left[id(row)], chunk, budget if parts else max(budget, 1))
+            if part <= 0:
                 break
-            chosen.append(row)
-            width = max(width, part)
-        if self.prefill_chunk:  # fewer rows than the budget has room for: each takes a larger part
-            width = max(width, min(max(left[id(row)] for row in chosen), budget // len(chosen)))
-        return [(row, min(left[id(row)], width)) for row in chosen]
+            parts.append([row, part])
+            budget -= part
+        if self.prefill_chunk:  # room left: the chosen parts grow, oldest first
+            for entry in sorted(parts, key=lambda entry: self.filling.index(entry[0])):
+                more = max(0, min(left[id(entry[0])] - entry[1], budget))
+                entry[1] += more
+                budget -= more
+        return [(row, part) for row, part in parts]
 
-    def prefill(self) -> None:
-        """One prefill pass (`_plan`); rows whose prompt it ends join the running rows with their first token.
+    def step(self) -> None:
+        """One pass (see the class): running rows get their next token; rows whose prompt it ends join them with their
+        first.
 
-        If the pass fails, each of its rows is tried alone, so that only rows that fail alone fail (each told its
-        error; its row leaves at the next drop).
+        If the pass fails with prompt parts in it, the running rows' tokens run alone, then each part alone, so that
+        only parts that fail alone fail (each told its error; its row leaves at the next drop); a pass of running rows
+        alone that fails raises.
         """
-        parts = self._plan() if self.filling else []
-        if not parts:
+        decoding = list(self.rows)
+        parts = self._plan(len(decoding)) if self.filling else []
+        if not decoding and not parts:
             return
         try:
-            ended = self._fill(parts)
+            logits, ended = self._pass(decoding, parts)
         except Exception as exc:
-            if len(parts) == 1:
+            if not parts:
+                raise
+            if len(parts) == 1 and not decoding:
                 log.exception("The engine failed a request's prompt; it gets an error.")
                 fail([parts[0][0].generation], exc)
                 return
-            ended = []
+            logits, ended = self._pass(decoding, []) if decoding else (None, [])
             for part in parts:
                 try:
-                    ended += self._fill([part])
+                    ended += self._pass([], [part])[1]
                 except Exception as alone:
                     log.exception("The engine failed a request's prompt; it gets an error.")
                     fail([part[0].generation], alone)
-        self._join(ended)
+        joined = self._join([row for row, _ in ended])
+        firsts = dict((id(row), scores) for row, scores in ended)
+        scores = ([logits] if logits is not None else []) + [firsts[id(row)][None] for row in joined]
+        if scores:
+            self._advance(decoding + joined, torch.cat(scores))
 
-    def _fill(self, parts: list[tuple[Row, int]]) -> list[tuple[Row, torch.Tensor]]:
-        """Run PARTS (row, tokens) of prompts in one pass; the rows whose prompt it ends, with their next logits."""
+    def _pass(
+        self, decoding: list[Row], parts: list[tuple[Row, int]]
+    ) -> tuple[torch.Tensor | None, list[tuple[Row, torch.Tensor]]]:
+        """Run DECODING rows' next tokens and PARTS (row, tokens) of prompts in one pass: the running rows' next logits
+        (None without them), and the rows whose prompt it ends, with theirs."""
         first = len(self.rows) + len(self.parked)
-        rows = [row for row, _ in parts]
-        cache_rows = [first + self.filling.index(row) for row in rows]
-        starts = torch.tensor([row.length for row in rows])
-        lengths = torch.tensor([take for _, take in parts])
-        width = int(lengths.max())
-        ends = starts + lengths
-        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
-        for i, (row, take) in enumerate(parts):
-            ids[i, :take] = torch.tensor(row.generation.prompt_ids[row.length : row.length + take])
-        positions = starts[:, None] + torch.arange(width)
-        keys = torch.arange(int(ends.max()))
-        mask = (keys[None, None, :] <= positions[:, :, None]) & (keys[None, None, :] < ends[:, None, None])
-        self.cache.prefill(cache_rows, lengths.tolist(), starts.tolist())
-        self.plans.plan = plan([row.slot for row in rows], width)
-        hidden = self.forward(ids, mask[:, None], positions)
-        scored = [self._prompt_logprobs(row, hidden[i], take) for i, (row, take) in enumerate(parts)]
-        self.passes[len(rows)] += 1
+        cache_rows = list(range(len(decoding))) + [first + self.filling.index(row) for row, _ in parts]
+        starts = [row.length for row in decoding] + [row.length for row, _ in parts]
+        takes = [1] * len(decoding) + [take for _, take in parts]
+        ids = [row.last for row in decoding]
+        for row, take in parts:
+            ids += row.generation.prompt_ids[row.length : row.length + take]
+        positions = [p for start, take in zip(starts, takes, strict=True) for p in range(start, start + take)]
+        slots = [row.slot for row in decoding] + [row.slot for row, take in parts for _ in range(take)]
+        self.cache.pack(cache_rows, starts, takes)
+        self.plans.plan = plan(slots, 1)
+        hidden = self.forward(torch.tensor([ids]), torch.tensor([positions]))
+        self.passes[len(takes)] += 1
+        self.last_tokens = (
+            len(decoding),
+            sum(take for _, take in parts),
+            [(row.key or "")[:3] + str(row.generation.request.priority) for row, _ in parts],
+        )
+        logits = self.head(hidden[: len(decoding)]) if decoding else None
+        offsets = (torch.cumsum(torch.tensor(takes), 0) - torch.tensor(takes)).tolist()[len(decoding) :]
+        scored = [
+            self._prompt_logprobs(row, hidden[offset : offset + take], take)
+            for (row, take), offset in zip(parts, offsets, strict=True)
+        ]
         ended = []
-        for i, (row, take) in enumerate(parts):  # last: until here a failure leaves every row as it was
+        for row in decoding:  # last: until here a failure leaves every row as it was
+            row.length += 1
+        for (row, take), offset, logprobs in zip(parts, offsets, scored, strict=True):
             row.length += take
-            if scored[i]:
-                row.generation.prompt_logprobs = (row.generation.prompt_logprobs or []) + scored[i]
+            if logprobs:
+                row.generation.prompt_logprobs = (row.generation.prompt_logprobs or []) + logprobs
             if row.length == len(row.generation.prompt_ids):
-                ended.append((row, self.head(hidden[i, take - 1])))
-        return ended
+                ended.append((row, self.head(hidden[offset + take - 1])))
+        return logits, ended
 
     def _prompt_logprobs(self, row: Row, hidden: torch.Tensor, take: int) -> list[TokenLogprob]:
         """The log-probabilities of the prompt tokens this part's positions predict, when ROW asks for them."""
@@ -206,11 +230,11 @@ class Runner:
         next_tokens = list(prompt[row.length + 1 : row.length + 1 + scoring])
         return _logprobs(self.head(hidden[:scoring]), next_tokens, top)
 
-    def _join(self, ended: list[tuple[Row, torch.Tensor]]) -> None:
-        """ENDED rows leave the filling ones for the running ones (their cache rows too) and get their first token."""
+    def _join(self, ended: list[Row]) -> list[Row]:
+        """ENDED rows leave the filling ones for the running ones (their cache rows too); returns them in that order."""
         if not ended:
-            return
-        done = {id(row) for row, _ in ended}
+            return []
+        done = {id(row) for row in ended}
         running, parked = len(self.rows), range(len(self.rows), len(self.rows) + len(self.parked))
         filling = range(parked.stop, self.held())
         joining = [i for i, row in zip(filling, self.filling, strict=True) if id(row) in done]
@@ -219,35 +243,19 @@ class Runner:
         rows = [row for row in self.filling if id(row) in done]
         self.filling = [row for row in self.filling if id(row) not in done]
         self.rows.extend(rows)
-        logits = dict((id(row), scores) for row, scores in ended)
-        self._advance(rows, torch.stack([logits[id(row)] for row in rows]))
+        return rows
 
-    def decode(self) -> None:
-        """One token more for every running row, in one pass."""
-        rows = self.rows
-        positions = torch.tensor([row.length for row in rows])
-        self.cache.decode(positions)
-        self.plans.plan = plan([row.slot for row in rows], 1)
-        keys = torch.arange(int(positions.max()) + 1)
-        mask = (keys[None, :] <= positions[:, None])[:, None, None, :]
-        ids = torch.tensor([[row.last] for row in rows])
-        hidden = self.forward(ids, mask, positions[:, None])
-        for row in rows:
-            row.length += 1
-        self.passes[len(rows)] += 1
-        self._advance(rows, self.head(hidden[:, -1]))
-
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """The decoder's last hidden states for IDS, its keys and values kept in the row cache."""
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The decoder's last hidden states, (tokens, hidden), for the pass's tokens IDS (1, tokens) as `cache.pack`
+        laid them out; their keys and values kept in the row cache."""
         out = self.backbone(
             input_ids=ids,
-            attention_mask=mask,
             position_ids=positions,
             past_key_values=self.cache,
             use_cache=True,
             blocks=self.cache,  # what the attention layers read (`serve.engines.transformers.attention`)
         )
-        return out.last_hidden_state
+        return out.last_hidden_state[0]
 
     def drop_finished(self) -> list[Generation]:
         """Free the rows of finished or cancelled generations (the others keep their order); returns theirs."""

@@ -335,10 +335,12 @@ def test_the_queue_under_vllms_names(served: Served, monkeypatch: Any) -> None:
     def value(name: str) -> float:
         return metric(served.url, name)
 
-    # The worker is held inside its next decoding step: one request runs, a second one waits behind it.
+    # The worker is held inside its next pass with a running row: one request runs, a second one waits behind it.
     gate = threading.Event()
-    decode = served.engine._runner.decode
-    monkeypatch.setattr(served.engine._runner, "decode", lambda: (gate.wait(60), decode()))
+    original = served.engine._runner._pass
+    monkeypatch.setattr(
+        served.engine._runner, "_pass", lambda rows, parts: (rows and gate.wait(60), original(rows, parts))[1]
+    )
     body = {"model": "alpha", "prompt": "x", "max_tokens": 4, "temperature": 0, "ignore_eos": True, "stream": True}
     with ThreadPoolExecutor(1) as pool:
         try:

@@ -434,6 +434,10 @@ def test_serve_refuses_an_option_of_the_other_engine_in_one_line_before_loading_
             ["--engine", "vllm", "--quantize", "none", "--max-cpu-loras", "4"],
             "--max-cpu-loras (4) must be at least --max-loaded (8).",
         ),
+        (
+            ["--max-batch", "32", "--max-batched-tokens", "32"],
+            "--max-batched-tokens (32) must be above --max-batch (32): a step's pass holds every running stream's",
+        ),
     ]
     for args, message in cases:
         for where in (["--registry", str(registry.root)], []):  # outside a repository too: the option is at fault

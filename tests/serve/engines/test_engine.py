@@ -124,9 +124,9 @@ def test_mixed_batch_gives_each_request_what_it_gets_alone(engine, lora, monkeyp
     jobs = [(a, p, GREEDY, 0.02 * i) for i, (a, p) in enumerate((a, p) for a in adapters for p in PROMPTS)]
     alone = [generate(engine, [job[:3] + (0,)])[0] for job in jobs]
     assert len(set(alone)) > len(PROMPTS)  # the adapters really change the answers
-    # The first decoding step is held until every request has arrived, so the later ones join a running batch.
-    gate, decode = threading.Event(), engine._runner.decode
-    monkeypatch.setattr(engine._runner, "decode", lambda: (gate.wait(60), decode()))
+    # The first pass with running rows is held until every request has arrived, so the later ones join a running batch.
+    gate, original = threading.Event(), engine._runner._pass
+    monkeypatch.setattr(engine._runner, "_pass", lambda rows, parts: (rows and gate.wait(60), original(rows, parts))[1])
 
     def all_in() -> bool:
         status = engine.status()
@@ -272,7 +272,7 @@ class Clock:
 def test_a_burst_of_loads_is_read_a_budget_per_step_while_rows_run(engine, lora, monkeypatch):
     from adapterctl.serve.engines.transformers import engine as module
 
-    clock, events, read, decode = Clock(), [], engine._read, engine._runner.decode
+    clock, events, read, original = Clock(), [], engine._read, engine._runner._pass
 
     def timed_read(spec):  # each read takes 0.6 of the budget on the engine's clock: two fit in one boundary, not three
         events.append("read")
@@ -281,7 +281,7 @@ def test_a_burst_of_loads_is_read_a_budget_per_step_while_rows_run(engine, lora,
 
     monkeypatch.setattr(module, "time", clock)  # steps take no time: the budget is LOAD_BUDGET, whatever the machine
     monkeypatch.setattr(engine, "_read", timed_read)
-    monkeypatch.setattr(engine._runner, "decode", lambda: (events.append("decode"), decode())[1])
+    monkeypatch.setattr(engine._runner, "_pass", lambda rows, parts: (events.append("pass"), original(rows, parts))[1])
     adapters = [lora(70 + i) for i in range(3)]
 
     async def run() -> list[bool]:
@@ -300,7 +300,7 @@ def test_a_burst_of_loads_is_read_a_budget_per_step_while_rows_run(engine, lora,
 
     assert asyncio.run(run()) == [True] * 3
     # At the boundary two reads fill the budget; a pass; the third read.
-    assert events[:4] == ["read", "read", "decode", "read"]
+    assert events[:4] == ["read", "read", "pass", "read"]
 
 
 def test_unload_refuses_an_unknown_key_and_drops_a_loaded_one(engine, lora):
@@ -450,12 +450,12 @@ def test_a_prompt_the_model_fails_on_fails_alone_and_its_batch_is_prefilled_agai
     poison = next(token for token in bad_ids if token not in good_ids)
     forward, passes = engine._runner.forward, []
 
-    def failing(ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def failing(ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """A fault point: the model fails on any prompt holding POISON, as it could on an input nobody foresaw."""
-        passes.append(ids.shape[0])
+        passes.append(ids.shape[1])
         if ids.shape[1] > 1 and bool((ids == poison).any()):
             raise RuntimeError("the model failed on this prompt")
-        return forward(ids, mask, positions)
+        return forward(ids, positions)
 
     alone = generate(engine, [(None, PROMPTS[0], GREEDY, 0)])
     monkeypatch.setattr(engine._runner, "forward", failing)
@@ -474,7 +474,7 @@ def test_a_prompt_the_model_fails_on_fails_alone_and_its_batch_is_prefilled_agai
     error, text = asyncio.run(run())
     assert str(error) == "The engine failed on this request (RuntimeError); see the server log." and [text] == alone
     assert "the model failed on this prompt" in caplog.text  # the cause went to the log
-    assert passes[:3] == [2, 1, 1]  # together, then each alone
+    assert passes[:3] == [len(good_ids) + len(bad_ids), len(good_ids), len(bad_ids)]  # together, then each alone
 
 
 def test_a_closed_engine_answers_a_generation_at_once_instead_of_holding_it(tiny_base: Path) -> None:

@@ -333,7 +333,7 @@ def mortal(
         engine = TransformersEngine(
             request.getfixturevalue("tiny_base"), model_id="tiny", quantize="none", max_loaded=2, max_batch=8
         )
-        owner, name = engine._runner, "decode"
+        owner, name = engine._runner, "step"
     yield engine, lambda: monkeypatch.setattr(owner, name, raising(getattr(owner, name), 1))
     asyncio.run(engine.close())
 

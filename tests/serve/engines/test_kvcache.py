@@ -20,9 +20,14 @@ def tokens(rows: int, length: int) -> torch.Tensor:
     return torch.randn(rows, KV_HEADS, length, DIM)
 
 
+def packed(keys: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """The first LENGTHS[i] tokens of each row of KEYS, one after the other, as a pass hands them over."""
+    return torch.cat([keys[i, :, :length] for i, length in enumerate(lengths)], dim=1)[None]
+
+
 def prefill(cache: BlockCache, first: int, keys: torch.Tensor, lengths: list[int], start: int = 0) -> None:
-    cache.prefill(list(range(first, first + len(lengths))), lengths, [start] * len(lengths))
-    cache.update(keys, keys + 1, 0)
+    cache.pack(list(range(first, first + len(lengths))), [start] * len(lengths), lengths)
+    cache.update(packed(keys, lengths), packed(keys, lengths) + 1, 0)
 
 
 def stored(cache: BlockCache, row: int, length: int) -> torch.Tensor:
@@ -32,12 +37,21 @@ def stored(cache: BlockCache, row: int, length: int) -> torch.Tensor:
 
 
 def decode(cache: BlockCache, query: torch.Tensor, new: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """One decode pass's attention output for QUERY (rows, heads, 1, dim), NEW keys (values NEW + 1) at POSITIONS."""
-    cache.decode(positions)
-    cache.update(new, new + 1, 0)
-    keys = torch.arange(int(positions.max()) + 1)
-    mask = (keys[None, :] <= positions[:, None])[:, None, None, :]
-    return cache.attend(LAYER, query, new, new + 1, mask, None)
+    """One pass of each row's next token: the attention output for QUERY (rows, heads, 1, dim), NEW keys (values
+    NEW + 1) at POSITIONS, (rows, 1, heads, dim)."""
+    cache.pack(list(range(len(positions))), positions.tolist(), [1] * len(positions))
+    keys = new.transpose(0, 2)
+    cache.update(keys, keys + 1, 0)
+    return cache.attend(LAYER, query.transpose(0, 2), keys, keys + 1, None, None)[0][:, None]
+
+
+def textbook(query: torch.Tensor, keys: torch.Tensor, start: int) -> torch.Tensor:
+    """Attention for QUERY (heads, tokens, dim) at positions START.. over a row's KEYS (key/value heads, all, dim),
+    values KEYS + 1, each query seeing the keys up to its own position: (tokens, heads, dim)."""
+    k = keys.repeat_interleave(HEADS // KV_HEADS, dim=0)
+    seen = torch.arange(k.shape[1])[None, :] <= start + torch.arange(query.shape[1])[:, None]
+    scores = (query @ k.transpose(1, 2) / DIM**0.5).masked_fill(~seen, float("-inf"))
+    return (torch.softmax(scores, dim=-1) @ (k + 1)).transpose(0, 1)
 
 
 def test_storage_follows_the_tokens_each_row_holds_not_rows_times_the_longest():
@@ -107,15 +121,11 @@ def test_a_later_chunk_attends_to_the_chunks_before_it():
     cache = BlockCache(rows=2, capacity=1024)
     first, second = tokens(1, 20), tokens(1, 12)
     prefill(cache, 1, first, [20])
-    cache.prefill([1], [12], [20])
+    cache.pack([1], [20], [12])
     cache.update(second, second + 1, 0)
     query = torch.randn(1, HEADS, 12, DIM)
-    queries, keys = torch.arange(20, 32), torch.arange(32)
-    mask = (keys[None, :] <= queries[:, None])[None, None]
-    out = cache.attend(LAYER, query, second, second + 1, mask, None)
-    k = torch.cat([first, second], dim=2).repeat_interleave(HEADS // KV_HEADS, dim=1)
-    scores = (query @ k.transpose(2, 3) / DIM**0.5).masked_fill(~mask, float("-inf"))
-    torch.testing.assert_close(out, (torch.softmax(scores, dim=-1) @ (k + 1)).transpose(1, 2))
+    out = cache.attend(LAYER, query, second, second + 1, None, None)
+    torch.testing.assert_close(out[0], textbook(query[0], torch.cat([first, second], dim=2)[0], 20))
 
 
 def test_rows_at_their_own_starts_share_one_pass_and_the_pool_never_passes_its_capacity():
@@ -124,10 +134,36 @@ def test_rows_at_their_own_starts_share_one_pass_and_the_pool_never_passes_its_c
     head = tokens(1, 20)
     prefill(cache, 0, head, [20])
     parts = tokens(2, 12)  # row 0 goes on from position 20, row 2 starts afresh, in the same pass
-    cache.prefill([0, 2], [12, 5], [20, 0])
-    cache.update(parts, parts + 1, 0)
+    cache.pack([0, 2], [20, 0], [12, 5])
+    cache.update(packed(parts, [12, 5]), packed(parts, [12, 5]) + 1, 0)
     assert torch.equal(stored(cache, 0, 32), torch.cat([head[0], parts[0]], dim=1))
     assert torch.equal(stored(cache, 2, 5), parts[1, :, :5])
     assert cache.blocks <= 8
     with pytest.raises(RuntimeError, match="full"):
-        cache.prefill([1], [16 * 6], [0])
+        cache.pack([1], [0], [16 * 6])
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "torch"])
+def test_running_rows_tokens_and_prompt_parts_share_one_pass_each_attending_to_its_own_row(kernel, monkeypatch):
+    torch.manual_seed(0)
+    if not kernel:
+        monkeypatch.setattr(attention, "fits", lambda *args: False)
+    cache = BlockCache(rows=4, capacity=1024)
+    earlier = tokens(2, 40)
+    prefill(cache, 0, earlier, [40, 25])  # row 0 runs (40 tokens), row 1 is a prompt half filled (25)
+    # One pass: row 0's next token, row 1's next 9 prompt tokens, row 2's whole 6-token prompt, row 3's first token.
+    rows, starts, lengths = [0, 1, 2, 3], [40, 25, 0, 0], [1, 9, 6, 1]
+    new = tokens(4, 9)
+    cache.pack(rows, starts, lengths)
+    keys = packed(new, lengths)
+    cache.update(keys, keys + 1, 0)
+    query = torch.randn(1, HEADS, sum(lengths), DIM)
+    out = cache.attend(LAYER, query, keys, keys + 1, None, None)[0]
+    assert out.shape == (sum(lengths), HEADS, DIM)
+    first = 0
+    for row, start, length in zip(rows, starts, lengths, strict=True):  # each segment alone, by the textbook
+        before = earlier[row, :, :start] if row < 2 else earlier[0, :, :0]
+        row_keys = torch.cat([before, new[row, :, :length]], dim=1)
+        expected = textbook(query[0, :, first : first + length], row_keys, start)
+        torch.testing.assert_close(out[first : first + length], expected)
+        first += length

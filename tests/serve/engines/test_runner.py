@@ -1,12 +1,14 @@
-"""The transformers engine's batch runner: long prompts prefilled in chunks between decode steps, the row cache's
-memory following the rows it holds."""
+"""The transformers engine's batch runner: one pass a step, running rows' next tokens and parts of prompts within a
+token budget, long prompts in chunks; the row cache's memory following the rows it holds."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -36,22 +38,32 @@ def long_prompt(engine: TransformersEngine) -> list[int]:
     return ids[:900]
 
 
-def record_passes(engine: TransformersEngine, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, int]]:
-    """(kind, rows, cache bytes) of each pass the runner makes from now on: "chunk" (a prefill) or "decode"."""
-    runner, events = engine._runner, []
-    fill, decode = runner._fill, runner.decode
+@dataclass(frozen=True)
+class Pass:
+    """One pass the runner made: the request ids of its running rows, its prompt parts (id, tokens), cache bytes."""
 
-    def fill_recorded(parts):
-        events.append(("chunk", len(parts), runner.cache.nbytes()))
-        return fill(parts)
+    running: frozenset[str]
+    parts: tuple[tuple[str, int], ...]
+    nbytes: int
 
-    def decode_recorded():
-        events.append(("decode", len(runner.rows), runner.cache.nbytes()))
-        decode()
+    @property
+    def tokens(self) -> int:
+        return len(self.running) + sum(take for _, take in self.parts)
 
-    monkeypatch.setattr(runner, "_fill", fill_recorded)
-    monkeypatch.setattr(runner, "decode", decode_recorded)
-    return events
+
+def record_passes(engine: TransformersEngine, monkeypatch: pytest.MonkeyPatch) -> list[Pass]:
+    """Each pass the runner makes from now on."""
+    runner, passes = engine._runner, []
+    run = runner._pass
+
+    def recorded(decoding, parts):
+        ids = frozenset(row.generation.request.request_id for row in decoding)
+        taken = tuple((row.generation.request.request_id, take) for row, take in parts)
+        passes.append(Pass(ids, taken, runner.cache.nbytes()))
+        return run(decoding, parts)
+
+    monkeypatch.setattr(runner, "_pass", recorded)
+    return passes
 
 
 def run_alongside(engine: TransformersEngine, prompt: list[int]) -> tuple[list[int], list[int]]:
@@ -68,7 +80,7 @@ def run_alongside(engine: TransformersEngine, prompt: list[int]) -> tuple[list[i
     return asyncio.run(run())
 
 
-def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps_and_gives_the_same_tokens(
+def test_a_long_prompt_is_prefilled_in_chunks_beside_the_running_rows_and_gives_the_same_tokens(
     chunked, tiny_base, monkeypatch
 ):
     prompt = long_prompt(chunked)
@@ -77,26 +89,26 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps_and_gives_the
         expected_running, expected_long = run_alongside(whole, prompt)
     finally:
         asyncio.run(whole.close())
-    monkeypatch.setattr(chunked._runner, "max_batched_tokens", 64)  # alone, a prompt takes the whole budget
-    events = record_passes(chunked, monkeypatch)
+    monkeypatch.setattr(chunked._runner, "max_batched_tokens", 64)
+    passes = record_passes(chunked, monkeypatch)
     assert run_alongside(chunked, prompt) == (expected_running, expected_long)  # greedy: token for token
-    assert events[0][0] == "chunk"  # the running prompt's own prefill
-    events = events[1:]
-    kinds = [kind for kind, _, _ in events]
-    first, last = kinds.index("chunk"), len(kinds) - 1 - kinds[::-1].index("chunk")
-    assert kinds.count("chunk") == 15  # 900 tokens in chunks of 64
-    # Between its chunks the running row got a token every step: the long prompt never held it for two chunks.
-    between = kinds[first : last + 1]
-    assert between == ["chunk", "decode"] * 14 + ["chunk"]
-    assert all(rows == 1 for kind, rows, _ in events[first:last] if kind == "decode")
+    taken = Counter()
+    for p in passes:
+        taken.update(dict(p.parts))
+    (long_id, total), _ = taken.most_common(2)
+    assert total == 900
+    long_parts = [p for p in passes if long_id in dict(p.parts)]
+    assert len(long_parts) == 15  # 900 tokens, 63 a pass beside the running row's token
+    # Every pass of the long prompt also gave the running row its next token, within the budget of 64.
+    assert all(len(p.running) == 1 and p.tokens <= 64 for p in long_parts)
 
 
 def test_the_cache_gives_back_a_long_requests_memory_when_it_ends(chunked, monkeypatch):
-    events = record_passes(chunked, monkeypatch)
+    passes = record_passes(chunked, monkeypatch)
     run_alongside(chunked, long_prompt(chunked))
-    widest = max(i for i, (kind, rows, _) in enumerate(events) if kind == "decode" and rows == 2)
-    peak = max(nbytes for _, _, nbytes in events)
-    after = [nbytes for kind, rows, nbytes in events[widest + 1 :] if kind == "decode"]
+    widest = max(i for i, p in enumerate(passes) if len(p.running) == 2)
+    peak = max(p.nbytes for p in passes)
+    after = [p.nbytes for p in passes[widest + 1 :] if p.running]
     assert after and peak >= 8 * max(after)  # 2 rows x 1024 tokens while it ran; 1 row of 128 after
     deadline = time.monotonic() + 60  # the worker drops the last row just after sending its last token
     while chunked._runner.cache.nbytes() and time.monotonic() < deadline:
@@ -112,25 +124,25 @@ def test_short_prompts_prefilled_while_a_long_one_is_filled_leave_every_row_its_
     finally:
         asyncio.run(whole.close())
     runner, filled, seen = chunked._runner, threading.Event(), []
-    fill, forward = runner._fill, runner.forward
+    original, forward = runner._pass, runner.forward
 
-    def fill_then_wait(parts):  # the fault point: after the first part, hold until both short prompts are queued
-        ended = fill(parts)
+    def pass_then_wait(decoding, parts):  # the fault point: after the first part, hold until both short prompts wait
+        seen.append(len(decoding) + len(parts))
+        done = original(decoding, parts)
         if not filled.is_set():
             filled.set()
             deadline = time.monotonic() + 60
             while len(chunked._waiting) < 2 and time.monotonic() < deadline:
                 time.sleep(0.001)
-        return ended
+        return done
 
-    def forward_failing_once(ids, mask, positions):  # the three prompts' joint pass fails, its keys written
-        seen.append(len(ids))
-        hidden = forward(ids, mask, positions)
-        if seen.count(3) == 1 and len(ids) == 3:
+    def forward_failing_once(ids, positions):  # the three prompts' joint pass fails, its keys written
+        hidden = forward(ids, positions)
+        if seen.count(3) == 1 and seen[-1] == 3:
             raise RuntimeError("a pass that fails")
         return hidden
 
-    monkeypatch.setattr(runner, "_fill", fill_then_wait)
+    monkeypatch.setattr(runner, "_pass", pass_then_wait)
     monkeypatch.setattr(runner, "forward", forward_failing_once)
 
     async def run() -> list[list[Chunk]]:
@@ -179,20 +191,7 @@ def test_a_burst_of_prompts_is_prefilled_within_the_budget_while_running_rows_ge
         tiny_base, model_id="tiny", quantize="none", max_batch=12, prefill_chunk=16, max_batched_tokens=48
     )
     try:
-        runner, events = engine._runner, []
-        fill, decode = runner._fill, runner.decode
-
-        def fill_recorded(parts):
-            burst = any(row.generation.request.request_id.startswith("burst") for row, _ in parts)
-            events.append(("fill" if burst else "other", len(parts) * max(take for _, take in parts)))
-            return fill(parts)
-
-        def decode_recorded():
-            events.append(("decode", {row.generation.request.request_id for row in runner.rows}))
-            decode()
-
-        monkeypatch.setattr(runner, "_fill", fill_recorded)
-        monkeypatch.setattr(runner, "decode", decode_recorded)
+        passes = record_passes(engine, monkeypatch)
         hold_until_waiting(engine, 8, monkeypatch)
         prompt = engine.encode(" ".join(["fox"] * 40))[:12]  # 12 tokens: four fill a pass of 48
 
@@ -206,26 +205,17 @@ def test_a_burst_of_prompts_is_prefilled_within_the_budget_while_running_rows_ge
         running_ids = set(asyncio.run(run()))
     finally:
         asyncio.run(engine.close())
-    assert all(computed <= 48 for kind, computed in events if kind != "decode")
-    burst_fills = [i for i, (kind, _) in enumerate(events) if kind == "fill"]
-    assert len(burst_fills) == 2  # eight prompts of 12 tokens, four a step
-    # From the burst's first pass to its last, every step decoded both running rows once.
-    window = events[burst_fills[0] : burst_fills[-1] + 2]
-    assert [kind for kind, _ in window] == ["fill", "decode", "fill", "decode"]
-    assert all(running_ids <= rows for kind, rows in window if kind == "decode")
+    filling = [p for p in passes if any(rid.startswith("burst") for rid, _ in p.parts)]
+    assert all(p.tokens <= 48 for p in passes)
+    assert len(filling) == 3  # 96 prompt tokens, beside the running rows' tokens (2, then 5, then 8) in 48 a pass
+    # Every pass of the burst gave both running rows their next token.
+    assert all(p.running >= running_ids for p in filling)
 
 
 def test_prompts_ready_in_one_pass_go_by_priority_then_age(tiny_base, monkeypatch):
     engine = TransformersEngine(tiny_base, model_id="tiny", quantize="none", max_batch=8, max_batched_tokens=48)
     try:
-        runner, passes = engine._runner, []
-        fill = runner._fill
-
-        def fill_recorded(parts):
-            passes.append([row.generation.request.request_id for row, _ in parts])
-            return fill(parts)
-
-        monkeypatch.setattr(runner, "_fill", fill_recorded)
+        passes = record_passes(engine, monkeypatch)
         hold_until_waiting(engine, 8, monkeypatch)
         prompt = engine.encode(" ".join(["fox"] * 40))[:12]  # 12 tokens: four fill a pass of 48
         # The youngest comes from a tenant with nothing else waiting (priority 0); the others from one with a queue.
@@ -238,8 +228,8 @@ def test_prompts_ready_in_one_pass_go_by_priority_then_age(tiny_base, monkeypatc
         asyncio.run(run())
     finally:
         asyncio.run(engine.close())
-    assert passes[0] == ["burst-7", "burst-0", "burst-1", "burst-2"]
-    assert passes[1] == ["burst-3", "burst-4", "burst-5", "burst-6"]
+    assert [rid for rid, _ in passes[0].parts] == ["burst-7", "burst-0", "burst-1", "burst-2"]
+    assert [rid for rid, _ in passes[1].parts] == ["burst-3", "burst-4", "burst-5", "burst-6"]
 
 
 def test_a_short_request_is_admitted_while_a_long_one_waits_for_blocks(tiny_base, monkeypatch):

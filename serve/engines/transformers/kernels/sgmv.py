@@ -1,4 +1,4 @@
-"""A compiled segmented LoRA kernel for decode passes: every row's own LoRA pair in one call, weights read in place.
+"""A compiled segmented LoRA kernel: every token row's own LoRA pair in one call, weights read in place.
 
 `sgmv.c` is built by `compiler.py`; where no compiler works the LoRA layers keep their batched-matmul path, which gives
 the same result.
