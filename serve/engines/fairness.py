@@ -5,7 +5,8 @@ Generations wait here, at most `capacity` of them (the engine's batch) in the en
 which they enter is decided here, not by the engine's first-in-first-out queue. Of those in the engine, the ones whose
 prompt has not started (no first token yet) hold at most one step's prefill of prompt tokens (the engine's
 `max_batched_tokens`), so a prompt let in here waits behind at most that much in the engine's queue (half a step
-costs a tenant alone a third of its throughput on short prompts: bench/tenants.py). Each tenant has
+costs a tenant alone a third of its throughput on short prompts: bench/tenants.py); a tenant with none of its prompts
+there puts one in beyond that, so its first token waits for no other tenant's queue. Each tenant has
 a counter of the tokens served to it, divided by its weight; when a slot frees, the waiting tenant with the lowest
 counter goes next.
 A tenant that goes from idle to waiting has its counter lifted to the lowest of those waiting (or, with none
@@ -101,7 +102,7 @@ class FairShare:
         assert self.capacity is not None
         if not account.waiting:
             self._lift(account)
-        if self._room(tokens) and not self._waiting:
+        if self._room(account, tokens) and self._turn(account):
             return self._start(account, tokens)
         waiter = _Waiter(tokens, asyncio.get_running_loop().create_future())
         account.waiting.append(waiter)
@@ -133,12 +134,20 @@ class FairShare:
         if not account.waiting:
             self._last_left = account
 
-    def _room(self, tokens: int) -> bool:
-        """Whether a generation of a TOKENS prompt may enter the engine now: a free row, and room in the window (a
-        prompt longer than the window enters alone)."""
+    def _turn(self, account: _Account) -> bool:
+        """Whether ACCOUNT goes before every waiting tenant: nobody waits, or none has a lower counter."""
+        return not self._waiting or account.counter <= min(a.counter for a in self._accounts.values() if a.waiting)
+
+    def _room(self, account: _Account, tokens: int) -> bool:
+        """Whether ACCOUNT's generation of a TOKENS prompt may enter the engine now: a free row, and room in the window
+        (a prompt longer than the window enters alone). A tenant with no prompt in the engine yet puts one in beyond
+        the window: its first token then waits for the pass running now and its own, not for the others' prompts."""
         assert self.capacity is not None
-        fits = self.window is None or not self.unstarted_tokens or self.unstarted_tokens + tokens <= self.window
-        return self.running < self.capacity and fits
+        if self.running >= self.capacity:
+            return False
+        if self.window is None or not self.unstarted_tokens or not account.unstarted and tokens <= self.window:
+            return True
+        return self.unstarted_tokens + tokens <= self.window
 
     def _start(self, account: _Account, tokens: int) -> int:
         """ACCOUNT's generation enters the engine; its priority there: how many of its prompts are there before it."""
@@ -162,7 +171,7 @@ class FairShare:
         while self._waiting:
             account = min((a for a in self._accounts.values() if a.waiting), key=lambda a: a.counter)
             waiter = account.waiting[0]
-            if not waiter.admitted.cancelled() and not self._room(waiter.tokens):
+            if not waiter.admitted.cancelled() and not self._room(account, waiter.tokens):
                 return  # its turn holds: none overtakes it, or a long prompt would wait for ever
             account.waiting.popleft()
             self._waiting -= 1

@@ -224,10 +224,11 @@ def test_prompts_not_yet_started_in_the_engine_hold_at_most_one_step_of_prefill(
         bench.send("a", 6)
         await settle()
         assert bench.engine.started == ["a0", "a1"]  # rows are free, but two prompts fill the window
-        bench.send("b", 1)  # its counter is lifted to a's, and a's grows with a0's first tokens
+        bench.send("b", 1)  # its counter is lifted to a's: its first prompt goes in beyond the window at once
         await settle()
+        assert bench.engine.started == ["a0", "a1", "b0"]  # not behind a's list, nor a's prompts in the engine
         await bench.prefill("a0")
-        assert bench.engine.started == ["a0", "a1", "b0"]  # next in, not behind a's list in the engine's queue
+        assert bench.engine.started == ["a0", "a1", "b0"]  # the window is full: a's next waits for room
         # In the engine, b's prompt goes before a's waiting one: each ranks by its tenant's prompts already there.
         assert [bench.engine.priorities[rid] for rid in ("a0", "a1", "b0")] == [0, 1, 0]
         for rid in ("a1", "b0", "a2", "a3"):
