@@ -91,6 +91,7 @@ class GenerateRequest:
     # Among prompts ready to prefill in one step, lower goes first (then the older): fair share gives the number of
     # its tenant's prompts already waiting in the engine, so one tenant's queue does not hold another's prompt back.
     priority: int = 0
+    tenant: str | None = None  # who sent it, under fair share (None: one caller, no fair share)
 
 
 @dataclass(frozen=True)

@@ -79,7 +79,7 @@ class FairShare:
         account = self._accounts.setdefault(tenant, _Account())
         account.weight = weight  # the tenants file may have changed it
         tokens = len(request.prompt_ids)
-        request = replace(request, priority=await self._admit(account, tokens))
+        request = replace(request, priority=await self._admit(account, tokens), tenant=tenant)
         held = unstarted = True
         try:
             async for chunk in self.engine.generate(request):

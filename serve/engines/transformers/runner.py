@@ -54,8 +54,11 @@ class Runner:
     the budget; budget left over goes to the chosen parts, oldest first. The prompts, in turn: the oldest that needs
     more than one part (so long prompts always advance), those that end in this pass, by their request's priority then
     oldest first (so a short prompt is never held behind long ones, nor one tenant's behind another's queue), then the
-    other long ones. A running row whose reader is behind (`Generation.behind`) is parked: it keeps its cache but sits
-    out passes until its reader catches up. The cache rows hold the running rows, then the parked ones, then those being
+    other long ones. Under fair share, when a tenant's only prompt here is ready while another tenant has a queue of
+    them here, it takes a pass of its own (with the other lone ones and the running rows' tokens; at most every other
+    pass), so its first token waits for the pass running now and one short pass, not a full pass of another tenant's
+    prompts. A running row whose reader is behind (`Generation.behind`) is parked: it keeps its cache but sits out
+    passes until its reader catches up. The cache rows hold the running rows, then the parked ones, then those being
     prefilled (so that admitting more moves none).
     """
 
@@ -90,6 +93,7 @@ class Runner:
         self.max_batched_tokens = max_batched_tokens
         self.filling: list[Row] = []  # admitted, their prompts being prefilled, oldest first
         self.parked: list[Row] = []  # running rows whose reader is behind
+        self.lone_last = False  # whether the last pass took only prompts of tenants with no other one here
         self.passes: Counter[int] = Counter()  # rows per forward pass -> passes
         self.last_tokens = (0, 0)
 
@@ -132,6 +136,9 @@ class Runner:
         left = {id(row): len(row.generation.prompt_ids) - row.length for row in self.filling}
         long = [row for row in self.filling if left[id(row)] > chunk]
         ending = sorted((row for row in self.filling if left[id(row)] <= chunk), key=_priority)
+        lone = self._lone(ending)
+        if lone:  # a pass of their own: their first token waits for the pass running now and this short one
+            long, ending = [], lone
         parts: list[list] = []
         for row in long[:1] + ending + long[1:]:
             part = min(left[id(row)], chunk, budget if parts else max(budget, 1))
@@ -145,6 +152,17 @@ class Runner:
                 entry[1] += more
                 budget -= more
         return [(row, part) for row, part in parts]
+
+    def _lone(self, ending: list[Row]) -> list[Row]:
+        """The prompts this pass ends whose tenant has no other prompt here, when another tenant has a queue of them
+        here; none every other pass, so the queue always advances."""
+        tenants = Counter(row.generation.request.tenant for row in self.filling)
+        lone = [row for row in ending if tenants[row.generation.request.tenant] == 1]
+        if self.lone_last or not lone or len(tenants) < 2 or max(tenants.values()) < 2:
+            self.lone_last = False
+            return []
+        self.lone_last = True
+        return lone
 
     def step(self) -> None:
         """One pass (see the class): running rows get their next token; rows whose prompt it ends join them with their

@@ -23,12 +23,14 @@ class Stub:
         self.hold = hold
         self.started: list[str] = []
         self.priorities: dict[str, int] = {}
+        self.tenants: dict[str, str | None] = {}
         self.prefilled: defaultdict[str, asyncio.Event] = defaultdict(asyncio.Event)
         self.go: defaultdict[str, asyncio.Event] = defaultdict(asyncio.Event)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
         self.started.append(request.request_id)
         self.priorities[request.request_id] = request.priority
+        self.tenants[request.request_id] = request.tenant
         if self.hold:
             await self.prefilled[request.request_id].wait()
         yield Chunk("abc", (1,) * FIRST)
@@ -231,6 +233,7 @@ def test_prompts_not_yet_started_in_the_engine_hold_at_most_one_step_of_prefill(
         assert bench.engine.started == ["a0", "a1", "b0"]  # the window is full: a's next waits for room
         # In the engine, b's prompt goes before a's waiting one: each ranks by its tenant's prompts already there.
         assert [bench.engine.priorities[rid] for rid in ("a0", "a1", "b0")] == [0, 1, 0]
+        assert [bench.engine.tenants[rid] for rid in ("a0", "a1", "b0")] == ["a", "a", "b"]  # the engine knows whose
         for rid in ("a1", "b0", "a2", "a3"):
             await bench.prefill(rid)
         assert bench.engine.started == ["a0", "a1", "b0", "a2", "a3", "a4", "a5"]

@@ -7,8 +7,8 @@ import asyncio
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -178,9 +178,7 @@ def hold_until_waiting(engine: TransformersEngine, count: int, monkeypatch: pyte
     return held
 
 
-def burst(
-    engine: TransformersEngine, prompt: list[int], number: int, sampling: Sampling, priority: int = 0
-) -> GenerateRequest:
+def burst(prompt: list[int], number: int, sampling: Sampling, priority: int = 0) -> GenerateRequest:
     return GenerateRequest(f"burst-{number}", tuple(prompt), None, sampling, priority)
 
 
@@ -198,7 +196,7 @@ def test_a_burst_of_prompts_is_prefilled_within_the_budget_while_running_rows_ge
         async def run() -> list[str]:
             running = [Reader(engine, request(engine, p, sampling=RUNNING)) for p in ("Hello there", "Once upon")]
             await asyncio.gather(*(r.started.wait() for r in running))
-            await asyncio.gather(*(chunks(engine, burst(engine, prompt, i, LONG)) for i in range(8)))
+            await asyncio.gather(*(chunks(engine, burst(prompt, i, LONG)) for i in range(8)))
             await asyncio.gather(*(r.task for r in running))
             return [r.request.request_id for r in running]
 
@@ -212,15 +210,16 @@ def test_a_burst_of_prompts_is_prefilled_within_the_budget_while_running_rows_ge
     assert all(p.running >= running_ids for p in filling)
 
 
-def test_prompts_ready_in_one_pass_go_by_priority_then_age(tiny_base, monkeypatch):
+def passes_of_a_burst(
+    tiny_base: Path, monkeypatch: pytest.MonkeyPatch, make: Callable[[list[int]], list[GenerateRequest]]
+) -> list[Pass]:
+    """The passes of an engine with a budget of 48 while the requests MAKE gives for a 12-token prompt run, every one
+    of them queued before the first is admitted."""
     engine = TransformersEngine(tiny_base, model_id="tiny", quantize="none", max_batch=8, max_batched_tokens=48)
     try:
         passes = record_passes(engine, monkeypatch)
-        hold_until_waiting(engine, 8, monkeypatch)
-        prompt = engine.encode(" ".join(["fox"] * 40))[:12]  # 12 tokens: four fill a pass of 48
-        # The youngest comes from a tenant with nothing else waiting (priority 0); the others from one with a queue.
-        requests = [burst(engine, prompt, i, LONG, priority=i + 1) for i in range(7)]
-        requests.append(burst(engine, prompt, 7, LONG, priority=0))
+        requests = make(engine.encode(" ".join(["fox"] * 40))[:12])  # 12 tokens: four fill a pass of 48
+        hold_until_waiting(engine, len(requests), monkeypatch)
 
         async def run() -> None:
             await asyncio.gather(*(chunks(engine, r) for r in requests))
@@ -228,8 +227,31 @@ def test_prompts_ready_in_one_pass_go_by_priority_then_age(tiny_base, monkeypatc
         asyncio.run(run())
     finally:
         asyncio.run(engine.close())
+    return passes
+
+
+def test_prompts_ready_in_one_pass_go_by_priority_then_age(tiny_base, monkeypatch):
+    def make(prompt: list[int]) -> list[GenerateRequest]:
+        # The youngest comes from a tenant with nothing else waiting (priority 0); the others from one with a queue.
+        requests = [burst(prompt, i, LONG, priority=i + 1) for i in range(7)]
+        return [*requests, burst(prompt, 7, LONG, priority=0)]
+
+    passes = passes_of_a_burst(tiny_base, monkeypatch, make)
     assert [rid for rid, _ in passes[0].parts] == ["burst-7", "burst-0", "burst-1", "burst-2"]
     assert [rid for rid, _ in passes[1].parts] == ["burst-3", "burst-4", "burst-5", "burst-6"]
+
+
+def test_a_tenants_lone_prompt_beside_another_tenants_queue_takes_a_pass_of_its_own(tiny_base, monkeypatch):
+    def make(prompt: list[int]) -> list[GenerateRequest]:
+        # Tenant a has five prompts in the engine, tenant b one, the youngest.
+        requests = [replace(burst(prompt, i, LONG, priority=i), tenant="a") for i in range(5)]
+        return [*requests, replace(burst(prompt, 5, LONG), tenant="b")]
+
+    passes = passes_of_a_burst(tiny_base, monkeypatch, make)
+    filled = [[rid for rid, _ in p.parts] for p in passes if p.parts]
+    assert filled[0] == ["burst-5"]  # b's first token waits for one short pass, not a full one of a's prompts
+    assert filled[1][:3] == ["burst-0", "burst-1", "burst-2"]  # then a's queue, in a full pass (never two lone ones)
+    assert passes[1].running == {"burst-5"} and passes[1].tokens == 48
 
 
 def test_a_short_request_is_admitted_while_a_long_one_waits_for_blocks(tiny_base, monkeypatch):
@@ -251,14 +273,14 @@ def test_a_short_request_is_admitted_while_a_long_one_waits_for_blocks(tiny_base
         long_ids = long_prompt(engine)[:80]
         long = Sampling(max_tokens=60, temperature=0, ignore_eos=True)  # 140 tokens: 9 blocks each
         short = Sampling(max_tokens=4, temperature=0, ignore_eos=True)  # 1 block
-        jobs = [burst(engine, long_ids, i, long) for i in range(3)] + [burst(engine, [1, 2, 3], 3, short)]
+        jobs = [burst(long_ids, i, long) for i in range(3)] + [burst([1, 2, 3], 3, short)]
 
         async def run() -> None:
             await asyncio.gather(*(chunks(engine, job) for job in jobs))
 
         asyncio.run(run())
         with pytest.raises(InvalidRequest, match="blocks"):  # more than the whole cache: refused at once
-            engine.check(burst(engine, long_ids, 9, Sampling(max_tokens=300)))
+            engine.check(burst(long_ids, 9, Sampling(max_tokens=300)))
     finally:
         asyncio.run(engine.close())
     # Two long ones filled the 18 blocks long ones may hold of 20; the third waited, the short one went past it.
