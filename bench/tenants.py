@@ -11,7 +11,8 @@ of two tenants, each on its own rank-16 adapter:
 Measured: short's time to first token alone and while flood floods (p95, target: at most 2x alone); flood's tokens
 served per second (prompt tokens of each generation, and generated ones) alone and while short runs (target: at least
 0.9x of alone), and alone against the whole server's (flood's and short's) while both run (target: at least 0.9x of
-that: a tenant alone gets every slot). With one first-in-first-out queue, short would wait for the rest of the list: up to its seconds, printed too.
+that: a tenant alone gets every slot). With one first-in-first-out queue, short would wait for the rest of the
+list: up to its seconds, printed too.
 Then the same server without --tenants (one caller, no fair share) runs short alone and flood alone again: what fair
 share costs a tenant alone.
 --quick: 200 prompts, n 1, 10 streams (under 3 minutes on 2 quiet cores).
