@@ -87,7 +87,6 @@ class Runner:
         self.context_length = context_length
         self.grammars = grammars
         self.eos = eos
-        self.pad = tokenizer.pad_token_id or 0
         self.rows: list[Row] = []
         self.prefill_chunk = prefill_chunk  # 0: every prompt in one pass
         self.max_batched_tokens = max_batched_tokens
@@ -95,7 +94,6 @@ class Runner:
         self.parked: list[Row] = []  # running rows whose reader is behind
         self.lone_last = False  # whether the last pass took only prompts of tenants with no other one here
         self.passes: Counter[int] = Counter()  # rows per forward pass -> passes
-        self.last_tokens = (0, 0)
 
     def held(self) -> int:
         """Batch rows taken: running, being filled or parked."""
@@ -126,7 +124,7 @@ class Runner:
         return self.rows + self.parked + self.filling
 
     def admit(self, generations: list[Generation]) -> None:
-        """GENERATIONS take rows; their prompts are prefilled over the next steps (`prefill`)."""
+        """GENERATIONS take rows; their prompts are prefilled over the next steps (`step`)."""
         self.filling.extend(self._new_row(g) for g in generations)
 
     def _plan(self, decoding: int) -> list[tuple[Row, int]]:
@@ -216,11 +214,6 @@ class Runner:
         self.plans.plan = plan(slots, 1)
         hidden = self.forward(torch.tensor([ids]), torch.tensor([positions]))
         self.passes[len(takes)] += 1
-        self.last_tokens = (
-            len(decoding),
-            sum(take for _, take in parts),
-            [(row.key or "")[:3] + str(row.generation.request.priority) for row, _ in parts],
-        )
         logits = self.head(hidden[: len(decoding)]) if decoding else None
         offsets = (torch.cumsum(torch.tensor(takes), 0) - torch.tensor(takes)).tolist()[len(decoding) :]
         scored = [
