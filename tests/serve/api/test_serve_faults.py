@@ -306,9 +306,15 @@ def test_tokenizing_a_prompt_does_not_hold_the_event_loop(served: Server, monkey
 def test_a_long_request_gives_its_memory_back(served: Server, monkeypatch: Any) -> None:
     runner, engine = served.engine._runner, served.engine
     cache = runner.cache
-    held: list[tuple[int, int, int]] = []  # (blocks held, blocks stored, bytes) at each decode step
-    decode = runner.decode
-    monkeypatch.setattr(runner, "decode", lambda: (held.append((cache.held(), cache.blocks, cache.nbytes())), decode()))
+    held: list[tuple[int, int, int]] = []  # (blocks held, blocks stored, bytes) at each pass with a running row
+    original = runner._pass
+
+    def recorded(rows: list, parts: list) -> Any:
+        if rows:
+            held.append((cache.held(), cache.blocks, cache.nbytes()))
+        return original(rows, parts)
+
+    monkeypatch.setattr(runner, "_pass", recorded)
     prompt = "fox " * (engine.context_length - 200)
     assert call(served.url, greedy("good-b", prompt=prompt, max_tokens=100))[0] == 200
     wait_for(lambda: cache.nbytes() == 0, 10, "the cache to be freed")
@@ -383,7 +389,7 @@ def _died(url: str, body: dict[str, Any]) -> str:
 
 
 def test_a_dead_batch_loop_turns_the_probes_and_requests_503(tiny_base: Path, registry: Registry, monkeypatch: Any):
-    """Fault point: the worker's next decode meets an error no handler of the engine catches."""
+    """Fault point: the worker's third step meets an error no handler of the engine catches."""
     from faultpoint import raising
 
     from adapterctl.serve.engines.transformers.engine import TransformersEngine
@@ -392,7 +398,7 @@ def test_a_dead_batch_loop_turns_the_probes_and_requests_503(tiny_base: Path, re
     with serving(engine, registry, tiny_base) as server:
         url = server.url
         assert all(httpx.get(f"{url}{probe}").status_code == 200 for probe in ("/readyz", "/health", "/healthz"))
-        monkeypatch.setattr(engine._runner, "decode", raising(engine._runner.decode, 3))
+        monkeypatch.setattr(engine._runner, "step", raising(engine._runner.step, 3))
         message = _died(url, greedy("tiny-llama", max_tokens=50))
         assert message == "The engine died (its batch loop stopped on Fault; see the server log); the server is " \
             "shutting down: send the request again."  # fmt: skip
@@ -403,7 +409,7 @@ def test_a_dead_batch_loop_turns_the_probes_and_requests_503(tiny_base: Path, re
 
 
 def test_a_replica_whose_engine_died_fails_ray_serves_health_check(tiny_base: Path, monkeypatch: Any) -> None:
-    """Fault point: the engine's batch loop dies on its first decode. Ray Serve calls a replica's `check_health`
+    """Fault point: the engine's batch loop dies on its first step. Ray Serve calls a replica's `check_health`
     every few seconds and replaces the replica when it raises (its documented contract, not run here: a fault cannot
     be put inside a replica's process); this checks the replica's side on a real engine."""
     pytest.importorskip("ray", reason="Ray is not installed (the ray extra)")
@@ -419,7 +425,7 @@ def test_a_replica_whose_engine_died_fails_ray_serves_health_check(tiny_base: Pa
     replica._stop = threading.Event()  # what its status reporter would stop on
     try:
         replica.check_health()  # alive: passes
-        monkeypatch.setattr(replica.engine._runner, "decode", raising(replica.engine._runner.decode, 1))
+        monkeypatch.setattr(replica.engine._runner, "step", raising(replica.engine._runner.step, 1))
         with pytest.raises(EngineDead):
             asyncio.run(chunks(replica.engine, request(replica.engine, "Hello")))
         with pytest.raises(RuntimeError, match=r"^The engine cannot serve any more: its batch loop stopped on Fault"):
@@ -432,7 +438,7 @@ def test_a_replica_whose_engine_died_fails_ray_serves_health_check(tiny_base: Pa
 def test_a_server_whose_engine_died_exits_12_after_answering_its_requests(
     engine: str, tiny_base: Path, registry: Registry
 ) -> None:
-    """Fault points: the transformers engine's third decode raises past every handler; vLLM's engine core process
+    """Fault points: the transformers engine's third step raises past every handler; vLLM's engine core process
     is killed. Either way the running stream gets the error, and the process exits for its supervisor."""
     import psutil
 
@@ -443,7 +449,7 @@ def test_a_server_whose_engine_died_exits_12_after_answering_its_requests(
     else:
         command = [
             FAULTPOINT,
-            "adapterctl.serve.engines.transformers.runner:Runner.decode",
+            "adapterctl.serve.engines.transformers.runner:Runner.step",
             "3",
             *args,
             "--quantize",
