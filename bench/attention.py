@@ -42,9 +42,8 @@ def workload(lengths: torch.Tensor, repeats: int) -> tuple[float, float]:
     rows, longest = len(lengths), int(lengths.max())
     cache = BlockCache(rows, capacity=blocks_for(int(lengths.sum())) + rows)
     cache.pack(list(range(rows)), [0] * rows, lengths.tolist())
-    keys = torch.randn(
-        1, KV_HEADS, int(lengths.sum()), DIM
-    )  # the rows' tokens one after the other, as a pass holds them
+    # The rows' tokens one after the other, as a pass holds them.
+    keys = torch.randn(1, KV_HEADS, int(lengths.sum()), DIM)
     cache.update(keys, keys, 0)
     query = torch.randn(rows, HEADS, 1, DIM)
     tables, held = cache._tables(range(rows)), lengths.clone()

@@ -123,7 +123,7 @@ class FairShare:
     def _lift(self, account: _Account) -> None:
         """An idle tenant starts waiting: its counter rises to the lowest waiting one, so idle time is not banked."""
         if self._waiting:
-            floor = min(a.counter for a in self._accounts.values() if a.waiting)
+            floor = self._lowest_waiting()
         elif self._last_left is not None:
             floor = self._last_left.counter
         else:
@@ -136,7 +136,11 @@ class FairShare:
 
     def _turn(self, account: _Account) -> bool:
         """Whether ACCOUNT goes before every waiting tenant: nobody waits, or none has a lower counter."""
-        return not self._waiting or account.counter <= min(a.counter for a in self._accounts.values() if a.waiting)
+        return not self._waiting or account.counter <= self._lowest_waiting()
+
+    def _lowest_waiting(self) -> float:
+        """The lowest counter among the tenants that wait (some do)."""
+        return min(a.counter for a in self._accounts.values() if a.waiting)
 
     def _room(self, account: _Account, tokens: int) -> bool:
         """Whether ACCOUNT's generation of a TOKENS prompt may enter the engine now: a free row, and room in the window

@@ -62,7 +62,7 @@ def fits(query: torch.Tensor, keys: torch.Tensor) -> bool:
     return (
         query.dtype == keys.dtype == torch.float32
         and query.device.type == keys.device.type == "cpu"
-        and (_kernel() is not None)
+        and _kernel() is not None
     )
 
 

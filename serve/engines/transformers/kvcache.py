@@ -33,6 +33,7 @@ class _Pass:
     rows: list[int]
     starts: torch.Tensor  # each segment's first position in its row
     lengths: torch.Tensor  # each segment's tokens in this pass
+    firsts: torch.Tensor  # each segment's first token's place in the pass
     write: torch.Tensor  # the token slot of each of the pass's tokens
     # Built on first use, once a pass: the single-token segments' places, block tables and lengths for the kernel;
     # the padded batches torch attends for (all segments, or those of more than one token).
@@ -81,10 +82,10 @@ class BlockCache:
             self._extend(row, end)
         lengths_t, starts_t = torch.tensor(lengths), torch.tensor(starts)
         segment = torch.repeat_interleave(torch.arange(len(rows)), lengths_t)  # each token's segment
-        first = torch.cumsum(lengths_t, 0) - lengths_t  # each segment's first token in the pass
-        position = starts_t[segment] + torch.arange(len(segment)) - first[segment]
+        firsts = torch.cumsum(lengths_t, 0) - lengths_t
+        position = starts_t[segment] + torch.arange(len(segment)) - firsts[segment]
         slots = self._slots(self._tables(rows), torch.tensor(ends))
-        self._pass = _Pass(rows, starts_t, lengths_t, write=slots[segment, position])
+        self._pass = _Pass(rows, starts_t, lengths_t, firsts, write=slots[segment, position])
 
     def keep(self, order: list[int]) -> None:
         """Rows 0, 1, ... hold the tokens rows ORDER[0], ORDER[1], ... held; every other row's blocks are freed."""
@@ -142,7 +143,7 @@ class BlockCache:
         kernel = bool(single.any()) and attention.fits(query, keys)
         if kernel:
             if step.singles is None:  # built once a pass
-                places = torch.cumsum(step.lengths, 0)[single] - 1
+                places = step.firsts[single]
                 tables = self._tables([row for row, one in zip(step.rows, single.tolist(), strict=True) if one])
                 step.singles = (places, tables, step.starts[single] + 1)
             places, tables, lengths = step.singles
@@ -161,7 +162,7 @@ class BlockCache:
         if everyone not in step.groups:
             chosen = torch.ones_like(step.lengths, dtype=torch.bool) if everyone else step.lengths > 1
             lengths, starts = step.lengths[chosen], step.starts[chosen]
-            firsts = (torch.cumsum(step.lengths, 0) - step.lengths)[chosen]
+            firsts = step.firsts[chosen]
             width = int(lengths.max())
             places = torch.arange(width)
             real = places < lengths[:, None]

@@ -191,8 +191,8 @@ class Runner:
                     log.exception("The engine failed a request's prompt; it gets an error.")
                     fail([part[0].generation], alone)
         joined = self._join([row for row, _ in ended])
-        firsts = dict((id(row), scores) for row, scores in ended)
-        scores = ([logits] if logits is not None else []) + [firsts[id(row)][None] for row in joined]
+        first_logits = dict((id(row), scores) for row, scores in ended)
+        scores = ([logits] if logits is not None else []) + [first_logits[id(row)][None] for row in joined]
         if scores:
             self._advance(decoding + joined, torch.cat(scores))
 
